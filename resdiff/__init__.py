@@ -1,0 +1,1 @@
+"""resdiff: diffusion models built around a ResNet U-Net."""
