@@ -1,0 +1,448 @@
+"""Training configuration: dataclasses with defaults, YAML presets, dotted overrides, checked values.
+
+A config is built in three layers, each overriding the one before:
+
+    defaults (the dataclasses below) -> a YAML file (only the keys it sets) -> `section.key=value` overrides
+
+Every value is then coerced to the type its field declares and range-checked; any mistake raises one
+`UsageError` line that names the key, the value, where it came from, and what to do.
+"""
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UsageError
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    path: str | None = None  # None: the built-in demo dataset (procedural shapes)
+    image_size: int = 32
+    channels: int = 3  # 1 (grayscale) or 3 (RGB)
+    class_cond: bool = False
+    random_flip: bool = True
+    random_crop: bool = False
+    cache: bool | str = "auto"  # keep decoded images in memory: true | false | "auto"
+    num_workers: int = 2
+    demo_images: int = 2000  # size of the built-in demo dataset
+
+
+@dataclass
+class DiffusionConfig:
+    """The noise schedule and the training objective."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2 (alias: cosine)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample (aliases: eps, v, x0)
+    min_snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE
+    label_dropout: float = 0.1  # classifier-free guidance: probability of dropping the class label
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, EMA, logging, checkpoints and previews."""
+
+    steps: int = 20000
+    batch_size: int = 64  # global, summed over processes and accumulation steps
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    preview_every: int = 1000
+    preview_images: int = 16
+    preview_sampler: str = "ddim"  # ddpm | ddim | dpm++ | euler | heun
+    preview_steps: int = 50
+    trackers: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
+    compile: bool = False
+    channels_last: bool = False
+
+
+@dataclass
+class Config:
+    """A whole training run. `model` holds {"preset": name, **UNet keyword overrides}."""
+
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str | None = None  # run directory
+
+    def to_dict(self) -> dict:
+        """The config as plain YAML-ready values (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a valid value is, beyond its type. Keys are dotted names; a rule is (test, what it needs).
+
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+_RULES = {
+    "data.image_size": _POSITIVE,
+    "data.channels": (lambda v: v in (1, 3), "must be 1 (grayscale) or 3 (RGB)"),
+    "data.cache": (lambda v: v in (True, False, "auto"), "must be true, false or auto"),
+    "data.num_workers": _NON_NEGATIVE,
+    "data.demo_images": _POSITIVE,
+    "diffusion.num_train_timesteps": _POSITIVE,
+    "diffusion.beta_start": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "diffusion.beta_end": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "diffusion.min_snr_gamma": _POSITIVE,
+    "diffusion.label_dropout": _FRACTION,
+    "train.steps": _POSITIVE,
+    "train.batch_size": _POSITIVE,
+    "train.lr": _POSITIVE,
+    "train.warmup_steps": _NON_NEGATIVE,
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.adam_betas": (lambda v: all(0 <= b < 1 for b in v), "must both be in [0, 1)"),
+    "train.grad_clip": _POSITIVE,
+    "train.grad_accum": _POSITIVE,
+    "train.ema_decay": _FRACTION,
+    "train.seed": _NON_NEGATIVE,
+    "train.log_every": _POSITIVE,
+    "train.checkpoint_every": _POSITIVE,
+    "train.keep_checkpoints": _POSITIVE,
+    "train.preview_every": _POSITIVE,
+    "train.preview_images": _POSITIVE,
+    "train.preview_steps": _POSITIVE,
+}
+
+_CHOICES = {
+    "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.preview_sampler": ("ddpm", "ddim", "dpm++", "euler", "heun"),
+}
+
+_ALIASES = {
+    "diffusion.beta_schedule": {"cosine": "squaredcos_cap_v2"},
+    "diffusion.prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"},
+    "train.mixed_precision": {"false": "no", "fp32": "no"},  # YAML 1.1 reads a bare `no` as false
+    "train.preview_sampler": {"dpmpp": "dpm++"},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML reading: PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; read it as a number.
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (`1e-4`, `2e5`), as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that writes lists inline (`channel_mult: [1, 2, 2]`) and mappings as blocks."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+def _read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file; a missing, unreadable, broken or non-mapping file is a UsageError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(
+            f"config file '{path}' does not exist; pass the path of a YAML file (presets are in configs/)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config file '{path}' ({e}); pass a readable YAML file") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise UsageError(f"config file '{path}' is not valid YAML ({problem}{where}); fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"config file '{path}' must be a mapping of sections (model, data, diffusion, train, out), "
+            f"got a {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    """'train.lr=1e-4' -> ('train.lr', 0.0001). Values are YAML; text that isn't YAML stays a string."""
+    name, eq, text = item.partition("=")
+    name = name.strip()
+    if not eq or not name:
+        raise UsageError(f"override {item!r} must have the form section.key=value, e.g. train.ema_decay=0.999")
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        value = text.strip()
+    return name, value
+
+
+# ---------------------------------------------------------------------------------------------
+# Coercing a value to the type a field declares.
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+_PLURAL_NAMES = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _describe(hint) -> str:
+    """What a type hint asks for, in words: 'a number or null', 'a list of strings'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_PLURAL_NAMES.get(args[0], 'values')}"
+    if origin is tuple:
+        return f"a list of {len(args)} {_PLURAL_NAMES.get(args[0], 'values')}"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _as_number(value) -> int | float | None:
+    """value as an int or a finite float if it is a number or a numeric string (not a bool), else None."""
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                value = parse(value.strip())
+                break
+            except ValueError:
+                pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _coerce(value, hint):
+    """value converted to the type `hint` names (int -> float, list -> tuple, '1e-4' -> 0.0001).
+
+    Raises TypeError when it can't be: a bool is not an int, None only fits an Optional field.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    number = _as_number(value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+    elif hint is type(None) and value is None:
+        return None
+    elif hint is bool and isinstance(value, bool):
+        return value
+    elif hint is int and (isinstance(number, int) or isinstance(number, float) and number.is_integer()):
+        return int(number)
+    elif hint is float and number is not None:
+        return float(number)
+    elif hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    elif origin is list and isinstance(value, (list, tuple)):
+        return [_coerce(v, args[0]) for v in value]
+    elif origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    raise TypeError(f"{value!r} is not {_describe(hint)}")
+
+
+def _checked(name: str, value, hint, source: str):
+    """One field's value, coerced to its type, canonicalised and range-checked; else a UsageError."""
+    choices = _CHOICES.get(name)
+    if choices and isinstance(value, (str, bool)):
+        value = str(value).strip().lower()
+        value = _ALIASES.get(name, {}).get(value, value)
+    try:
+        value = _coerce(value, hint)
+    except TypeError:
+        raise UsageError(f"{name} must be {_describe(hint)}, got {value!r} ({source})") from None
+    if choices and value not in choices:
+        raise UsageError(
+            f"{name} must be one of {', '.join(choices)}, got {value!r} ({source}){_did_you_mean(value, choices)}"
+        )
+    test, needs = _RULES.get(name, (None, ""))
+    if test is not None and value is not None and not test(value):
+        raise UsageError(f"{name} {needs}, got {value!r} ({source})")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: which dotted names exist, and what to suggest for the ones that don't.
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """'; did you mean 'x'?' for the closest candidate, or '' when none is close."""
+    close = difflib.get_close_matches(str(word), list(candidates), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _keys(obj, prefix: str = "") -> dict[str, object]:
+    """Every dotted key of a config dataclass -> its type hint ('model' -> dict, 'train.lr' -> float)."""
+    hints = typing.get_type_hints(type(obj))
+    keys = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.update(_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys[prefix + f.name] = hints[f.name]
+    return keys
+
+
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "out")
+_KEYS = _keys(Config())
+_TOP_NAMES = ", ".join([*_SECTIONS, "out"])
+
+
+def _check_name(name: str, source: str, model_keys: set[str] | None) -> None:
+    """Raise a UsageError with a did-you-mean unless `name` is a settable dotted key."""
+    section, _, key = name.partition(".")
+    if name in _KEYS and _KEYS[name] is not dict:
+        return
+    free_key = key and "." not in key and (key == "preset" or model_keys is None or key in model_keys)
+    if section == "model" and free_key:
+        return
+    if name in _SECTIONS:
+        example = next(k for k in [*_KEYS, "model.preset"] if k.startswith(name + "."))
+        raise UsageError(f"'{name}' is a config section, not a key ({source}); set one key, e.g. {example}=...")
+    known = [k for k in _KEYS if _KEYS[k] is not dict] + ["model.preset"] + [f"model.{k}" for k in model_keys or ()]
+    hint = _did_you_mean(name, known)
+    if not hint and section == "model" and model_keys is None:
+        hint = "; model keys are the UNet's keyword arguments, e.g. model.channels"
+    if not hint:
+        in_section = [k.partition(".")[2] for k in known if k.startswith(section + ".")]
+        listing = f"{section} keys are: {', '.join(in_section)}" if in_section else "sections are: " + _TOP_NAMES
+        hint = f"; {listing}"
+    raise UsageError(f"unknown config key {name!r} ({source}){hint}")
+
+
+def _flatten_file(data: dict, source: str) -> dict[str, object]:
+    """A config file's nested mapping -> {'train.lr': value, 'out': value, ...}."""
+    flat = {}
+    for top, value in data.items():
+        if top in _SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise UsageError(f"'{top}' must be a mapping of keys ({source}), got {value!r}")
+            flat.update({f"{top}.{key}": v for key, v in value.items()})
+        elif top in _KEYS:
+            flat[top] = value
+        else:
+            hint = _did_you_mean(top, [*_SECTIONS, "out"]) or "; sections are: " + _TOP_NAMES
+            raise UsageError(f"unknown config section {str(top)!r} ({source}){hint}")
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# The public API.
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    model_keys: Iterable[str] | None = None,
+) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `section.key=value` overrides, all checked.
+
+    `model_keys` (the UNet constructor's parameter names) limits which `model.*` keys are accepted;
+    None accepts any.
+    """
+    model_keys = set(model_keys) if model_keys is not None else None
+    given: dict[str, tuple[object, str]] = {}  # dotted key -> (raw value, where it came from)
+    if path is not None:
+        source = f"in {path}"
+        for name, value in _flatten_file(_read_yaml(path), source).items():
+            _check_name(name, source, model_keys)
+            given[name] = (value, source)
+    for item in overrides:
+        name, value = _parse_override(item)
+        source = f"from override {item!r}"
+        _check_name(name, source, model_keys)
+        given[name] = (value, source)
+
+    cfg = Config()
+    for name, (value, source) in given.items():
+        section, _, key = name.rpartition(".")
+        if section == "model":
+            if key == "preset" and not isinstance(value, str):
+                raise UsageError(f"model.preset must be a preset name (a string), got {value!r} ({source})")
+            cfg.model[key] = value
+        else:
+            owner = getattr(cfg, section) if section else cfg
+            setattr(owner, key, _checked(name, value, _KEYS[name], source))
+
+    d = cfg.diffusion
+    if d.beta_start >= d.beta_end:
+        sources = {given[k][1] for k in ("diffusion.beta_start", "diffusion.beta_end") if k in given}
+        raise UsageError(
+            f"diffusion.beta_start ({d.beta_start}) must be below diffusion.beta_end ({d.beta_end}) "
+            f"({'; '.join(sorted(sources))})"
+        )
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config as YAML; `load_config(path)` gives back an equal Config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    path.write_text("# resdiff config, fully resolved; reload with load_config(path) or train.py --config\n" + text)
+
+
+def config_diff(a: Config, b: Config, section: str) -> list[str]:
+    """The keys of one section that differ between two configs, as 'model.channels: 64 -> 128' lines."""
+    if section not in [*_SECTIONS, "out"]:
+        raise ValueError(f"unknown config section {section!r}; expected one of {', '.join(_SECTIONS)}, out")
+    old, new = a.to_dict()[section], b.to_dict()[section]
+    if not isinstance(old, dict):
+        return [] if old == new else [f"{section}: {old!r} -> {new!r}"]
+    lines = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        if old.get(key, _UNSET) != new.get(key, _UNSET):
+            lines.append(f"{section}.{key}: {_show(old.get(key, _UNSET))} -> {_show(new.get(key, _UNSET))}")
+    return lines
+
+
+_UNSET = object()
+
+
+def _show(value) -> str:
+    """A value for a diff line; keys that one side doesn't set show as 'unset'."""
+    return "unset" if value is _UNSET else repr(value)
+
+
+def _plain(value):
+    """Nested dicts, lists and tuples as dicts and lists only, ready for YAML or JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
