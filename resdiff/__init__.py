@@ -1,1 +1,25 @@
-"""resdiff: diffusion models built around a ResNet U-Net."""
+"""resdiff: diffusion models built around a ResNet U-Net.
+
+The U-Net and its blocks import without the trainer, accelerate or data code:
+``from resdiff import UNet``.
+"""
+
+from .errors import UsageError
+from .nn import Attention, BottleneckBlock, Downsample, ResBlock, SqueezeExcite, TimestepEmbedding, Upsample
+from .unet import PRESETS, UNet, UNetOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "UNet",
+    "UNetOutput",
+    "PRESETS",
+    "ResBlock",
+    "BottleneckBlock",
+    "SqueezeExcite",
+    "Attention",
+    "Downsample",
+    "Upsample",
+    "TimestepEmbedding",
+    "UsageError",
+]

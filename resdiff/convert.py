@@ -1,0 +1,204 @@
+"""Conversion between diffusers' ``UNet2DModel`` and resdiff's ``UNet``, weights included.
+
+Both networks are walked side by side and each resdiff layer is paired with its diffusers
+counterpart; weights are copied pair by pair (the fused qkv projection holds diffusers' separate
+q, k and v). The same pairing serves both directions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from .nn import ResBlock
+from .unet import UNet
+
+__all__ = ["from_diffusers", "to_diffusers"]
+
+_DOWN = {"DownBlock2D": (False, "conv"), "AttnDownBlock2D": (True, None), "ResnetDownsampleBlock2D": (False, "resnet")}
+_UP = {"UpBlock2D": (False, "conv"), "AttnUpBlock2D": (True, None), "ResnetUpsampleBlock2D": (False, "resnet")}
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f"cannot convert: {what}")
+
+
+def _level_layout(types: list[str], table: dict, attn_resample: str) -> tuple[list[bool], set[str]]:
+    """Which levels have attention, and which resampling kinds the (resampling) levels use."""
+    attn, kinds = [], set()
+    for i, name in enumerate(types):
+        if name not in table:
+            raise _unsupported(f"block type {name!r}; supported: {sorted(table)}")
+        has_attn, kind = table[name]
+        attn.append(has_attn)
+        if i < len(types) - 1:
+            kinds.add(kind or attn_resample)
+    return attn, kinds
+
+
+def _unet_config(cfg: Any) -> dict[str, Any]:
+    """resdiff UNet keyword arguments equivalent to a diffusers UNet2DModel config."""
+    checks = {
+        "time_embedding_type": "positional", "act_fn": "silu", "center_input_sample": False,
+        "mid_block_scale_factor": 1, "add_attention": True, "mid_block_type": "UNetMidBlock2D", "class_embed_type": None,
+    }
+    for key, want in checks.items():
+        if cfg.get(key, want) != want:
+            raise _unsupported(f"{key}={cfg[key]!r} (only {want!r} is supported)")
+    ch = cfg["block_out_channels"][0]
+    if cfg.get("time_embedding_dim") not in (None, 4 * ch):
+        raise _unsupported(f"time_embedding_dim={cfg['time_embedding_dim']} (resdiff uses 4 x {ch})")
+    mult = [c // ch for c in cfg["block_out_channels"]]
+    if [m * ch for m in mult] != list(cfg["block_out_channels"]):
+        raise _unsupported(f"block_out_channels {cfg['block_out_channels']} are not multiples of the first")
+    shift = cfg["resnet_time_scale_shift"]
+    if shift not in ("default", "scale_shift"):
+        raise _unsupported(f"resnet_time_scale_shift={shift!r}")
+    attn_groups = cfg.get("attn_norm_num_groups")
+    if attn_groups not in (None, cfg["norm_num_groups"]):
+        raise _unsupported(f"attn_norm_num_groups={attn_groups} differs from norm_num_groups={cfg['norm_num_groups']}")
+    size = cfg["sample_size"]
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise _unsupported(f"non-square sample_size {size}")
+        size = size[0]
+    if size is None:
+        raise _unsupported("sample_size is None; set it on the diffusers config first")
+
+    down_attn, down_kinds = _level_layout(list(cfg["down_block_types"]), _DOWN, cfg.get("downsample_type") or "conv")
+    up_attn, up_kinds = _level_layout(list(cfg["up_block_types"]), _UP, cfg.get("upsample_type") or "conv")
+    if up_attn != down_attn[::-1]:
+        raise _unsupported("up-block attention does not mirror the down blocks")
+    if len(down_kinds | up_kinds) > 1:
+        raise _unsupported(f"mixed resampling kinds {sorted(down_kinds | up_kinds)} (use all conv or all resnet)")
+    return dict(
+        sample_size=size, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], channels=ch,
+        channel_mult=tuple(mult), num_res_blocks=cfg["layers_per_block"],
+        attention_resolutions=tuple(size // 2**i for i, a in enumerate(down_attn) if a),
+        head_channels=cfg.get("attention_head_dim"), dropout=cfg.get("dropout", 0.0),
+        norm_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"], flip_sin_to_cos=cfg["flip_sin_to_cos"],
+        freq_shift=cfg["freq_shift"], time_injection="additive" if shift == "default" else "scale_shift",
+        resblock_updown=(down_kinds | up_kinds) == {"resnet"}, downsample_padding=cfg["downsample_padding"],
+        num_classes=(cfg["num_class_embeds"] - 1) if cfg.get("num_class_embeds") else None,
+        mid_attention_norm=not (shift == "scale_shift" and attn_groups is None),
+    )
+
+
+def _diffusers_config(cfg: Any) -> dict[str, Any]:
+    """diffusers UNet2DModel keyword arguments equivalent to a resdiff UNet config."""
+    if cfg.block != "resnet" or cfg.cardinality != 1 or cfg.squeeze_excite:
+        raise _unsupported("diffusers has no bottleneck, grouped or squeeze-excite ResBlocks")
+    scale_shift = cfg.time_injection == "scale_shift"
+    if not cfg.mid_attention_norm and not scale_shift:
+        raise _unsupported("mid_attention_norm=False is expressible in diffusers only with scale_shift")
+    levels = len(cfg.channel_mult)
+    attn = [cfg.sample_size // 2**i in cfg.attention_resolutions for i in range(levels)]
+    kind = "resnet" if cfg.resblock_updown else "conv"
+    plain_down = "ResnetDownsampleBlock2D" if cfg.resblock_updown else "DownBlock2D"
+    plain_up = "ResnetUpsampleBlock2D" if cfg.resblock_updown else "UpBlock2D"
+    return dict(
+        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels or cfg.in_channels,
+        freq_shift=cfg.freq_shift, flip_sin_to_cos=cfg.flip_sin_to_cos,
+        down_block_types=tuple("AttnDownBlock2D" if a else plain_down for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else plain_up for a in reversed(attn)),
+        block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult), layers_per_block=cfg.num_res_blocks,
+        downsample_padding=cfg.downsample_padding, downsample_type=kind, upsample_type=kind, dropout=cfg.dropout,
+        attention_head_dim=cfg.head_channels, norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps,
+        attn_norm_num_groups=cfg.norm_groups if (scale_shift and cfg.mid_attention_norm) else None,
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
+        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
+    )
+
+
+def _resblock_pairs(ours: nn.Module, theirs: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
+    yield ours.norm1, theirs.norm1
+    yield ours.conv1, theirs.conv1
+    yield ours.time_norm.proj, theirs.time_emb_proj
+    yield ours.time_norm.norm, theirs.norm2
+    yield ours.conv2, theirs.conv2
+    if isinstance(ours.skip, nn.Conv2d):
+        yield ours.skip, theirs.conv_shortcut
+
+
+def _attention_pairs(ours: nn.Module, theirs: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
+    if isinstance(ours.norm, nn.GroupNorm):
+        yield ours.norm, theirs.group_norm
+    yield ours.qkv, (theirs.to_q, theirs.to_k, theirs.to_v)
+    yield ours.proj, theirs.to_out[0]
+
+
+def _level_pairs(ours: nn.Module, theirs: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
+    for i, block in enumerate(ours.blocks):
+        yield from _resblock_pairs(block, theirs.resnets[i])
+        if not isinstance(ours.attentions[i], nn.Identity):
+            yield from _attention_pairs(ours.attentions[i], theirs.attentions[i])
+    if ours.resample is not None:
+        other = (getattr(theirs, "downsamplers", None) or theirs.upsamplers)[0]
+        if isinstance(ours.resample, ResBlock):
+            yield from _resblock_pairs(ours.resample, other)
+        else:
+            yield ours.resample.conv, other.conv
+
+
+def _pairs(ours: UNet, theirs: UNet2DModel) -> Iterator[tuple[nn.Module, Any]]:
+    """Every resdiff layer with its diffusers counterpart (a tuple of three for the fused qkv)."""
+    yield ours.time_embed.mlp[0], theirs.time_embedding.linear_1
+    yield ours.time_embed.mlp[2], theirs.time_embedding.linear_2
+    if ours.class_embed is not None:
+        yield ours.class_embed, theirs.class_embedding
+    yield ours.conv_in, theirs.conv_in
+    for a, b in zip(ours.down, theirs.down_blocks):
+        yield from _level_pairs(a, b)
+    mid = theirs.mid_block
+    yield from _resblock_pairs(ours.mid.blocks[0], mid.resnets[0])
+    yield from _attention_pairs(ours.mid.attentions[0], mid.attentions[0])
+    yield from _resblock_pairs(ours.mid.blocks[1], mid.resnets[1])
+    for a, b in zip(ours.up, theirs.up_blocks):
+        yield from _level_pairs(a, b)
+    yield ours.out[0], theirs.conv_norm_out
+    yield ours.out[2], theirs.conv_out
+
+
+@torch.no_grad()
+def _copy(ours: UNet, theirs: UNet2DModel, into_ours: bool) -> None:
+    copied = 0
+    for a, b in _pairs(ours, theirs):
+        for name, p in a.named_parameters(recurse=False):
+            if isinstance(b, tuple):  # fused qkv <-> to_q, to_k, to_v
+                parts = [getattr(m, name) for m in b]
+                if into_ours:
+                    p.copy_(torch.cat(parts, 0))
+                else:
+                    for q, chunk in zip(parts, p.chunk(3, 0)):
+                        q.copy_(chunk)
+            else:
+                q = getattr(b, name)
+                (p.copy_(q) if into_ours else q.copy_(p))
+            copied += p.numel()
+    total = sum(p.numel() for p in ours.parameters())
+    if copied != total or total != sum(p.numel() for p in theirs.parameters()):
+        raise RuntimeError(f"conversion paired {copied} of {total} parameters; the architectures do not match")
+
+
+def _match(model: nn.Module, like: nn.Module) -> nn.Module:
+    """Give the converted model the dtype and train/eval mode of the original."""
+    if like.dtype != torch.float32:
+        model = model.to(dtype=like.dtype)
+    return model.train(like.training)
+
+
+def from_diffusers(model: UNet2DModel) -> UNet:
+    """A resdiff UNet equal to ``model`` (same outputs up to float rounding)."""
+    ours = UNet(**_unet_config(dict(model.config)))
+    _copy(ours, model, into_ours=True)
+    return _match(ours, model)
+
+
+def to_diffusers(unet: UNet) -> UNet2DModel:
+    """A diffusers UNet2DModel equal to ``unet``."""
+    theirs = UNet2DModel(**_diffusers_config(unet.config))
+    _copy(unet, theirs, into_ours=False)
+    return _match(theirs, unet)

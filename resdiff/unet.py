@@ -1,0 +1,287 @@
+"""The ResNet U-Net of DDPM (Ho et al. 2020) and its descendants, as a diffusers model.
+
+Encoder levels of time-conditioned ResBlocks (with self-attention at chosen resolutions) halve the
+resolution; a middle ResBlock-attention-ResBlock; decoder levels mirror the encoder, each block
+taking the matching encoder activation as a skip connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .nn import BLOCKS, Attention, Downsample, ResBlock, TimestepEmbedding, Upsample, group_norm
+
+__all__ = ["UNet", "UNetOutput", "PRESETS"]
+
+
+@dataclass
+class UNetOutput(BaseOutput):
+    """What ``UNet.forward`` returns: the predicted noise (or v / x0), shaped like the input."""
+
+    sample: torch.Tensor
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: ResBlocks, each optionally followed by attention, then a resampler."""
+
+    def __init__(self, blocks: list[nn.Module], attentions: list[nn.Module], resample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attentions = nn.ModuleList(attentions)
+        self.resample = resample
+
+
+class UNet(ModelMixin, ConfigMixin):
+    """ResNet U-Net for diffusion: ``forward(sample, timestep, class_labels=None)`` predicts the noise.
+
+    Args:
+        sample_size: training resolution; attention levels are found from it.
+        in_channels / out_channels: image channels (out defaults to in; 2x in for learned variance).
+        channels: width of the first level; level i has ``channels * channel_mult[i]``.
+        num_res_blocks: ResBlocks per encoder level (the decoder has one more per level).
+        attention_resolutions: resolutions (e.g. 16 for 16x16) whose blocks are followed by self-attention.
+        head_channels: width of one attention head; None is one head over all channels.
+        norm_groups / norm_eps: GroupNorm settings used everywhere.
+        flip_sin_to_cos / freq_shift: timestep-embedding convention (DDPM: False / 1).
+        time_injection: "additive" (DDPM) or "scale_shift" (FiLM, improved DDPM / ADM).
+        resblock_updown: resample with ResBlocks (BigGAN / ADM) instead of strided conv / nearest+conv.
+        downsample_padding: 1 pads the strided conv symmetrically, 0 pads right/bottom (TF DDPM).
+        zero_init_last: start every ResBlock's last conv at zero, so each block starts as its skip path.
+        num_classes: class-conditional when set; label ``num_classes`` is the null class used for
+            classifier-free guidance and when no labels are given.
+        block / cardinality / squeeze_excite: ResBlock variant ("resnet" or "bottleneck"), grouped 3x3
+            convs (ResNeXt) and a squeeze-and-excitation gate.
+        mid_attention_norm: GroupNorm before the middle attention (diffusers omits it for scale_shift models).
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        head_channels: int | None = None,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+        norm_eps: float = 1e-6,
+        flip_sin_to_cos: bool = False,
+        freq_shift: float = 1,
+        time_injection: str = "additive",
+        resblock_updown: bool = False,
+        downsample_padding: int = 1,
+        zero_init_last: bool = True,
+        num_classes: int | None = None,
+        block: str = "resnet",
+        cardinality: int = 1,
+        squeeze_excite: bool = False,
+        mid_attention_norm: bool = True,
+    ):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        levels = len(channel_mult)
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; choose one of {sorted(BLOCKS)}")
+        if sample_size % 2 ** (levels - 1):
+            raise ValueError(
+                f"sample_size {sample_size} is not divisible by 2**{levels - 1} = {2 ** (levels - 1)} "
+                f"(the U-Net halves the resolution {levels - 1} times)"
+            )
+        resolutions = [sample_size // 2**i for i in range(levels)]
+        unknown = sorted(set(attention_resolutions) - set(resolutions))
+        if unknown:
+            raise ValueError(f"attention_resolutions {unknown} are not resolutions of this U-Net; it has {resolutions}")
+        self.gradient_checkpointing = False
+        emb_dim = 4 * channels
+        Block = BLOCKS[block]
+
+        def res_block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
+            return Block(
+                cin, cout, emb_dim, dropout=dropout, groups=norm_groups, eps=norm_eps, time_injection=time_injection,
+                resample=resample, cardinality=cardinality, squeeze_excite=squeeze_excite,
+            )
+
+        def attention(ch: int, res: int, norm: bool = True) -> nn.Module:
+            if res not in attention_resolutions:
+                return nn.Identity()
+            return Attention(ch, head_channels, norm_groups, norm_eps, norm=norm)
+
+        self.time_embed = TimestepEmbedding(channels, emb_dim, flip_sin_to_cos, freq_shift)
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+        # Encoder: remember each output's width, the decoder consumes them in reverse.
+        widths = [channels * m for m in channel_mult]
+        skips, ch = [channels], channels
+        self.down = nn.ModuleList()
+        for i, (cout, res) in enumerate(zip(widths, resolutions)):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(res_block(ch, cout))
+                attns.append(attention(cout, res))
+                ch = cout
+                skips.append(ch)
+            resample = None
+            if i < levels - 1:
+                resample = res_block(ch, ch, "down") if resblock_updown else Downsample(ch, downsample_padding)
+                skips.append(ch)
+            self.down.append(Level(blocks, attns, resample))
+
+        self.mid = Level(
+            [res_block(ch, ch), res_block(ch, ch)],
+            [Attention(ch, head_channels, norm_groups, norm_eps, norm=mid_attention_norm)],
+            None,
+        )
+
+        self.up = nn.ModuleList()
+        for i in reversed(range(levels)):
+            cout, res = widths[i], resolutions[i]
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(res_block(ch + skips.pop(), cout))
+                attns.append(attention(cout, res))
+                ch = cout
+            resample = None
+            if i > 0:
+                resample = res_block(ch, ch, "up") if resblock_updown else Upsample(ch)
+            self.up.append(Level(blocks, attns, resample))
+
+        self.out = nn.Sequential(group_norm(ch, norm_groups, norm_eps), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """He (Kaiming) normal init for convs and linears, zero biases; optionally zero each ResBlock's last conv."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        # Zero-init (Goyal et al. 2017; DDPM, ADM): every residual block starts as its skip path, so a deep
+        # U-Net starts with well-scaled activations.
+        if self.config.zero_init_last:
+            for m in self.modules():
+                if isinstance(m, ResBlock):
+                    nn.init.zeros_(m.last_conv.weight)
+        # The output layer starts small rather than at zero so gradients reach every layer from step one.
+        self.out[-1].weight.data.mul_(0.1)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "UNet":
+        """A named configuration (see PRESETS), with any constructor argument overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown UNet preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "UNet":
+        """Load a saved UNet; only safetensors weights are read, never pickles."""
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_diffusers(cls, model: nn.Module) -> "UNet":
+        """Convert a diffusers ``UNet2DModel`` (weights included); outputs match the original."""
+        from .convert import from_diffusers
+
+        return from_diffusers(model)
+
+    def to_diffusers(self) -> nn.Module:
+        """The equivalent diffusers ``UNet2DModel``, weights included."""
+        from .convert import to_diffusers
+
+        return to_diffusers(self)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (len(self.config.channel_mult) - 1)
+
+    def _timesteps(self, timestep: torch.Tensor | float | int, n: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(timestep, device=device)
+        if t.numel() == 1:
+            return t.reshape(1).expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"timestep must be a scalar or hold one value per sample ({n}), got shape {tuple(t.shape)}")
+        return t
+
+    def _block(self, module: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(module, h, emb)
+        return module(h, emb)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNetOutput | tuple[torch.Tensor]:
+        """Predict the model target for ``sample`` (N, C, H, W) at ``timestep`` (scalar or (N,))."""
+        n, _, hgt, wid = sample.shape
+        f = self.downsampling_factor
+        if hgt % f or wid % f:
+            raise ValueError(f"input size {hgt}x{wid} is not divisible by {f} (2 ** (levels - 1)); resize or crop to a multiple of {f}")
+        emb = self.time_embed(self._timesteps(timestep, n, sample.device))  # (N, E)
+        if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full((n,), self.config.num_classes, device=sample.device, dtype=torch.long)
+            emb = emb + self.class_embed(class_labels)
+        elif class_labels is not None:
+            raise ValueError("class_labels were given but this UNet has no num_classes")
+
+        h = self.conv_in(sample)  # (N, C0, H, W)
+        skips = [h]
+        for level in self.down:
+            for block, attn in zip(level.blocks, level.attentions):
+                h = attn(self._block(block, h, emb))
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h, emb)  # (N, C, H/2, W/2)
+                skips.append(h)
+        first, second = self.mid.blocks
+        h = self._block(second, self.mid.attentions[0](self._block(first, h, emb)), emb)
+        for level in self.up:
+            for block, attn in zip(level.blocks, level.attentions):
+                h = attn(self._block(block, torch.cat([h, skips.pop()], dim=1), emb))
+            if level.resample is not None:
+                h = level.resample(h, emb)  # (N, C, 2H, 2W)
+        out = self.out(h)  # (N, out_channels, H, W)
+        return UNetOutput(sample=out) if return_dict else (out,)
+
+
+# Named configurations: sizes only. Parameter counts are checked by tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    # DDPM's CIFAR-10 model (Ho et al. 2020): 35.7M parameters; the same layout as google/ddpm-cifar10-32.
+    "ddpm-cifar10": dict(
+        sample_size=32, channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
+        dropout=0.1, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
+    ),
+    # DDPM's 256x256 model (CelebA-HQ, LSUN): 113.7M parameters; the layout of google/ddpm-celebahq-256.
+    "ddpm-celebahq-256": dict(
+        sample_size=256, channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_resolutions=(16,),
+        dropout=0.0, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
+    ),
+    # A small model for 32x32 data that trains in minutes on a laptop CPU (the demo).
+    "tiny": dict(
+        sample_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+        norm_groups=8, dropout=0.0, time_injection="scale_shift", flip_sin_to_cos=True, freq_shift=0,
+    ),
+    # A mid-sized model for quick experiments and benchmarks (about 9M parameters).
+    "small": dict(
+        sample_size=32, channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
+        dropout=0.1, flip_sin_to_cos=True, freq_shift=0,
+    ),
+}

@@ -1,0 +1,176 @@
+"""The resdiff U-Net: shapes, presets, saving, diffusers pipelines, errors, gradients."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+from resdiff import UNet
+from resdiff.nn import ResBlock
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def tiny(**kw) -> UNet:
+    return UNet.from_preset("tiny", **{"sample_size": 16, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, shape",
+    [
+        (dict(), (2, 3, 16, 16)),
+        (dict(in_channels=1), (2, 1, 16, 16)),
+        (dict(out_channels=6), (2, 6, 16, 16)),  # learned variance: 2x the input channels
+        (dict(time_injection="additive", resblock_updown=True, head_channels=16), (2, 3, 16, 16)),
+        (dict(channel_mult=(1, 2, 2, 4), attention_resolutions=(4, 2)), (2, 3, 16, 16)),
+        (dict(num_classes=10), (2, 3, 16, 16)),
+    ],
+)
+def test_output_shape(kw, shape):
+    model = tiny(**kw)
+    x = torch.randn(2, kw.get("in_channels", 3), 16, 16)
+    assert model(x, torch.tensor([3, 700])).sample.shape == shape
+
+
+def test_non_square_input_that_divides_works():
+    assert tiny()(torch.randn(1, 3, 16, 24), 5).sample.shape == (1, 3, 16, 24)
+
+
+def test_preset_parameter_counts_match_the_ddpm_paper():
+    assert n_params(UNet.from_preset("ddpm-cifar10")) == 35_746_307
+    assert n_params(UNet.from_preset("ddpm-celebahq-256")) == 113_673_219
+
+
+def test_preset_overrides_and_unknown_preset():
+    assert UNet.from_preset("ddpm-cifar10", dropout=0.0).config.dropout == 0.0
+    with pytest.raises(ValueError, match="unknown UNet preset 'nope'"):
+        UNet.from_preset("nope")
+
+
+@pytest.mark.parametrize("t", [7, 7.5, torch.tensor(7), torch.tensor([7]), torch.tensor([7, 7]), torch.tensor([7.0, 7.0])])
+def test_timestep_forms_agree(t):
+    model = tiny(zero_init_last=False).eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x, torch.tensor([7, 7])).sample
+    out = model(x, t).sample
+    if isinstance(t, float):
+        assert not torch.allclose(out, ref)  # a fractional timestep is a different timestep
+    else:
+        torch.testing.assert_close(out, ref)
+
+
+def test_timestep_of_wrong_length_is_rejected():
+    with pytest.raises(ValueError, match=r"one value per sample \(2\)"):
+        tiny()(torch.randn(2, 3, 16, 16), torch.tensor([1, 2, 3]))
+
+
+def test_return_tuple():
+    out = tiny()(torch.randn(1, 3, 16, 16), 1, return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (1, 3, 16, 16)
+
+
+def test_class_conditioning_changes_output_and_defaults_to_null_class():
+    model = tiny(num_classes=3, zero_init_last=False).eval()
+    x = torch.randn(2, 3, 16, 16)
+    a = model(x, 10, class_labels=torch.tensor([0, 0])).sample
+    b = model(x, 10, class_labels=torch.tensor([1, 1])).sample
+    null = model(x, 10, class_labels=torch.tensor([3, 3])).sample
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(model(x, 10).sample, null)
+    with pytest.raises(ValueError, match="no num_classes"):
+        tiny()(x, 10, class_labels=torch.tensor([0, 0]))
+
+
+def test_save_and_load_roundtrip_gives_identical_outputs(tmp_path):
+    model = tiny(num_classes=4, zero_init_last=False).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "UNet"
+    loaded = UNet.from_pretrained(tmp_path).eval()
+    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    assert torch.equal(model(x, 99, labels).sample, loaded(x, 99, labels).sample)
+    assert loaded.config.channel_mult == model.config.channel_mult or list(loaded.config.channel_mult) == list(model.config.channel_mult)
+
+
+@pytest.mark.parametrize("Pipeline, Scheduler", [(DDPMPipeline, DDPMScheduler), (DDIMPipeline, DDIMScheduler)])
+def test_runs_inside_diffusers_pipelines(Pipeline, Scheduler):
+    pipe = Pipeline(unet=tiny(in_channels=1).eval(), scheduler=Scheduler(num_train_timesteps=100))
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 16, 16, 1)
+    assert 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_pipeline_save_and_from_pretrained_roundtrip(tmp_path):
+    pipe = DDPMPipeline(unet=tiny(zero_init_last=False).eval(), scheduler=DDPMScheduler(num_train_timesteps=100))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["unet"][1] == "UNet"
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.unet, UNet)
+    run = lambda p: p(batch_size=1, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(1)).images
+    np.testing.assert_allclose(run(pipe), run(loaded), atol=1e-5)
+
+
+def test_indivisible_input_size_names_the_numbers():
+    with pytest.raises(ValueError, match=r"input size 18x16 is not divisible by 4"):
+        tiny()(torch.randn(1, 3, 18, 16), 1)
+
+
+def test_indivisible_sample_size_at_construction():
+    with pytest.raises(ValueError, match=r"sample_size 30 is not divisible by 2\*\*3 = 8"):
+        UNet(sample_size=30, channels=32, channel_mult=(1, 1, 1, 1), attention_resolutions=())
+
+
+def test_indivisible_norm_groups_names_the_numbers():
+    with pytest.raises(ValueError, match=r"48 channels cannot be split into 32 groups"):
+        UNet(sample_size=16, channels=48, channel_mult=(1, 2), attention_resolutions=())
+
+
+def test_attention_resolution_that_does_not_exist():
+    with pytest.raises(ValueError, match=r"attention_resolutions \[5\] are not resolutions of this U-Net; it has \[16, 8\]"):
+        UNet(sample_size=16, channels=32, channel_mult=(1, 2), attention_resolutions=(5,))
+
+
+def test_every_parameter_receives_a_gradient():
+    model = tiny(num_classes=3, resblock_updown=True, zero_init_last=False, dropout=0.1).train()
+    x = torch.randn(2, 3, 16, 16)
+    model(x, torch.tensor([1, 2]), torch.tensor([0, 3])).sample.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_zero_init_last_makes_every_resblock_its_skip_path():
+    model = tiny(zero_init_last=True, dropout=0.0).eval()
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    assert blocks
+    for block in blocks:
+        cin = block.norm1.num_channels
+        x, emb = torch.randn(2, cin, 8, 8), torch.randn(2, 4 * model.config.channels)
+        torch.testing.assert_close(block(x, emb), block.skip(block.resample(x)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny(zero_init_last=False)
+    x = torch.randn(2, 3, 16, 16)
+    model(x, 5).sample.sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    model(x, 5).sample.sum().backward()
+    for a, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_unet_imports_without_training_code():
+    import subprocess
+    import sys
+
+    code = "import sys, resdiff; m = resdiff.UNet; bad = [k for k in sys.modules if k.startswith(('resdiff.trainer', 'resdiff.data', 'resdiff.config', 'resdiff.sampling'))]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
