@@ -1,4 +1,9 @@
-"""The one exception type for mistakes a user can fix (bad flags, config keys, folders)."""
+"""The one exception type for mistakes a user can fix, and how command-line front ends report it."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class UsageError(ValueError):
@@ -6,3 +11,16 @@ class UsageError(ValueError):
 
     It subclasses ValueError so library callers can catch it as one.
     """
+
+
+def run_cli(main: Callable[[], object]) -> int:
+    """Run a CLI's main: a UsageError becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
