@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can fix, and how command-line front ends report it."""
+"""Exceptions whose messages are for the user, and how command-line front ends report them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ class UsageError(ValueError):
     """
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss diverged); the message says why and what to do."""
+
+
 def run_cli(main: Callable[[], object]) -> int:
     """Run a CLI's main: a UsageError becomes one line on stderr and exit code 2, never a traceback."""
     try:
@@ -20,6 +24,9 @@ def run_cli(main: Callable[[], object]) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

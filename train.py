@@ -1,0 +1,54 @@
+"""Train a DDPM on a folder of images (or the built-in demo data), on one CPU or many GPUs.
+
+    python train.py                                   # the demo: a tiny model on procedural shapes
+    python train.py --data ~/pictures --out runs/pics # your own images
+    python train.py --config configs/cifar10.yaml --data cifar/train train.ema_decay=0.9995
+    accelerate launch --multi_gpu --num_processes 8 train.py --config configs/folder64.yaml --data DIR
+    torchrun --nproc_per_node 2 train.py ...           # CPU processes (gloo) work too
+
+A run directory that already has checkpoints is resumed automatically (--resume auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from resdiff.errors import run_cli
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
+    p.add_argument("--data", help="image folder (searched recursively); omit for the built-in demo shapes")
+    p.add_argument("--out", help="run directory (default: runs/<config or data folder name>)")
+    p.add_argument("--steps", type=int, help="total optimizer steps of the run (a resumed run continues up to it)")
+    p.add_argument("--batch-size", type=int, help="global batch size, over all processes and accumulation steps")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast precision (bf16 works on CPUs too)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--resume", default="auto", help="auto (newest checkpoint in the run directory, if any), never, or a checkpoint folder")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.ema_decay=0.999 model.channels=64")
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    from resdiff.config import load_config
+    from resdiff.trainer import Trainer, model_keys
+
+    config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    flags = {"data.path": args.data, "out": args.out, "train.steps": args.steps, "train.batch_size": args.batch_size,
+             "train.lr": args.lr, "train.mixed_precision": args.mixed_precision, "train.seed": args.seed}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = load_config(config, overrides, model_keys=model_keys())
+    if cfg.out is None:
+        name = Path(cfg.data.path).resolve().name if cfg.data.path else Path(config).stem if config else "demo"
+        cfg.out = str(Path("runs") / name)
+    Trainer(cfg, resume=args.resume).fit()
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
