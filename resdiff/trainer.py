@@ -90,15 +90,19 @@ class _Batches:
                 f"({per_process} per process x {world} processes); add images or lower --batch-size"
             )
 
+    def _generator(self) -> torch.Generator:
+        """This epoch's generator. DataLoader draws worker seeds from it, not from the global RNG."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
     def _epoch_batches(self) -> list[list[int]]:
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = torch.randperm(len(self.dataset), generator=self._generator())
         order = order[: self.per_epoch * self.per_process * self.world].view(self.per_epoch, self.world, self.per_process)
         return order[:, self.rank].tolist()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             batches = self._epoch_batches()[self.index :]
-            for images, labels in DataLoader(self.dataset, batch_sampler=batches, **self.loader_kwargs):
+            for images, labels in DataLoader(self.dataset, batch_sampler=batches, generator=self._generator(), **self.loader_kwargs):
                 self.index += 1
                 yield images, labels
             self.epoch, self.index = self.epoch + 1, 0
