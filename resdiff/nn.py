@@ -154,7 +154,7 @@ class ResBlock(nn.Module):
 
     GroupNorm -> SiLU -> [resample] -> conv3x3 -> time injection + GroupNorm -> SiLU -> dropout -> conv3x3,
     added to the identity (a 1x1 conv when the channel count changes). ``cardinality`` > 1 groups the
-    3x3 convs (ResNeXt); ``squeeze_excite`` gates the residual branch's channels before the addition.
+    first 3x3 conv (ResNeXt); ``squeeze_excite`` gates the residual branch's channels before the addition.
     Subclasses change only the residual branch (``build_branch`` / ``branch``).
     """
 
@@ -187,7 +187,8 @@ class ResBlock(nn.Module):
                 raise ValueError(f"cardinality {card} does not divide {c} channels")
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, groups=card)
         self.time_norm = _TimeNorm(cout, emb_dim, groups, eps, mode)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, groups=card)
+        # Only the first conv is grouped: with both grouped, the branch would be `card` paths that never mix.
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
 
     def branch(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.time_norm(self.conv1(h), emb))  # (N, out, H, W)
@@ -216,10 +217,13 @@ class BottleneckBlock(ResBlock):
         mid = cout // self.reduction
         if mid % card:
             raise ValueError(f"cardinality {card} does not divide the bottleneck width {mid} (= {cout} // 4)")
+        # As many channels per group as the full-width norms have: one channel per group would subtract
+        # each channel's mean and with it the additive time embedding.
+        mid_groups = math.gcd(mid, max(groups // self.reduction, 1))
         self.reduce = nn.Conv2d(cin, mid, 1)
-        self.norm_mid = group_norm(mid, min(groups, mid), eps)
+        self.norm_mid = group_norm(mid, mid_groups, eps)
         self.conv = nn.Conv2d(mid, mid, 3, padding=1, groups=card)
-        self.time_norm = _TimeNorm(mid, emb_dim, min(groups, mid), eps, mode)
+        self.time_norm = _TimeNorm(mid, emb_dim, mid_groups, eps, mode)
         self.expand = nn.Conv2d(mid, cout, 1)
 
     def branch(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

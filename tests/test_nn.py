@@ -99,17 +99,10 @@ def test_block_output_shape(cls, time_injection, resample, size, cin, cout):
     assert out.shape == (2, cout, size, size)
 
 
-# With groups=8 and 32 output channels the bottleneck's middle is 8 channels normalised in 8 groups: one
-# channel per group, so GroupNorm subtracts each channel's mean and cancels an additive time embedding.
-BOTTLENECK_ADDITIVE_BUG = pytest.mark.xfail(
-    strict=True, reason="additive time injection before a 1-channel-per-group GroupNorm is a no-op (resdiff/nn.py:222)"
-)
-
-
 @pytest.mark.parametrize(
     "name, time_injection",
     [
-        pytest.param(name, mode, marks=BOTTLENECK_ADDITIVE_BUG if mode == "additive" and name.startswith("bottleneck") else ())
+        (name, mode)
         for name in sorted(BLOCK_VARIANTS)
         for mode in ("additive", "scale_shift")
     ],
@@ -172,7 +165,7 @@ def test_last_conv_is_the_conv_that_ends_each_branch():
 
 def test_variant_options_build_the_layers_they_name():
     block = make_block("resnext")
-    assert block.conv1.groups == block.conv2.groups == 4
+    assert block.conv1.groups == 4 and block.conv2.groups == 1  # the second conv mixes the groups
     block = make_block("bottleneck-resnext-se", cout=64)
     assert block.reduce.out_channels == 16 and block.conv.groups == 2 and block.expand.out_channels == 64
     assert isinstance(block.gate, SqueezeExcite)
@@ -201,7 +194,6 @@ def test_bottleneck_block_mixes_channels_across_groups():
     assert grad[:, :16].abs().max() > 0  # the 1x1 convs mix the grouped 3x3's groups
 
 
-@pytest.mark.xfail(strict=True, reason="resnet block groups both 3x3 convs: its branch is `cardinality` independent paths")
 def test_grouped_resnet_block_mixes_channels_across_groups():
     block = make_block("resnext")
     x = torch.randn(1, 32, 8, 8, requires_grad=True)
