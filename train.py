@@ -14,13 +14,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resdiff.errors import run_cli
+from resdiff.errors import UsageError, run_cli
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one UsageError line (exit code 2), not usage text plus a message."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see python train.py --help)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
     p.add_argument("--data", help="image folder (searched recursively); omit for the built-in demo shapes")
     p.add_argument("--out", help="run directory (default: runs/<config or data folder name>)")
@@ -31,11 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint in the run directory, if any), never, or a checkpoint folder")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.ema_decay=0.999 model.channels=64")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before, between and after the flags
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    """Everything train.py does, for the arguments ``argv`` (default: the command line)."""
+    args = parse_args(argv)
     from resdiff.config import load_config
     from resdiff.trainer import Trainer, model_keys
 
