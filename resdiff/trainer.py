@@ -235,12 +235,19 @@ class Trainer:
     # ------------------------------------------------------------------------------- training
     def fit(self) -> Path:
         """Train up to ``train.steps`` total steps; returns the exported pipeline folder."""
+        previous = self._install_signal_handlers()
+        try:
+            return self._train()
+        finally:  # a library call must not leave its handlers behind (a notebook's next Ctrl-C would be swallowed)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _train(self) -> Path:
         acc, t = self.accelerator, self.cfg.train
         if self.is_main:
             self.echo(self.summary())
         if t.trackers:
             acc.init_trackers("resdiff", config=_flat(self.cfg.to_dict()))
-        self._install_signal_handlers()
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True, desc="train")
         loss_sum, loss_count = torch.zeros((), device=acc.device), 0
         last_time, last_step = time.perf_counter(), self.step
@@ -400,7 +407,7 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
-        if state["world_size"] != self.world:
+        if state["world_size"] != self.world and self.is_main:
             self.echo(f"note: checkpoint was written by {state['world_size']} process(es), resuming on {self.world}; "
                       f"the data order continues from the same epoch")
         unet = self.accelerator.unwrap_model(self.model)
@@ -424,8 +431,9 @@ class Trainer:
             set_seed(self.cfg.train.seed + 1_000_003 * (self.step + 1), device_specific=True)
 
     # -------------------------------------------------------------------------------- signals
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT finish the current step, checkpoint and exit; a second signal exits at once."""
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT finish the current step, checkpoint and exit; a second signal exits at once.
+        Returns the handlers they replace, for fit() to put back."""
 
         def handler(signum, _frame):
             if self._stop_signal is not None:
@@ -434,11 +442,15 @@ class Trainer:
             if self.is_main:
                 self.echo(f"\nsignal {signum}: finishing step {self.step + 1}, then checkpointing (signal again to quit now)")
 
+        previous = {}
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, handler)
+                old = signal.signal(sig, handler)
+                if old is not None:  # None: a handler not set from Python, which cannot be put back
+                    previous[sig] = old
         except ValueError:  # not the main thread (e.g. inside a notebook worker): keep the defaults
             pass
+        return previous
 
     def _poll_stop(self) -> bool:
         """Whether any process was signalled. All processes must stop at the same step, so with several
