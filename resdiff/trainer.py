@@ -256,7 +256,7 @@ class Trainer:
         while self.step < t.steps:
             for _ in range(t.grad_accum):
                 images, labels = next(data)
-                loss_sum += self._micro_step(images, labels)
+                loss_sum += self.train_step(images, labels)
                 loss_count += 1
             self.step += 1
             bar.update(1)
@@ -289,7 +289,11 @@ class Trainer:
             self.echo(f"done: {self.step} steps; model in {self.run_dir / 'model'}, previews in {self.run_dir / 'samples'}")
         return self.run_dir / "model"
 
-    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: flip, noise, forward, backward; on accumulation boundaries also clip, step, EMA.
+
+        ``images`` are uint8 (N, C, H, W) on the CPU. Returns the detached loss (no host sync).
+        """
         acc, t = self.accelerator, self.cfg.train
         if self.cfg.data.random_flip:
             flip = torch.rand(images.shape[0]) < 0.5
