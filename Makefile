@@ -16,6 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
+# The main job end to end: train the demo preset on the built-in shapes, then sample a grid from it.
+demo: install
+	$(BIN)/python train.py --config configs/demo.yaml --out runs/demo
+	$(BIN)/python sample.py --model runs/demo --num-images 64 --out runs/demo/demo-samples
+	@echo "demo samples: runs/demo/demo-samples/grid.png (training previews: runs/demo/samples/)"
+
 test: install
 	$(BIN)/python -m pytest
 

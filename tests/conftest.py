@@ -1,4 +1,8 @@
-"""Shared test settings: deterministic, single-threaded-friendly, and quiet."""
+"""Shared test settings: offline, seeded, one torch thread per test process.
+
+Tiny models gain nothing from a second thread, and with several processes on two cores (pytest plus
+the subprocesses some tests start) extra threads only oversubscribe the machine.
+"""
 
 import os
 
@@ -6,8 +10,13 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may touch the network
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses tests start
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
