@@ -10,6 +10,7 @@ DDP, autocast and gradient accumulation; everything else is explicit here. The r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -21,15 +22,16 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMPipeline
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, step_of
+from .checkpoint import RunLock, checkpoint_dir, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
 from .config import Config, config_diff, load_config, save_config
 from .data import ImageFolder, to_model_range, write_demo_folder
 from .diffusion import DDPM
@@ -63,6 +65,64 @@ def demo_data_dir(image_size: int, n: int) -> Path:
     """Where the built-in demo dataset is written (RESDIFF_CACHE, default ~/.cache/resdiff)."""
     root = Path(os.environ.get("RESDIFF_CACHE", Path.home() / ".cache" / "resdiff"))
     return root / f"demo-shapes-{image_size}px-{n}"
+
+
+def _accelerator(cfg: Config) -> Accelerator:
+    t = cfg.train
+    try:
+        return Accelerator(
+            mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+            cpu=not torch.cuda.is_available(),  # without it, torchrun on a GPU-less machine gives worlds of size 1
+            log_with=list(t.trackers) or None, project_dir=str(cfg.out),
+        )
+    except ValueError as err:
+        if "already been initialized" in str(err):  # accelerate keeps one precision per process
+            from accelerate.state import AcceleratorState
+
+            raise UsageError(
+                f"train.mixed_precision={t.mixed_precision} differs from the {AcceleratorState().mixed_precision!r} "
+                f"an earlier Trainer set in this process; accelerate allows one precision per process, so "
+                f"train in a new process (or keep {AcceleratorState().mixed_precision!r})"
+            ) from None
+        raise UsageError(f"train: {' '.join(str(err).split())}") from None
+
+
+def _check_model_and_settings(cfg: Config) -> int:
+    """Build the model the config describes on the meta device (no memory, no time) so that an impossible
+    one fails before anything is written; check the settings that depend on each other. Returns the
+    number of parameters."""
+    with torch.device("meta"):
+        unet = build_unet(cfg, 2 if cfg.data.class_cond else None)
+    t, d = cfg.train, cfg.diffusion
+    if t.preview_steps > d.num_train_timesteps:
+        raise UsageError(
+            f"train.preview_steps={t.preview_steps} is more than diffusion.num_train_timesteps={d.num_train_timesteps}; "
+            f"use train.preview_steps={d.num_train_timesteps} or fewer"
+        )
+    return sum(p.numel() for p in unet.parameters())
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _write_problem(err: BaseException) -> str:
+    """What went wrong in a failed write, in a few words."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+    return f"{type(err).__name__}: {_one_line(err)}"
+
+
+# What a failed write raises: OSError from Python, RuntimeError from torch.save, SafetensorError from safetensors.
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -109,7 +169,14 @@ class _Batches:
 
 
 class Trainer:
-    """Trains a DDPM as a Config describes, writing everything to the run directory."""
+    """Trains a DDPM as a Config describes, writing everything to the run directory.
+
+    Construction checks everything it can before it writes anything: the model the config describes
+    (built on the meta device, so a huge one costs nothing), the settings that depend on each other, and
+    the data. Then the main process takes ``RUN/.lock`` (one run per directory), removes what an
+    interrupted run left half-written, picks the newest complete checkpoint, checks that the directory is
+    writable and the disk has room for checkpoints, and only then writes ``config.yaml``.
+    """
 
     def __init__(self, cfg: Config, *, resume: str = "auto", echo: Callable[[str], None] = print):
         self.cfg, self.echo = cfg, echo
@@ -117,11 +184,7 @@ class Trainer:
             raise UsageError("no run directory: pass --out DIR (or set out: in the config)")
         self.run_dir = Path(cfg.out)
         t = cfg.train
-        self.accelerator = Accelerator(
-            mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-            cpu=not torch.cuda.is_available(),  # without it, torchrun on a GPU-less machine gives worlds of size 1
-            log_with=list(t.trackers) or None, project_dir=str(self.run_dir),
-        )
+        self.accelerator = _accelerator(cfg)
         acc = self.accelerator
         self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
         if t.batch_size % (self.world * t.grad_accum):
@@ -130,40 +193,56 @@ class Trainer:
                 f"accumulation steps; use a multiple of {self.world * t.grad_accum}"
             )
         self.micro_batch = t.batch_size // (self.world * t.grad_accum)
-        self.resume_from = self._find_resume(resume)
-        self._check_run_dir()
-
-        self.dataset = self._load_data()
-        num_classes = len(self.dataset.classes) if cfg.data.class_cond else None
-        set_seed(t.seed)  # identical initial weights on every process
-        unet = build_unet(cfg, num_classes)
-        self.ddpm = DDPM.from_config(**vars(cfg.diffusion))
-        self.ema_unet = UNet.from_config(unet.config).eval().requires_grad_(False)
-        self.ema = EMAModel(
-            unet.parameters(), decay=t.ema_decay, min_decay=0.0 if t.ema_warmup else t.ema_decay, foreach=True,
-        )
-        if t.channels_last:
-            unet = unet.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, **_fast_adamw())
-        self.lr_schedule = get_constant_schedule_with_warmup(opt, t.warmup_steps)
-        self.model, self.optimizer = acc.prepare(unet, opt)
-        self.ema.to(acc.device)
-        self.ema_unet.to(acc.device)
-        self.step = 0
-        self.batches = _Batches(
-            self.dataset, self.micro_batch, self.rank, self.world, t.seed,
-            dict(num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
-                 persistent_workers=False, prefetch_factor=4 if cfg.data.num_workers else None),
-        )
-        set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
-        if self.resume_from:
-            self._load_checkpoint(self.resume_from)
+        self._lock = RunLock(self.run_dir, warn=self.echo) if self.is_main else None
         self._stop_signal: int | None = None
+        parameters = _check_model_and_settings(cfg)
+        explicit = self._check_resume_argument(resume)
+        self.dataset = self._load_data()
+
+        candidates = self._prepare_run_dir(resume, explicit, parameters)  # the first write to the run directory
+        try:
+            num_classes = len(self.dataset.classes) if cfg.data.class_cond else None
+            set_seed(t.seed)  # identical initial weights on every process
+            unet = build_unet(cfg, num_classes)
+            self.ddpm = DDPM.from_config(**vars(cfg.diffusion))
+            self.ema_unet = UNet.from_config(unet.config).eval().requires_grad_(False)
+            self.ema = EMAModel(
+                unet.parameters(), decay=t.ema_decay, min_decay=0.0 if t.ema_warmup else t.ema_decay, foreach=True,
+            )
+            if t.channels_last:
+                unet = unet.to(memory_format=torch.channels_last)
+            opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, **_fast_adamw())
+            self.lr_schedule = get_constant_schedule_with_warmup(opt, t.warmup_steps)
+            self.model, self.optimizer = acc.prepare(unet, opt)
+            self.ema.to(acc.device)
+            self.ema_unet.to(acc.device)
+            self.step = 0
+            self.batches = _Batches(
+                self.dataset, self.micro_batch, self.rank, self.world, t.seed,
+                dict(num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
+                     persistent_workers=False, prefetch_factor=4 if cfg.data.num_workers else None),
+            )
+            set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
+            self.resume_from = self._resume(candidates, fallback=explicit is None)
+            if self.is_main:
+                self._write_config()
+                self._trim_log()
+                if self.resume_from and not (self.run_dir / "model" / "model_index.json").is_file():
+                    self._export(self.resume_from / "ema")  # an interrupted export left no model/: redo it
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release ``RUN/.lock`` (fit() does this when it ends; also done at exit and when collected)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # ----------------------------------------------------------------------------------- set-up
-    def _find_resume(self, resume: str) -> Path | None:
+    def _check_resume_argument(self, resume: str) -> Path | None:
+        """Check --resume before anything is written; returns the checkpoint it names, if it names one."""
         if resume in ("auto", ""):
-            return latest_checkpoint(self.run_dir)
+            return None
         if resume in ("never", "no", "none"):
             if list_checkpoints(self.run_dir):
                 raise UsageError(f"{self.run_dir} already has checkpoints; resume with --resume auto or choose a new --out")
@@ -173,32 +252,146 @@ class Trainer:
             step_of(path)
         except ValueError:
             raise UsageError(f"--resume {resume}: not a checkpoint folder (expected .../checkpoints/step-NNNNNNN)") from None
-        if not (path / "state.json").is_file():
-            raise UsageError(f"--resume {resume}: no such complete checkpoint")
+        own = (self.run_dir / "checkpoints").resolve()
+        if path.resolve().parent != own:
+            # Optimizer and RNG state are torch files; they are read only from this run's own checkpoints.
+            raise UsageError(
+                f"--resume {resume}: not a checkpoint of this run ({own}); a run resumes only its own checkpoints"
+            )
+        if not path.exists():
+            raise UsageError(f"--resume {resume}: no such checkpoint")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UsageError(f"--resume {resume}: not a complete checkpoint: {problem}")
         return path
 
-    def _check_run_dir(self) -> None:
-        """Refuse a resume whose config changes the model's shape; record the resolved config."""
-        saved = self.run_dir / "config.yaml"
-        if self.resume_from and saved.is_file():
-            old = load_config(saved)
-            diffs = config_diff(old, self.cfg, "model")
-            for key in ("image_size", "channels", "class_cond"):
-                a, b = getattr(old.data, key), getattr(self.cfg.data, key)
-                if a != b:
-                    diffs.append(f"data.{key}: {a} -> {b}")
-            if diffs:
-                raise UsageError(
-                    f"cannot resume {self.run_dir}: the config changes the model ({'; '.join(diffs)}); "
-                    f"use the original settings or a new --out"
-                )
+    def _prepare_run_dir(self, resume: str, explicit: Path | None, parameters: int) -> list[Path]:
+        """Main process: lock the run directory, clean up after an interrupted run, choose the checkpoints to
+        try (newest complete first), refuse a resume that changes the model, check the disk, record the
+        config. Every process gets the outcome, so an error stops all of them alike."""
+        outcome: tuple[str | None, list[str]] = (None, [])
         if self.is_main:
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                save_config(self.cfg, saved)
+                outcome = (None, [str(p) for p in self._prepare_run_dir_main(resume, explicit, parameters)])
+            except UsageError as err:
+                outcome = (str(err), [])
+        if self.world > 1:
+            box = [outcome]
+            broadcast_object_list(box, from_process=0)
+            outcome = box[0]
+        error, candidates = outcome
+        if error is not None:
+            raise UsageError(error)
+        return [Path(p) for p in candidates]
+
+    def _prepare_run_dir_main(self, resume: str, explicit: Path | None, parameters: int) -> list[Path]:
+        run = self.run_dir
+        if run.exists() and not run.is_dir():
+            raise UsageError(f"run directory {run} is a file, not a folder; choose another --out")
+        existed = run.exists()
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create run directory {run}: {err.strerror}") from None
+        try:
+            self._lock.acquire()
+            self._remove_leftovers()
+            if explicit is not None:
+                candidates = [explicit]
+            elif resume in ("never", "no", "none"):
+                candidates = []
+            else:
+                candidates = complete_checkpoints(run, warn=self.echo)[::-1]
+                damaged = list_checkpoints(run)
+                if damaged and not candidates:
+                    raise UsageError(
+                        f"{run / 'checkpoints'} holds {len(damaged)} checkpoint folder(s) but none is complete "
+                        f"({damaged[-1].name}: {checkpoint_problem(damaged[-1])}); move the damaged folders away "
+                        f"to start over, or choose a new --out"
+                    )
+            if candidates:
+                self._check_same_model()
+            self._check_disk(parameters)
+            if not candidates:  # a resumed run records its config once the checkpoint has loaded
+                self._write_config()
+            return candidates
+        except OSError as err:
+            self._undo_prepare(existed)
+            raise UsageError(f"cannot write to run directory {run}: {err.strerror or err}") from None
+        except BaseException:
+            self._undo_prepare(existed)
+            raise
+
+    def _write_config(self) -> None:
+        """RUN/config.yaml, written under a temporary name and renamed, so it is never half-written."""
+        tmp = self.run_dir / ".config.yaml.tmp"
+        try:
+            save_config(self.cfg, tmp)
+            os.replace(tmp, self.run_dir / "config.yaml")
+        except OSError as err:
+            raise UsageError(f"cannot write to run directory {self.run_dir}: {err.strerror or err}") from None
+
+    def _undo_prepare(self, existed: bool) -> None:
+        """After an error in set-up: release the lock, and remove the run directory if this run made it."""
+        self.close()
+        if not existed:
+            with contextlib.suppress(OSError):
+                for leftover in self.run_dir.glob(".config.yaml.tmp"):
+                    leftover.unlink()
+                self.run_dir.rmdir()  # only if empty
+
+    def _remove_leftovers(self) -> None:
+        """Delete what an interrupted run left half-written (we hold the lock, so no run is writing them)."""
+        run = self.run_dir
+        found = [*run.glob("checkpoints/.step-*.tmp"), *run.glob("checkpoints/.step-*.old"), *run.glob(".model.tmp"),
+                 *run.glob(".model.old"), *run.glob("samples/.*.tmp"), *run.glob(".config.yaml.tmp"),
+                 *run.glob(".log.jsonl.tmp"), *run.glob(".lock.stale.*")]
+        if not found:
+            return
+        for path in found:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        names = ", ".join(str(p.relative_to(run)) for p in sorted(found))
+        self.echo(f"warning: removed what an interrupted run left half-written in {run}: {names}")
+
+    def _check_same_model(self) -> None:
+        """Refuse a resume whose config changes the model's shape."""
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file():
+            return
+        old = load_config(saved)
+        diffs = config_diff(old, self.cfg, "model")
+        for key in ("image_size", "channels", "class_cond"):
+            a, b = getattr(old.data, key), getattr(self.cfg.data, key)
+            if a != b:
+                diffs.append(f"data.{key}: {a} -> {b}")
+        if diffs:
+            raise UsageError(
+                f"cannot resume {self.run_dir}: the config changes the model ({'; '.join(diffs)}); "
+                f"use the original settings or a new --out"
+            )
+
+    def _check_disk(self, parameters: int) -> None:
+        """The run directory takes a new file, and its disk has room for about three checkpoints."""
+        for folder in (self.run_dir, self.run_dir / "checkpoints"):
+            if not folder.is_dir():
+                continue
+            probe = folder / f".write-probe-{os.getpid()}"
+            try:
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+                probe.unlink()
             except OSError as err:
-                raise UsageError(f"cannot write to run directory {self.run_dir}: {err.strerror}") from None
-        self.accelerator.wait_for_everyone()
+                raise UsageError(f"cannot write to {folder}: {err.strerror}; fix its permissions or choose another --out") from None
+        checkpoint = parameters * 4 * 4  # float32 weights + EMA weights + Adam's two moments
+        free = shutil.disk_usage(self.run_dir).free
+        if free < 3 * checkpoint:
+            raise UsageError(
+                f"not enough free disk space in {self.run_dir}: {_size(free)} free, but one checkpoint of this "
+                f"{parameters / 1e6:.1f}M-parameter model takes about {_size(checkpoint)} and a run needs room for "
+                f"about three ({_size(3 * checkpoint)}); free some space or choose another --out"
+            )
 
     def _load_data(self) -> ImageFolder:
         d = self.cfg.data
@@ -234,13 +427,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- training
     def fit(self) -> Path:
-        """Train up to ``train.steps`` total steps; returns the exported pipeline folder."""
+        """Train up to ``train.steps`` total steps; returns the exported pipeline folder.
+
+        The run directory stays locked while it runs and is released when it ends, however it ends."""
+        if self._lock is not None:
+            self._lock.acquire()  # again, if an earlier fit() released it
         previous = self._install_signal_handlers()
         try:
             return self._train()
         finally:  # a library call must not leave its handlers behind (a notebook's next Ctrl-C would be swallowed)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.close()
 
     def _train(self) -> Path:
         acc, t = self.accelerator, self.cfg.train
@@ -253,33 +451,35 @@ class Trainer:
         last_time, last_step = time.perf_counter(), self.step
         data = iter(self.batches)
         self.model.train()
-        while self.step < t.steps:
-            for _ in range(t.grad_accum):
-                images, labels = next(data)
-                loss_sum += self.train_step(images, labels)
-                loss_count += 1
-            self.step += 1
-            bar.update(1)
-            stop = self._poll_stop()
-            final = self.step == t.steps or stop
-            checkpoint = self.step % t.checkpoint_every == 0 or final
-            if self.step % t.log_every == 0 or checkpoint:  # never checkpoint a diverged model unchecked
-                rate = (self.step - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
-                loss = acc.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
-                self._check_finite(loss)
-                self._log(loss, rate)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
-                loss_sum.zero_()
-                loss_count, last_step = 0, self.step
-            if self.step % t.preview_every == 0 or final:
-                self.preview()
-            if checkpoint:
-                self.save_checkpoint()
-            if self.step % t.log_every == 0 or checkpoint:
-                last_time = time.perf_counter()  # previews and checkpoints do not count against images/s
-            if stop:
-                break
-        bar.close()
+        try:  # the bar is closed before any error is reported, so the error line comes last
+            while self.step < t.steps:
+                for _ in range(t.grad_accum):
+                    images, labels = next(data)
+                    loss_sum += self.train_step(images, labels)
+                    loss_count += 1
+                self.step += 1
+                bar.update(1)
+                stop = self._poll_stop()
+                final = self.step == t.steps or stop
+                checkpoint = self.step % t.checkpoint_every == 0 or final
+                if self.step % t.log_every == 0 or checkpoint:  # never checkpoint a diverged model unchecked
+                    rate = (self.step - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
+                    loss = acc.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
+                    self._check_finite(loss)
+                    self._log(loss, rate)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                    loss_sum.zero_()
+                    loss_count, last_step = 0, self.step
+                if self.step % t.preview_every == 0 or final:
+                    self.preview()
+                if checkpoint:
+                    self.save_checkpoint()
+                if self.step % t.log_every == 0 or checkpoint:
+                    last_time = time.perf_counter()  # previews and checkpoints do not count against images/s
+                if stop:
+                    break
+        finally:
+            bar.close()
         acc.end_training()
         if self.step < t.steps:
             if self.is_main:
@@ -333,8 +533,14 @@ class Trainer:
         if self.cfg.train.trackers:
             self.accelerator.log({k: v for k, v in record.items() if k != "time"}, step=self.step)
         if self.is_main:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.run_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise TrainingError(
+                    f"cannot write {self.run_dir / 'log.jsonl'} at step {self.step} ({_write_problem(err)}); "
+                    f"free disk space in {self.run_dir}, then resume with the same command"
+                ) from None
 
     # -------------------------------------------------------------------------- EMA outputs
     def _ema_model(self) -> UNet:
@@ -363,76 +569,213 @@ class Trainer:
         gathered = acc.gather(padded.to(acc.device)).cpu().view(self.world, per_rank, *images.shape[1:])
         if self.is_main:
             ordered = torch.stack([gathered[i % self.world, i // self.world] for i in range(n)])
-            (self.run_dir / "samples").mkdir(exist_ok=True)
-            make_grid(ordered).save(self.run_dir / "samples" / f"step-{self.step:07d}.png")
+            path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:  # under a temporary name first: a grid with its final name is always whole
+                path.parent.mkdir(exist_ok=True)
+                make_grid(ordered).save(tmp, format="PNG")
+                os.replace(tmp, path)
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise TrainingError(
+                    f"cannot write preview {path} ({_write_problem(err)}); free disk space in {self.run_dir}, "
+                    f"then resume with the same command"
+                ) from None
 
     # ---------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write the resumable state under a temporary name, then rename it into place; export the EMA model."""
+        """Write the resumable state under a temporary name, fsync it, rename it into place; export the EMA
+        model; then drop old checkpoints (see ``_rotate``).
+
+        A failed write (disk full, a read-only or vanished folder) removes the temporary folder, leaves every
+        earlier checkpoint as it was, and stops training with a TrainingError that names the folder."""
         acc = self.accelerator
         final = checkpoint_dir(self.run_dir, self.step)
         tmp = final.with_name(f".{final.name}.tmp")
+        error: BaseException | None = None
         if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except _WRITE_ERRORS as err:
+                error = err
         acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
+        if error is None:
+            try:
+                torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
+                if self.is_main:
+                    save_file(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors")
+                    self.pipeline().save_pretrained(tmp / "ema")
+                    torch.save({"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()},
+                               tmp / "optimizer.pt")
+                    state = {"step": self.step, "epoch": self.batches.epoch, "batch": self.batches.index,
+                             "ema_step": self.ema.optimization_step, "world_size": self.world}
+                    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+                    _fsync_tree(tmp)
+            except _WRITE_ERRORS as err:
+                error = err
+        if not self._all_ok(error is None):
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(self._save_failed(final, error, "checkpoint"))
         if self.is_main:
-            save_file(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors")
-            self.pipeline().save_pretrained(tmp / "ema")
-            torch.save({"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}, tmp / "optimizer.pt")
-        acc.wait_for_everyone()
-        if self.is_main:
-            state = {"step": self.step, "epoch": self.batches.epoch, "batch": self.batches.index,
-                     "ema_step": self.ema.optimization_step, "world_size": self.world}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._export(final / "ema")
-            for old in list_checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+            try:
+                if final.exists():  # a checkpoint of this step from before an interruption: replace it
+                    old = final.with_name(f".{final.name}.old")
+                    os.replace(final, old)
+                    shutil.rmtree(old)
+                os.replace(tmp, final)
+                self._export(final / "ema")
+                self._rotate(final)
+            except _WRITE_ERRORS as err:
+                error = err
+        if not self._all_ok(error is None):
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(self._save_failed(final, error, "model export"))
         return final
+
+    def _save_failed(self, final: Path, error: BaseException | None, what: str) -> str:
+        """The message of a failed checkpoint: what failed, what is still there, what to do."""
+        done = [p for p in complete_checkpoints(self.run_dir) if p != final] if self.is_main else []
+        kept = f"the last complete checkpoint, {done[-1]}, is intact" if done else "no earlier checkpoint exists"
+        if final.is_dir() and checkpoint_problem(final) is None:
+            kept = f"the checkpoint {final} itself is complete"
+        why = _write_problem(error) if error is not None else "it failed on another process"
+        where = final.parent if what == "checkpoint" else self.run_dir / "model"
+        return (f"cannot write the {what} of step {self.step} in {where} ({why}); {kept}. "
+                f"Free disk space there (or fix its permissions), then resume with the same command")
+
+    def _rotate(self, saved: Path) -> None:
+        """keep_checkpoints: once the checkpoint ``saved`` is complete, delete the oldest complete checkpoints
+        taken before it until ``keep_checkpoints`` complete ones at or below its step remain.
+
+        So the checkpoint a run resumed from is deleted only after a newer one is complete; the newest
+        complete one (the one just saved) never is; and neither are checkpoints of later steps (left from
+        before a resume fell back past them; this run will overwrite them when it gets there) nor damaged
+        folders, which ``complete_checkpoints`` warns about and which are left for a person to look at."""
+        if checkpoint_problem(saved) is not None:
+            return
+        older = [p for p in complete_checkpoints(self.run_dir) if step_of(p) < step_of(saved)]
+        for old in older[: max(0, len(older) + 1 - self.cfg.train.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _export(self, source: Path) -> None:
         """Replace RUN/model with a copy of a checkpoint's EMA pipeline, never leaving it half-written."""
-        target, tmp = self.run_dir / "model", self.run_dir / ".model.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        shutil.copytree(source, tmp)
-        old = self.run_dir / ".model.old"
+        target, tmp, old = self.run_dir / "model", self.run_dir / ".model.tmp", self.run_dir / ".model.old"
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        try:
+            shutil.copytree(source, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _all_ok(self, ok: bool) -> bool:
+        """Whether every process succeeded (one all-reduce when there are several)."""
+        if self.world == 1:
+            return ok
+        flag = torch.tensor([0 if ok else 1], device=self.accelerator.device)
+        return not bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+    # ------------------------------------------------------------------------------- resuming
+    def _resume(self, candidates: list[Path], *, fallback: bool) -> Path | None:
+        """Load the first checkpoint of ``candidates`` (newest first) that reads; a damaged one is skipped
+        with a warning when ``fallback`` (--resume auto), else it is an error."""
+        failures = []
+        for path in candidates:
+            try:
+                loaded, error = self._read_checkpoint(path), None
+            except Exception as err:  # any damage in any file: truncated, corrupt, unpicklable, wrong keys
+                loaded, error = None, err
+            if self._all_ok(error is None):
+                self._apply_checkpoint(path, loaded)
+                return path
+            reason = _one_line(error) if error is not None else "unreadable on another process"
+            failures.append(f"{path.name}: {reason}")
+            if not fallback:
+                break
+            if self.is_main and path != candidates[-1]:
+                self.echo(f"warning: cannot load checkpoint {path} ({reason}); falling back to the one before it")
+        if failures:
+            raise UsageError(
+                f"cannot resume {self.run_dir}: no checkpoint loads ({'; '.join(failures)}); move the damaged "
+                f"checkpoint folders away to start over, or choose a new --out"
+            )
+        return None
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        """Everything a checkpoint holds, read into memory: weights through safetensors only, optimizer and RNG
+        state through torch.load(weights_only=True), which refuses any pickle that is not plain tensors and
+        containers. Nothing is applied yet, so a damaged file leaves the trainer untouched."""
+        device = self.accelerator.device
         state = json.loads((path / "state.json").read_text())
+        model = load_file(path / "model.safetensors", device=str(device))
+        ema = load_file(path / "ema" / "unet" / "diffusion_pytorch_model.safetensors", device=str(device))
+        opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        rng_file = path / f"rng-{self.rank}.pt"
+        rng = None
+        if state["world_size"] == self.world and rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+        return dict(state=state, model=model, ema=ema, optimizer=opt["optimizer"], lr_schedule=opt["lr_schedule"], rng=rng)
+
+    def _apply_checkpoint(self, path: Path, loaded: dict) -> None:
+        state = loaded["state"]
         if state["world_size"] != self.world and self.is_main:
             self.echo(f"note: checkpoint was written by {state['world_size']} process(es), resuming on {self.world}; "
                       f"the data order continues from the same epoch")
-        unet = self.accelerator.unwrap_model(self.model)
-        unet.load_state_dict(load_file(path / "model.safetensors", device=str(self.accelerator.device)))
-        ema = UNet.from_pretrained(path / "ema" / "unet")
+        try:
+            self.accelerator.unwrap_model(self.model).load_state_dict(loaded["model"])
+            self.ema_unet.load_state_dict(loaded["ema"])
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UsageError(
+                f"checkpoint {path} does not fit the configured model ({_one_line(err, 200)}); "
+                f"resume with the settings it was trained with, or choose a new --out"
+            ) from None
         with torch.no_grad():
-            for shadow, p in zip(self.ema.shadow_params, ema.parameters()):
+            for shadow, p in zip(self.ema.shadow_params, self.ema_unet.parameters()):
                 shadow.copy_(p)
         self.ema.optimization_step = state["ema_step"]
-        opt = torch.load(path / "optimizer.pt", map_location=self.accelerator.device, weights_only=True)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.lr_schedule.load_state_dict(opt["lr_schedule"])
+        self.lr_schedule.load_state_dict(loaded["lr_schedule"])
         self.step = state["step"]
         if state["world_size"] == self.world:
             self.batches.epoch, self.batches.index = state["epoch"], state["batch"]
-            rng = path / f"rng-{self.rank}.pt"
-            if rng.is_file():
-                _set_rng_state(torch.load(rng, weights_only=True))
+            if loaded["rng"] is not None:
+                _set_rng_state(loaded["rng"])
         else:
             self.batches.epoch, self.batches.index = state["epoch"] + 1, 0
             set_seed(self.cfg.train.seed + 1_000_003 * (self.step + 1), device_specific=True)
+
+    def _trim_log(self) -> None:
+        """log.jsonl holds the steps up to where training continues from: records past the resumed step (work
+        an interruption lost, which the run repeats) and a line cut off mid-write are dropped."""
+        log = self.run_dir / "log.jsonl"
+        if not log.is_file():
+            return
+        lines = log.read_text(errors="replace").splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line) if line.endswith("\n") else None
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= self.step:
+                kept.append(line)
+        if len(kept) == len(lines):
+            return
+        tmp = log.with_name(".log.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, log)
+        self.echo(f"note: {log}: dropped {len(lines) - len(kept)} record(s) past step {self.step}, "
+                  f"from training that an interruption lost (it is redone now)")
 
     # -------------------------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> dict:
