@@ -187,8 +187,24 @@ class UNet(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> "UNet":
-        """Load a saved UNet; only safetensors weights are read, never pickles."""
-        kwargs.setdefault("use_safetensors", True)
+        """Load a saved UNet; only safetensors weights are read, never pickles.
+
+        A pickled ``diffusion_pytorch_model.bin`` can run arbitrary code when loaded, so it is never opened:
+        ``use_safetensors=False`` is refused, and a local folder that has no .safetensors weights is an error
+        naming the pickle files it holds instead."""
+        import os
+        from pathlib import Path
+
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("UNet.from_pretrained reads safetensors weights only; use_safetensors=False is not supported")
+        kwargs["use_safetensors"] = True
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if source is not None and os.path.isdir(source):
+            folder = Path(source) / (kwargs.get("subfolder") or "")
+            if folder.is_dir() and not any(folder.glob("*.safetensors")):
+                pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+                found = f"; it has {', '.join(pickles)}, pickle files that could run code, which are never loaded" if pickles else ""
+                raise FileNotFoundError(f"{folder} has no .safetensors weights{found}; re-save the model with safetensors")
         return super().from_pretrained(*args, **kwargs)
 
     @classmethod
