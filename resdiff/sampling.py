@@ -9,18 +9,26 @@ and writes them as PNGs named by global index (00000.png, ...), with no collecti
 sampling; after one final barrier the main process adds grid.png (and samples.npz) from those files.
 
 Model folders: a pipeline folder (``DDPMPipeline.save_pretrained``: model_index.json, unet/, scheduler/)
-or a run directory (its ``model/``, else the newest ``checkpoints/step-*/ema/``). The U-Net class is
-chosen from model_index.json among the two known ones (resdiff ``UNet``, diffusers ``UNet2DModel``);
-no module named there is imported, and weights are read from safetensors only.
+or a run directory (its ``model/``, else the newest ``checkpoints/step-*/ema/`` that is whole). The U-Net
+class is chosen from model_index.json among the two known ones (resdiff ``UNet``, diffusers ``UNet2DModel``);
+no module named there is imported, and weights are read from safetensors only (a pickled
+``diffusion_pytorch_model.bin`` is never opened). Before any weights are read, unet/config.json is checked
+field by field against the class (unknown names, wrong types), the model it describes is built on the meta
+device, and the safetensors header is compared with it, so a broken folder is one error line naming the file.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import difflib
+import inspect
 import json
 import math
 import numbers
 import os
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -32,7 +40,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import file_problem, latest_checkpoint
 from .data import to_uint8
 from .diffusion import DDPM, SAMPLERS, image_generators, image_noise, make_sampler
 from .errors import UsageError
@@ -66,7 +74,7 @@ def find_model_folder(path: str | Path) -> Path:
         folder = path
     elif (path / "model").is_dir():
         folder = path / "model"
-    elif (ckpt := latest_checkpoint(path)) is not None:
+    elif (ckpt := latest_checkpoint(path, ema_only=True)) is not None:  # damaged checkpoints are passed over
         folder = ckpt / "ema"
     else:
         raise UsageError(
@@ -98,24 +106,127 @@ def load_model(
     unet_dir = folder / "unet"
     entry = _read_json(folder / "model_index.json").get("unet")
     kind = tuple(entry) if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
-    if not any(unet_dir.glob("*.safetensors")):
-        raise UsageError(
-            f"{unet_dir} has no .safetensors weights; resdiff loads safetensors only, so re-save the model with them"
-        )
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if kind in (("resdiff.unet", "UNet"), ("resdiff", "UNet")):
-        model = UNet.from_pretrained(unet_dir, **kwargs)
+        cls = UNet
     elif kind == ("diffusers", "UNet2DModel"):
-        model = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, **kwargs)
-        with contextlib.suppress(ValueError):  # an architecture the converter does not cover is used directly
-            model = UNet.from_diffusers(model)
+        cls = UNet2DModel
     else:
         raise UsageError(
             f"{folder / 'model_index.json'} names unet {entry!r}; only resdiff UNet and diffusers UNet2DModel "
             "models can be sampled"
         )
+    if not any(unet_dir.glob("*.safetensors")):
+        pickles = sorted(p.name for p in unet_dir.glob("*.bin")) + sorted(p.name for p in unet_dir.glob("*.pt*"))
+        found = f" (it has {', '.join(pickles)}: pickle files, which can run code and are never loaded)" if pickles else ""
+        raise UsageError(
+            f"{unet_dir} has no .safetensors weights{found}; resdiff loads safetensors only, so re-save the model with them"
+        )
+    _check_weights(unet_dir, cls, _check_config(unet_dir / "config.json", cls))
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        model = cls.from_pretrained(unet_dir, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
+        raise UsageError(f"cannot load the model in {unet_dir}: {_one_line(err)}") from None
+    if cls is UNet2DModel:
+        with contextlib.suppress(ValueError):  # an architecture the converter does not cover is used directly
+            model = UNet.from_diffusers(model)
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     return model.to(_default_device() if device is None else device).eval(), scheduler_config
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _matches(value, hint) -> bool:
+    """Whether a JSON value fits a constructor annotation (unknown kinds of annotation are not judged)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list, collections.abc.Sequence) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    return True
+
+
+def _check_config(file: Path, cls) -> dict:
+    """unet/config.json: every field is an argument of ``cls`` of the right type, and describes a model that can
+    be built (tried on the meta device, which allocates nothing). Returns the config."""
+    config = _read_json(file)
+    if not isinstance(config, dict):
+        raise UsageError(f"{file} is not a JSON object; re-export the model")
+    params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):  # an annotation this Python cannot evaluate: check names only
+        hints = {}
+    ignored = set(getattr(cls, "ignore_for_config", [])) | set(getattr(cls, "_deprecated_kwargs", []))
+    for key, value in config.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), 1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"{file}: unknown field {key!r}{hint}; a {cls.__name__} has no such setting, re-export the model")
+        if key in hints and not _matches(value, hints[key]):
+            want = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key]).replace("typing.", "")
+            raise UsageError(f"{file}: field {key!r} is {value!r}, which is not {want}; re-export the model")
+    try:
+        with torch.device("meta"):
+            cls.from_config(config)
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as err:
+        raise UsageError(f"{file} describes no buildable {cls.__name__}: {_one_line(err)}") from None
+    return config
+
+
+def _check_weights(unet_dir: Path, cls, config: dict) -> None:
+    """The weights file is whole and holds exactly the tensors (names and shapes) the config's model has."""
+    from safetensors import safe_open
+
+    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        return  # sharded or variant weights: diffusers' own checks apply
+    problem = file_problem(weights)
+    if problem:
+        raise UsageError(f"{weights} {problem}; re-export the model")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
+    try:
+        with safe_open(weights, "pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+        raise UsageError(f"{weights} is unreadable: {_one_line(err)}; re-export the model") from None
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or extra:
+        raise UsageError(
+            f"{weights} does not match {unet_dir / 'config.json'}: "
+            + (f"{len(missing)} tensor(s) missing (e.g. {missing[0]})" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"{len(extra)} unexpected tensor(s) (e.g. {extra[0]})" if extra else "")
+        )
+    wrong = [k for k in expected if expected[k] != found[k]]
+    if wrong:
+        k = wrong[0]
+        raise UsageError(
+            f"{weights} does not match {unet_dir / 'config.json'}: {len(wrong)} tensor(s) have other shapes "
+            f"(e.g. {k} is {list(found[k])} in the file, {list(expected[k])} by the config)"
+        )
 
 
 def _default_device() -> torch.device:
