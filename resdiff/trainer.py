@@ -36,6 +36,7 @@ from .config import Config, config_diff, load_config, save_config
 from .data import ImageFolder, to_model_range, write_demo_folder
 from .diffusion import DDPM
 from .errors import TrainingError, UsageError
+from .hardware import precision_warning
 from .unet import UNet
 
 __all__ = ["Trainer", "build_unet", "model_keys", "demo_data_dir"]
@@ -211,6 +212,8 @@ class Trainer:
             )
             if t.channels_last:
                 unet = unet.to(memory_format=torch.channels_last)
+            if t.compile:
+                unet.compile_blocks()
             opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, **_fast_adamw())
             self.lr_schedule = get_constant_schedule_with_warmup(opt, t.warmup_steps)
             self.model, self.optimizer = acc.prepare(unet, opt)
@@ -415,6 +418,7 @@ class Trainer:
         data = c.data.path or f"built-in demo shapes ({self.dataset.root})"
         classes = f", {len(self.dataset.classes)} classes" if c.data.class_cond else ""
         resumed = f"resumed from {self.resume_from} (step {self.step})" if self.resume_from else "new run"
+        warning = precision_warning(self.accelerator.device, t.mixed_precision)
         return "\n".join([
             f"resdiff: training a DDPM, {params / 1e6:.2f}M parameters ({c.model.get('preset', 'custom')})",
             f"  data:      {data}: {len(self.dataset)} images{f', {skipped} skipped' if skipped else ''}{classes}",
@@ -423,6 +427,7 @@ class Trainer:
             f"  world:     {self.world} process(es), device {self.accelerator.device}, precision {t.mixed_precision}",
             f"  steps:     {self.step} -> {t.steps}, lr {t.lr:g}, EMA {t.ema_decay}",
             f"  run dir:   {self.run_dir} ({resumed})",
+            *([warning] if warning else []),
         ])
 
     # ------------------------------------------------------------------------------- training

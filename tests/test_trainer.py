@@ -172,20 +172,35 @@ def test_summary_lines(finished_run, pngs):
 # ----------------------------------------------------------------------------- learning
 
 
-def test_training_learns_a_flat_colour(tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed precision per process; forget it around a test that trains with another."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+FAST_PATHS = {"plain": [], "channels_last+bf16": ["train.channels_last=true", "train.mixed_precision=bf16"]}
+
+
+@pytest.mark.parametrize("fast", list(FAST_PATHS))
+def test_training_learns_a_flat_colour(tmp_path, fast, fresh_accelerate_state):
     """All images one colour: the loss falls far below its start and EMA samples come out that colour,
     which the untrained model's samples do not.
 
     The x0 ("sample") target makes this learnable in a few dozen CPU steps: the network only has to output
     the colour. (An epsilon model's loss falls as fast, but its samples need far longer training: at high
     noise an epsilon error is amplified by 1/sqrt(alpha_bar) ~ 150 into the image estimate.)
+    The optimised paths (channels_last memory, bf16 autocast) must learn just as well.
     """
     from resdiff.sampling import generate
 
     colour = torch.tensor([200.0, 40.0, 40.0])
     data = write_pngs(tmp_path / "flat", 32, color=(200, 40, 40))
     cfg = config(tmp_path / "run", f"data.path={data}", "train.steps=40", "train.lr=2e-3", "train.ema_decay=0.9",
-                 "train.log_every=5", "diffusion.prediction_type=sample", "data.random_flip=false")
+                 "train.log_every=5", "diffusion.prediction_type=sample", "data.random_flip=false", *FAST_PATHS[fast])
     trainer = Trainer(cfg, echo=lambda _: None)
 
     def mean_colour(model) -> torch.Tensor:

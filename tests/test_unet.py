@@ -174,3 +174,49 @@ def test_unet_imports_without_training_code():
     code = "import sys, resdiff; m = resdiff.UNet; bad = [k for k in sys.modules if k.startswith(('resdiff.trainer', 'resdiff.data', 'resdiff.config', 'resdiff.sampling'))]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def _smallest(**kw) -> UNet:
+    return UNet(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                norm_groups=8, zero_init_last=False, **kw)
+
+
+def test_channels_last_and_bf16_match_the_plain_path():
+    model = _smallest().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 600])
+    with torch.no_grad():
+        ref = model(x, t).sample
+        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x, t).sample.float()
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+    assert (bf16 - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 keeps ~3 significant digits
+    assert not torch.equal(bf16, ref)  # autocast really ran in bf16
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_and_still_learn():
+    from resdiff.diffusion import DDPM
+
+    def one_level() -> UNet:  # few blocks to compile: the test is about equality, not size
+        return UNet(sample_size=16, channels=16, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
+                    norm_groups=8, zero_init_last=False)
+
+    model, plain = one_level(), one_level()
+    plain.load_state_dict(model.state_dict())
+    model.compile_blocks()
+    assert list(model.state_dict()) == list(plain.state_dict())  # regional compile keeps the keys
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 600])
+    torch.testing.assert_close(model(x, t).sample, plain(x, t).sample, rtol=1e-4, atol=1e-5)
+
+    ddpm = DDPM.from_config(num_train_timesteps=100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.linspace(-1, 1, 16).view(1, 1, 1, 16).expand(8, 3, 16, 16)  # one smooth image, learnable
+    losses = []
+    for _ in range(25):
+        loss = ddpm.loss(model, data)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
