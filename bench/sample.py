@@ -1,0 +1,69 @@
+"""Sampling throughput: resdiff.sampling.generate vs diffusers' DDIMPipeline, same weights, DDIM-50.
+
+The diffusers model is built at the preset's architecture and converted with UNet.from_diffusers, so
+both run the very same weights. Both contenders alternate round by round in one process.
+
+    python bench/sample.py                          # ddpm-cifar10, batch 16, fp32 and bf16
+    python bench/sample.py --preset small --num-images 32 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import interleaved, machine, median, table, write_json  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="ddpm-cifar10")
+    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
+    p.add_argument("--json", help="where to write results (default bench/results/sample.json)")
+    args = p.parse_args()
+
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from resdiff import UNet
+    from resdiff.sampling import generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    theirs = UNet.from_preset(args.preset).to_diffusers().to(device).eval()  # diffusers' model ...
+    ours = UNet.from_diffusers(theirs).to(device).eval()  # ... and resdiff's, with its exact weights
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    pipe = DDIMPipeline(unet=theirs, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    n = args.num_images
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for precision in args.precisions:
+        dtype = torch.bfloat16 if precision == "bf16" else None
+
+        def run_diffusers():
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                pipe(batch_size=n, num_inference_steps=args.steps, output_type="np", generator=torch.Generator().manual_seed(0))
+
+        def run_resdiff():
+            generate(ours, n, sampler="ddim", steps=args.steps, batch_size=n, device=device, mixed_precision=precision,
+                     progress=False, scheduler_config=dict(scheduler.config))
+
+        times = interleaved({"resdiff": run_resdiff, "diffusers": run_diffusers}, args.rounds, sync)
+        ips = {k: n / median(v) for k, v in times.items()}
+        rows.append({"preset": args.preset, "precision": precision, "images": n, "steps": args.steps,
+                     "resdiff img/s": round(ips["resdiff"], 3), "diffusers img/s": round(ips["diffusers"], 3),
+                     "ratio": round(ips["resdiff"] / ips["diffusers"], 3), "seconds": {k: [round(t, 2) for t in v] for k, v in times.items()}})
+        print(rows[-1], flush=True)
+    print(f"\nmachine: {machine()}")
+    print(table(rows, ["preset", "precision", "images", "steps", "resdiff img/s", "diffusers img/s", "ratio"]))
+    print(f"wrote {write_json('sample', {'rows': rows}, args.json)}")
+
+
+if __name__ == "__main__":
+    main()

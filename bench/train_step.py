@@ -1,0 +1,175 @@
+"""Training-step throughput and memory: resdiff's trainer vs diffusers' UNet2DModel training loop.
+
+Both train the identical architecture (the resdiff preset converted with to_diffusers, parameter
+counts checked). A "step" is everything the loop does per batch: noise, forward, loss, backward,
+gradient clipping, optimizer, EMA update. resdiff's step is the Trainer's own; the diffusers step
+follows its train_unconditional.py example (AdamW and EMAModel with their defaults).
+
+    python bench/train_step.py                       # ddpm-cifar10 and small, fp32 and bf16
+    python bench/train_step.py --presets small --precisions bf16 --rounds 5
+    python bench/train_step.py --memory              # peak memory of a step, each model in a fresh process
+
+Each (preset, precision) runs in its own process; inside it the two loops alternate round by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import count_flops, interleaved, machine, matmul_peak, median, table, write_json  # noqa: E402
+
+
+def make_trainer(preset: str, precision: str, batch: int, workdir: str, dropout: float | None):
+    from resdiff.config import load_config
+    from resdiff.trainer import Trainer
+
+    overrides = [f"model.preset={preset}", f"train.batch_size={batch}", f"train.mixed_precision={precision}",
+                 "data.demo_images=256", "data.num_workers=0", f"out={workdir}/run"]
+    if dropout is not None:
+        overrides.append(f"model.dropout={dropout}")
+    size = {"ddpm-celebahq-256": 256}.get(preset, 32)
+    overrides.append(f"data.image_size={size}")
+    return Trainer(load_config(None, overrides), resume="never", echo=lambda _m: None)
+
+
+def diffusers_step_fn(trainer, batch: int):
+    """The inner loop of diffusers' examples/unconditional_image_generation/train_unconditional.py."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    acc = trainer.accelerator
+    model = acc.unwrap_model(trainer.model).to_diffusers().to(acc.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    size, ch = trainer.cfg.data.image_size, trainer.cfg.data.channels
+    clean = torch.rand(batch, ch, size, size, device=acc.device) * 2 - 1
+
+    def step():
+        noise = torch.randn(clean.shape, device=acc.device)
+        t = torch.randint(0, 1000, (batch,), device=acc.device)
+        noisy = scheduler.add_noise(clean, noise, t)
+        with acc.autocast():
+            out = model(noisy, t).sample
+        loss = F.mse_loss(out.float(), noise.float())
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(model.parameters())
+
+    return model, step
+
+
+def resdiff_step_fn(trainer, batch: int):
+    images = torch.randint(0, 256, (batch, trainer.cfg.data.channels, trainer.cfg.data.image_size, trainer.cfg.data.image_size), dtype=torch.uint8)
+    labels = torch.zeros(batch, dtype=torch.long)
+    return lambda: trainer.train_step(images, labels)
+
+
+def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_round: int) -> dict:
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = make_trainer(preset, precision, batch, workdir, dropout=None)
+        theirs, diffusers_step = diffusers_step_fn(trainer, batch)
+        ours = trainer.accelerator.unwrap_model(trainer.model)
+        n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+        assert n_ours == n_theirs, f"architectures differ: {n_ours} vs {n_theirs} parameters"
+        resdiff_step = resdiff_step_fn(trainer, batch)
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+        def repeat(fn):
+            return lambda: [fn() for _ in range(steps_per_round)]
+
+        times = interleaved({"resdiff": repeat(resdiff_step), "diffusers": repeat(diffusers_step)}, rounds, sync)
+        size = trainer.cfg.data.image_size
+        x = torch.randn(1, 3, size, size, device=trainer.accelerator.device)
+        flops = count_flops(lambda: ours(x, torch.tensor([10], device=x.device)).sample.sum().backward())
+        ours.zero_grad(set_to_none=True)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+        peak = matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    res = {}
+    for name, ts in times.items():
+        ips = batch * steps_per_round / median(ts)
+        res[name] = {"images_per_s": round(ips, 2), "mfu": round(ips * flops / peak, 4), "seconds": [round(t, 3) for t in ts]}
+    return {"preset": preset, "precision": precision, "batch": batch, "parameters": n_ours, "gflop_per_image": round(flops / 1e9, 2),
+            "matmul_peak_tflops": round(peak / 1e12, 3), "ratio": round(res["resdiff"]["images_per_s"] / res["diffusers"]["images_per_s"], 3), **res}
+
+
+def peak_memory(which: str, preset: str, precision: str, batch: int, steps: int = 3) -> dict:
+    """Run ``steps`` training steps of one loop in this (fresh) process and report peak memory."""
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = make_trainer(preset, precision, batch, workdir, dropout=None)
+        if which == "diffusers":
+            theirs, step = diffusers_step_fn(trainer, batch)
+            del trainer.model, trainer.optimizer, trainer.ema, trainer.ema_unet  # only diffusers' copy stays
+        else:
+            step = resdiff_step_fn(trainer, batch)
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            step()
+    mb = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    return {"which": which, "preset": preset, "precision": precision, "batch": batch, "peak_mb": round(mb, 1),
+            "kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (includes the Python process)"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["ddpm-cifar10", "small"])
+    p.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps-per-round", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="measure peak memory instead of throughput")
+    p.add_argument("--json", help="where to write the results (default bench/results/train_step.json)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:  # one measurement in this fresh process, printed as JSON
+        spec = json.loads(args.child)
+        fn = peak_memory if "which" in spec else run_one
+        print("RESULT " + json.dumps(fn(**spec)))
+        return
+
+    rows = []
+    for preset in args.presets:
+        for precision in args.precisions:
+            specs = ([dict(which=w, preset=preset, precision=precision, batch=args.batch_size) for w in ("resdiff", "diffusers")]
+                     if args.memory else [dict(preset=preset, precision=precision, batch=args.batch_size, rounds=args.rounds,
+                                               steps_per_round=args.steps_per_round)])
+            for spec in specs:
+                out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+                line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+                if out.returncode or not line:
+                    sys.exit(f"benchmark {spec} failed:\n{out.stderr[-3000:]}")
+                rows.append(json.loads(line[0][7:]))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("resdiff", "diffusers")} | (
+                    {"resdiff_img_s": rows[-1]["resdiff"]["images_per_s"], "diffusers_img_s": rows[-1]["diffusers"]["images_per_s"]}
+                    if not args.memory else {})), flush=True)
+    print(f"\nmachine: {machine()}")
+    if args.memory:
+        print(table(rows, ["which", "preset", "precision", "batch", "peak_mb"]))
+    else:
+        flat = [{**r, "resdiff img/s": r["resdiff"]["images_per_s"], "diffusers img/s": r["diffusers"]["images_per_s"],
+                 "resdiff MFU": f"{r['resdiff']['mfu']:.1%}", "diffusers MFU": f"{r['diffusers']['mfu']:.1%}"} for r in rows]
+        print(table(flat, ["preset", "precision", "batch", "parameters", "gflop_per_image", "resdiff img/s", "diffusers img/s",
+                           "ratio", "resdiff MFU", "diffusers MFU"]))
+    path = write_json("train_memory" if args.memory else "train_step", {"rows": rows}, args.json)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
