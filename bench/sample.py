@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
+    p.add_argument("--compile", action="store_true", help="also time resdiff with compiled blocks (compile time reported apart)")
     p.add_argument("--json", help="where to write results (default bench/results/sample.json)")
     args = p.parse_args()
 
@@ -54,14 +56,29 @@ def main() -> None:
             generate(ours, n, sampler="ddim", steps=args.steps, batch_size=n, device=device, mixed_precision=precision,
                      progress=False, scheduler_config=dict(scheduler.config))
 
-        times = interleaved({"resdiff": run_resdiff, "diffusers": run_diffusers}, args.rounds, sync)
+        contenders = {"resdiff": run_resdiff, "diffusers": run_diffusers}
+        compile_s = None
+        if args.compile:
+            compiled = UNet.from_diffusers(theirs).to(device).eval().compile_blocks()
+            start = time.perf_counter()
+            generate(compiled, n, sampler="ddim", steps=2, batch_size=n, device=device, mixed_precision=precision,
+                     progress=False, scheduler_config=dict(scheduler.config))  # compiles (timed apart)
+            compile_s = round(time.perf_counter() - start, 1)
+            contenders["resdiff+compile"] = lambda: generate(
+                compiled, n, sampler="ddim", steps=args.steps, batch_size=n, device=device, mixed_precision=precision,
+                progress=False, scheduler_config=dict(scheduler.config))
+        times = interleaved(contenders, args.rounds, sync)
         ips = {k: n / median(v) for k, v in times.items()}
         rows.append({"preset": args.preset, "precision": precision, "images": n, "steps": args.steps,
                      "resdiff img/s": round(ips["resdiff"], 3), "diffusers img/s": round(ips["diffusers"], 3),
-                     "ratio": round(ips["resdiff"] / ips["diffusers"], 3), "seconds": {k: [round(t, 2) for t in v] for k, v in times.items()}})
+                     "ratio": round(ips["resdiff"] / ips["diffusers"], 3),
+                     **({"resdiff+compile img/s": round(ips["resdiff+compile"], 3),
+                         "ratio compile": round(ips["resdiff+compile"] / ips["diffusers"], 3), "compile s": compile_s} if args.compile else {}),
+                     "seconds": {k: [round(t, 2) for t in v] for k, v in times.items()}})
         print(rows[-1], flush=True)
     print(f"\nmachine: {machine()}")
-    print(table(rows, ["preset", "precision", "images", "steps", "resdiff img/s", "diffusers img/s", "ratio"]))
+    extra = ["resdiff+compile img/s", "ratio compile", "compile s"] if args.compile else []
+    print(table(rows, ["preset", "precision", "images", "steps", "resdiff img/s", "diffusers img/s", "ratio", *extra]))
     print(f"wrote {write_json('sample', {'rows': rows}, args.json)}")
 
 

@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import count_flops, interleaved, machine, matmul_peak, median, table, write_json  # noqa: E402
 
 
-def make_trainer(preset: str, precision: str, batch: int, workdir: str, dropout: float | None):
+def make_trainer(preset: str, precision: str, batch: int, workdir: str, dropout: float | None, extra: tuple[str, ...] = ()):
     from resdiff.config import load_config
     from resdiff.trainer import Trainer
 
     overrides = [f"model.preset={preset}", f"train.batch_size={batch}", f"train.mixed_precision={precision}",
-                 "data.demo_images=256", "data.num_workers=0", f"out={workdir}/run"]
+                 "data.demo_images=256", "data.num_workers=0", f"out={workdir}/run{len(extra)}", *extra]
     if dropout is not None:
         overrides.append(f"model.dropout={dropout}")
     size = {"ddpm-celebahq-256": 256}.get(preset, 32)
@@ -77,7 +77,11 @@ def resdiff_step_fn(trainer, batch: int):
     return lambda: trainer.train_step(images, labels)
 
 
-def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_round: int) -> dict:
+# Optional resdiff variants timed beside the default path (name -> config overrides).
+VARIANTS = {"channels_last": ("train.channels_last=true",), "compile": ("train.compile=true",)}
+
+
+def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_round: int, variants: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(preset, precision, batch, workdir, dropout=None)
         theirs, diffusers_step = diffusers_step_fn(trainer, batch)
@@ -90,7 +94,10 @@ def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_roun
         def repeat(fn):
             return lambda: [fn() for _ in range(steps_per_round)]
 
-        times = interleaved({"resdiff": repeat(resdiff_step), "diffusers": repeat(diffusers_step)}, rounds, sync)
+        contenders = {"resdiff": repeat(resdiff_step), "diffusers": repeat(diffusers_step)}
+        for name in variants:
+            contenders[f"resdiff+{name}"] = repeat(resdiff_step_fn(make_trainer(preset, precision, batch, workdir, None, VARIANTS[name]), batch))
+        times = interleaved(contenders, rounds, sync)
         size = trainer.cfg.data.image_size
         x = torch.randn(1, 3, size, size, device=trainer.accelerator.device)
         flops = count_flops(lambda: ours(x, torch.tensor([10], device=x.device)).sample.sum().backward())
@@ -102,7 +109,8 @@ def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_roun
         ips = batch * steps_per_round / median(ts)
         res[name] = {"images_per_s": round(ips, 2), "mfu": round(ips * flops / peak, 4), "seconds": [round(t, 3) for t in ts]}
     return {"preset": preset, "precision": precision, "batch": batch, "parameters": n_ours, "gflop_per_image": round(flops / 1e9, 2),
-            "matmul_peak_tflops": round(peak / 1e12, 3), "ratio": round(res["resdiff"]["images_per_s"] / res["diffusers"]["images_per_s"], 3), **res}
+            "matmul_peak_tflops": round(peak / 1e12, 3), "ratio": round(res["resdiff"]["images_per_s"] / res["diffusers"]["images_per_s"], 3),
+            **{f"ratio {k}": round(v["images_per_s"] / res["diffusers"]["images_per_s"], 3) for k, v in res.items() if "+" in k}, **res}
 
 
 def peak_memory(which: str, preset: str, precision: str, batch: int, steps: int = 3) -> dict:
@@ -133,6 +141,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=2)
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS), help="also time these resdiff options")
     p.add_argument("--memory", action="store_true", help="measure peak memory instead of throughput")
     p.add_argument("--json", help="where to write the results (default bench/results/train_step.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -149,14 +158,14 @@ def main() -> None:
         for precision in args.precisions:
             specs = ([dict(which=w, preset=preset, precision=precision, batch=args.batch_size) for w in ("resdiff", "diffusers")]
                      if args.memory else [dict(preset=preset, precision=precision, batch=args.batch_size, rounds=args.rounds,
-                                               steps_per_round=args.steps_per_round)])
+                                               steps_per_round=args.steps_per_round, variants=args.variants)])
             for spec in specs:
                 out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
                 line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
                 if out.returncode or not line:
                     sys.exit(f"benchmark {spec} failed:\n{out.stderr[-3000:]}")
                 rows.append(json.loads(line[0][7:]))
-                print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("resdiff", "diffusers")} | (
+                print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith(("resdiff", "diffusers"))} | (
                     {"resdiff_img_s": rows[-1]["resdiff"]["images_per_s"], "diffusers_img_s": rows[-1]["diffusers"]["images_per_s"]}
                     if not args.memory else {})), flush=True)
     print(f"\nmachine: {machine()}")
@@ -165,8 +174,9 @@ def main() -> None:
     else:
         flat = [{**r, "resdiff img/s": r["resdiff"]["images_per_s"], "diffusers img/s": r["diffusers"]["images_per_s"],
                  "resdiff MFU": f"{r['resdiff']['mfu']:.1%}", "diffusers MFU": f"{r['diffusers']['mfu']:.1%}"} for r in rows]
+        extra = [f"ratio resdiff+{v}" for v in args.variants]
         print(table(flat, ["preset", "precision", "batch", "parameters", "gflop_per_image", "resdiff img/s", "diffusers img/s",
-                           "ratio", "resdiff MFU", "diffusers MFU"]))
+                           "ratio", *extra, "resdiff MFU", "diffusers MFU"]))
     path = write_json("train_memory" if args.memory else "train_step", {"rows": rows}, args.json)
     print(f"wrote {path}")
 

@@ -124,7 +124,7 @@ class DDPM:
         weight = self.loss_weight(t)
         return (err * weight).mean() if weight is not None else err.mean()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper than no_grad: no version counters or view tracking
     def sample(
         self,
         model: Callable,
