@@ -611,7 +611,8 @@ class Trainer:
             try:
                 torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
                 if self.is_main:
-                    save_file(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors")
+                    weights = acc.unwrap_model(self.model).state_dict()  # channels_last weights are strided
+                    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
                     self.pipeline().save_pretrained(tmp / "ema")
                     torch.save({"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()},
                                tmp / "optimizer.pt")

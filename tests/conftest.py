@@ -13,6 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may touch t
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses tests start
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _demo_cache(tmp_path_factory):
+    """The built-in demo dataset is written to a temporary cache, never to the user's home."""
+    os.environ["RESDIFF_CACHE"] = str(tmp_path_factory.mktemp("resdiff-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

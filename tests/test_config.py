@@ -65,7 +65,7 @@ def test_presets_follow_their_papers():
     assert names >= {"demo.yaml", "cifar10.yaml", "celebahq256.yaml", "folder64.yaml"}
     demo = load_config(CONFIGS / "demo.yaml", model_keys=MODEL_KEYS)
     assert demo.model["preset"] == "tiny" and demo.data.path is None and demo.data.num_workers == 0
-    assert demo.train.steps == 1500 and demo.train.mixed_precision == "no"
+    assert demo.train.steps == 600 and demo.train.mixed_precision == "no"
 
     cifar = load_config(CONFIGS / "cifar10.yaml", model_keys=MODEL_KEYS)
     assert cifar.model == {"preset": "ddpm-cifar10", "dropout": 0.1}

@@ -8,7 +8,6 @@ holding the lock, and `python train.py` processes killed with SIGKILL at chosen 
 """
 
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -31,63 +30,14 @@ from PIL import Image
 
 from resdiff import UNet
 from resdiff.checkpoint import checkpoint_problem, complete_checkpoints, latest_checkpoint, list_checkpoints
-from resdiff.config import load_config
 from resdiff.errors import TrainingError, UsageError, run_cli
-from resdiff.trainer import Trainer, model_keys
+from resdiff.trainer import Trainer
+from tiny_runs import ROOT, TINY, config, fit, load_script, read_log, write_pngs
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.channels=16", "model.norm_groups=8", "data.image_size=16", "data.num_workers=0", "data.demo_images=64",
-    "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=0", "train.preview_steps=3", "train.preview_images=4",
-    "train.log_every=1000", "train.checkpoint_every=1000", "train.preview_every=1000",
-]
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
 
 
-def _load(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script, sample_script = _load("train_cli_rel", "train.py"), _load("sample_cli_rel", "sample.py")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _environment(tmp_path_factory):
-    """Demo data in a temporary cache; one intra-op thread (the test machines are small and shared)."""
-    cache, threads = os.environ.get("RESDIFF_CACHE"), torch.get_num_threads()
-    os.environ["RESDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if cache is None:
-        os.environ.pop("RESDIFF_CACHE", None)
-    else:
-        os.environ["RESDIFF_CACHE"] = cache
-
-
-def write_pngs(folder: Path, n: int, size: int = 16, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
-    return folder
-
-
-def config(out: Path, *overrides: str):
-    return load_config(None, [*TINY, f"out={out}", *overrides], model_keys=model_keys())
-
-
-def fit(out: Path, *overrides: str, resume: str = "auto") -> list[str]:
-    printed = []
-    Trainer(config(out, *overrides), resume=resume, echo=printed.append).fit()
-    return printed
-
-
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+train_script, sample_script = load_script("train_cli_rel", "train.py"), load_script("sample_cli_rel", "sample.py")
 
 
 def ckpt(run: Path, step: int) -> Path:

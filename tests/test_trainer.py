@@ -6,7 +6,6 @@ interpreter would only add start-up time; `python train.py` and torchrun run for
 boundary is the point (exit codes and stderr, two processes).
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -23,68 +22,16 @@ from safetensors.torch import load_file
 from resdiff.config import load_config
 from resdiff.errors import run_cli
 from resdiff.trainer import Trainer, _Batches, model_keys
+from tiny_runs import ROOT, TINY, config, fit, load_script, read_log, write_pngs
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
-# A tiny run: ~0.3M parameters, 16x16, batch 8, few-step previews, no warm-up, nothing periodic unless asked.
-TINY = [
-    "model.channels=16", "model.norm_groups=8", "data.image_size=16", "data.num_workers=0", "data.demo_images=64",
-    "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=0", "train.preview_steps=3", "train.preview_images=4",
-    "train.log_every=1000", "train.checkpoint_every=1000", "train.preview_every=1000",
-]
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _environment(tmp_path_factory):
-    """Demo data goes to a temporary cache; one intra-op thread (the test machines are small and shared)."""
-    cache, threads = os.environ.get("RESDIFF_CACHE"), torch.get_num_threads()
-    os.environ["RESDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if cache is None:
-        os.environ.pop("RESDIFF_CACHE", None)
-    else:
-        os.environ["RESDIFF_CACHE"] = cache
+cli = load_script("train_cli", "train.py")
 
 
 def subprocess_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-
-
-def write_pngs(folder: Path, n: int, size: int = 16, color: tuple[int, int, int] | None = None, seed: int = 0) -> Path:
-    """n real PNG files: random pixels, or all one flat colour."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8) if color is None else np.full((size, size, 3), color, np.uint8)
-        Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
-    return folder
-
-
-def config(out: Path, *overrides: str):
-    return load_config(None, [*TINY, f"out={out}", *overrides], model_keys=model_keys())
-
-
-def fit(out: Path, *overrides: str, resume: str = "auto") -> list[str]:
-    """Train in-process; returns what the trainer printed."""
-    printed = []
-    Trainer(config(out, *overrides), resume=resume, echo=printed.append).fit()
-    return printed
-
-
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
