@@ -236,7 +236,7 @@ def test_same_seed_same_images_from_a_real_unet_up_to_float_rounding(models):
 def test_two_processes_split_the_images_and_match_one_process(models, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), "--model", str(models["gray"]),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--model", str(models["gray"]),
          "-n", "5", "--sampler", "ddpm", "--steps", "10", "--seed", "5", "--batch-size", "1", "--npz", "--out", str(out)],
         capture_output=True, text=True, env=subprocess_env(), timeout=120,
     )
