@@ -1,4 +1,5 @@
-"""Image data: a recursive image folder dataset and a procedurally drawn demo dataset.
+"""Image data: a recursive image folder dataset, a procedurally drawn demo dataset, and the
+deterministic sharded batches the trainer draws from them.
 
 Images leave this module as uint8 tensors (C, H, W); `to_model_range` maps them to the [-1, 1]
 floats the model works in, and `to_uint8` maps model output back.
@@ -15,13 +16,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
 
 from .errors import UsageError
 
@@ -390,3 +392,40 @@ def write_demo_folder(root: str | Path, n: int = 2000, image_size: int = 32, see
         Image.fromarray(pixels).save(tmp, format="PNG")
         os.replace(tmp, root / name)
     return root
+
+
+class ShardedBatches:
+    """Endless, deterministic, resumable batches for one of ``world`` processes.
+
+    Epoch e is a permutation seeded by (seed, e), cut into global micro-batches of which each process
+    takes its own slice. The position is two integers, (epoch, index), so a resumed run sees exactly
+    the batches it would have seen.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, per_process: int, rank: int, world: int, seed: int, loader_kwargs: dict):
+        self.dataset, self.per_process, self.rank, self.world, self.seed = dataset, per_process, rank, world, seed
+        self.loader_kwargs = loader_kwargs
+        self.epoch, self.index = 0, 0
+        self.per_epoch = len(dataset) // (per_process * world)
+        if self.per_epoch == 0:
+            raise UsageError(
+                f"the dataset has {len(dataset)} images, fewer than one batch of {per_process * world} "
+                f"({per_process} per process x {world} processes); add images or lower --batch-size"
+            )
+
+    def _generator(self) -> torch.Generator:
+        """This epoch's generator. DataLoader draws worker seeds from it, not from the global RNG."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+    def _epoch_batches(self) -> list[list[int]]:
+        order = torch.randperm(len(self.dataset), generator=self._generator())
+        order = order[: self.per_epoch * self.per_process * self.world].view(self.per_epoch, self.world, self.per_process)
+        return order[:, self.rank].tolist()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            batches = self._epoch_batches()[self.index :]
+            for images, labels in DataLoader(self.dataset, batch_sampler=batches, generator=self._generator(), **self.loader_kwargs):
+                self.index += 1
+                yield images, labels
+            self.epoch, self.index = self.epoch + 1, 0

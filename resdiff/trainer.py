@@ -18,7 +18,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -28,12 +28,11 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import RunLock, checkpoint_dir, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
 from .config import Config, config_diff, load_config, save_config
-from .data import ImageFolder, to_model_range, write_demo_folder
+from .data import ImageFolder, ShardedBatches, to_model_range, write_demo_folder
 from .diffusion import DDPM
 from .errors import TrainingError, UsageError
 from .hardware import precision_warning
@@ -136,39 +135,6 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-class _Batches:
-    """Deterministic, resumable, sharded batches: epoch e is a permutation seeded by (seed, e), cut into
-    global micro-batches of which each process takes its own slice. Position = (epoch, micro-batch)."""
-
-    def __init__(self, dataset: ImageFolder, per_process: int, rank: int, world: int, seed: int, loader_kwargs: dict):
-        self.dataset, self.per_process, self.rank, self.world, self.seed = dataset, per_process, rank, world, seed
-        self.loader_kwargs = loader_kwargs
-        self.epoch, self.index = 0, 0
-        self.per_epoch = len(dataset) // (per_process * world)
-        if self.per_epoch == 0:
-            raise UsageError(
-                f"the dataset has {len(dataset)} images, fewer than one batch of {per_process * world} "
-                f"({per_process} per process x {world} processes); add images or lower --batch-size"
-            )
-
-    def _generator(self) -> torch.Generator:
-        """This epoch's generator. DataLoader draws worker seeds from it, not from the global RNG."""
-        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-
-    def _epoch_batches(self) -> list[list[int]]:
-        order = torch.randperm(len(self.dataset), generator=self._generator())
-        order = order[: self.per_epoch * self.per_process * self.world].view(self.per_epoch, self.world, self.per_process)
-        return order[:, self.rank].tolist()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            batches = self._epoch_batches()[self.index :]
-            for images, labels in DataLoader(self.dataset, batch_sampler=batches, generator=self._generator(), **self.loader_kwargs):
-                self.index += 1
-                yield images, labels
-            self.epoch, self.index = self.epoch + 1, 0
-
-
 class Trainer:
     """Trains a DDPM as a Config describes, writing everything to the run directory.
 
@@ -220,7 +186,7 @@ class Trainer:
             self.ema.to(acc.device)
             self.ema_unet.to(acc.device)
             self.step = 0
-            self.batches = _Batches(
+            self.batches = ShardedBatches(
                 self.dataset, self.micro_batch, self.rank, self.world, t.seed,
                 dict(num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
                      persistent_workers=False, prefetch_factor=4 if cfg.data.num_workers else None),

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from resdiff.config import load_config
 from resdiff.errors import run_cli
-from resdiff.trainer import Trainer, _Batches, model_keys
+from resdiff.data import ShardedBatches
+from resdiff.trainer import Trainer, model_keys
 from tiny_runs import ROOT, TINY, config, fit, load_script, read_log, write_pngs
 
 TRAIN = ROOT / "train.py"
@@ -272,11 +273,11 @@ def test_batches_give_each_process_its_own_slice(pngs):
     from resdiff.data import ImageFolder
 
     dataset = ImageFolder(pngs, 16, random_flip=False)
-    ranks = [_Batches(dataset, 4, rank, 2, seed=3, loader_kwargs={}) for rank in (0, 1)]
+    ranks = [ShardedBatches(dataset, 4, rank, 2, seed=3, loader_kwargs={}) for rank in (0, 1)]
     first = [sum(b._epoch_batches(), []) for b in ranks]
     assert len(first[0]) == len(first[1]) == 16 and not set(first[0]) & set(first[1])
     assert sorted(first[0] + first[1]) == list(range(32))
-    assert first[0] == sum(_Batches(dataset, 4, 0, 2, seed=3, loader_kwargs={})._epoch_batches(), [])  # reproducible
+    assert first[0] == sum(ShardedBatches(dataset, 4, 0, 2, seed=3, loader_kwargs={})._epoch_batches(), [])  # reproducible
     ranks[0].epoch = 1
     assert sum(ranks[0]._epoch_batches(), []) != first[0]  # a new permutation every epoch
     # The images the iterator yields are those indices, in batches of 4 per process.
