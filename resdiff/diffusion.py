@@ -101,7 +101,9 @@ class DDPM:
         """Min-SNR-gamma weight per sample, expressed for the chosen target; None for the plain MSE."""
         if self.min_snr_gamma is None:
             return None
-        snr = self.snr.to(t.device)[t]
+        if self.snr.device != t.device:  # move the table once, not on every step
+            self.snr = self.snr.to(t.device)
+        snr = self.snr[t]
         clipped = snr.clamp(max=self.min_snr_gamma)
         return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[self.prediction_type]
 
