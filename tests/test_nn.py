@@ -14,6 +14,7 @@ from resdiff.nn import (
     Attention,
     BottleneckBlock,
     Downsample,
+    Dropout,
     ResBlock,
     SqueezeExcite,
     Upsample,
@@ -203,6 +204,39 @@ def test_grouped_resnet_block_mixes_channels_across_groups():
 
 
 # --- errors name the numbers ----------------------------------------------------------------------
+
+
+def test_dropout_keeps_1_minus_p_scaled_and_passes_gradient_through_the_kept():
+    drop = Dropout(0.1)
+    x = torch.full((64, 64, 64), 2.0, requires_grad=True)
+    torch.manual_seed(0)
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005  # 262,144 draws: the standard error is 0.0006
+    assert torch.allclose(out[kept], torch.tensor(2.0 / 0.9))
+    out.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.9)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), out)  # the global RNG drives it, so seeded runs repeat
+    drop.eval()
+    assert drop(x) is x
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x)) and Dropout(0.0)(x) is x
+
+
+@pytest.mark.parametrize("name", ["resnet", "bottleneck", "resnet-se"])
+def test_block_without_grad_matches_with_grad_and_leaves_its_input_alone(name):
+    """Without autograd the blocks write SiLU and the residual sum in place; values must not change."""
+    cls, kw = BLOCK_VARIANTS[name]
+    torch.manual_seed(0)
+    for cin, cout in [(32, 32), (32, 64)]:  # identity skip and 1x1-conv skip
+        block = cls(cin, cout, EMB, groups=8, **kw).eval()
+        x, emb = torch.randn(2, cin, 8, 8), torch.randn(2, EMB)
+        ref = block(x, emb)
+        before = x.clone()
+        with torch.inference_mode():
+            out = block(x, emb)
+        assert torch.equal(x, before)
+        assert torch.allclose(out, ref, atol=1e-6)
 
 
 def test_indivisible_group_norm_names_the_numbers():
