@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {"png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"}
@@ -42,11 +42,6 @@ def _print_warning(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- decoding
-
-
-def _one_line(text: str) -> str:
-    """Collapse an exception message to one line."""
-    return " ".join(str(text).split())
 
 
 def _check_pixels(im: Image.Image) -> None:
@@ -118,7 +113,7 @@ def _load_image(
 def _reason(path: Path, err: BaseException) -> str:
     """A short, one-line reason why a file could not be used."""
     if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return (f"possible decompression bomb ({_one_line(err)}); "
+        return (f"possible decompression bomb ({one_line(err)}); "
                 "raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
     try:
         if path.stat().st_size == 0:
@@ -129,7 +124,7 @@ def _reason(path: Path, err: BaseException) -> str:
         return "not an image file pillow can read"
     if isinstance(err, FileNotFoundError):
         return "file not found (a broken symlink or deleted file)"
-    return f"{type(err).__name__}: {_one_line(err)}"
+    return f"{type(err).__name__}: {one_line(err)}"
 
 
 def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -163,7 +158,7 @@ def _scan(root: Path, warn: Callable[[str], None]) -> list[Path]:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as err:
-            warn(f"cannot list {folder}: {_one_line(err)}")
+            warn(f"cannot list {folder}: {one_line(err)}")
             return
         for entry in entries:
             if entry.name.startswith("."):

@@ -17,6 +17,12 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss diverged); the message says why and what to do."""
 
 
+def one_line(err: BaseException | str, limit: int = 300) -> str:
+    """An exception's message collapsed to one line (its type name if empty), cut at ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_cli(main: Callable[[], object]) -> int:
     """Run a CLI's main: a UsageError becomes one line on stderr and exit code 2, never a traceback."""
     try:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .checkpoint import file_problem, latest_checkpoint
 from .data import to_uint8
 from .diffusion import DDPM, SAMPLERS, image_generators, image_noise, make_sampler
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .hardware import precision_warning
 from .unet import UNet
 
@@ -127,17 +127,12 @@ def load_model(
     try:
         model = cls.from_pretrained(unet_dir, use_safetensors=True, **kwargs)
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
-        raise UsageError(f"cannot load the model in {unet_dir}: {_one_line(err)}") from None
+        raise UsageError(f"cannot load the model in {unet_dir}: {one_line(err)}") from None
     if cls is UNet2DModel:
         with contextlib.suppress(ValueError):  # an architecture the converter does not cover is used directly
             model = UNet.from_diffusers(model)
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     return model.to(_default_device() if device is None else device).eval(), scheduler_config
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _matches(value, hint) -> bool:
@@ -192,7 +187,7 @@ def _check_config(file: Path, cls) -> dict:
         with torch.device("meta"):
             cls.from_config(config)
     except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as err:
-        raise UsageError(f"{file} describes no buildable {cls.__name__}: {_one_line(err)}") from None
+        raise UsageError(f"{file} describes no buildable {cls.__name__}: {one_line(err)}") from None
     return config
 
 
@@ -212,7 +207,7 @@ def _check_weights(unet_dir: Path, cls, config: dict) -> None:
         with safe_open(weights, "pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
-        raise UsageError(f"{weights} is unreadable: {_one_line(err)}; re-export the model") from None
+        raise UsageError(f"{weights} is unreadable: {one_line(err)}; re-export the model") from None
     missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     if missing or extra:
         raise UsageError(
