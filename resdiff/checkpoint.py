@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 import time
@@ -29,7 +30,7 @@ from .errors import UsageError
 
 __all__ = [
     "checkpoint_dir", "list_checkpoints", "complete_checkpoints", "latest_checkpoint", "checkpoint_problem", "file_problem", "step_of",
-    "CHECKPOINT_FILES", "EMA_FILES", "RunLock",
+    "rotate_checkpoints", "CHECKPOINT_FILES", "EMA_FILES", "RunLock",
 ]
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -153,6 +154,23 @@ def latest_checkpoint(
     """The newest complete checkpoint, or None. Damaged ones are passed over (``warn`` hears why)."""
     found = complete_checkpoints(run_dir, warn, ema_only=ema_only)
     return found[-1] if found else None
+
+
+def rotate_checkpoints(saved: Path, keep: int) -> list[Path]:
+    """Once the checkpoint ``saved`` is complete, delete the oldest complete checkpoints taken before it
+    until ``keep`` complete ones at or below its step remain; returns the deleted folders.
+
+    So the checkpoint a run resumed from is deleted only after a newer one is complete; the newest complete
+    one (the one just saved) never is; and neither are checkpoints of later steps (left from before a resume
+    fell back past them; the run overwrites them when it gets there) nor damaged folders, which
+    ``complete_checkpoints`` warns about and which are left for a person to look at."""
+    if checkpoint_problem(saved) is not None:
+        return []
+    older = [p for p in complete_checkpoints(saved.parent.parent) if step_of(p) < step_of(saved)]
+    doomed = older[: max(0, len(older) + 1 - keep)]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
 
 
 # ----------------------------------------------------------------------------- the run lock

@@ -1,11 +1,8 @@
 """The accelerate training loop: data, optimisation, EMA, logs, checkpoints, previews and export.
 
 One Trainer serves one CPU, many GPUs and many machines: accelerate supplies the process group,
-DDP, autocast and gradient accumulation; everything else is explicit here. The run directory:
-
-    RUN/config.yaml      the resolved config          RUN/log.jsonl   one JSON line per logged step
-    RUN/samples/         preview grids by step        RUN/model/      the EMA model, a DDPMPipeline folder
-    RUN/checkpoints/     resumable state (see resdiff.checkpoint)
+DDP, autocast and gradient accumulation; everything else is explicit here. What it writes where is
+described in resdiff.rundir (the run directory) and resdiff.checkpoint (the resumable state).
 """
 
 from __future__ import annotations
@@ -26,16 +23,21 @@ from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMPipeline
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import RunLock, checkpoint_dir, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
-from .config import Config, config_diff, load_config, save_config
+from .checkpoint import (
+    RunLock, checkpoint_dir, checkpoint_problem, complete_checkpoints, list_checkpoints, rotate_checkpoints, step_of,
+)
+from .config import Config
 from .data import ImageFolder, ShardedBatches, to_model_range, write_demo_folder
 from .diffusion import DDPM
-from .errors import TrainingError, UsageError
+from .errors import TrainingError, UsageError, one_line
 from .hardware import precision_warning
+from .rundir import (
+    WRITE_ERRORS, check_disk, check_same_model, export_model, fsync_tree, remove_leftovers, trim_log, write_config,
+    write_problem,
+)
 from .unet import UNet
 
 __all__ = ["Trainer", "build_unet", "model_keys", "demo_data_dir"]
@@ -102,39 +104,6 @@ def _check_model_and_settings(cfg: Config) -> int:
     return sum(p.numel() for p in unet.parameters())
 
 
-def _size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _write_problem(err: BaseException) -> str:
-    """What went wrong in a failed write, in a few words."""
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
-    return f"{type(err).__name__}: {_one_line(err)}"
-
-
-# What a failed write raises: OSError from Python, RuntimeError from torch.save, SafetensorError from safetensors.
-_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file below ``root`` and the folders themselves to disk."""
-    for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class Trainer:
     """Trains a DDPM as a Config describes, writing everything to the run directory.
 
@@ -194,10 +163,13 @@ class Trainer:
             set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
             self.resume_from = self._resume(candidates, fallback=explicit is None)
             if self.is_main:
-                self._write_config()
-                self._trim_log()
+                write_config(self.run_dir, cfg)
+                dropped = trim_log(self.run_dir, self.step)
+                if dropped:
+                    self.echo(f"note: {self.run_dir / 'log.jsonl'}: dropped {dropped} record(s) past step {self.step}, "
+                              f"from training that an interruption lost (it is redone now)")
                 if self.resume_from and not (self.run_dir / "model" / "model_index.json").is_file():
-                    self._export(self.resume_from / "ema")  # an interrupted export left no model/: redo it
+                    export_model(self.run_dir, self.resume_from / "ema")  # an interrupted export left no model/: redo it
         except BaseException:
             self.close()
             raise
@@ -264,7 +236,9 @@ class Trainer:
             raise UsageError(f"cannot create run directory {run}: {err.strerror}") from None
         try:
             self._lock.acquire()
-            self._remove_leftovers()
+            removed = remove_leftovers(run)
+            if removed:
+                self.echo(f"warning: removed what an interrupted run left half-written in {run}: {', '.join(removed)}")
             if explicit is not None:
                 candidates = [explicit]
             elif resume in ("never", "no", "none"):
@@ -279,10 +253,10 @@ class Trainer:
                         f"to start over, or choose a new --out"
                     )
             if candidates:
-                self._check_same_model()
-            self._check_disk(parameters)
+                check_same_model(run, self.cfg)
+            check_disk(run, parameters)
             if not candidates:  # a resumed run records its config once the checkpoint has loaded
-                self._write_config()
+                write_config(run, self.cfg)
             return candidates
         except OSError as err:
             self._undo_prepare(existed)
@@ -290,15 +264,6 @@ class Trainer:
         except BaseException:
             self._undo_prepare(existed)
             raise
-
-    def _write_config(self) -> None:
-        """RUN/config.yaml, written under a temporary name and renamed, so it is never half-written."""
-        tmp = self.run_dir / ".config.yaml.tmp"
-        try:
-            save_config(self.cfg, tmp)
-            os.replace(tmp, self.run_dir / "config.yaml")
-        except OSError as err:
-            raise UsageError(f"cannot write to run directory {self.run_dir}: {err.strerror or err}") from None
 
     def _undo_prepare(self, existed: bool) -> None:
         """After an error in set-up: release the lock, and remove the run directory if this run made it."""
@@ -308,59 +273,6 @@ class Trainer:
                 for leftover in self.run_dir.glob(".config.yaml.tmp"):
                     leftover.unlink()
                 self.run_dir.rmdir()  # only if empty
-
-    def _remove_leftovers(self) -> None:
-        """Delete what an interrupted run left half-written (we hold the lock, so no run is writing them)."""
-        run = self.run_dir
-        found = [*run.glob("checkpoints/.step-*.tmp"), *run.glob("checkpoints/.step-*.old"), *run.glob(".model.tmp"),
-                 *run.glob(".model.old"), *run.glob("samples/.*.tmp"), *run.glob(".config.yaml.tmp"),
-                 *run.glob(".log.jsonl.tmp"), *run.glob(".lock.stale.*")]
-        if not found:
-            return
-        for path in found:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        names = ", ".join(str(p.relative_to(run)) for p in sorted(found))
-        self.echo(f"warning: removed what an interrupted run left half-written in {run}: {names}")
-
-    def _check_same_model(self) -> None:
-        """Refuse a resume whose config changes the model's shape."""
-        saved = self.run_dir / "config.yaml"
-        if not saved.is_file():
-            return
-        old = load_config(saved)
-        diffs = config_diff(old, self.cfg, "model")
-        for key in ("image_size", "channels", "class_cond"):
-            a, b = getattr(old.data, key), getattr(self.cfg.data, key)
-            if a != b:
-                diffs.append(f"data.{key}: {a} -> {b}")
-        if diffs:
-            raise UsageError(
-                f"cannot resume {self.run_dir}: the config changes the model ({'; '.join(diffs)}); "
-                f"use the original settings or a new --out"
-            )
-
-    def _check_disk(self, parameters: int) -> None:
-        """The run directory takes a new file, and its disk has room for about three checkpoints."""
-        for folder in (self.run_dir, self.run_dir / "checkpoints"):
-            if not folder.is_dir():
-                continue
-            probe = folder / f".write-probe-{os.getpid()}"
-            try:
-                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
-                probe.unlink()
-            except OSError as err:
-                raise UsageError(f"cannot write to {folder}: {err.strerror}; fix its permissions or choose another --out") from None
-        checkpoint = parameters * 4 * 4  # float32 weights + EMA weights + Adam's two moments
-        free = shutil.disk_usage(self.run_dir).free
-        if free < 3 * checkpoint:
-            raise UsageError(
-                f"not enough free disk space in {self.run_dir}: {_size(free)} free, but one checkpoint of this "
-                f"{parameters / 1e6:.1f}M-parameter model takes about {_size(checkpoint)} and a run needs room for "
-                f"about three ({_size(3 * checkpoint)}); free some space or choose another --out"
-            )
 
     def _load_data(self) -> ImageFolder:
         d = self.cfg.data
@@ -509,7 +421,7 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
             except OSError as err:
                 raise TrainingError(
-                    f"cannot write {self.run_dir / 'log.jsonl'} at step {self.step} ({_write_problem(err)}); "
+                    f"cannot write {self.run_dir / 'log.jsonl'} at step {self.step} ({write_problem(err)}); "
                     f"free disk space in {self.run_dir}, then resume with the same command"
                 ) from None
 
@@ -550,14 +462,14 @@ class Trainer:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
                 raise TrainingError(
-                    f"cannot write preview {path} ({_write_problem(err)}); free disk space in {self.run_dir}, "
+                    f"cannot write preview {path} ({write_problem(err)}); free disk space in {self.run_dir}, "
                     f"then resume with the same command"
                 ) from None
 
     # ---------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """Write the resumable state under a temporary name, fsync it, rename it into place; export the EMA
-        model; then drop old checkpoints (see ``_rotate``).
+        model; then drop old checkpoints (see ``rotate_checkpoints``).
 
         A failed write (disk full, a read-only or vanished folder) removes the temporary folder, leaves every
         earlier checkpoint as it was, and stops training with a TrainingError that names the folder."""
@@ -570,7 +482,7 @@ class Trainer:
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
-            except _WRITE_ERRORS as err:
+            except WRITE_ERRORS as err:
                 error = err
         acc.wait_for_everyone()
         if error is None:
@@ -585,8 +497,8 @@ class Trainer:
                     state = {"step": self.step, "epoch": self.batches.epoch, "batch": self.batches.index,
                              "ema_step": self.ema.optimization_step, "world_size": self.world}
                     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-                    _fsync_tree(tmp)
-            except _WRITE_ERRORS as err:
+                    fsync_tree(tmp)
+            except WRITE_ERRORS as err:
                 error = err
         if not self._all_ok(error is None):
             if self.is_main:
@@ -599,9 +511,9 @@ class Trainer:
                     os.replace(final, old)
                     shutil.rmtree(old)
                 os.replace(tmp, final)
-                self._export(final / "ema")
-                self._rotate(final)
-            except _WRITE_ERRORS as err:
+                export_model(self.run_dir, final / "ema")
+                rotate_checkpoints(final, self.cfg.train.keep_checkpoints)
+            except WRITE_ERRORS as err:
                 error = err
         if not self._all_ok(error is None):
             if self.is_main:
@@ -615,40 +527,10 @@ class Trainer:
         kept = f"the last complete checkpoint, {done[-1]}, is intact" if done else "no earlier checkpoint exists"
         if final.is_dir() and checkpoint_problem(final) is None:
             kept = f"the checkpoint {final} itself is complete"
-        why = _write_problem(error) if error is not None else "it failed on another process"
+        why = write_problem(error) if error is not None else "it failed on another process"
         where = final.parent if what == "checkpoint" else self.run_dir / "model"
         return (f"cannot write the {what} of step {self.step} in {where} ({why}); {kept}. "
                 f"Free disk space there (or fix its permissions), then resume with the same command")
-
-    def _rotate(self, saved: Path) -> None:
-        """keep_checkpoints: once the checkpoint ``saved`` is complete, delete the oldest complete checkpoints
-        taken before it until ``keep_checkpoints`` complete ones at or below its step remain.
-
-        So the checkpoint a run resumed from is deleted only after a newer one is complete; the newest
-        complete one (the one just saved) never is; and neither are checkpoints of later steps (left from
-        before a resume fell back past them; this run will overwrite them when it gets there) nor damaged
-        folders, which ``complete_checkpoints`` warns about and which are left for a person to look at."""
-        if checkpoint_problem(saved) is not None:
-            return
-        older = [p for p in complete_checkpoints(self.run_dir) if step_of(p) < step_of(saved)]
-        for old in older[: max(0, len(older) + 1 - self.cfg.train.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _export(self, source: Path) -> None:
-        """Replace RUN/model with a copy of a checkpoint's EMA pipeline, never leaving it half-written."""
-        target, tmp, old = self.run_dir / "model", self.run_dir / ".model.tmp", self.run_dir / ".model.old"
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-        try:
-            shutil.copytree(source, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
 
     def _all_ok(self, ok: bool) -> bool:
         """Whether every process succeeded (one all-reduce when there are several)."""
@@ -670,7 +552,7 @@ class Trainer:
             if self._all_ok(error is None):
                 self._apply_checkpoint(path, loaded)
                 return path
-            reason = _one_line(error) if error is not None else "unreadable on another process"
+            reason = one_line(error) if error is not None else "unreadable on another process"
             failures.append(f"{path.name}: {reason}")
             if not fallback:
                 break
@@ -709,7 +591,7 @@ class Trainer:
             self.optimizer.load_state_dict(loaded["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise UsageError(
-                f"checkpoint {path} does not fit the configured model ({_one_line(err, 200)}); "
+                f"checkpoint {path} does not fit the configured model ({one_line(err, 200)}); "
                 f"resume with the settings it was trained with, or choose a new --out"
             ) from None
         with torch.no_grad():
@@ -725,29 +607,6 @@ class Trainer:
         else:
             self.batches.epoch, self.batches.index = state["epoch"] + 1, 0
             set_seed(self.cfg.train.seed + 1_000_003 * (self.step + 1), device_specific=True)
-
-    def _trim_log(self) -> None:
-        """log.jsonl holds the steps up to where training continues from: records past the resumed step (work
-        an interruption lost, which the run repeats) and a line cut off mid-write are dropped."""
-        log = self.run_dir / "log.jsonl"
-        if not log.is_file():
-            return
-        lines = log.read_text(errors="replace").splitlines(keepends=True)
-        kept = []
-        for line in lines:
-            try:
-                record = json.loads(line) if line.endswith("\n") else None
-            except ValueError:
-                record = None
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= self.step:
-                kept.append(line)
-        if len(kept) == len(lines):
-            return
-        tmp = log.with_name(".log.jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, log)
-        self.echo(f"note: {log}: dropped {len(lines) - len(kept)} record(s) past step {self.step}, "
-                  f"from training that an interruption lost (it is redone now)")
 
     # -------------------------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> dict:

@@ -1,0 +1,69 @@
+"""The run directory's files (resdiff.rundir): leftovers of interrupted writes, the log trim, the model
+export, the checks made before a run writes anything. The Trainer's use of them is in test_reliability."""
+
+import errno
+import json
+
+import pytest
+
+from resdiff.config import load_config
+from resdiff.errors import UsageError
+from resdiff.rundir import (
+    check_disk, check_same_model, export_model, human_size, remove_leftovers, trim_log, write_config, write_problem,
+)
+
+
+def test_remove_leftovers_deletes_only_temporary_names(tmp_path):
+    keep = [tmp_path / "checkpoints" / "step-0000004" / "state.json", tmp_path / "model" / "model_index.json",
+            tmp_path / "samples" / "step-0000004.png", tmp_path / "config.yaml", tmp_path / "log.jsonl"]
+    junk = [tmp_path / "checkpoints" / ".step-0000008.tmp" / "model.safetensors", tmp_path / ".model.tmp" / "x",
+            tmp_path / "samples" / ".step-0000008.png.tmp", tmp_path / ".config.yaml.tmp", tmp_path / ".log.jsonl.tmp"]
+    for path in keep + junk:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    removed = remove_leftovers(tmp_path)
+    assert sorted(removed) == sorted([".config.yaml.tmp", ".log.jsonl.tmp", ".model.tmp", "checkpoints/.step-0000008.tmp",
+                                      "samples/.step-0000008.png.tmp"])
+    assert all(p.exists() for p in keep)
+    assert not any(p.exists() for p in junk)
+    assert remove_leftovers(tmp_path) == []
+
+
+def test_trim_log_drops_records_past_the_step_and_a_torn_last_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (2, 4, 6, 8)]
+    log.write_text("".join(records) + "not json\n" + '{"step": 10, "lo')
+    assert trim_log(tmp_path, 4) == 4
+    assert log.read_text() == "".join(records[:2])
+    assert trim_log(tmp_path, 4) == 0 and trim_log(tmp_path / "absent", 4) == 0
+
+
+def test_export_model_replaces_the_folder_whole(tmp_path):
+    for version in ("one", "two"):
+        source = tmp_path / version
+        (source / "unet").mkdir(parents=True)
+        (source / "unet" / "weights").write_text(version)
+        export_model(tmp_path, source)
+        assert (tmp_path / "model" / "unet" / "weights").read_text() == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "one", "two"]  # no .model.tmp / .model.old
+
+
+def test_check_same_model_names_each_change(tmp_path):
+    cfg = load_config(None, ["model.preset=tiny", "data.image_size=16"])
+    write_config(tmp_path, cfg)
+    check_same_model(tmp_path, cfg)  # unchanged: fine
+    changed = load_config(None, ["model.preset=tiny", "data.image_size=32", "model.channels=64"])
+    with pytest.raises(UsageError, match=r"changes the model \(.*model.channels.*data.image_size: 16 -> 32\)"):
+        check_same_model(tmp_path, changed)
+
+
+def test_check_disk_refuses_a_model_the_disk_cannot_hold_three_checkpoints_of(tmp_path):
+    check_disk(tmp_path, 1000)
+    with pytest.raises(UsageError, match=r"not enough free disk space in .* one checkpoint of this 10000000000.0M-parameter"):
+        check_disk(tmp_path, 10**16)
+
+
+def test_messages_name_sizes_and_errors_in_a_few_words():
+    assert [human_size(n) for n in (512, 1500, 2.5e9, 3e15)] == ["512 bytes", "1.5 KB", "2.5 GB", "3000.0 TB"]
+    assert write_problem(OSError(errno.ENOSPC, "No space left on device", "/run/x")) == "No space left on device: /run/x"
+    assert write_problem(RuntimeError("torch.save\nfailed")) == "RuntimeError: torch.save failed"
