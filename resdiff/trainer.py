@@ -415,15 +415,30 @@ class Trainer:
         }
         if self.cfg.train.trackers:
             self.accelerator.log({k: v for k, v in record.items() if k != "time"}, step=self.step)
-        if self.is_main:
+
+        def write() -> None:
             try:
                 with open(self.run_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as err:
                 raise TrainingError(
                     f"cannot write {self.run_dir / 'log.jsonl'} at step {self.step} ({write_problem(err)}); "
-                    f"free disk space in {self.run_dir}, then resume with the same command"
+                    f"free disk space in {self.run_dir} (or fix its permissions), then resume with the same command"
                 ) from None
+
+        self._on_main(write, "the training log")
+
+    def _on_main(self, write: Callable[[], None], what: str) -> None:
+        """Run a write only the main process does. If it fails, every process stops with a one-line error
+        (one small all-reduce), instead of the others dying in their next collective with a traceback."""
+        error = None
+        if self.is_main:
+            try:
+                write()
+            except TrainingError as err:
+                error = err
+        if not self._all_ok(error is None):
+            raise error or TrainingError(f"stopped at step {self.step}: the main process could not write {what} (its error says why)")
 
     # -------------------------------------------------------------------------- EMA outputs
     def _ema_model(self) -> UNet:
@@ -450,9 +465,10 @@ class Trainer:
         padded = torch.zeros((per_rank, *images.shape[1:]), dtype=torch.uint8)
         padded[: len(mine)] = images
         gathered = acc.gather(padded.to(acc.device)).cpu().view(self.world, per_rank, *images.shape[1:])
-        if self.is_main:
+        path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
+
+        def write() -> None:
             ordered = torch.stack([gathered[i % self.world, i // self.world] for i in range(n)])
-            path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
             tmp = path.with_name(f".{path.name}.tmp")
             try:  # under a temporary name first: a grid with its final name is always whole
                 path.parent.mkdir(exist_ok=True)
@@ -465,6 +481,8 @@ class Trainer:
                     f"cannot write preview {path} ({write_problem(err)}); free disk space in {self.run_dir}, "
                     f"then resume with the same command"
                 ) from None
+
+        self._on_main(write, f"the preview {path.name}")
 
     # ---------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:

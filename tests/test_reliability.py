@@ -305,6 +305,30 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, pngs)
     assert "(step 2)" in "\n".join(printed) and [p.name for p in list_checkpoints(run)] == ["step-0000004"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("blocked", ["log.jsonl", "samples"])
+def test_a_write_only_the_main_process_does_stops_every_process_with_one_line(blocked, tmp_path, pngs):
+    """The log and the preview grids are written by process 0 alone. When that fails, the other process must
+    stop too, with its own one-line error, instead of dying in its next collective with a traceback."""
+    run = tmp_path / "run"
+    (run / blocked).mkdir(parents=True)  # a folder where the file should go, or ...
+    if blocked == "samples":
+        (run / blocked).rmdir()
+        (run / blocked).write_text("")  # ... a file where the folder should go
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+         *TINY, *common(pngs, f"out={run}", "train.steps=4", "train.log_every=2", "train.preview_every=2")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+    what = f"cannot write {run / 'log.jsonl'} at step 2" if blocked == "log.jsonl" else "cannot write preview"
+    assert sum(what in line for line in errors) == 1, proc.stderr[-3000:]
+    assert sum("stopped at step 2: the main process could not write" in line for line in errors) == 1, proc.stderr[-3000:]
+    assert "[rank1]: Traceback" not in proc.stderr and "[rank0]: Traceback" not in proc.stderr
+
+
 # ----------------------------------------------------------------------------- checks before writing
 
 
