@@ -44,13 +44,6 @@ def norm_act(norm: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     return F.silu(norm(*args), inplace=not torch.is_grad_enabled())
 
 
-def add_residual(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """``skip + h``, written into ``h`` (a fresh branch output no backward needs) when that keeps the dtype."""
-    if torch.result_type(h, skip) == h.dtype and h.shape == skip.shape:
-        return h.add_(skip)
-    return skip + h
-
-
 class Dropout(nn.Dropout):
     """nn.Dropout whose CPU mask comes from ``torch.rand`` and ``torch.where``.
 
@@ -231,7 +224,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.resample(norm_act(self.norm1, x))  # (N, in, H', W')
         h = self.gate(self.branch(h, emb))  # (N, out, H', W')
-        return add_residual(h, self.skip(self.resample(x)))  # (N, out, H', W')
+        return self.skip(self.resample(x)) + h  # (N, out, H', W')
 
 
 class BottleneckBlock(ResBlock):

@@ -225,7 +225,7 @@ def test_dropout_keeps_1_minus_p_scaled_and_passes_gradient_through_the_kept():
 
 @pytest.mark.parametrize("name", ["resnet", "bottleneck", "resnet-se"])
 def test_block_without_grad_matches_with_grad_and_leaves_its_input_alone(name):
-    """Without autograd the blocks write SiLU and the residual sum in place; values must not change."""
+    """Without autograd the blocks apply SiLU in place; the values must not change, nor may the input."""
     cls, kw = BLOCK_VARIANTS[name]
     torch.manual_seed(0)
     for cin, cout in [(32, 32), (32, 64)]:  # identity skip and 1x1-conv skip
