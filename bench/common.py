@@ -34,6 +34,20 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+def default_precisions() -> list[str]:
+    """fp32 and bf16 where bf16 runs in hardware; fp32 alone elsewhere (emulated bf16 takes many times longer)."""
+    import sys
+
+    from resdiff.hardware import bf16_is_native
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if bf16_is_native(device):
+        return ["no", "bf16"]
+    print(f"note: bf16 is emulated on this {device} ({torch.backends.cpu.get_cpu_capability()}), so only fp32 is timed; "
+          f"pass --precisions no bf16 to time it anyway", file=sys.stderr)
+    return ["no"]
+
+
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds: float = 2.0) -> float:
     """Measured dense matmul throughput in FLOP/s: the ceiling MFU is reported against."""
     a = torch.randn(n, n, device=device, dtype=dtype)

@@ -3,7 +3,7 @@
 The diffusers model is built at the preset's architecture and converted with UNet.from_diffusers, so
 both run the very same weights. Both contenders alternate round by round in one process.
 
-    python bench/sample.py                          # ddpm-cifar10, batch 16, fp32 and bf16
+    python bench/sample.py                          # ddpm-cifar10, batch 16, fp32 and (where it is native) bf16
     python bench/sample.py --preset small --num-images 32 --rounds 3
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved, machine, median, table, write_json  # noqa: E402
+from bench.common import default_precisions, interleaved, machine, median, table, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
+    p.add_argument("--precisions", nargs="+", default=None, help="default: no and bf16, or no alone where bf16 is emulated", choices=["no", "bf16"])
     p.add_argument("--compile", action="store_true", help="also time resdiff with compiled blocks (compile time reported apart)")
     p.add_argument("--json", help="where to write results (default bench/results/sample.json)")
     args = p.parse_args()
@@ -45,7 +45,7 @@ def main() -> None:
     n = args.num_images
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
-    for precision in args.precisions:
+    for precision in args.precisions or default_precisions():
         dtype = torch.bfloat16 if precision == "bf16" else None
 
         def run_diffusers():

@@ -5,7 +5,7 @@ counts checked). A "step" is everything the loop does per batch: noise, forward,
 gradient clipping, optimizer, EMA update. resdiff's step is the Trainer's own; the diffusers step
 follows its train_unconditional.py example (AdamW and EMAModel with their defaults).
 
-    python bench/train_step.py                       # ddpm-cifar10 and small, fp32 and bf16
+    python bench/train_step.py                       # ddpm-cifar10 and small, fp32 and (where it is native) bf16
     python bench/train_step.py --presets small --precisions bf16 --rounds 5
     python bench/train_step.py --memory              # peak memory of a step, each model in a fresh process
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import count_flops, interleaved, machine, matmul_peak, median, table, write_json  # noqa: E402
+from bench.common import count_flops, default_precisions, interleaved, machine, matmul_peak, median, table, write_json  # noqa: E402
 
 
 def make_trainer(preset: str, precision: str, batch: int, workdir: str, dropout: float | None, extra: tuple[str, ...] = ()):
@@ -137,7 +137,7 @@ def peak_memory(which: str, preset: str, precision: str, batch: int, steps: int 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["ddpm-cifar10", "small"])
-    p.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16", "fp16"])
+    p.add_argument("--precisions", nargs="+", default=None, help="default: no and bf16, or no alone where bf16 is emulated", choices=["no", "bf16", "fp16"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=2)
@@ -153,9 +153,9 @@ def main() -> None:
         print("RESULT " + json.dumps(fn(**spec)))
         return
 
-    rows = []
+    rows, precisions = [], args.precisions or default_precisions()
     for preset in args.presets:
-        for precision in args.precisions:
+        for precision in precisions:
             specs = ([dict(which=w, preset=preset, precision=precision, batch=args.batch_size) for w in ("resdiff", "diffusers")]
                      if args.memory else [dict(preset=preset, precision=precision, batch=args.batch_size, rounds=args.rounds,
                                                steps_per_round=args.steps_per_round, variants=args.variants)])
