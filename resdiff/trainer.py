@@ -518,10 +518,7 @@ class Trainer:
                     fsync_tree(tmp)
             except WRITE_ERRORS as err:
                 error = err
-        if not self._all_ok(error is None):
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(self._save_failed(final, error, "checkpoint"))
+        self._stop_if_save_failed(error, tmp, final, "checkpoint")
         if self.is_main:
             try:
                 if final.exists():  # a checkpoint of this step from before an interruption: replace it
@@ -533,11 +530,15 @@ class Trainer:
                 rotate_checkpoints(final, self.cfg.train.keep_checkpoints)
             except WRITE_ERRORS as err:
                 error = err
+        self._stop_if_save_failed(error, tmp, final, "model export")
+        return final
+
+    def _stop_if_save_failed(self, error: BaseException | None, tmp: Path, final: Path, what: str) -> None:
+        """If any process failed (one all-reduce), remove the temporary folder and stop every process."""
         if not self._all_ok(error is None):
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(self._save_failed(final, error, "model export"))
-        return final
+            raise TrainingError(self._save_failed(final, error, what))
 
     def _save_failed(self, final: Path, error: BaseException | None, what: str) -> str:
         """The message of a failed checkpoint: what failed, what is still there, what to do."""
