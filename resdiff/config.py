@@ -34,7 +34,7 @@ class DataConfig:
     random_flip: bool = True
     random_crop: bool = False
     cache: bool | str = "auto"  # keep decoded images in memory: true | false | "auto"
-    num_workers: int = 2
+    num_workers: int | str = "auto"  # DataLoader worker processes, or "auto" (see resdiff.data.loader_workers)
     demo_images: int = 2000  # size of the built-in demo dataset
 
 
@@ -77,6 +77,7 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
     compile: bool = False
     channels_last: bool = False
+    timeout_s: float = 600.0  # how long a process waits for the others in a collective before giving up
 
 
 @dataclass
@@ -105,7 +106,7 @@ _RULES = {
     "data.image_size": _POSITIVE,
     "data.channels": (lambda v: v in (1, 3), "must be 1 (grayscale) or 3 (RGB)"),
     "data.cache": (lambda v: v in (True, False, "auto"), "must be true, false or auto"),
-    "data.num_workers": _NON_NEGATIVE,
+    "data.num_workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0), "must be auto or an integer >= 0"),
     "data.demo_images": _POSITIVE,
     "diffusion.num_train_timesteps": _POSITIVE,
     "diffusion.beta_start": (lambda v: 0 < v < 1, "must be in (0, 1)"),
@@ -128,6 +129,7 @@ _RULES = {
     "train.preview_every": _POSITIVE,
     "train.preview_images": _POSITIVE,
     "train.preview_steps": _POSITIVE,
+    "train.timeout_s": _POSITIVE,
 }
 
 _CHOICES = {

@@ -11,15 +11,17 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from diffusers import DDPMPipeline
 from diffusers.optimization import get_constant_schedule_with_warmup
 from diffusers.training_utils import EMAModel
@@ -30,7 +32,7 @@ from .checkpoint import (
     RunLock, checkpoint_dir, checkpoint_problem, complete_checkpoints, list_checkpoints, rotate_checkpoints, step_of,
 )
 from .config import Config
-from .data import ImageFolder, ShardedBatches, to_model_range, write_demo_folder
+from .data import ImageFolder, ShardedBatches, loader_workers, to_model_range, write_demo_folder
 from .diffusion import DDPM
 from .errors import TrainingError, UsageError, one_line
 from .hardware import precision_warning
@@ -74,6 +76,8 @@ def _accelerator(cfg: Config) -> Accelerator:
     try:
         return Accelerator(
             mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+            # a process whose peer died or hangs gives up after timeout_s instead of torch's 30 minutes
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.timeout_s))],
             cpu=not torch.cuda.is_available(),  # without it, torchrun on a GPU-less machine gives worlds of size 1
             log_with=list(t.trackers) or None, project_dir=str(cfg.out),
         )
@@ -155,10 +159,12 @@ class Trainer:
             self.ema.to(acc.device)
             self.ema_unet.to(acc.device)
             self.step = 0
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            self.workers, self.workers_why = loader_workers(cfg.data.num_workers, self.dataset.cached, acc.device, local)
             self.batches = ShardedBatches(
                 self.dataset, self.micro_batch, self.rank, self.world, t.seed,
-                dict(num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
-                     persistent_workers=False, prefetch_factor=4 if cfg.data.num_workers else None),
+                dict(num_workers=self.workers, pin_memory=acc.device.type == "cuda",
+                     persistent_workers=False, prefetch_factor=4 if self.workers else None),
             )
             set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
             self.resume_from = self._resume(candidates, fallback=explicit is None)
@@ -300,7 +306,9 @@ class Trainer:
         return "\n".join([
             f"resdiff: training a DDPM, {params / 1e6:.2f}M parameters ({c.model.get('preset', 'custom')})",
             f"  data:      {data}: {len(self.dataset)} images{f', {skipped} skipped' if skipped else ''}{classes}",
-            f"  images:    {c.data.image_size}x{c.data.image_size}, {c.data.channels} channel(s)",
+            f"  images:    {c.data.image_size}x{c.data.image_size}, {c.data.channels} channel(s), "
+            f"{'cached in memory' if self.dataset.cached else 'decoded per batch'}",
+            f"  loader:    {self.workers} worker process(es) ({self.workers_why})",
             f"  batch:     {t.batch_size} global = {self.micro_batch} per process x {self.world} process(es) x {t.grad_accum} accumulation",
             f"  world:     {self.world} process(es), device {self.accelerator.device}, precision {t.mixed_precision}",
             f"  steps:     {self.step} -> {t.steps}, lr {t.lr:g}, EMA {t.ema_decay}",
@@ -316,12 +324,50 @@ class Trainer:
         if self._lock is not None:
             self._lock.acquire()  # again, if an earlier fit() released it
         previous = self._install_signal_handlers()
+        ok = False
         try:
-            return self._train()
-        finally:  # a library call must not leave its handlers behind (a notebook's next Ctrl-C would be swallowed)
+            path = self._train()
+            ok = True
+            return path
+        except RuntimeError as err:
+            if self.world > 1 and _lost_contact(err):
+                raise TrainingError(
+                    f"process {self.rank} lost contact with the others at step {self.step + 1} ({_why_lost(err)}): "
+                    f"another process died, or did not answer within train.timeout_s={self.cfg.train.timeout_s:g} s; "
+                    f"see its output above. Resume from the last checkpoint with the same command"
+                ) from None
+            raise
+        finally:
+            self.close()
+            if ok:
+                self._end_distributed()
+            else:  # the process is on its way out with an error: a teardown failure must not replace it
+                with contextlib.suppress(RuntimeError):
+                    self._end_distributed()
+            # Handlers go back last: a launcher's SIGTERM to the survivors of a dead process must not kill
+            # this one before its error is reported. And a library call must not leave its handlers behind
+            # (a notebook's next Ctrl-C would be swallowed).
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.close()
+
+    def _end_distributed(self) -> None:
+        """Tear down DDP and the process group in the one order that cannot deadlock.
+
+        accelerate's ``end_training`` destroys the process group while the DDP wrapper still holds it, which
+        leaves DDP's C++ ``Reducer`` as the group's last owner. The Reducer is freed with the GIL held (its
+        Python binding keeps it), so ``~ProcessGroupGloo`` then joins gloo's worker threads while holding the
+        GIL. A worker that has just finished the last collective is still dropping that work object, whose
+        tensors have Python wrappers: to free them it waits for the GIL, and the join waits for it. Both
+        processes hang after "done" (about half of all 2-process runs did). So the DDP wrapper is dropped
+        first, while torch.distributed still owns the group, and only then is the group destroyed: its last
+        reference then goes through torch's binding for process groups, which releases the GIL before
+        ``~ProcessGroupGloo`` runs.
+        """
+        acc = self.accelerator
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            self.model = acc.unwrap_model(self.model)  # the module itself; the DDP wrapper and its Reducer go
+            acc.free_memory()  # accelerate's own references to the wrapper, then a garbage collection
+        acc.end_training()  # trackers, then the process group (a no-op with one process)
 
     def _train(self) -> Path:
         acc, t = self.accelerator, self.cfg.train
@@ -363,7 +409,6 @@ class Trainer:
                     break
         finally:
             bar.close()
-        acc.end_training()
         if self.step < t.steps:
             if self.is_main:
                 self.echo(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved, resume with the same command")
@@ -589,10 +634,11 @@ class Trainer:
         state through torch.load(weights_only=True), which refuses any pickle that is not plain tensors and
         containers. Nothing is applied yet, so a damaged file leaves the trainer untouched."""
         device = self.accelerator.device
+        where = "cpu" if device.type == "cpu" else str(device)  # a multi-process CPU run's "cpu:0" is refused by both loaders
         state = json.loads((path / "state.json").read_text())
-        model = load_file(path / "model.safetensors", device=str(device))
-        ema = load_file(path / "ema" / "unet" / "diffusion_pytorch_model.safetensors", device=str(device))
-        opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        model = load_file(path / "model.safetensors", device=where)
+        ema = load_file(path / "ema" / "unet" / "diffusion_pytorch_model.safetensors", device=where)
+        opt = torch.load(path / "optimizer.pt", map_location=where, weights_only=True)
         rng_file = path / f"rng-{self.rank}.pt"
         rng = None
         if state["world_size"] == self.world and rng_file.is_file():
@@ -658,6 +704,18 @@ class Trainer:
             return False
         flag = torch.tensor([0 if self._stop_signal is None else 1], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+
+def _lost_contact(err: RuntimeError) -> bool:
+    """Whether a RuntimeError is a collective failing because another process died or timed out."""
+    text = str(err).lower()
+    return isinstance(err, torch.distributed.DistError) or "gloo" in text or "nccl" in text or "timed out" in text
+
+
+def _why_lost(err: RuntimeError) -> str:
+    """The gist of a backend's error: without its source-file prefixes and its boilerplate advice."""
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", one_line(err, 1000))
+    return one_line(text.split(". ")[0].strip(" ."), 120)
 
 
 def _fast_adamw() -> dict:

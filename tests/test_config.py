@@ -64,7 +64,7 @@ def test_presets_follow_their_papers():
     names = {p.name for p in CONFIGS.glob("*.yaml")}
     assert names >= {"demo.yaml", "cifar10.yaml", "celebahq256.yaml", "folder64.yaml"}
     demo = load_config(CONFIGS / "demo.yaml", model_keys=MODEL_KEYS)
-    assert demo.model["preset"] == "tiny" and demo.data.path is None and demo.data.num_workers == 0
+    assert demo.model["preset"] == "tiny" and demo.data.path is None and demo.data.num_workers == "auto"
     assert demo.train.steps == 600 and demo.train.mixed_precision == "no"
 
     cifar = load_config(CONFIGS / "cifar10.yaml", model_keys=MODEL_KEYS)

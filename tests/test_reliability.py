@@ -32,6 +32,7 @@ from resdiff import UNet
 from resdiff.checkpoint import checkpoint_problem, complete_checkpoints, latest_checkpoint, list_checkpoints
 from resdiff.errors import TrainingError, UsageError, run_cli
 from resdiff.trainer import Trainer
+from launch import free_port, launch_env, launcher, run_watched
 from tiny_runs import ROOT, TINY, config, fit, load_script, read_log, write_pngs
 
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
@@ -315,11 +316,10 @@ def test_a_write_only_the_main_process_does_stops_every_process_with_one_line(bl
     if blocked == "samples":
         (run / blocked).rmdir()
         (run / blocked).write_text("")  # ... a file where the folder should go
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+    proc = run_watched(
+        [launcher("torchrun"), "--nproc_per_node", "2", "train.py",
          *TINY, *common(pngs, f"out={run}", "train.steps=4", "train.log_every=2", "train.preview_every=2")],
-        env=env, capture_output=True, text=True, timeout=240,
+        timeout=240, env=launch_env(free_port()),
     )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error: " in line]

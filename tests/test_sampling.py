@@ -24,6 +24,8 @@ from PIL import Image
 from resdiff import UNet, UNetOutput
 from resdiff.sampling import generate, load_model, make_grid, read_images, to_pil
 
+from launch import free_port, launch_env, launcher, run_watched
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
@@ -235,10 +237,10 @@ def test_same_seed_same_images_from_a_real_unet_up_to_float_rounding(models):
 @pytest.mark.slow
 def test_two_processes_split_the_images_and_match_one_process(models, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--model", str(models["gray"]),
+    proc = run_watched(  # the README's line, with the test's own free port
+        [launcher("torchrun"), "--nproc_per_node", "2", "sample.py", "--model", str(models["gray"]),
          "-n", "5", "--sampler", "ddpm", "--steps", "10", "--seed", "5", "--batch-size", "1", "--npz", "--out", str(out)],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+        timeout=120, env=launch_env(free_port()),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("processes: 2") == 1  # a world of two, reported once by the main process

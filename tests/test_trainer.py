@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from resdiff.config import load_config
 from resdiff.errors import run_cli
 from resdiff.data import ShardedBatches
 from resdiff.trainer import Trainer, model_keys
+from launch import free_port, launch_env, launcher, run_watched, workers
 from tiny_runs import ROOT, TINY, config, fit, load_script, read_log, write_pngs
 
 TRAIN = ROOT / "train.py"
@@ -115,6 +118,21 @@ def test_summary_lines(finished_run, pngs):
     assert "1 process(es), device cpu, precision no" in printed[0]
     assert f"run dir:   {run} (new run)" in printed[0]
     assert printed[-1].startswith("done: 5 steps")
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["data.num_workers=auto"], "images:    16x16, 3 channel(s), cached in memory"),
+    (["data.num_workers=auto"], "loader:    0 worker process(es) (auto: the decoded images are cached in memory)"),
+    (["data.num_workers=auto", "data.cache=false"], "loader:    0 worker process(es) (auto: the model computes on the CPU"),
+    (["data.num_workers=3"], "loader:    3 worker process(es) (data.num_workers)"),
+])
+def test_summary_says_how_many_loader_workers_and_why(tmp_path, pngs, overrides, line):
+    trainer = Trainer(config(tmp_path / "run", f"data.path={pngs}", *overrides), echo=lambda _m: None)
+    try:
+        assert line in trainer.summary()
+        assert trainer.batches.loader_kwargs["num_workers"] == trainer.workers
+    finally:
+        trainer.close()
 
 
 # ----------------------------------------------------------------------------- learning
@@ -323,23 +341,25 @@ save_file({k: v.contiguous() for k, v in trainer._ema_model().state_dict().items
 
 @pytest.mark.slow
 def test_two_processes(tmp_path, pngs):
-    """torchrun with two CPU processes, twice at once: train.py itself, and a helper that looks inside each rank."""
+    """The README's torchrun line (no --standalone; the test picks a free port) with two CPU processes, twice
+    at once: train.py itself, and a helper that looks inside each rank. Both must end by themselves."""
     helper = tmp_path / "helper.py"
     helper.write_text(HELPER)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     common = [*TINY, f"data.path={pngs}", "train.steps=4", "train.log_every=2", "train.checkpoint_every=2"]
-    procs = {
-        "cli": subprocess.Popen([*launch, str(TRAIN), "--out", str(tmp_path / "cli"), "--steps", "4", "--batch-size", "8",
-                                 "--seed", "1", *common], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        "helper": subprocess.Popen([*launch, str(helper), str(tmp_path), *common, f"out={tmp_path / 'run'}"],
-                                   env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+    torchrun = [launcher("torchrun"), "--nproc_per_node", "2"]
+    commands = {
+        "cli": [*torchrun, "train.py", "--out", str(tmp_path / "cli"), "--steps", "4", "--batch-size", "8", "--seed", "1", *common],
+        "helper": [*torchrun, str(helper), str(tmp_path), *common, f"out={tmp_path / 'run'}"],
     }
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, f"{name}:\n{out}\n{err}"
-        if name == "cli":
-            assert out.count("resdiff: training a DDPM") == 1  # the summary comes from the main process only
-            assert "8 global = 4 per process x 2 process(es) x 1 accumulation" in out
+    with ThreadPoolExecutor(2) as pool:
+        runs = {name: pool.submit(run_watched, cmd, timeout=240, env=launch_env(free_port(), PYTHONPATH=str(ROOT)))
+                for name, cmd in commands.items()}
+        done = {name: future.result() for name, future in runs.items()}
+    for name, proc in done.items():
+        assert proc.returncode == 0, f"{name}:\n{proc.stdout}\n{proc.stderr}"
+    out = done["cli"].stdout
+    assert out.count("resdiff: training a DDPM") == 1  # the summary comes from the main process only
+    assert "8 global = 4 per process x 2 process(es) x 1 accumulation" in out
 
     for run in (tmp_path / "cli", tmp_path / "run"):
         log = read_log(run)
@@ -362,6 +382,77 @@ def test_two_processes(tmp_path, pngs):
     assert len(seen[0]["indices"]) == len(seen[1]["indices"]) == 16
     assert not set(seen[0]["indices"]) & set(seen[1]["indices"])
     assert sorted(seen[0]["indices"] + seen[1]["indices"]) == list(range(32))
+
+
+@pytest.mark.slow
+def test_torchrun_standalone_ends(tmp_path, pngs):
+    """The other torchrun form users type: --standalone picks its own port."""
+    cmd = [launcher("torchrun"), "--standalone", "--nproc_per_node", "2", "train.py", "--data", str(pngs), "--steps", "2",
+           "--batch-size", "8", "--out", str(tmp_path / "run"), *TINY]
+    proc = run_watched(cmd, timeout=120, env=launch_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["world_size"] for r in read_log(tmp_path / "run")] == [2]
+
+
+def _when_checkpointed(run: Path, step: int, act):
+    """An on_start callback: once checkpoint ``step`` of ``run`` exists, call ``act(rank 1's process)``."""
+
+    def on_start(proc):
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / f"step-{step:07d}").is_dir():
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never reached its first checkpoint"
+            time.sleep(0.1)
+        (victim,) = [p for p in workers(proc, "train.py") if p.environ().get("LOCAL_RANK") == "1"]
+        act(victim)
+
+    return on_start
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_with_one_line_and_the_run_resumes(tmp_path, pngs):
+    """kill -9 one of two processes mid-run: the other exits by itself with one error line; the same command
+    then resumes from the last checkpoint and finishes."""
+    run = tmp_path / "run"
+    cmd = [launcher("torchrun"), "--nproc_per_node", "2", "train.py", "--data", str(pngs), "--steps", "400", "--batch-size", "8",
+           "--out", str(run), *TINY, "train.checkpoint_every=3", "train.timeout_s=30"]
+    start = time.monotonic()
+    proc = run_watched(cmd, timeout=180, env=launch_env(free_port()), on_start=_when_checkpointed(run, 3, lambda p: p.kill()))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "process 0 lost contact with the others at step" in errors[0], proc.stderr[-3000:]
+    assert "Resume from the last checkpoint with the same command" in errors[0]
+    assert "[rank0]: Traceback" not in proc.stderr
+    assert time.monotonic() - start < 150
+    last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+
+    cmd[cmd.index("400")] = str(last + 3)  # the same command, with a nearer end so the test stays short
+    again = run_watched(cmd, timeout=180, env=launch_env(free_port()))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step-{last:07d}'}" in again.stdout
+    assert read_log(run)[-1]["step"] == last + 3
+
+
+@pytest.mark.slow
+def test_a_process_that_stops_answering_times_out(tmp_path, pngs):
+    """A process that hangs (SIGSTOP) rather than dies: the other gives up after train.timeout_s, not 30 minutes."""
+    run = tmp_path / "run"
+    cmd = [launcher("torchrun"), "--nproc_per_node", "2", "train.py", "--data", str(pngs), "--steps", "400", "--batch-size", "8",
+           "--out", str(run), *TINY, "train.checkpoint_every=3", "train.timeout_s=5"]
+    waited = []
+
+    def on_start(proc):
+        frozen = []
+        _when_checkpointed(run, 3, lambda victim: (victim.suspend(), frozen.append(victim)))(proc)
+        since = time.monotonic()
+        (rank0,) = [p for p in workers(proc, "train.py") if p.environ().get("LOCAL_RANK") == "0"]
+        rank0.wait(timeout=120)  # it gives up by itself ...
+        waited.append(time.monotonic() - since)
+        frozen[0].kill()  # ... and the launcher ends the run once the frozen one is gone (it never exits by itself)
+
+    proc = run_watched(cmd, timeout=180, env=launch_env(free_port()), on_start=on_start)
+    assert 5 <= waited[0] < 60
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "did not answer within train.timeout_s=5 s" in errors[0], proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- the command line
