@@ -295,6 +295,11 @@ class ImageFolder(torch.utils.data.Dataset):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _check_pixels reports it
             return list(pool.map(work, files))
 
+    @property
+    def cached(self) -> bool:
+        """Whether the decoded images are held in memory (items are then slices, not file decodes)."""
+        return self._cache is not None
+
     def __len__(self) -> int:
         """Number of readable images."""
         return len(self.files)
@@ -387,6 +392,28 @@ def write_demo_folder(root: str | Path, n: int = 2000, image_size: int = 32, see
         Image.fromarray(pixels).save(tmp, format="PNG")
         os.replace(tmp, root / name)
     return root
+
+
+def loader_workers(setting: int | str, cached: bool, device: torch.device | str, local_processes: int = 1,
+                   cpus: int | None = None) -> tuple[int, str]:
+    """How many DataLoader worker processes to use, and why (for the start-up summary).
+
+    An integer ``setting`` is used as it is. ``"auto"`` picks none when the decoded images are cached in
+    memory (a batch is then a few slices of one tensor: microseconds) or when the model computes on the
+    CPU (workers are processes that would take the cores the model's threads run on; a 2-core run lost a
+    quarter of its speed to 4 of them). Otherwise, a GPU run decoding files per item gets one worker per
+    core this process may use, less the one its main thread needs, at most 8.
+    """
+    if setting != "auto":
+        return int(setting), "data.num_workers"
+    if cached:
+        return 0, "auto: the decoded images are cached in memory"
+    if torch.device(device).type == "cpu":
+        return 0, "auto: the model computes on the CPU, workers would take its cores"
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(cpus // max(local_processes, 1), 1)
+    return min(8, max(share - 1, 1)), f"auto: images are decoded per batch; {share} core(s) per process"
 
 
 class ShardedBatches:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from resdiff.data import (
-    IMAGE_EXTENSIONS, ImageFolder, demo_shapes, to_model_range, to_uint8, write_demo_folder,
+    IMAGE_EXTENSIONS, ImageFolder, demo_shapes, loader_workers, to_model_range, to_uint8, write_demo_folder,
 )
 from resdiff.errors import UsageError
 
@@ -355,3 +355,33 @@ def test_write_demo_folder_is_idempotent_and_readable(tmp_path: Path) -> None:
     assert len(list(root.glob("*.png"))) == 12
     with pytest.raises(UsageError, match="other PNG"):
         write_demo_folder(root, n=5, image_size=16, seed=5)
+
+
+# ----------------------------------------------------------------------------- loader workers
+
+
+def test_loader_workers_explicit_setting_wins():
+    assert loader_workers(3, cached=True, device="cpu") == (3, "data.num_workers")
+    assert loader_workers(0, cached=False, device="cuda", cpus=64) == (0, "data.num_workers")
+
+
+def test_loader_workers_auto_takes_no_cores_from_a_cpu_model_or_for_cached_images():
+    n, why = loader_workers("auto", cached=True, device="cuda", cpus=32)
+    assert n == 0 and "cached in memory" in why
+    n, why = loader_workers("auto", cached=False, device="cpu", cpus=32)
+    assert n == 0 and "computes on the CPU" in why
+
+
+@pytest.mark.parametrize("cpus, local, expected", [(16, 2, 7), (64, 1, 8), (4, 4, 1), (1, 1, 1)])
+def test_loader_workers_auto_on_a_gpu_leaves_the_main_thread_a_core(cpus, local, expected):
+    n, why = loader_workers("auto", cached=False, device="cuda", local_processes=local, cpus=cpus)
+    assert n == expected and f"{max(cpus // local, 1)} core(s) per process" in why
+
+
+def test_cached_reports_whether_images_are_in_memory(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    assert ImageFolder(folder, 8, cache=True).cached
+    assert not ImageFolder(folder, 8, cache=False).cached
