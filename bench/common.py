@@ -105,3 +105,22 @@ def write_json(name: str, payload: dict, path: str | None = None) -> Path:
     payload = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}
     out.write_text(json.dumps(payload, indent=1))
     return out
+
+
+COPY_OPS = ("aten::copy_", "aten::_to_copy", "aten::clone")  # a cast is a _to_copy (+ its copy_); clone copies too
+
+
+def op_counts(fn: Callable[[], object], ops: tuple[str, ...] = COPY_OPS) -> dict[str, int]:
+    """How often each of ``ops`` runs in one call of ``fn`` (torch.profiler, CPU ops, nested calls included).
+
+    Which ops run, and in which dtype, does not depend on the hardware: the counts of a bf16 step are the
+    same on a CPU that emulates bf16 as on one that runs it natively."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {op: 0 for op in ops}
+    for event in prof.events():
+        if event.name in counts:
+            counts[event.name] += 1
+    return counts

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import count_flops, default_precisions, interleaved, machine, matmul_peak, median, table, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    count_flops, default_precisions, interleaved, machine, matmul_peak, median, op_counts, table, write_json,
+)
 
 
 def make_trainer(preset: str, precision: str, batch: int, workdir: str, dropout: float | None, extra: tuple[str, ...] = ()):
@@ -98,6 +100,8 @@ def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_roun
         for name in variants:
             contenders[f"resdiff+{name}"] = repeat(resdiff_step_fn(make_trainer(preset, precision, batch, workdir, None, VARIANTS[name]), batch))
         times = interleaved(contenders, rounds, sync)
+        # Casts and copies of one step: the dtype flow does not depend on the hardware, so this holds on any CPU.
+        copies = {"resdiff": op_counts(resdiff_step), "diffusers": op_counts(diffusers_step)}
         size = trainer.cfg.data.image_size
         x = torch.randn(1, 3, size, size, device=trainer.accelerator.device)
         flops = count_flops(lambda: ours(x, torch.tensor([10], device=x.device)).sample.sum().backward())
@@ -107,7 +111,8 @@ def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_roun
     res = {}
     for name, ts in times.items():
         ips = batch * steps_per_round / median(ts)
-        res[name] = {"images_per_s": round(ips, 2), "mfu": round(ips * flops / peak, 4), "seconds": [round(t, 3) for t in ts]}
+        res[name] = {"images_per_s": round(ips, 2), "mfu": round(ips * flops / peak, 4), "seconds": [round(t, 3) for t in ts],
+                     **({"ops_per_step": copies[name]} if name in copies else {})}
     return {"preset": preset, "precision": precision, "batch": batch, "parameters": n_ours, "gflop_per_image": round(flops / 1e9, 2),
             "matmul_peak_tflops": round(peak / 1e12, 3), "ratio": round(res["resdiff"]["images_per_s"] / res["diffusers"]["images_per_s"], 3),
             **{f"ratio {k}": round(v["images_per_s"] / res["diffusers"]["images_per_s"], 3) for k, v in res.items() if "+" in k}, **res}
@@ -173,10 +178,13 @@ def main() -> None:
         print(table(rows, ["which", "preset", "precision", "batch", "peak_mb"]))
     else:
         flat = [{**r, "resdiff img/s": r["resdiff"]["images_per_s"], "diffusers img/s": r["diffusers"]["images_per_s"],
-                 "resdiff MFU": f"{r['resdiff']['mfu']:.1%}", "diffusers MFU": f"{r['diffusers']['mfu']:.1%}"} for r in rows]
+                 "resdiff MFU": f"{r['resdiff']['mfu']:.1%}", "diffusers MFU": f"{r['diffusers']['mfu']:.1%}",
+                 "copy_/cast per step (resdiff, diffusers)": "{}/{}, {}/{}".format(
+                     *(r[w]["ops_per_step"][op] for w in ("resdiff", "diffusers") for op in ("aten::copy_", "aten::_to_copy")))}
+                for r in rows]
         extra = [f"ratio resdiff+{v}" for v in args.variants]
         print(table(flat, ["preset", "precision", "batch", "parameters", "gflop_per_image", "resdiff img/s", "diffusers img/s",
-                           "ratio", *extra, "resdiff MFU", "diffusers MFU"]))
+                           "ratio", *extra, "resdiff MFU", "diffusers MFU", "copy_/cast per step (resdiff, diffusers)"]))
     path = write_json("train_memory" if args.memory else "train_step", {"rows": rows}, args.json)
     print(f"wrote {path}")
 
