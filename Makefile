@@ -28,5 +28,15 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+# Wheels for bench/gpu_check.sh on a GPU machine without network (CPython 3.12, manylinux x86_64): diffusers with
+# all its dependencies, plus pyyaml and tqdm. Carry bench/wheels there; the script installs from it with --no-index.
+.PHONY: gpu-wheels
+gpu-wheels:
+	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip download --disable-pip-version-check --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		--dest bench/wheels diffusers pyyaml tqdm
+	@du -sh bench/wheels
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -51,7 +51,8 @@ def diffusers_step_fn(trainer, batch: int):
 
     acc = trainer.accelerator
     model = acc.unwrap_model(trainer.model).to_diffusers().to(acc.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    # Prepared like the example does: with fp16, accelerate's grad scaler then unscales this optimizer's gradients too.
+    optimizer = acc.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8))
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     size, ch = trainer.cfg.data.image_size, trainer.cfg.data.channels
