@@ -1,6 +1,7 @@
 """The resdiff U-Net: shapes, presets, saving, diffusers pipelines, errors, gradients."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from resdiff import UNet
-from resdiff.nn import ResBlock
+from resdiff.nn import Attention, ResBlock
+from resdiff.unet import PRESETS
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -43,6 +45,45 @@ def test_non_square_input_that_divides_works():
 def test_preset_parameter_counts_match_the_ddpm_paper():
     assert n_params(UNet.from_preset("ddpm-cifar10")) == 35_746_307
     assert n_params(UNet.from_preset("ddpm-celebahq-256")) == 113_673_219
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_fresh_weights_follow_ddpms_initialisation(preset):
+    """Glorot-uniform convs and linears with zero biases; the last layer of every residual branch and the output
+    conv at zero (DDPM's reference initialisation). The Kaiming-normal (ReLU gain) weights used before were
+    sqrt(2) to 2x larger and learned slower at the DDPM recipe (bench/learning.py): this fails if they return."""
+    torch.manual_seed(0)
+    model = UNet.from_preset(preset)
+    zeroed = {id(m.last_conv) for m in model.modules() if isinstance(m, ResBlock)}
+    zeroed |= {id(m.proj) for m in model.modules() if isinstance(m, Attention)} | {id(model.out[-1])}
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(zeroed) > 2 and zeroed < {id(m) for m in layers}
+    for m in layers:
+        assert not m.bias.any()
+        if id(m) in zeroed:
+            assert not m.weight.any()
+            continue
+        fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(m.weight)
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert m.weight.abs().max() <= bound
+        if m.weight.numel() >= 4096:  # enough values for the spread to be the distribution's
+            assert m.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+def test_a_fresh_unet_predicts_zero_and_keeps_unit_scale_inside():
+    """Zeroed branch ends: the output starts at exactly 0, and every block passes its input on unchanged, so
+    activations keep the input's scale through the whole depth."""
+    model = tiny().eval()
+    x = torch.randn(4, 3, 16, 16)
+    assert not model(x, torch.tensor([1, 100, 500, 999])).sample.any()
+    scales = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: scales.append(out.std().item()))
+             for m in model.modules() if isinstance(m, ResBlock)]
+    model(x, 10)
+    for h in hooks:
+        h.remove()
+    first = model.conv_in(x).std().item()
+    assert scales and all(0.5 * first < s < 2 * first for s in scales)
 
 
 def test_preset_overrides_and_unknown_preset():
