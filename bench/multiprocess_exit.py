@@ -27,17 +27,19 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=20, help="runs per launch form")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--timeout", type=float, default=120, help="seconds before a run counts as hung")
+    p.add_argument("--json", help="where to write results (default bench/results/multiprocess_exit.json)")
+    p.add_argument("--forms", nargs="+", default=["torchrun", "torchrun --standalone"], help="launcher forms to repeat")
     args = p.parse_args()
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_pngs(Path(tmp) / "data", 24)
-        for form in ("torchrun", "torchrun --standalone"):
+        for form in args.forms:
             hung, failed, times = 0, 0, []
             for k in range(args.runs):
                 cmd = [launcher("torchrun"), *form.split()[1:], "--nproc_per_node", "2", "train.py",
                        "--config", "configs/demo.yaml", "--data", str(data), "--steps", str(args.steps),
-                       "--batch-size", "8", "--out", f"{tmp}/run-{form[-4:]}-{k}"]
+                       "--batch-size", "8", "--out", f"{tmp}/run-{len(rows)}-{k}"]
                 start = time.perf_counter()
                 try:
                     done = run_watched(cmd, timeout=args.timeout, env=launch_env(free_port()))
@@ -53,7 +55,7 @@ def main() -> None:
                          "hung": hung, "median s": round(sorted(times)[len(times) // 2], 1) if times else "-"})
     print(f"machine: {machine()}")
     print(table(rows, list(rows[0])))
-    print(f"wrote {write_json('multiprocess_exit', {'rows': rows})}")
+    print(f"wrote {write_json('multiprocess_exit', {'rows': rows}, args.json)}")
     if any(r["hung"] or r["failed"] for r in rows):
         raise SystemExit(1)
 
