@@ -358,7 +358,7 @@ class Trainer:
         Python binding keeps it), so ``~ProcessGroupGloo`` then joins gloo's worker threads while holding the
         GIL. A worker that has just finished the last collective is still dropping that work object, whose
         tensors have Python wrappers: to free them it waits for the GIL, and the join waits for it. Both
-        processes hang after "done" (about half of all 2-process runs did). So the DDP wrapper is dropped
+        processes hung after "done" (1 in 10 to 2 in 4 two-process runs here; bench/multiprocess_exit.py). So the DDP wrapper is dropped
         first, while torch.distributed still owns the group, and only then is the group destroyed: its last
         reference then goes through torch's binding for process groups, which releases the GIL before
         ``~ProcessGroupGloo`` runs.
