@@ -31,7 +31,12 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    from resdiff.hardware import bf16_is_native
+
+    bf16 = "bf16 native" if bf16_is_native("cpu") else "bf16 emulated"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else torch.backends.cpu.get_cpu_capability()
+    return f"{cpu} ({isa}, {bf16}), {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def default_precisions() -> list[str]:
