@@ -400,8 +400,8 @@ def loader_workers(setting: int | str, cached: bool, device: torch.device | str,
 
     An integer ``setting`` is used as it is. ``"auto"`` picks none when the decoded images are cached in
     memory (a batch is then a few slices of one tensor: microseconds) or when the model computes on the
-    CPU (workers are processes that would take the cores the model's threads run on; a 2-core run lost a
-    quarter of its speed to 4 of them). Otherwise, a GPU run decoding files per item gets one worker per
+    CPU (workers are processes that would take the cores the model's threads run on, and start again every
+    epoch). Otherwise, a GPU run decoding files per item gets one worker per
     core this process may use, less the one its main thread needs, at most 8.
     """
     if setting != "auto":

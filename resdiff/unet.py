@@ -168,9 +168,9 @@ class UNet(ModelMixin, ConfigMixin):
         branch (each ResBlock's last conv, each attention's output projection) and the output conv start at zero.
 
         Why this one, measured (bench/learning.py, the DDPM recipe: Adam 2e-4): Kaiming-normal weights with ReLU
-        gain, used before, are about 2.4x larger than these in every layer that a GroupNorm follows, and Adam
-        moves each weight by about the same absolute step whatever its size, so those layers learned about 2.4x
-        slower relative to their scale; the samples' quality fell behind diffusers' UNet2DModel from 500 steps on.
+        gain, used before, are sqrt(2) to 2x larger than these, and Adam moves each weight by about the same
+        absolute step whatever its size, so the layers that a GroupNorm follows learned correspondingly slower
+        relative to their scale; the samples' quality fell behind diffusers' UNet2DModel from 500 steps on.
         Zeroed branch ends make every block start as its skip path and the network predict 0 (Goyal et al. 2017;
         DDPM; ADM), which helps early on."""
         for m in self.modules():
