@@ -24,11 +24,11 @@ from resdiff import PRESETS, UNet
 # name -> UNet overrides. Cardinality 8 divides every width of the DDPM presets (128, 256, 512) and every
 # bottleneck width (32, 64, 128); ResNeXt's 32 would make the bottleneck's 3x3 convs (nearly) depthwise.
 VARIANTS: dict[str, dict] = {
-    "resnet": dict(block="resnet"),
+    "basic": dict(block="basic"),
     "bottleneck": dict(block="bottleneck"),
-    "resnext (c=8)": dict(block="resnet", cardinality=8),
+    "resnext (c=8)": dict(block="basic", cardinality=8),
     "bottleneck-resnext (c=8)": dict(block="bottleneck", cardinality=8),
-    "resnet+SE": dict(block="resnet", squeeze_excite=True),
+    "basic+SE": dict(block="basic", squeeze_excite=True),
     "bottleneck+SE": dict(block="bottleneck", squeeze_excite=True),
 }
 
@@ -71,10 +71,10 @@ def measure(preset: str, overrides: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table, each column also relative to the first row (the standard ResBlock)."""
+    """A Markdown table, each column also relative to the first row (the basic ResBlock)."""
     base = rows[0]
     lines = [
-        "| variant | params (M) | forward GFLOPs | fwd+bwd GFLOPs | params vs resnet | FLOPs vs resnet |",
+        "| variant | params (M) | forward GFLOPs | fwd+bwd GFLOPs | params vs basic | FLOPs vs basic |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

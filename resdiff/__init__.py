@@ -5,7 +5,16 @@ The U-Net and its blocks import without the trainer, accelerate or data code:
 """
 
 from .errors import UsageError
-from .nn import Attention, BottleneckBlock, Downsample, ResBlock, SqueezeExcite, TimestepEmbedding, Upsample
+from .nn import (
+    Attention,
+    BottleneckBlock,
+    BottleneckResBlock,
+    Downsample,
+    ResBlock,
+    SqueezeExcite,
+    TimestepEmbedding,
+    Upsample,
+)
 from .unet import PRESETS, UNet, UNetOutput
 
 __version__ = "0.1.0"
@@ -15,7 +24,8 @@ __all__ = [
     "UNetOutput",
     "PRESETS",
     "ResBlock",
-    "BottleneckBlock",
+    "BottleneckResBlock",
+    "BottleneckBlock",  # the old name of BottleneckResBlock
     "SqueezeExcite",
     "Attention",
     "Downsample",

@@ -13,8 +13,8 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from .nn import ResBlock
-from .unet import UNet
+from .nn import BLOCK_ALIASES, BLOCKS, ResBlock
+from .unet import UNet, resblock_resamplers
 
 __all__ = ["from_diffusers", "to_diffusers"]
 
@@ -26,17 +26,35 @@ def _unsupported(what: str) -> ValueError:
     return ValueError(f"cannot convert: {what}")
 
 
-def _level_layout(types: list[str], table: dict, attn_resample: str) -> tuple[list[bool], set[str]]:
-    """Which levels have attention, and which resampling kinds the (resampling) levels use."""
-    attn, kinds = [], set()
+def _level_layout(types: list[str], table: dict, attn_resample: str) -> tuple[list[bool], list[str]]:
+    """Which levels have attention, and the resampling kind ("conv" or "resnet") of each resampling level, in order.
+
+    Each block type fixes its kind, except the attention blocks, which all take the model's ``attn_resample``."""
+    attn, kinds = [], []
     for i, name in enumerate(types):
         if name not in table:
             raise _unsupported(f"block type {name!r}; supported: {sorted(table)}")
         has_attn, kind = table[name]
         attn.append(has_attn)
         if i < len(types) - 1:
-            kinds.add(kind or attn_resample)
+            kinds.append(kind or attn_resample)
     return attn, kinds
+
+
+def _block_types(attn: list[bool], resblock: list[bool], names: tuple[str, str, str], uniform: bool) -> tuple[list[str], str]:
+    """The diffusers block type of each level (diffusers' order) and the one resampling kind its attention blocks share.
+
+    ``attn``: which levels have attention; ``resblock``: whether each resampling level resamples with a ResBlock;
+    ``names``: the (conv, resnet, attention) block types; ``uniform``: every resampler is a ResBlock (the last,
+    non-resampling level then gets the resnet type, as before per-resampler settings). diffusers gives all attention
+    blocks one ``downsample_type`` / ``upsample_type``, so attention levels that resample both ways are refused."""
+    conv, resnet, attention = names
+    attn_kinds = {r for a, r in zip(attn, resblock) if a}
+    if len(attn_kinds) > 1:
+        raise _unsupported(f"{attention} levels that resample with both kinds (diffusers sets one kind for all of them)")
+    types = [attention if a else (resnet if r else conv) for a, r in zip(attn, resblock + [uniform])]
+    kind = attn_kinds.pop() if attn_kinds else uniform
+    return types, "resnet" if kind else "conv"
 
 
 def _unet_config(cfg: Any) -> dict[str, Any]:
@@ -72,8 +90,8 @@ def _unet_config(cfg: Any) -> dict[str, Any]:
     up_attn, up_kinds = _level_layout(list(cfg["up_block_types"]), _UP, cfg.get("upsample_type") or "conv")
     if up_attn != down_attn[::-1]:
         raise _unsupported("up-block attention does not mirror the down blocks")
-    if len(down_kinds | up_kinds) > 1:
-        raise _unsupported(f"mixed resampling kinds {sorted(down_kinds | up_kinds)} (use all conv or all resnet)")
+    resblock = [kind == "resnet" for kind in down_kinds + up_kinds]  # one per resampler, as UNet(resblock_updown=) takes them
+    updown = tuple(resblock) if len(set(resblock)) > 1 else resblock[:1] == [True]  # a single bool when all agree
     return dict(
         sample_size=size, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], channels=ch,
         channel_mult=tuple(mult), num_res_blocks=cfg["layers_per_block"],
@@ -81,7 +99,7 @@ def _unet_config(cfg: Any) -> dict[str, Any]:
         head_channels=cfg.get("attention_head_dim"), dropout=cfg.get("dropout", 0.0),
         norm_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"], flip_sin_to_cos=cfg["flip_sin_to_cos"],
         freq_shift=cfg["freq_shift"], time_injection="additive" if shift == "default" else "scale_shift",
-        resblock_updown=(down_kinds | up_kinds) == {"resnet"}, downsample_padding=cfg["downsample_padding"],
+        resblock_updown=updown, downsample_padding=cfg["downsample_padding"],
         num_classes=(cfg["num_class_embeds"] - 1) if cfg.get("num_class_embeds") else None,
         mid_attention_norm=not (shift == "scale_shift" and attn_groups is None),
     )
@@ -89,23 +107,23 @@ def _unet_config(cfg: Any) -> dict[str, Any]:
 
 def _diffusers_config(cfg: Any) -> dict[str, Any]:
     """diffusers UNet2DModel keyword arguments equivalent to a resdiff UNet config."""
-    if cfg.block != "resnet" or cfg.cardinality != 1 or cfg.squeeze_excite:
+    if BLOCKS[BLOCK_ALIASES.get(cfg.block, cfg.block)] is not ResBlock or cfg.cardinality != 1 or cfg.squeeze_excite:
         raise _unsupported("diffusers has no bottleneck, grouped or squeeze-excite ResBlocks")
     scale_shift = cfg.time_injection == "scale_shift"
     if not cfg.mid_attention_norm and not scale_shift:
         raise _unsupported("mid_attention_norm=False is expressible in diffusers only with scale_shift")
     levels = len(cfg.channel_mult)
     attn = [cfg.sample_size // 2**i in cfg.attention_resolutions for i in range(levels)]
-    kind = "resnet" if cfg.resblock_updown else "conv"
-    plain_down = "ResnetDownsampleBlock2D" if cfg.resblock_updown else "DownBlock2D"
-    plain_up = "ResnetUpsampleBlock2D" if cfg.resblock_updown else "UpBlock2D"
+    down, up = resblock_resamplers(cfg.resblock_updown, levels)
+    uniform = all(down + up) if levels > 1 else bool(cfg.resblock_updown)  # for the levels that do not resample
+    down_types, down_kind = _block_types(attn, down, ("DownBlock2D", "ResnetDownsampleBlock2D", "AttnDownBlock2D"), uniform)
+    up_types, up_kind = _block_types(attn[::-1], up, ("UpBlock2D", "ResnetUpsampleBlock2D", "AttnUpBlock2D"), uniform)
     return dict(
         sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels or cfg.in_channels,
         freq_shift=cfg.freq_shift, flip_sin_to_cos=cfg.flip_sin_to_cos,
-        down_block_types=tuple("AttnDownBlock2D" if a else plain_down for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else plain_up for a in reversed(attn)),
+        down_block_types=tuple(down_types), up_block_types=tuple(up_types),
         block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult), layers_per_block=cfg.num_res_blocks,
-        downsample_padding=cfg.downsample_padding, downsample_type=kind, upsample_type=kind, dropout=cfg.dropout,
+        downsample_padding=cfg.downsample_padding, downsample_type=down_kind, upsample_type=up_kind, dropout=cfg.dropout,
         attention_head_dim=cfg.head_channels, norm_num_groups=cfg.norm_groups, norm_eps=cfg.norm_eps,
         attn_norm_num_groups=cfg.norm_groups if (scale_shift and cfg.mid_attention_norm) else None,
         resnet_time_scale_shift="scale_shift" if scale_shift else "default",
@@ -116,8 +134,8 @@ def _diffusers_config(cfg: Any) -> dict[str, Any]:
 def _resblock_pairs(ours: nn.Module, theirs: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
     yield ours.norm1, theirs.norm1
     yield ours.conv1, theirs.conv1
-    yield ours.time_norm.proj, theirs.time_emb_proj
-    yield ours.time_norm.norm, theirs.norm2
+    yield ours.time_proj, theirs.time_emb_proj
+    yield ours.norm2, theirs.norm2
     yield ours.conv2, theirs.conv2
     if isinstance(ours.skip, nn.Conv2d):
         yield ours.skip, theirs.conv_shortcut

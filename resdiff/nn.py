@@ -1,7 +1,10 @@
 """The U-Net's building blocks: timestep embedding, ResBlocks, attention, down/up sampling.
 
-Every block that takes a time embedding has the signature ``forward(x, emb)`` so the U-Net can stack
-them without caring which one it holds; blocks that ignore time accept ``emb`` and drop it.
+Each time-conditioned block is self-contained, with ``forward(x, emb)``: GroupNorm, the timestep injected
+(added, or as scale and shift), and the skip connection, all in its forward. Downsample and Upsample fill the
+same resampler slot of a U-Net level as a resampling ResBlock, so they accept ``emb`` and drop it;
+attention is time-independent and takes ``x`` only. In shape comments, H' x W' is the resolution after a
+block's optional resampling.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ __all__ = [
     "timestep_embedding",
     "TimestepEmbedding",
     "ResBlock",
+    "BottleneckResBlock",
     "BottleneckBlock",
     "SqueezeExcite",
     "Attention",
     "Downsample",
     "Upsample",
     "BLOCKS",
+    "BLOCK_ALIASES",
+    "RES_BLOCKS",
     "Dropout",
     "group_norm",
 ]
@@ -39,9 +45,14 @@ def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=eps)
 
 
-def norm_act(norm: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-    """``silu(norm(*args))``, in place when no gradient is recorded: sampling then skips one allocation per call."""
-    return F.silu(norm(*args), inplace=not torch.is_grad_enabled())
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no gradient is recorded (sampling then skips one allocation); never apply it to an input."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def norm_act(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``silu(norm(x))``, the activation in place when no gradient is recorded (see ``silu``)."""
+    return silu(norm(x))
 
 
 class Dropout(nn.Dropout):
@@ -135,25 +146,6 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
 
 
-class _TimeNorm(nn.Module):
-    """GroupNorm that also injects the time embedding, additively (DDPM) or as FiLM scale/shift (ADM)."""
-
-    def __init__(self, channels: int, emb_dim: int, groups: int, eps: float, mode: str):
-        super().__init__()
-        if mode not in TIME_INJECTIONS:
-            raise ValueError(f"time_injection must be one of {TIME_INJECTIONS}, got {mode!r}")
-        self.mode = mode
-        self.proj = nn.Linear(emb_dim, channels * (2 if mode == "scale_shift" else 1))
-        self.norm = group_norm(channels, groups, eps)
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        t = self.proj(F.silu(emb))[:, :, None, None]  # (N, C or 2C, 1, 1)
-        if self.mode == "additive":
-            return self.norm(h + t)
-        scale, shift = t.chunk(2, dim=1)
-        return self.norm(h) * (1 + scale) + shift
-
-
 class _Resample(nn.Module):
     """Parameter-free resampling used inside up/down ResBlocks (BigGAN/ADM): nearest up or 2x2 average down."""
 
@@ -171,14 +163,36 @@ class _Resample(nn.Module):
         return x
 
 
-class ResBlock(nn.Module):
-    """Time-conditioned residual block of DDPM/ADM.
+def time_projection(emb_dim: int, channels: int, mode: str) -> nn.Linear:
+    """The linear map from the time embedding to a shift per channel ("additive") or a scale and a shift ("scale_shift")."""
+    if mode not in TIME_INJECTIONS:
+        raise ValueError(f"time_injection must be one of {TIME_INJECTIONS}, got {mode!r}")
+    return nn.Linear(emb_dim, channels * (2 if mode == "scale_shift" else 1))
 
-    GroupNorm -> SiLU -> [resample] -> conv3x3 -> time injection + GroupNorm -> SiLU -> dropout -> conv3x3,
-    added to the identity (a 1x1 conv when the channel count changes). ``cardinality`` > 1 groups the
-    first 3x3 conv (ResNeXt); ``squeeze_excite`` gates the residual branch's channels before the addition.
-    Subclasses change only the residual branch (``build_branch`` / ``branch``).
-    """
+
+def check_cardinality(cardinality: int, *channels: int, what: str = "") -> None:
+    """A grouped conv needs ``cardinality`` to divide each of its channel counts."""
+    for c in channels:
+        if c % cardinality:
+            raise ValueError(f"cardinality {cardinality} does not divide {what or f'{c} channels'}")
+
+
+def rename_old_keys(state_dict: dict, prefix: str, renamed: dict[str, str]) -> None:
+    """Rename, in place, the keys under ``prefix`` that a block saved under an older name (``renamed``: old -> new)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        for old, new in renamed.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old) :]] = state_dict.pop(key)
+                break
+
+
+class ResBlock(nn.Module):
+    """Time-conditioned residual block of DDPM/ADM: two 3x3 convs, GroupNorm, the timestep, a skip connection."""
+
+    branch_end = "conv2"  # the layer that ends the residual branch: UNet.initialize_weights zeroes it
+    # state_dict names used before 2026-11-27 (old prefix -> new); checkpoints and model folders saved then still load.
+    renamed_keys = {"time_norm.proj.": "time_proj.", "time_norm.norm.": "norm2."}
 
     def __init__(
         self,
@@ -195,70 +209,99 @@ class ResBlock(nn.Module):
         squeeze_excite: bool = False,
     ):
         super().__init__()
+        self.time_injection = time_injection
         self.norm1 = group_norm(in_channels, groups, eps)
         self.resample = _Resample(resample)
         self.dropout = Dropout(dropout)
-        self.build_branch(in_channels, out_channels, emb_dim, groups, eps, time_injection, cardinality)
-        self.gate = SqueezeExcite(out_channels) if squeeze_excite else nn.Identity()
+        check_cardinality(cardinality, in_channels, out_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, groups=cardinality)  # ResNeXt when cardinality > 1
+        self.time_proj = time_projection(emb_dim, out_channels, time_injection)
+        self.norm2 = group_norm(out_channels, groups, eps)
+        # Only conv1 is grouped: with both grouped, the branch would be `cardinality` paths that never mix.
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.gate = SqueezeExcite(out_channels) if squeeze_excite else nn.Identity()  # gates the branch's channels
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def build_branch(self, cin: int, cout: int, emb_dim: int, groups: int, eps: float, mode: str, card: int) -> None:
-        """Create the residual branch's layers after the first activation."""
-        for c in (cin, cout):
-            if c % card:
-                raise ValueError(f"cardinality {card} does not divide {c} channels")
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, groups=card)
-        self.time_norm = _TimeNorm(cout, emb_dim, groups, eps, mode)
-        # Only the first conv is grouped: with both grouped, the branch would be `card` paths that never mix.
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-
-    def branch(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = norm_act(self.time_norm, self.conv1(h), emb)  # (N, out, H, W)
-        return self.conv2(self.dropout(h))  # (N, out, H, W)
-
-    @property
-    def last_conv(self) -> nn.Conv2d:
-        """The conv that ends the residual branch (zeroed by the U-Net's ``zero_init_last``)."""
-        return self.conv2
-
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.resample(norm_act(self.norm1, x))  # (N, in, H', W')
-        h = self.gate(self.branch(h, emb))  # (N, out, H', W')
+        h = self.conv1(self.resample(norm_act(self.norm1, x)))  # (N, out, H', W')
+        t = self.time_proj(F.silu(emb))[:, :, None, None]  # (N, out or 2 out, 1, 1)
+        if self.time_injection == "additive":
+            h = norm_act(self.norm2, h + t)  # (N, out, H', W'): DDPM adds the time, then normalises
+        else:
+            scale, shift = t.chunk(2, dim=1)  # 2 x (N, out, 1, 1)
+            h = silu(self.norm2(h) * (1 + scale) + shift)  # (N, out, H', W'): ADM normalises, then scales and shifts
+        h = self.gate(self.conv2(self.dropout(h)))  # (N, out, H', W')
         return self.skip(self.resample(x)) + h  # (N, out, H', W')
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        rename_old_keys(state_dict, prefix, self.renamed_keys)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
-class BottleneckBlock(ResBlock):
-    """Bottleneck variant (He et al. 2016): 1x1 reduce -> 3x3 (time injected after it) -> 1x1 expand.
 
-    The middle width is out_channels // 4, so the block costs far fewer FLOPs than two full-width 3x3 convs.
-    """
+class BottleneckResBlock(nn.Module):
+    """Time-conditioned bottleneck block (1x1 reduce, 3x3, 1x1 expand; He et al. 2016), not the classic resnet.Bottleneck."""
 
     reduction = 4
+    branch_end = "expand"  # the layer that ends the residual branch: UNet.initialize_weights zeroes it
+    # state_dict names used before 2026-11-27 (old prefix -> new); checkpoints and model folders saved then still load.
+    renamed_keys = {"norm_mid.": "norm2.", "time_norm.proj.": "time_proj.", "time_norm.norm.": "norm3."}
 
-    def build_branch(self, cin: int, cout: int, emb_dim: int, groups: int, eps: float, mode: str, card: int) -> None:
-        mid = cout // self.reduction
-        if mid % card:
-            raise ValueError(f"cardinality {card} does not divide the bottleneck width {mid} (= {cout} // 4)")
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        *,
+        dropout: float = 0.0,
+        groups: int = 32,
+        eps: float = 1e-6,
+        time_injection: str = "additive",
+        resample: str | None = None,
+        cardinality: int = 1,
+        squeeze_excite: bool = False,
+    ):
+        super().__init__()
+        self.time_injection = time_injection
+        self.norm1 = group_norm(in_channels, groups, eps)
+        self.resample = _Resample(resample)
+        self.dropout = Dropout(dropout)
+        mid = out_channels // self.reduction  # far fewer FLOPs than ResBlock's two full-width 3x3 convs
+        check_cardinality(cardinality, mid, what=f"the bottleneck width {mid} (= {out_channels} // {self.reduction})")
         # As many channels per group as the full-width norms have: one channel per group would subtract
         # each channel's mean and with it the additive time embedding.
         mid_groups = math.gcd(mid, max(groups // self.reduction, 1))
-        self.reduce = nn.Conv2d(cin, mid, 1)
-        self.norm_mid = group_norm(mid, mid_groups, eps)
-        self.conv = nn.Conv2d(mid, mid, 3, padding=1, groups=card)
-        self.time_norm = _TimeNorm(mid, emb_dim, mid_groups, eps, mode)
-        self.expand = nn.Conv2d(mid, cout, 1)
+        self.reduce = nn.Conv2d(in_channels, mid, 1)
+        self.norm2 = group_norm(mid, mid_groups, eps)
+        self.conv = nn.Conv2d(mid, mid, 3, padding=1, groups=cardinality)  # ResNeXt when cardinality > 1
+        self.time_proj = time_projection(emb_dim, mid, time_injection)
+        self.norm3 = group_norm(mid, mid_groups, eps)
+        self.expand = nn.Conv2d(mid, out_channels, 1)
+        self.gate = SqueezeExcite(out_channels) if squeeze_excite else nn.Identity()  # gates the branch's channels
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def branch(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = norm_act(self.norm_mid, self.reduce(h))  # (N, mid, H, W)
-        h = norm_act(self.time_norm, self.conv(h), emb)  # (N, mid, H, W)
-        return self.expand(self.dropout(h))  # (N, out, H, W)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.reduce(self.resample(norm_act(self.norm1, x)))  # (N, mid, H', W')
+        h = self.conv(norm_act(self.norm2, h))  # (N, mid, H', W')
+        t = self.time_proj(F.silu(emb))[:, :, None, None]  # (N, mid or 2 mid, 1, 1)
+        if self.time_injection == "additive":
+            h = norm_act(self.norm3, h + t)  # (N, mid, H', W'): DDPM adds the time, then normalises
+        else:
+            scale, shift = t.chunk(2, dim=1)  # 2 x (N, mid, 1, 1)
+            h = silu(self.norm3(h) * (1 + scale) + shift)  # (N, mid, H', W'): ADM normalises, then scales and shifts
+        h = self.gate(self.expand(self.dropout(h)))  # (N, out, H', W')
+        return self.skip(self.resample(x)) + h  # (N, out, H', W')
 
-    @property
-    def last_conv(self) -> nn.Conv2d:
-        return self.expand
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        rename_old_keys(state_dict, prefix, self.renamed_keys)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-BLOCKS: dict[str, type[ResBlock]] = {"resnet": ResBlock, "bottleneck": BottleneckBlock}
+BottleneckBlock = BottleneckResBlock  # its name before 2026-11-27
+
+# UNet(block=...) -> block class. Both share one interface: (in, out, emb_dim, **options), forward(x, emb).
+BLOCKS: dict[str, type[nn.Module]] = {"basic": ResBlock, "bottleneck": BottleneckResBlock}
+BLOCK_ALIASES = {"resnet": "basic"}  # names saved configs may hold: "basic" was called "resnet" before 2026-11-27
+RES_BLOCKS = tuple(BLOCKS.values())  # for isinstance: every time-conditioned residual block
 
 
 class Attention(nn.Module):
@@ -278,7 +321,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hgt, wid = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C)
         q, k, v = self.qkv(h).view(n, hgt * wid, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (N, heads, HW, d)

@@ -2,6 +2,8 @@
 pre-activation ResNets (He et al. 2016), all built by one `ResNet` class from interchangeable blocks.
 
 ImageNet models use torchvision's state_dict names and shapes, so its checkpoints load with strict=True.
+These blocks know nothing of diffusion time; the U-Net's time-conditioned blocks are resdiff.nn.ResBlock and
+resdiff.nn.BottleneckResBlock.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .nn import BLOCKS, Attention, Downsample, ResBlock, TimestepEmbedding, Upsample, group_norm
+from .nn import BLOCK_ALIASES, BLOCKS, RES_BLOCKS, Attention, Downsample, TimestepEmbedding, Upsample, group_norm, rename_old_keys
 
 __all__ = ["UNet", "UNetOutput", "PRESETS"]
 
@@ -38,6 +38,22 @@ class Level(nn.Module):
         self.resample = resample
 
 
+def resblock_resamplers(resblock_updown: bool | Sequence[bool], levels: int) -> tuple[list[bool], list[bool]]:
+    """``resblock_updown`` for each resampler: (the encoder's downsamplers, top level first; the decoder's upsamplers,
+    bottom level first)."""
+    n = levels - 1
+    if isinstance(resblock_updown, str) or not isinstance(resblock_updown, Sequence):
+        flags = [bool(resblock_updown)] * (2 * n)
+    else:
+        flags = list(resblock_updown)
+        if len(flags) != 2 * n or not all(isinstance(f, bool) for f in flags):
+            raise ValueError(
+                f"resblock_updown must be a bool or {2 * n} bools, one per resampler ({n} down, then {n} up), "
+                f"got {resblock_updown!r}"
+            )
+    return flags[:n], flags[n:]
+
+
 class UNet(ModelMixin, ConfigMixin):
     """ResNet U-Net for diffusion: ``forward(sample, timestep, class_labels=None)`` predicts the noise.
 
@@ -51,14 +67,18 @@ class UNet(ModelMixin, ConfigMixin):
         norm_groups / norm_eps: GroupNorm settings used everywhere.
         flip_sin_to_cos / freq_shift: timestep-embedding convention (DDPM: False / 1).
         time_injection: "additive" (DDPM) or "scale_shift" (FiLM, improved DDPM / ADM).
-        resblock_updown: resample with ResBlocks (BigGAN / ADM) instead of strided conv / nearest+conv.
+        resblock_updown: resample with ResBlocks (BigGAN / ADM) instead of strided conv / nearest+conv; True or False
+            for every resampler, or one bool per resampler in the order forward applies them: the encoder's
+            ``levels - 1`` downsamplers from the top level down, then the decoder's ``levels - 1`` upsamplers from
+            the bottom up (diffusers' ``down_block_types[:-1]`` then ``up_block_types[:-1]``).
         downsample_padding: 1 pads the strided conv symmetrically, 0 pads right/bottom (TF DDPM).
         zero_init_last: start the last layer of every residual branch (ResBlock and attention) and the output conv
             at zero, as DDPM did: each block starts as its skip path (see ``initialize_weights``).
         num_classes: class-conditional when set; label ``num_classes`` is the null class used for
             classifier-free guidance and when no labels are given.
-        block / cardinality / squeeze_excite: ResBlock variant ("resnet" or "bottleneck"), grouped 3x3
-            convs (ResNeXt) and a squeeze-and-excitation gate.
+        block / cardinality / squeeze_excite: ResBlock variant ("basic": nn.ResBlock, "bottleneck":
+            nn.BottleneckResBlock; "resnet", the old name of "basic", is still accepted), grouped 3x3 convs
+            (ResNeXt) and a squeeze-and-excitation gate.
         mid_attention_norm: GroupNorm before the middle attention (diffusers omits it for scale_shift models).
     """
 
@@ -81,11 +101,11 @@ class UNet(ModelMixin, ConfigMixin):
         flip_sin_to_cos: bool = False,
         freq_shift: float = 1,
         time_injection: str = "additive",
-        resblock_updown: bool = False,
+        resblock_updown: bool | Sequence[bool] = False,
         downsample_padding: int = 1,
         zero_init_last: bool = True,
         num_classes: int | None = None,
-        block: str = "resnet",
+        block: str = "basic",
         cardinality: int = 1,
         squeeze_excite: bool = False,
         mid_attention_norm: bool = True,
@@ -93,7 +113,8 @@ class UNet(ModelMixin, ConfigMixin):
         super().__init__()
         out_channels = out_channels or in_channels
         levels = len(channel_mult)
-        if block not in BLOCKS:
+        Block = BLOCKS.get(BLOCK_ALIASES.get(block, block))
+        if Block is None:
             raise ValueError(f"unknown block {block!r}; choose one of {sorted(BLOCKS)}")
         if sample_size % 2 ** (levels - 1):
             raise ValueError(
@@ -104,11 +125,11 @@ class UNet(ModelMixin, ConfigMixin):
         unknown = sorted(set(attention_resolutions) - set(resolutions))
         if unknown:
             raise ValueError(f"attention_resolutions {unknown} are not resolutions of this U-Net; it has {resolutions}")
+        down_updown, up_updown = resblock_resamplers(resblock_updown, levels)
         self.gradient_checkpointing = False
         emb_dim = 4 * channels
-        Block = BLOCKS[block]
 
-        def res_block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
+        def res_block(cin: int, cout: int, resample: str | None = None) -> nn.Module:
             return Block(
                 cin, cout, emb_dim, dropout=dropout, groups=norm_groups, eps=norm_eps, time_injection=time_injection,
                 resample=resample, cardinality=cardinality, squeeze_excite=squeeze_excite,
@@ -136,7 +157,7 @@ class UNet(ModelMixin, ConfigMixin):
                 skips.append(ch)
             resample = None
             if i < levels - 1:
-                resample = res_block(ch, ch, "down") if resblock_updown else Downsample(ch, downsample_padding)
+                resample = res_block(ch, ch, "down") if down_updown[i] else Downsample(ch, downsample_padding)
                 skips.append(ch)
             self.down.append(Level(blocks, attns, resample))
 
@@ -147,7 +168,7 @@ class UNet(ModelMixin, ConfigMixin):
         )
 
         self.up = nn.ModuleList()
-        for i in reversed(range(levels)):
+        for j, i in enumerate(reversed(range(levels))):
             cout, res = widths[i], resolutions[i]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
@@ -156,7 +177,7 @@ class UNet(ModelMixin, ConfigMixin):
                 ch = cout
             resample = None
             if i > 0:
-                resample = res_block(ch, ch, "up") if resblock_updown else Upsample(ch)
+                resample = res_block(ch, ch, "up") if up_updown[j] else Upsample(ch)
             self.up.append(Level(blocks, attns, resample))
 
         self.out = nn.Sequential(group_norm(ch, norm_groups, norm_eps), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
@@ -179,7 +200,7 @@ class UNet(ModelMixin, ConfigMixin):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         if self.config.zero_init_last:
-            last = [m.last_conv for m in self.modules() if isinstance(m, ResBlock)]
+            last = [getattr(m, m.branch_end) for m in self.modules() if isinstance(m, RES_BLOCKS)]
             last += [m.proj for m in self.modules() if isinstance(m, Attention)]
             for layer in (*last, self.out[-1]):
                 nn.init.zeros_(layer.weight)
@@ -213,6 +234,14 @@ class UNet(ModelMixin, ConfigMixin):
                 raise FileNotFoundError(f"{folder} has no .safetensors weights{found}; re-save the model with safetensors")
         return super().from_pretrained(*args, **kwargs)
 
+    def _fix_state_dict_keys_on_load(self, state_dict: dict) -> None:
+        """diffusers' step before from_pretrained loads a (single-file) state_dict: also rename the block keys saved
+        under their old names (``renamed_keys`` of each block class), as ``load_state_dict`` does."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        for name, m in self.named_modules():
+            if isinstance(m, RES_BLOCKS):
+                rename_old_keys(state_dict, f"{name}.", m.renamed_keys)
+
     @classmethod
     def from_diffusers(cls, model: nn.Module) -> "UNet":
         """Convert a diffusers ``UNet2DModel`` (weights included); outputs match the original."""
@@ -234,7 +263,7 @@ class UNet(ModelMixin, ConfigMixin):
         torch.compile.
         """
         for m in self.modules():
-            if isinstance(m, (ResBlock, Attention)):
+            if isinstance(m, (*RES_BLOCKS, Attention)):
                 m.compile(**kwargs)
         return self
 
@@ -278,20 +307,22 @@ class UNet(ModelMixin, ConfigMixin):
 
         h = self.conv_in(sample)  # (N, C0, H, W)
         skips = [h]
-        for level in self.down:
+        for level in self.down:  # level i: resolution H_i = H / 2**i, width C_i
             for block, attn in zip(level.blocks, level.attentions):
-                h = attn(self._block(block, h, emb))
+                h = attn(self._block(block, h, emb))  # (N, C_i, H_i, W_i)
                 skips.append(h)
             if level.resample is not None:
-                h = level.resample(h, emb)  # (N, C, H/2, W/2)
+                h = level.resample(h, emb)  # (N, C_i, H_i / 2, W_i / 2)
                 skips.append(h)
         first, second = self.mid.blocks
-        h = self._block(second, self.mid.attentions[0](self._block(first, h, emb)), emb)
-        for level in self.up:
+        h = self._block(first, h, emb)  # (N, C_L, H_L, W_L), L the last level
+        h = self._block(second, self.mid.attentions[0](h), emb)  # (N, C_L, H_L, W_L)
+        for level in self.up:  # from the last level back to the first
             for block, attn in zip(level.blocks, level.attentions):
-                h = attn(self._block(block, torch.cat([h, skips.pop()], dim=1), emb))
+                h = torch.cat([h, skips.pop()], dim=1)  # (N, C + C_skip, H_i, W_i)
+                h = attn(self._block(block, h, emb))  # (N, C_i, H_i, W_i)
             if level.resample is not None:
-                h = level.resample(h, emb)  # (N, C, 2H, 2W)
+                h = level.resample(h, emb)  # (N, C_i, 2 H_i, 2 W_i)
         out = self.out(h)  # (N, out_channels, H, W)
         return UNetOutput(sample=out) if return_dict else (out,)
 

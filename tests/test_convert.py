@@ -28,6 +28,35 @@ GRAY = dict(
     norm_num_groups=16, num_class_embeds=5,
 )
 
+# Resampling kinds mixed across levels, each with the resdiff resblock_updown it converts to: one bool per
+# resampler, the downsamplers from the top level down, then the upsamplers from the bottom level up.
+TINY = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8)
+MIXED = {
+    # A ResnetDownsampleBlock2D next to an AttnDownBlock2D that resamples with a strided conv.
+    "resnet-beside-attn-conv": (dict(
+        TINY, down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D"), downsample_type="conv",
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"), upsample_type="conv",
+    ), (True, False, False, False)),
+    # AttnDownBlock2D / AttnUpBlock2D resampling with ResBlocks next to plain conv levels, scale_shift, two heads.
+    "attn-resnet-beside-conv": (dict(
+        TINY, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"), downsample_type="resnet",
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), upsample_type="resnet",
+        resnet_time_scale_shift="scale_shift", attention_head_dim=16, flip_sin_to_cos=True, freq_shift=0,
+    ), (False, True, False, True)),
+    # Down and up differ: strided-conv downsampling, ResBlock upsampling (attention at both ends of the decoder).
+    "conv-down-resnet-up": (dict(
+        TINY, down_block_types=("AttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"), downsample_type="conv",
+        up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D", "AttnUpBlock2D"), upsample_type="resnet",
+        downsample_padding=0,
+    ), (False, False, True, True)),
+    # Every kind in one model: ResnetDownsampleBlock2D, DownBlock2D, AttnDownBlock2D(resnet); four levels.
+    "four-levels": (dict(
+        TINY, block_out_channels=(16, 16, 32, 32), down_block_types=("ResnetDownsampleBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        downsample_type="resnet", up_block_types=("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "UpBlock2D"),
+        upsample_type="conv", layers_per_block=2,
+    ), (True, False, True, False, False, True)),
+}
+
 
 def randomized(config: dict) -> UNet2DModel:
     """A diffusers model with every weight random (zero-initialised layers would hide wiring mistakes)."""
@@ -59,6 +88,44 @@ def test_from_diffusers_and_back_match(config):
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
 
+@pytest.mark.parametrize("name", sorted(MIXED))
+def test_mixed_resampling_kinds_convert_both_ways(name):
+    config, resblock_updown = MIXED[name]
+    theirs = randomized(config)
+    ours = UNet.from_diffusers(theirs)
+    assert tuple(ours.config.resblock_updown) == resblock_updown
+    ref = outputs(theirs, config)
+    assert ref.abs().mean() > 1e-3
+    # Float rounding only (resdiff fuses q, k and v into one matmul): about 1e-7 of the outputs' size.
+    assert (outputs(ours, config) - ref).abs().max() <= 1e-6
+    back = ours.to_diffusers()
+    assert back.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in back.state_dict().items())
+    assert torch.equal(outputs(back, config), ref)  # the same diffusers computation: bit for bit
+    assert tuple(UNet.from_diffusers(back).config.resblock_updown) == resblock_updown
+
+
+def test_resdiff_per_resampler_resblock_updown_to_diffusers_and_back():
+    """From the resdiff side: a model with resamplers of both kinds converts to diffusers and back, same outputs."""
+    ours = UNet(sample_size=16, channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+                norm_groups=8, resblock_updown=(True, False, True, False), zero_init_last=False).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.05)
+    theirs = ours.to_diffusers().eval()
+    config = dict(in_channels=3, sample_size=16)
+    ref = outputs(ours, config)
+    assert ref.abs().mean() > 1e-3
+    assert (outputs(theirs, config) - ref).abs().max() <= 1e-6  # float rounding only, as above
+    assert theirs.config.down_block_types == ("ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D")
+    assert theirs.config.up_block_types == ("ResnetUpsampleBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    assert theirs.config.downsample_type == "conv" and theirs.config.upsample_type == "conv"
+    again = UNet.from_diffusers(theirs).eval()
+    assert tuple(again.config.resblock_updown) == (True, False, True, False)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
+    assert torch.equal(outputs(again, config), ref)  # the same resdiff computation: bit for bit
+
+
 def test_ddpm_cifar10_conversion_equals_the_preset_layout():
     ours = UNet.from_diffusers(UNet2DModel(**DDPM_CIFAR10))
     preset = UNet.from_preset("ddpm-cifar10")
@@ -81,3 +148,16 @@ def test_unsupported_architectures_are_refused_clearly():
                                         up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8, time_embedding_type="fourier"))
     with pytest.raises(ValueError, match="diffusers has no bottleneck"):
         UNet.from_preset("tiny", block="bottleneck").to_diffusers()
+    # diffusers gives all AttnDownBlock2D one downsample_type: attention levels resampling both ways cannot be written.
+    two_attn = UNet(sample_size=16, channels=16, channel_mult=(1, 1, 1), num_res_blocks=1, attention_resolutions=(16, 8),
+                    norm_groups=8, resblock_updown=(True, False, False, False))
+    with pytest.raises(ValueError, match="cannot convert: AttnDownBlock2D levels that resample with both kinds"):
+        two_attn.to_diffusers()
+
+
+def test_block_resnet_the_old_name_of_basic_still_converts():
+    ours = UNet.from_preset("tiny", sample_size=16, block="resnet", zero_init_last=False).eval()
+    theirs = ours.to_diffusers().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (ours(x, torch.tensor([3, 900])).sample - theirs(x, torch.tensor([3, 900])).sample).abs().max() <= 1e-4

@@ -1,7 +1,9 @@
 """The U-Net's building blocks (resdiff.nn): embedding, ResBlock variants, attention, resampling,
 and every ResBlock variant trained for a few steps inside the tiny U-Net."""
 
+import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -10,9 +12,11 @@ import torch.nn.functional as F
 from resdiff import UNet
 from resdiff.diffusion import DDPM
 from resdiff.nn import (
+    BLOCK_ALIASES,
     BLOCKS,
+    RES_BLOCKS,
     Attention,
-    BottleneckBlock,
+    BottleneckResBlock,
     Downsample,
     Dropout,
     ResBlock,
@@ -26,16 +30,16 @@ EMB = 16  # time-embedding width used by the block tests
 
 # Each block variant as (class, keyword arguments), with channels that every variant can divide.
 BLOCK_VARIANTS = {
-    "resnet": (ResBlock, {}),
-    "bottleneck": (BottleneckBlock, {}),
+    "basic": (ResBlock, {}),
+    "bottleneck": (BottleneckResBlock, {}),
     "resnext": (ResBlock, dict(cardinality=4)),
-    "resnet-se": (ResBlock, dict(squeeze_excite=True)),
-    "bottleneck-resnext-se": (BottleneckBlock, dict(cardinality=2, squeeze_excite=True)),
+    "basic-se": (ResBlock, dict(squeeze_excite=True)),
+    "bottleneck-resnext-se": (BottleneckResBlock, dict(cardinality=2, squeeze_excite=True)),
 }
 
 # The U-Net variants of the issue, each trained and saved below.
 UNET_VARIANTS = [
-    dict(block="resnet"),
+    dict(block="basic"),
     dict(block="bottleneck"),
     dict(cardinality=4),
     dict(squeeze_excite=True),
@@ -43,7 +47,7 @@ UNET_VARIANTS = [
 ]
 
 
-def make_block(name: str, cin: int = 32, cout: int = 32, **kw) -> ResBlock:
+def make_block(name: str, cin: int = 32, cout: int = 32, **kw) -> ResBlock | BottleneckResBlock:
     cls, variant = BLOCK_VARIANTS[name]
     return cls(cin, cout, EMB, groups=8, **{**variant, **kw})
 
@@ -87,10 +91,10 @@ def test_timestep_embedding_ddpm_convention_by_hand():
     torch.testing.assert_close(emb, torch.tensor([[math.cos(1), math.cos(1e-2), math.sin(1), math.sin(1e-2)]]))
 
 
-# --- ResBlock and BottleneckBlock -----------------------------------------------------------------
+# --- ResBlock and BottleneckResBlock --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [ResBlock, BottleneckBlock])
+@pytest.mark.parametrize("cls", [ResBlock, BottleneckResBlock])
 @pytest.mark.parametrize("time_injection", ["additive", "scale_shift"])
 @pytest.mark.parametrize("resample, size", [(None, 8), ("up", 16), ("down", 4)])
 @pytest.mark.parametrize("cin, cout", [(32, 32), (16, 32), (64, 32)])
@@ -122,23 +126,40 @@ def test_time_embedding_changes_the_output(name, time_injection):
     assert (a[1] - b[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["resnet", "bottleneck"])
-def test_time_injection_formulas(name):
-    emb = torch.randn(2, EMB)
-    for mode in ("additive", "scale_shift"):
-        tn = make_block(name, 64, 64, time_injection=mode).time_norm
-        h = torch.randn(2, tn.norm.num_channels, 4, 4)
-        t = tn.proj(F.silu(emb))[:, :, None, None]  # (N, C or 2C, 1, 1)
-        if mode == "additive":
-            expected = tn.norm(h + t)  # DDPM: add, then normalise
-        else:
-            scale, shift = t.chunk(2, dim=1)
-            expected = tn.norm(h) * (1 + scale) + shift  # FiLM after the norm (ADM)
-        torch.testing.assert_close(tn(h, emb), expected)
+def inject_time(h, emb, proj, norm, mode):
+    """The two time injections written out: DDPM's add-then-normalise and ADM's FiLM after the norm."""
+    t = proj(F.silu(emb))[:, :, None, None]  # (N, C or 2C, 1, 1)
+    if mode == "additive":
+        return norm(h + t)
+    scale, shift = t.chunk(2, dim=1)
+    return norm(h) * (1 + scale) + shift
+
+
+def forward_by_hand(block, x, emb, mode):
+    """Each block's forward written out layer by layer from its parts."""
+    h = block.resample(F.silu(block.norm1(x)))
+    if isinstance(block, BottleneckResBlock):
+        h = block.conv(F.silu(block.norm2(block.reduce(h))))
+        h = block.expand(F.silu(inject_time(h, emb, block.time_proj, block.norm3, mode)))
+    else:
+        h = block.conv2(F.silu(inject_time(block.conv1(h), emb, block.time_proj, block.norm2, mode)))
+    return block.skip(block.resample(x)) + block.gate(h)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_VARIANTS))
+@pytest.mark.parametrize("mode", ["additive", "scale_shift"])
+@pytest.mark.parametrize("cin, resample", [(64, None), (32, "down"), (64, "up")])
+def test_time_injection_formulas(name, mode, cin, resample):
+    block = make_block(name, cin, 64, time_injection=mode, resample=resample)
+    x, emb = torch.randn(2, cin, 8, 8), torch.randn(2, EMB)
+    expected = forward_by_hand(block, x, emb, mode)
+    torch.testing.assert_close(block(x, emb), expected, rtol=0, atol=0)  # the same operations in the same order
+    with torch.no_grad():  # SiLU in place
+        torch.testing.assert_close(block(x, emb), expected, rtol=0, atol=0)
 
 
 def test_additive_time_reaches_a_bottleneck_with_several_channels_per_group():
-    block = BottleneckBlock(64, 64, EMB, groups=8, time_injection="additive")  # middle: 16 channels, 8 groups
+    block = BottleneckResBlock(64, 64, EMB, groups=8, time_injection="additive")  # middle: 16 channels, 8 groups
     x = torch.randn(2, 64, 8, 8)
     assert (block(x, torch.randn(2, EMB)) - block(x, torch.randn(2, EMB))).abs().max() > 1e-3
 
@@ -150,18 +171,17 @@ def test_zeroed_last_conv_leaves_exactly_the_skip_path(name, cin, cout, resample
     x, emb = torch.randn(2, cin, 8, 8), torch.randn(2, EMB)
     skip = block.skip(block.resample(x))
     assert (block(x, emb) - skip).abs().max() > 1e-3  # the branch contributes while its last conv is non-zero
-    torch.nn.init.zeros_(block.last_conv.weight)
-    torch.nn.init.zeros_(block.last_conv.bias)
+    torch.nn.init.zeros_(getattr(block, block.branch_end).weight)
+    torch.nn.init.zeros_(getattr(block, block.branch_end).bias)
     torch.testing.assert_close(block(x, emb), skip, rtol=0, atol=0)
     if cin == cout and resample is None:
         torch.testing.assert_close(block(x, emb), x, rtol=0, atol=0)  # the identity, untouched
 
 
-def test_last_conv_is_the_conv_that_ends_each_branch():
-    block = make_block("resnet")
-    assert block.last_conv is block.conv2
-    block = make_block("bottleneck")
-    assert block.last_conv is block.expand
+def test_branch_end_names_the_conv_that_ends_each_branch():
+    assert ResBlock.branch_end == "conv2" and BottleneckResBlock.branch_end == "expand"
+    for name in sorted(BLOCK_VARIANTS):
+        assert isinstance(getattr(make_block(name), make_block(name).branch_end), torch.nn.Conv2d)
 
 
 def test_variant_options_build_the_layers_they_name():
@@ -170,13 +190,30 @@ def test_variant_options_build_the_layers_they_name():
     block = make_block("bottleneck-resnext-se", cout=64)
     assert block.reduce.out_channels == 16 and block.conv.groups == 2 and block.expand.out_channels == 64
     assert isinstance(block.gate, SqueezeExcite)
-    assert isinstance(make_block("resnet").gate, torch.nn.Identity)
-    assert BLOCKS == {"resnet": ResBlock, "bottleneck": BottleneckBlock}
+    assert isinstance(make_block("basic").gate, torch.nn.Identity)
+    assert BLOCKS == {"basic": ResBlock, "bottleneck": BottleneckResBlock}
+    assert BLOCK_ALIASES == {"resnet": "basic"} and set(RES_BLOCKS) == {ResBlock, BottleneckResBlock}
+
+
+def test_old_names_still_import():
+    import resdiff
+    from resdiff.nn import BottleneckBlock
+
+    assert BottleneckBlock is BottleneckResBlock and resdiff.BottleneckBlock is BottleneckResBlock
+    assert resdiff.BottleneckResBlock is BottleneckResBlock
+
+
+def test_the_unet_and_the_classic_resnet_have_distinct_bottlenecks():
+    from resdiff.resnet import Bottleneck
+
+    assert Bottleneck is not BottleneckResBlock
+    assert "emb" in inspect.signature(BottleneckResBlock.forward).parameters
+    assert "emb" not in inspect.signature(Bottleneck.forward).parameters
 
 
 def test_bottleneck_costs_fewer_parameters_than_two_full_3x3_convs():
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert n(make_block("bottleneck", 128, 128)) < n(make_block("resnet", 128, 128)) / 4
+    assert n(make_block("bottleneck", 128, 128)) < n(make_block("basic", 128, 128)) / 4
 
 
 def test_squeeze_excite_scales_each_channel_by_a_gate_in_0_1():
@@ -223,7 +260,7 @@ def test_dropout_keeps_1_minus_p_scaled_and_passes_gradient_through_the_kept():
     assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x)) and Dropout(0.0)(x) is x
 
 
-@pytest.mark.parametrize("name", ["resnet", "bottleneck", "resnet-se"])
+@pytest.mark.parametrize("name", ["basic", "bottleneck", "basic-se"])
 def test_block_without_grad_matches_with_grad_and_leaves_its_input_alone(name):
     """Without autograd the blocks apply SiLU in place; the values must not change, nor may the input."""
     cls, kw = BLOCK_VARIANTS[name]
@@ -245,7 +282,7 @@ def test_indivisible_group_norm_names_the_numbers():
     with pytest.raises(ValueError, match="30 channels cannot be split into 8 groups"):
         ResBlock(30, 32, EMB, groups=8)
     with pytest.raises(ValueError, match="30 channels cannot be split into 8 groups"):
-        BottleneckBlock(30, 32, EMB, groups=8)
+        BottleneckResBlock(30, 32, EMB, groups=8)
 
 
 @pytest.mark.parametrize(
@@ -253,7 +290,7 @@ def test_indivisible_group_norm_names_the_numbers():
     [
         (ResBlock, 32, 24, 16, "cardinality 16 does not divide 24 channels"),
         (ResBlock, 40, 32, 16, "cardinality 16 does not divide 40 channels"),
-        (BottleneckBlock, 32, 32, 3, r"cardinality 3 does not divide the bottleneck width 8 \(= 32 // 4\)"),
+        (BottleneckResBlock, 32, 32, 3, r"cardinality 3 does not divide the bottleneck width 8 \(= 32 // 4\)"),
     ],
 )
 def test_indivisible_cardinality_names_the_numbers(cls, cin, cout, card, message):
@@ -269,6 +306,8 @@ def test_indivisible_head_channels_names_the_numbers():
 def test_bad_options_are_rejected():
     with pytest.raises(ValueError, match="time_injection must be one of"):
         ResBlock(32, 32, EMB, groups=8, time_injection="film")
+    with pytest.raises(ValueError, match="time_injection must be one of"):
+        BottleneckResBlock(32, 32, EMB, groups=8, time_injection="film")
     with pytest.raises(ValueError, match="resample must be None, 'up' or 'down', got 'sideways'"):
         ResBlock(32, 32, EMB, groups=8, resample="sideways")
     with pytest.raises(ValueError, match="downsample_padding must be 0 or 1, got 2"):
@@ -276,7 +315,7 @@ def test_bad_options_are_rejected():
 
 
 def test_unet_rejects_unknown_block_and_indivisible_cardinality():
-    with pytest.raises(ValueError, match=r"unknown block 'resnet50'; choose one of \['bottleneck', 'resnet'\]"):
+    with pytest.raises(ValueError, match=r"unknown block 'resnet50'; choose one of \['basic', 'bottleneck'\]"):
         UNet.from_preset("tiny", sample_size=16, block="resnet50")
     with pytest.raises(ValueError, match="cardinality 3 does not divide 32 channels"):
         UNet.from_preset("tiny", sample_size=16, cardinality=3)
@@ -360,8 +399,8 @@ def variant_id(variant: dict) -> str:
 def test_unet_variant_learns_and_roundtrips(variant, tmp_path):
     steps, window = 20, 2  # tuned: the loss ratio is 0.5-0.65 here, at most 0.71 over other seeds
     model = UNet.from_preset("tiny", sample_size=16, **variant)
-    block_cls = BLOCKS[variant.get("block", "resnet")]
-    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    block_cls = BLOCKS[variant.get("block", "basic")]
+    blocks = [m for m in model.modules() if isinstance(m, RES_BLOCKS)]
     assert blocks and all(type(m) is block_cls for m in blocks)
 
     ddpm = DDPM.from_config(num_train_timesteps=100)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from resdiff import UNet
-from resdiff.nn import Attention, ResBlock
+from resdiff.nn import RES_BLOCKS, Attention, BottleneckResBlock, Downsample, ResBlock, Upsample
 from resdiff.unet import PRESETS
 
 
@@ -54,7 +55,7 @@ def test_fresh_weights_follow_ddpms_initialisation(preset):
     sqrt(2) to 2x larger and learned slower at the DDPM recipe (bench/learning.py): this fails if they return."""
     torch.manual_seed(0)
     model = UNet.from_preset(preset)
-    zeroed = {id(m.last_conv) for m in model.modules() if isinstance(m, ResBlock)}
+    zeroed = {id(getattr(m, m.branch_end)) for m in model.modules() if isinstance(m, RES_BLOCKS)}
     zeroed |= {id(m.proj) for m in model.modules() if isinstance(m, Attention)} | {id(model.out[-1])}
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert len(zeroed) > 2 and zeroed < {id(m) for m in layers}
@@ -78,7 +79,7 @@ def test_a_fresh_unet_predicts_zero_and_keeps_unit_scale_inside():
     assert not model(x, torch.tensor([1, 100, 500, 999])).sample.any()
     scales = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: scales.append(out.std().item()))
-             for m in model.modules() if isinstance(m, ResBlock)]
+             for m in model.modules() if isinstance(m, RES_BLOCKS)]
     model(x, 10)
     for h in hooks:
         h.remove()
@@ -186,10 +187,11 @@ def test_every_parameter_receives_a_gradient():
     assert missing == []
 
 
-def test_zero_init_last_makes_every_resblock_its_skip_path():
-    model = tiny(zero_init_last=True, dropout=0.0).eval()
-    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
-    assert blocks
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_zero_init_last_makes_every_resblock_its_skip_path(block):
+    model = tiny(zero_init_last=True, dropout=0.0, block=block).eval()
+    blocks = [m for m in model.modules() if isinstance(m, RES_BLOCKS)]
+    assert blocks and all(type(m) is (ResBlock if block == "basic" else BottleneckResBlock) for m in blocks)
     for block in blocks:
         cin = block.norm1.num_channels
         x, emb = torch.randn(2, cin, 8, 8), torch.randn(2, 4 * model.config.channels)
@@ -261,3 +263,112 @@ def test_compiled_blocks_match_and_still_learn():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+# --- names kept for saved configs and weights -----------------------------------------------------
+
+
+def test_block_resnet_is_the_old_name_of_basic(tmp_path):
+    """Configs saved before the rename say block="resnet"; it still builds the same model as "basic"."""
+    old, new = tiny(block="resnet"), tiny(block="basic")
+    assert {type(m) for m in old.modules() if isinstance(m, RES_BLOCKS)} == {ResBlock}
+    assert [(k, v.shape) for k, v in old.state_dict().items()] == [(k, v.shape) for k, v in new.state_dict().items()]
+    assert UNet().config.block == "basic"
+    old.save_pretrained(tmp_path)
+    loaded = UNet.from_pretrained(tmp_path)
+    assert loaded.config.block == "resnet" and {type(m) for m in loaded.modules() if isinstance(m, RES_BLOCKS)} == {ResBlock}
+
+
+# The names of the blocks' layers before 2026-11-27, written out here rather than taken from resdiff.nn.
+OLD_NAMES = {
+    "basic": [(".time_proj.", ".time_norm.proj."), (".norm2.", ".time_norm.norm.")],
+    "bottleneck": [(".time_proj.", ".time_norm.proj."), (".norm3.", ".time_norm.norm."), (".norm2.", ".norm_mid.")],
+}
+
+
+def old_state_dict(model: UNet, block: str) -> dict:
+    """``model``'s state_dict under the key names an older resdiff saved."""
+    old = {}
+    for key, value in model.state_dict().items():
+        for new_name, old_name in OLD_NAMES[block]:
+            key = key.replace(new_name, old_name)
+        old[key] = value
+    return old
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_weights_saved_under_the_old_key_names_still_load(block, tmp_path):
+    model = tiny(block=block, resblock_updown=True, zero_init_last=False).eval()
+    old = old_state_dict(model, block)
+    # Spot checks that these are the keys an older resdiff wrote.
+    assert "down.0.blocks.0.time_norm.proj.weight" in old and "mid.blocks.1.time_norm.norm.bias" in old
+    assert "up.0.resample.time_norm.proj.bias" in old and "down.0.resample.time_norm.norm.weight" in old
+    assert ("mid.blocks.0.norm_mid.weight" in old) == (block == "bottleneck")
+    assert not any(re.search(r"\.(time_proj|norm3)\.", k) for k in old) and old.keys() != model.state_dict().keys()
+
+    # load_state_dict, as resuming a run from a checkpoint does
+    fresh = tiny(block=block, resblock_updown=True, zero_init_last=False).eval()
+    fresh.load_state_dict(old)  # strict: nothing missing, nothing unexpected
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+    # from_pretrained, as loading a model folder (run dir model/, pipeline folder) does
+    from safetensors.torch import save_file
+
+    model.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "diffusion_pytorch_model.safetensors")
+    loaded = UNet.from_pretrained(tmp_path).eval()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.randn(2, 3, 16, 16)
+    # Equal weights; loaded ones sit at other memory alignments, where CPU kernels may round the last bit differently.
+    torch.testing.assert_close(loaded(x, 5).sample, model(x, 5).sample, rtol=1e-5, atol=1e-5)
+
+
+# --- ResBlock resampling chosen per resampler -----------------------------------------------------
+
+
+def resamplers(model: UNet) -> list[str]:
+    """Each resampler of the U-Net in the order forward applies them, as "resblock" or "conv"."""
+    kinds = []
+    for level in [*model.down, *model.up]:
+        if level.resample is not None:
+            assert isinstance(level.resample, (ResBlock, Downsample, Upsample))
+            kinds.append("resblock" if isinstance(level.resample, ResBlock) else "conv")
+    return kinds
+
+
+def test_resblock_updown_per_resampler():
+    assert resamplers(tiny(resblock_updown=False)) == ["conv"] * 4
+    assert resamplers(tiny(resblock_updown=True)) == ["resblock"] * 4
+    mixed = tiny(resblock_updown=[True, False, False, True])  # down 16->8, down 8->4, up 4->8, up 8->16
+    assert resamplers(mixed) == ["resblock", "conv", "conv", "resblock"]
+    assert mixed.down[0].resample.resample.mode == "down" and mixed.up[1].resample.resample.mode == "up"
+    x = torch.randn(2, 3, 16, 16)
+    assert mixed(x, 3).sample.shape == x.shape
+
+
+def test_resblock_updown_sequence_equal_to_the_bool_builds_the_same_model():
+    torch.manual_seed(0)
+    a = tiny(resblock_updown=True, zero_init_last=False)
+    torch.manual_seed(0)
+    b = tiny(resblock_updown=(True,) * 4, zero_init_last=False)
+    assert a.state_dict().keys() == b.state_dict().keys() and all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_resblock_updown_of_the_wrong_length_names_the_numbers():
+    with pytest.raises(ValueError, match=r"resblock_updown must be a bool or 4 bools, one per resampler \(2 down, then 2 up\), got \[True, False\]"):
+        tiny(resblock_updown=[True, False])
+    with pytest.raises(ValueError, match="resblock_updown must be a bool or 4 bools"):
+        tiny(resblock_updown=[1, 0, 0, 1])
+
+
+def test_per_resampler_resblock_updown_saves_and_loads(tmp_path):
+    model = tiny(resblock_updown=(False, True, True, False), zero_init_last=False).eval()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["resblock_updown"] == [False, True, True, False]
+    loaded = UNet.from_pretrained(tmp_path).eval()
+    assert resamplers(loaded) == ["conv", "resblock", "resblock", "conv"]
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(loaded(x, 9).sample, model(x, 9).sample, rtol=1e-5, atol=1e-5)  # see above
