@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 __all__ = [
@@ -324,7 +325,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hgt, wid = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C)
-        q, k, v = self.qkv(h).view(n, hgt * wid, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (N, heads, HW, d)
+        # Views only (a reshape, then a permute), as the hand-written view + permute before it.
+        q, k, v = rearrange(self.qkv(h), "n l (three heads d) -> three n heads l d", three=3, heads=self.heads)  # 3 x (N, heads, HW, d)
         h = F.scaled_dot_product_attention(q, k, v)  # (N, heads, HW, d)
-        h = self.proj(h.transpose(1, 2).reshape(n, hgt * wid, c))  # (N, HW, C)
+        h = self.proj(rearrange(h, "n heads l d -> n l (heads d)"))  # (N, HW, C)
         return x + h.transpose(1, 2).reshape(n, c, hgt, wid)  # (N, C, H, W)

@@ -350,6 +350,48 @@ def test_attention_matches_a_naive_implementation(head_channels, heads, norm):
     torch.testing.assert_close(attn(x), naive_attention(attn, x))
 
 
+def attention_by_views(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """Attention's forward with the heads split and merged by hand-written view / permute / transpose."""
+    n, c, hgt, wid = x.shape
+    h = attn.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C)
+    q, k, v = attn.qkv(h).view(n, hgt * wid, 3, attn.heads, c // attn.heads).permute(2, 0, 3, 1, 4)  # 3 x (N, heads, HW, d)
+    h = F.scaled_dot_product_attention(q, k, v)  # (N, heads, HW, d)
+    h = attn.proj(h.transpose(1, 2).reshape(n, hgt * wid, c))  # (N, HW, C)
+    return x + h.transpose(1, 2).reshape(n, c, hgt, wid)
+
+
+def copies(fn, *args) -> tuple[torch.Tensor, int]:
+    """``fn(*args)`` and how many tensor copies (clone, copy_, _to_copy) it made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.__name__.split(".")[0] in ("clone", "copy_", "_to_copy")
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn(*args)
+    return out, Count.n
+
+
+@pytest.mark.parametrize("head_channels", [None, 8])
+@pytest.mark.parametrize("grad", [False, True])
+def test_attention_head_split_with_einops_copies_no_more_than_views(head_channels, grad):
+    attn = Attention(32, head_channels, groups=8)
+    x = torch.randn(2, 32, 4, 6)
+    with torch.set_grad_enabled(grad):
+        out, n = copies(attn, x)
+        ref, n_ref = copies(attention_by_views, attn, x)
+    assert n == n_ref
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_attention_takes_no_time_embedding():
+    assert list(inspect.signature(Attention.forward).parameters) == ["self", "x"]
+
+
 def test_attention_heads_are_not_one_head_in_disguise():
     one, four = Attention(32, None, groups=8), Attention(32, 8, groups=8)
     four.load_state_dict(one.state_dict())  # same weights, different head split
