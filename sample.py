@@ -9,22 +9,15 @@ after the script name), hence `--num-images`, never a bare `--num`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from resdiff.diffusion import SAMPLERS
-from resdiff.errors import UsageError, run_cli
+from resdiff.errors import ArgumentParser, run_cli
+from resdiff.hardware import MIXED_PRECISIONS
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports mistakes as a UsageError (one line, exit code 2) instead of usage + message."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see python sample.py --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Generate images from a resdiff run directory or diffusers pipeline folder.", allow_abbrev=False)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="sample.py", description="Generate images from a resdiff run directory or diffusers pipeline folder.")
     p.add_argument("--model", required=True,
                    help="run directory (its model/, else its newest checkpoint's ema/) or pipeline folder")
     p.add_argument("--num-images", "-n", type=int, default=64, help="how many images in all (default 64)")
@@ -37,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: a new RUN/samples-<sampler>-<steps>-seed<seed>[-N]/)")
     p.add_argument("--npz", action="store_true", help="also write samples.npz: uint8 arr_0 of shape (N, H, W, C) for FID tools")
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
-    p.add_argument("--mixed-precision", default="no", metavar="{no,fp16,bf16}", help="run the model under autocast (default no)")
+    p.add_argument("--mixed-precision", default="no", metavar="{" + ",".join(MIXED_PRECISIONS) + "}", help="run the model under autocast (default no)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net's blocks: slow start, faster for many images")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
     p.add_argument("--class-label", type=int, nargs="+", default=None, metavar="LABEL",

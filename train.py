@@ -14,27 +14,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from resdiff.errors import UsageError, run_cli
+from resdiff.errors import ArgumentParser, run_cli
+from resdiff.hardware import MIXED_PRECISIONS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one UsageError line (exit code 2), not usage text plus a message."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see python train.py --help)")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
     p.add_argument("--data", help="image folder (searched recursively); omit for the built-in demo shapes")
     p.add_argument("--out", help="run directory (default: runs/<config or data folder name>)")
     p.add_argument("--steps", type=int, help="total optimizer steps of the run (a resumed run continues up to it)")
     p.add_argument("--batch-size", type=int, help="global batch size, over all processes and accumulation steps")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast precision (bf16 works on CPUs too)")
+    p.add_argument("--mixed-precision", choices=list(MIXED_PRECISIONS), help="autocast precision (bf16 works on CPUs too)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint in the run directory, if any), never, or a checkpoint folder")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.ema_decay=0.999 model.channels=64")
@@ -44,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Everything train.py does, for the arguments ``argv`` (default: the command line)."""
     args = parse_args(argv)
+    from resdiff.build import build_trainer, model_keys
     from resdiff.config import load_config
-    from resdiff.trainer import Trainer, model_keys
 
     config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     flags = {"data.path": args.data, "out": args.out, "train.steps": args.steps, "train.batch_size": args.batch_size,
@@ -55,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.out is None:
         name = Path(cfg.data.path).resolve().name if cfg.data.path else Path(config).stem if config else "demo"
         cfg.out = str(Path("runs") / name)
-    Trainer(cfg, resume=args.resume).fit()
+    build_trainer(cfg, resume=args.resume).fit()
 
 
 if __name__ == "__main__":

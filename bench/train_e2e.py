@@ -32,14 +32,14 @@ def run_one(config: str, precision: str, batch: int, rounds: int, steps: int, im
     """One (config, precision) in this fresh process: bare-step rounds here alternate with train.py chunks."""
     from resdiff.config import load_config
     from resdiff.data import write_demo_folder
-    from resdiff.trainer import Trainer, model_keys
+    from resdiff.build import build_trainer, model_keys
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_demo_folder(Path(tmp) / "pngs", images, 32)
         quiet = ["train.log_every=1", "train.preview_images=1", "train.preview_steps=1", *overrides]  # previews: one-off, kept short
         bare_cfg = load_config(config, [f"data.path={folder}", f"train.batch_size={batch}", f"train.mixed_precision={precision}",
                                         f"out={tmp}/bare", *quiet], model_keys=model_keys())
-        trainer = Trainer(bare_cfg, resume="never", echo=lambda _m: None)
+        trainer = build_trainer(bare_cfg, resume="never", echo=lambda _m: None)
         images_, labels = next(iter(trainer.batches))
 
         def bare() -> list[float]:

@@ -33,7 +33,7 @@ from bench.common import (  # noqa: E402
 
 def make_trainer(preset: str, precision: str, batch: int, workdir: str, dropout: float | None, extra: tuple[str, ...] = ()):
     from resdiff.config import load_config
-    from resdiff.trainer import Trainer
+    from resdiff.build import build_trainer
 
     overrides = [f"model.preset={preset}", f"train.batch_size={batch}", f"train.mixed_precision={precision}",
                  "data.demo_images=256", "data.num_workers=0", f"out={workdir}/run{len(extra)}", *extra]
@@ -41,7 +41,7 @@ def make_trainer(preset: str, precision: str, batch: int, workdir: str, dropout:
         overrides.append(f"model.dropout={dropout}")
     size = {"ddpm-celebahq-256": 256}.get(preset, 32)
     overrides.append(f"data.image_size={size}")
-    return Trainer(load_config(None, overrides), resume="never", echo=lambda _m: None)
+    return build_trainer(load_config(None, overrides), resume="never", echo=lambda _m: None)
 
 
 def diffusers_step_fn(trainer, batch: int):
@@ -55,7 +55,7 @@ def diffusers_step_fn(trainer, batch: int):
     optimizer = acc.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8))
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    size, ch = trainer.cfg.data.image_size, trainer.cfg.data.channels
+    size, ch = trainer.ema.model.config.sample_size, trainer.ema.model.config.in_channels
     clean = torch.rand(batch, ch, size, size, device=acc.device) * 2 - 1
 
     def step():
@@ -75,7 +75,7 @@ def diffusers_step_fn(trainer, batch: int):
 
 
 def resdiff_step_fn(trainer, batch: int):
-    images = torch.randint(0, 256, (batch, trainer.cfg.data.channels, trainer.cfg.data.image_size, trainer.cfg.data.image_size), dtype=torch.uint8)
+    images = torch.randint(0, 256, (batch, trainer.ema.model.config.in_channels, trainer.ema.model.config.sample_size, trainer.ema.model.config.sample_size), dtype=torch.uint8)
     labels = torch.zeros(batch, dtype=torch.long)
     return lambda: trainer.train_step(images, labels)
 
@@ -103,7 +103,7 @@ def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_roun
         times = interleaved(contenders, rounds, sync)
         # Casts and copies of one step: the dtype flow does not depend on the hardware, so this holds on any CPU.
         copies = {"resdiff": op_counts(resdiff_step), "diffusers": op_counts(diffusers_step)}
-        size = trainer.cfg.data.image_size
+        size = trainer.ema.model.config.sample_size
         x = torch.randn(1, 3, size, size, device=trainer.accelerator.device)
         flops = count_flops(lambda: ours(x, torch.tensor([10], device=x.device)).sample.sum().backward())
         ours.zero_grad(set_to_none=True)
@@ -125,7 +125,7 @@ def peak_memory(which: str, preset: str, precision: str, batch: int, steps: int 
         trainer = make_trainer(preset, precision, batch, workdir, dropout=None)
         if which == "diffusers":
             theirs, step = diffusers_step_fn(trainer, batch)
-            del trainer.model, trainer.optimizer, trainer.ema, trainer.ema_unet  # only diffusers' copy stays
+            del trainer.model, trainer.optimizer, trainer.ema  # only diffusers' copy stays
         else:
             step = resdiff_step_fn(trainer, batch)
         import gc

@@ -8,6 +8,7 @@ Every value is then coerced to the type its field declares and range-checked; an
 `UsageError` line that names the key, the value, where it came from, and what to do.
 """
 
+import collections.abc
 import dataclasses
 import difflib
 import math
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from .diffusion import SAMPLERS
 from .errors import UsageError
+from .hardware import MIXED_PRECISIONS
 
 
 @dataclass
@@ -29,7 +32,7 @@ class DataConfig:
 
     path: str | None = None  # None: the built-in demo dataset (procedural shapes)
     image_size: int = 32
-    channels: int = 3  # 1 (grayscale) or 3 (RGB)
+    image_channels: int = 3  # 1 (grayscale) or 3 (RGB); model.channels is the U-Net's width (was data.channels)
     class_cond: bool = False
     random_flip: bool = True
     random_crop: bool = False
@@ -65,14 +68,14 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "no"  # one of resdiff.hardware.MIXED_PRECISIONS: no | fp16 | bf16
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     preview_every: int = 1000
     preview_images: int = 16
-    preview_sampler: str = "ddim"  # ddpm | ddim | dpm++ | euler | heun
+    preview_sampler: str = "ddim"  # one of resdiff.diffusion.SAMPLERS: ddpm | ddim | dpm++ | euler | heun
     preview_steps: int = 50
     trackers: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
     compile: bool = False
@@ -104,7 +107,7 @@ _FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 _RULES = {
     "data.image_size": _POSITIVE,
-    "data.channels": (lambda v: v in (1, 3), "must be 1 (grayscale) or 3 (RGB)"),
+    "data.image_channels": (lambda v: v in (1, 3), "must be 1 (grayscale) or 3 (RGB)"),
     "data.cache": (lambda v: v in (True, False, "auto"), "must be true, false or auto"),
     "data.num_workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0), "must be auto or an integer >= 0"),
     "data.demo_images": _POSITIVE,
@@ -135,9 +138,12 @@ _RULES = {
 _CHOICES = {
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-    "train.preview_sampler": ("ddpm", "ddim", "dpm++", "euler", "heun"),
+    "train.mixed_precision": tuple(MIXED_PRECISIONS),
+    "train.preview_sampler": tuple(SAMPLERS),
 }
+
+# Keys that were renamed: the old name still reads (saved config.yaml files use it), as the new one.
+_RENAMED = {"data.channels": "data.image_channels"}
 
 _ALIASES = {
     "diffusion.beta_schedule": {"cosine": "squaredcos_cap_v2"},
@@ -218,11 +224,11 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 _PLURAL_NAMES = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 
-def _describe(hint) -> str:
+def describe(hint) -> str:
     """What a type hint asks for, in words: 'a number or null', 'a list of strings'."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
+        return " or ".join(describe(a) for a in args)
     if origin is list:
         return f"a list of {_PLURAL_NAMES.get(args[0], 'values')}"
     if origin is tuple:
@@ -251,6 +257,8 @@ def _coerce(value, hint):
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     number = _as_number(value)
+    if hint is typing.Any:
+        return value
     if origin in (typing.Union, types.UnionType):
         for arg in args:
             try:
@@ -267,11 +275,24 @@ def _coerce(value, hint):
         return float(number)
     elif hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    elif origin is list and isinstance(value, (list, tuple)):
-        return [_coerce(v, args[0]) for v in value]
+    elif origin in (list, collections.abc.Sequence) and isinstance(value, (list, tuple)):
+        return [_coerce(v, args[0]) for v in value] if args else list(value)
+    elif origin is tuple and isinstance(value, (list, tuple)) and len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0]) for v in value)
     elif origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
         return tuple(_coerce(v, a) for v, a in zip(value, args))
-    raise TypeError(f"{value!r} is not {_describe(hint)}")
+    raise TypeError(f"{value!r} is not {describe(hint)}")
+
+
+def fits(value, hint) -> bool:
+    """Whether ``value`` already is of the type ``hint`` names (no conversion needed: "16" is no int, a list
+    fits a tuple). Checks JSON configs of saved models against their constructor's annotations."""
+    if typing.get_origin(hint) is None and hint is not typing.Any and hint not in _TYPE_NAMES:
+        return True  # an annotation of a kind this does not judge
+    try:
+        return _plain(_coerce(value, hint)) == _plain(value)
+    except TypeError:
+        return False
 
 
 def _checked(name: str, value, hint, source: str):
@@ -283,7 +304,7 @@ def _checked(name: str, value, hint, source: str):
     try:
         value = _coerce(value, hint)
     except TypeError:
-        raise UsageError(f"{name} must be {_describe(hint)}, got {value!r} ({source})") from None
+        raise UsageError(f"{name} must be {describe(hint)}, got {value!r} ({source})") from None
     if choices and value not in choices:
         raise UsageError(
             f"{name} must be one of {', '.join(choices)}, got {value!r} ({source}){_did_you_mean(value, choices)}"
@@ -382,10 +403,12 @@ def load_config(
     if path is not None:
         source = f"in {path}"
         for name, value in _flatten_file(_read_yaml(path), source).items():
+            name = _RENAMED.get(name, name)
             _check_name(name, source, model_keys)
             given[name] = (value, source)
     for item in overrides:
         name, value = _parse_override(item)
+        name = _RENAMED.get(name, name)
         source = f"from override {item!r}"
         _check_name(name, source, model_keys)
         given[name] = (value, source)

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from .errors import UsageError, one_line
+from .images import save_png
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {"png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"}
@@ -324,12 +325,19 @@ class ImageFolder(torch.utils.data.Dataset):
         """Image i as a contiguous uint8 (C, H, W) tensor and its class label."""
         x = self._stored(i)
         x = _random_crop(x, self.image_size) if self.random_crop else _center_crop(x, self.image_size)
-        if self.random_flip and torch.rand(()) < 0.5:
-            return x.flip(-1).contiguous(), self.labels[i]  # (C, H, W)
+        if self.random_flip:
+            return random_flip(x[None])[0], self.labels[i]  # (C, H, W)
         return x.clone(memory_format=torch.contiguous_format), self.labels[i]  # (C, H, W)
 
 
-# ----------------------------------------------------------------------------- value ranges
+# ----------------------------------------------------------------------------- augmentation and value ranges
+
+
+def random_flip(images: torch.Tensor) -> torch.Tensor:
+    """Each image of (N, C, H, W) mirrored left-right with probability 1/2, drawn from torch's global RNG
+    (which checkpoints save, so a resumed run flips the same images). Returns a new tensor."""
+    flip = torch.rand(images.shape[0]) < 0.5  # (N,)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
@@ -388,9 +396,7 @@ def write_demo_folder(root: str | Path, n: int = 2000, image_size: int = 32, see
         )
     images = demo_shapes(n, image_size, 3, seed).permute(0, 2, 3, 1).numpy()  # (n, H, W, C)
     for name, pixels in zip(names, images):
-        tmp = root / f".{name}.{os.getpid()}.tmp"  # atomic: a half-written file never has the final name
-        Image.fromarray(pixels).save(tmp, format="PNG")
-        os.replace(tmp, root / name)
+        save_png(Image.fromarray(pixels), root / name)  # atomic: a half-written file never has the final name
     return root
 
 
@@ -421,12 +427,16 @@ class ShardedBatches:
 
     Epoch e is a permutation seeded by (seed, e), cut into global micro-batches of which each process
     takes its own slice. The position is two integers, (epoch, index), so a resumed run sees exactly
-    the batches it would have seen.
+    the batches it would have seen. With ``flip``, each batch is mirrored by ``random_flip`` as it is
+    handed out, in the training process (never in a loader worker), so the flips follow the saved RNG too.
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, per_process: int, rank: int, world: int, seed: int, loader_kwargs: dict):
+    def __init__(
+        self, dataset: torch.utils.data.Dataset, per_process: int, rank: int, world: int, seed: int,
+        loader_kwargs: dict, flip: bool = False,
+    ):
         self.dataset, self.per_process, self.rank, self.world, self.seed = dataset, per_process, rank, world, seed
-        self.loader_kwargs = loader_kwargs
+        self.loader_kwargs, self.flip = loader_kwargs, flip
         self.epoch, self.index = 0, 0
         self.per_epoch = len(dataset) // (per_process * world)
         if self.per_epoch == 0:
@@ -434,6 +444,15 @@ class ShardedBatches:
                 f"the dataset has {len(dataset)} images, fewer than one batch of {per_process * world} "
                 f"({per_process} per process x {world} processes); add images or lower --batch-size"
             )
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Where the batches are: (epoch, index of the next batch in it). Checkpoints save it."""
+        return self.epoch, self.index
+
+    def seek(self, epoch: int, index: int) -> None:
+        """Continue from ``position`` (epoch, index); the next iteration starts there."""
+        self.epoch, self.index = epoch, index
 
     def _generator(self) -> torch.Generator:
         """This epoch's generator. DataLoader draws worker seeds from it, not from the global RNG."""
@@ -449,5 +468,5 @@ class ShardedBatches:
             batches = self._epoch_batches()[self.index :]
             for images, labels in DataLoader(self.dataset, batch_sampler=batches, generator=self._generator(), **self.loader_kwargs):
                 self.index += 1
-                yield images, labels
+                yield (random_flip(images) if self.flip else images), labels
             self.epoch, self.index = self.epoch + 1, 0

@@ -130,10 +130,10 @@ class DDPM:
     def sample(
         self,
         model: Callable,
-        scheduler: SchedulerMixin,
         noise: torch.Tensor,
         *,
-        steps: int,
+        sampler: str = "ddim",
+        steps: int | None = None,
         generators: Sequence[torch.Generator] | None = None,
         class_labels: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
@@ -141,12 +141,15 @@ class DDPM:
         eta: float = 0.0,
         progress: Callable | None = None,
     ) -> torch.Tensor:
-        """Denoise ``noise`` (N, C, H, W) into images in [-1, 1] with ``scheduler`` in ``steps`` steps.
+        """Denoise ``noise`` (N, C, H, W) into images in [-1, 1] with sampler ``sampler`` (see SAMPLERS) in ``steps``
+        steps (None: the sampler's own count), over this DDPM's noise schedule.
 
-        With ``class_labels`` and ``guidance_scale`` != 1, classifier-free guidance mixes the conditional
+        ``generators`` (one per image) draw any per-step noise, so an image does not depend on its batch.
+        ``eta`` is DDIM's (0: deterministic). With ``class_labels`` and ``guidance_scale`` != 1, classifier-free guidance mixes the conditional
         and the null-class predictions: uncond + scale * (cond - uncond).
         """
-        scheduler.set_timesteps(steps, device=noise.device)
+        scheduler, default_steps = make_sampler(sampler, self.scheduler.config)  # fresh: schedulers keep per-run state
+        scheduler.set_timesteps(steps or default_steps, device=noise.device)
         x = noise * scheduler.init_noise_sigma
         guided = class_labels is not None and guidance_scale != 1.0
         if guided and null_label is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -37,3 +38,14 @@ def run_cli(main: Callable[[], object]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for resdiff's CLIs: a mistake is one UsageError line (exit code 2 through ``run_cli``) instead of
+    usage text plus a message, and no option is matched by an abbreviation (launchers parse those: see README)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see python {self.prog} --help)")

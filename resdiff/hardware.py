@@ -1,10 +1,15 @@
-"""What the machine can do fast: warnings for precision choices that would run emulated."""
+"""The machine: which devices exist, what they run fast, and the precision choices that would run emulated."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["bf16_is_native", "precision_warning"]
+from .errors import UsageError
+
+__all__ = ["MIXED_PRECISIONS", "bf16_is_native", "precision_warning", "default_device", "check_device"]
+
+# The autocast precisions a user can choose (--mixed-precision, train.mixed_precision): name -> dtype.
+MIXED_PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def bf16_is_native(device: torch.device | str) -> bool:
@@ -26,3 +31,23 @@ def precision_warning(device: torch.device | str, mixed_precision: str) -> str |
     if mixed_precision == "fp16" and torch.device(device).type == "cpu":
         return "warning: fp16 autocast on a CPU is emulated and slow; use bf16 on CPUs with AVX512-BF16/AMX, else no"
     return None
+
+
+def default_device() -> torch.device:
+    """This process's GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device (None stays None), or a UsageError when this machine has no such device."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {device!r}; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device} was asked for but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device

@@ -1,72 +1,203 @@
-"""The run directory around the checkpoints: its config, log, exported model, and how it stays whole.
+"""The run directory: the one owner of its file layout, its checkpoint format and how it stays whole.
 
-    RUN/config.yaml      the resolved config          RUN/log.jsonl   one JSON line per logged step
-    RUN/samples/         preview grids by step        RUN/model/      the EMA model, a DDPMPipeline folder
-    RUN/checkpoints/     resumable state (see resdiff.checkpoint)
-    RUN/.lock            the process that owns the run (resdiff.checkpoint.RunLock)
+    RUN/config.yaml        the resolved config               RUN/log.jsonl   one JSON line per logged step
+    RUN/samples/           preview grids, step-NNNNNNN.png   RUN/model/      the EMA model, a DDPMPipeline folder
+    RUN/checkpoints/step-NNNNNNN/   resumable state:
+        state.json (step, data position, EMA updates, world size)   model.safetensors (the trained weights)
+        optimizer.pt (optimizer and LR schedule)   rng-<rank>.pt (each process's RNG)   ema/ (a pipeline folder)
+    RUN/.lock              the process that owns the run (``RunLock``)
 
-Every file is written under a temporary dot-name and renamed into place, so an interruption leaves the
-old version or the new one, never half of one. ``remove_leftovers`` deletes the temporary names an
-interrupted run left behind; ``trim_log`` drops log records of steps that a resume will redo.
+Every file is written under a temporary name and renamed into place (``resdiff.files``), so an interruption
+leaves the old version or the new one, never half of one; ``remove_leftovers`` deletes what an interrupted
+run left. A folder with a checkpoint's final name can still be damaged afterwards (a file deleted by hand,
+a disk that lost its tail), so nothing trusts the name alone: ``checkpoint_problem`` checks that every part
+is there and whole (JSON parses, safetensors headers match the file sizes, torch files are complete zip
+archives), and ``complete_checkpoints`` / ``latest_checkpoint`` list only folders that pass.
+
+``RunDir`` is what the trainer holds: it saves and loads a ``TrainState`` and the EMA pipeline, writes the
+log, previews and the exported model, and never lets the trainer name a file. Weights are read through
+safetensors only, optimizer and RNG state through ``torch.load(weights_only=True)``, which refuses any
+pickle that is not plain tensors and containers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import struct
+import time
+import weakref
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from safetensors import SafetensorError
+import torch
+from safetensors.torch import load_file, save_file
 
 from .config import Config, config_diff, load_config, save_config
-from .errors import UsageError, one_line
+from .errors import TrainingError, UsageError
+from .files import WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic, write_problem
 
 __all__ = [
-    "WRITE_ERRORS", "write_problem", "human_size", "fsync_tree", "write_config", "remove_leftovers",
-    "check_same_model", "check_disk", "trim_log", "export_model",
+    "RunDir", "TrainState", "RunLock", "checkpoint_dir", "step_of", "list_checkpoints", "complete_checkpoints",
+    "latest_checkpoint", "checkpoint_problem", "file_problem", "rotate_checkpoints", "remove_leftovers",
+    "check_same_model", "check_disk", "trim_log", "write_config", "export_model", "PIPELINE_FILES",
+    "human_size", "write_problem",
 ]
 
-# What a failed write raises: OSError from Python, RuntimeError from torch.save, SafetensorError from safetensors.
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-
-# Temporary names of interrupted writes, relative to the run directory.
-_LEFTOVERS = ("checkpoints/.step-*.tmp", "checkpoints/.step-*.old", ".model.tmp", ".model.old", "samples/.*.tmp",
-              ".config.yaml.tmp", ".log.jsonl.tmp", ".lock.stale.*")
-
-
-def write_problem(err: BaseException) -> str:
-    """What went wrong in a failed write, in a few words."""
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
-    return f"{type(err).__name__}: {one_line(err)}"
+# The layout: every name in a run directory, here and nowhere else.
+CONFIG, LOG, MODEL, SAMPLES, CHECKPOINTS, LOCK = "config.yaml", "log.jsonl", "model", "samples", "checkpoints", ".lock"
+STATE, WEIGHTS, OPTIMIZER, EMA = "state.json", "model.safetensors", "optimizer.pt", "ema"
+# A pipeline folder as DDPMPipeline.save_pretrained writes it: what sampling needs.
+PIPELINE_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+PIPELINE_FILES = ("model_index.json", "unet/config.json", PIPELINE_WEIGHTS, "scheduler/scheduler_config.json")
+EMA_FILES = tuple(f"{EMA}/{name}" for name in PIPELINE_FILES)
+# Everything resuming needs (rng-<rank>.pt files are optional: without them a resume reseeds).
+CHECKPOINT_FILES = (STATE, WEIGHTS, OPTIMIZER, *EMA_FILES)
+_STATE_KEYS = ("step", "epoch", "batch", "ema_step", "world_size")
+_NAME = re.compile(r"^step-(\d+)$")
 
 
-def human_size(n: float) -> str:
-    """A byte count for people: ``512 bytes``, ``1.5 GB``."""
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.pt"
 
 
-def fsync_tree(root: Path) -> None:
-    """Flush every file below ``root`` and the folders themselves to disk."""
-    for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """The folder of the checkpoint taken after ``step`` optimizer steps."""
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
+
+
+def step_of(path: str | Path) -> int:
+    """The step a checkpoint folder was taken at."""
+    m = _NAME.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not a checkpoint folder (step-NNNNNNN)")
+    return int(m.group(1))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every folder named like a checkpoint (``checkpoints/step-N``), complete or not, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=step_of)
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Whether a safetensors file is whole: its header parses and its tensors end exactly at the end of the file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "truncated (no header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                return "truncated or not a safetensors file (header larger than the file)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as err:
+        return f"unreadable ({' '.join(str(err).split())})"
+    if not isinstance(header, dict):
+        return "not a safetensors file"
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        return f"truncated ({size} bytes, expected {expected})"
+    return None
+
+
+def file_problem(file: str | Path) -> str | None:
+    """Why one file of a checkpoint or pipeline folder is unusable (``"is missing"``, ``"is truncated ..."``), or None."""
+    file = Path(file)
+    if not file.is_file():
+        return "is missing"
+    if file.suffix == ".safetensors":
+        problem = _safetensors_problem(file)
+        return f"is {problem}" if problem else None
+    if file.suffix == ".pt":  # torch.save writes zip archives; a cut-off one lacks its central directory
+        return None if zipfile.is_zipfile(file) else "is truncated or not a torch checkpoint file"
+    if file.suffix == ".json":
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            return f"is unreadable ({' '.join(str(err).split())})"
+    return None
+
+
+def checkpoint_problem(path: str | Path, *, ema_only: bool = False) -> str | None:
+    """Why a checkpoint folder cannot be used (``"optimizer.pt is missing"``), or None when it is complete.
+
+    ``ema_only`` checks just the exported EMA pipeline (what sampling reads), not the training state.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "is not a folder"
+    if not ema_only:
+        try:
+            state = json.loads((path / STATE).read_text())
+        except FileNotFoundError:
+            return f"{STATE} is missing"
+        except (OSError, ValueError) as err:
+            return f"{STATE} is unreadable ({' '.join(str(err).split())})"
+        if not isinstance(state, dict) or any(not isinstance(state.get(k), int) for k in _STATE_KEYS):
+            return f"{STATE} lacks one of {', '.join(_STATE_KEYS)}"
+        if _NAME.match(path.name) and state["step"] != step_of(path):
+            return f"{STATE} is for step {state['step']}, not {step_of(path)}"
+    for name in EMA_FILES if ema_only else CHECKPOINT_FILES[1:]:
+        problem = file_problem(path / name)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
+def complete_checkpoints(
+    run_dir: str | Path, warn: Callable[[str], None] | None = None, *, ema_only: bool = False
+) -> list[Path]:
+    """The complete checkpoints of a run, oldest first; ``warn`` hears one line per damaged one skipped."""
+    found = []
+    for path in list_checkpoints(run_dir):
+        problem = checkpoint_problem(path, ema_only=ema_only)
+        if problem is None:
+            found.append(path)
+        elif warn is not None:
+            warn(f"warning: skipping checkpoint {path}: {problem}")
+    return found
+
+
+def latest_checkpoint(
+    run_dir: str | Path, warn: Callable[[str], None] | None = None, *, ema_only: bool = False
+) -> Path | None:
+    """The newest complete checkpoint, or None. Damaged ones are passed over (``warn`` hears why)."""
+    found = complete_checkpoints(run_dir, warn, ema_only=ema_only)
+    return found[-1] if found else None
+
+
+def rotate_checkpoints(saved: Path, keep: int) -> list[Path]:
+    """Once the checkpoint ``saved`` is complete, delete the oldest complete checkpoints taken before it
+    until ``keep`` complete ones at or below its step remain; returns the deleted folders.
+
+    So the checkpoint a run resumed from is deleted only after a newer one is complete; the newest complete
+    one (the one just saved) never is; and neither are checkpoints of later steps (left from before a resume
+    fell back past them; the run overwrites them when it gets there) nor damaged folders, which
+    ``complete_checkpoints`` warns about and which are left for a person to look at."""
+    if checkpoint_problem(saved) is not None:
+        return []
+    older = [p for p in complete_checkpoints(saved.parent.parent) if step_of(p) < step_of(saved)]
+    doomed = older[: max(0, len(older) + 1 - keep)]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
     """RUN/config.yaml, written under a temporary name and renamed, so it is never half-written."""
-    tmp = run_dir / ".config.yaml.tmp"
     try:
-        save_config(cfg, tmp)
-        os.replace(tmp, run_dir / "config.yaml")
+        write_atomic(run_dir / CONFIG, lambda tmp: save_config(cfg, tmp))
     except OSError as err:
         raise UsageError(f"cannot write to run directory {run_dir}: {err.strerror or err}") from None
 
@@ -74,7 +205,10 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 def remove_leftovers(run_dir: Path) -> list[str]:
     """Delete what an interrupted run left half-written; returns their names. Call it holding the run's lock,
     so that no running process is writing them."""
-    found = sorted(path for pattern in _LEFTOVERS for path in run_dir.glob(pattern))
+    found = sorted([
+        *leftovers(run_dir / CHECKPOINTS, "step-*"), *leftovers(run_dir / SAMPLES), *leftovers(run_dir, MODEL),
+        *leftovers(run_dir, CONFIG), *leftovers(run_dir, LOG), *run_dir.glob(f"{LOCK}.stale.*"),
+    ])
     for path in found:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -83,14 +217,28 @@ def remove_leftovers(run_dir: Path) -> list[str]:
     return [str(p.relative_to(run_dir)) for p in found]
 
 
+def export_model(run_dir: Path, source: Path) -> None:
+    """Replace RUN/model with a copy of ``source`` (a checkpoint's EMA pipeline), never leaving it half-written."""
+    target = run_dir / MODEL
+    tmp = temporary(target)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        shutil.copytree(source, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(target, tmp)
+
+
 def check_same_model(run_dir: Path, cfg: Config) -> None:
     """Refuse a resume whose config changes the shape of the model saved in ``run_dir``."""
-    saved = run_dir / "config.yaml"
+    saved = run_dir / CONFIG
     if not saved.is_file():
         return
     old = load_config(saved)
     diffs = config_diff(old, cfg, "model")
-    for key in ("image_size", "channels", "class_cond"):
+    for key in ("image_size", "image_channels", "class_cond"):
         a, b = getattr(old.data, key), getattr(cfg.data, key)
         if a != b:
             diffs.append(f"data.{key}: {a} -> {b}")
@@ -103,7 +251,7 @@ def check_same_model(run_dir: Path, cfg: Config) -> None:
 
 def check_disk(run_dir: Path, parameters: int) -> None:
     """The run directory takes a new file, and its disk has room for about three checkpoints."""
-    for folder in (run_dir, run_dir / "checkpoints"):
+    for folder in (run_dir, run_dir / CHECKPOINTS):
         if not folder.is_dir():
             continue
         probe = folder / f".write-probe-{os.getpid()}"
@@ -125,7 +273,7 @@ def check_disk(run_dir: Path, parameters: int) -> None:
 def trim_log(run_dir: Path, step: int) -> int:
     """Keep log.jsonl's records up to ``step``, where training continues from: records past it (work an
     interruption lost, which the run repeats) and a line cut off mid-write go. Returns how many went."""
-    log = run_dir / "log.jsonl"
+    log = run_dir / LOG
     if not log.is_file():
         return 0
     lines = log.read_text(errors="replace").splitlines(keepends=True)
@@ -138,24 +286,287 @@ def trim_log(run_dir: Path, step: int) -> int:
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line)
     if len(kept) < len(lines):
-        tmp = log.with_name(".log.jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, log)
+        write_atomic(log, lambda tmp: tmp.write_text("".join(kept)))
     return len(lines) - len(kept)
 
 
-def export_model(run_dir: Path, source: Path) -> None:
-    """Replace RUN/model with a copy of ``source`` (a checkpoint's EMA pipeline), never leaving it half-written."""
-    target, tmp, old = run_dir / "model", run_dir / ".model.tmp", run_dir / ".model.old"
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
+# ----------------------------------------------------------------------------- the run lock
+
+_HELD: set[str] = set()  # lock files this process holds (a lock naming our own pid but not in here is stale)
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, from /proc), to tell a reused pid from the lock's owner."""
     try:
-        shutil.copytree(source, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def _release(path: Path, token: str) -> None:
+    """Remove the lock file if it is still ours (at exit, on errors, or when the Trainer is collected)."""
+    _HELD.discard(str(path))
+    try:
+        if path.read_text() == token:
+            path.unlink()
+    except OSError:
+        pass
+
+
+class RunLock:
+    """``RUN/.lock``: one process writes a run directory at a time.
+
+    ``acquire`` creates the file with O_CREAT | O_EXCL (atomic: of two processes exactly one succeeds),
+    writing host, pid and the process start time. An existing lock whose process is alive (or on another
+    host, which cannot be checked) is a one-line UsageError; one whose process is gone is taken over with
+    a warning. ``release`` (also run at interpreter exit and when the object is collected) removes it.
+    """
+
+    def __init__(self, run_dir: str | Path, warn: Callable[[str], None] = print):
+        self.run_dir, self.path, self.warn = Path(run_dir), Path(run_dir) / LOCK, warn
+        self._token: str | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None
+
+    def acquire(self) -> None:
+        if self.held:
+            return
+        pid = os.getpid()
+        token = json.dumps({"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "time": round(time.time())})
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            except OSError as err:
+                raise UsageError(f"cannot write to run directory {self.run_dir}: {err.strerror}") from None
+            try:
+                os.write(fd, token.encode())
+            finally:
+                os.close(fd)
+            self._token = token
+            _HELD.add(str(self.path))
+            self._finalizer = weakref.finalize(self, _release, self.path, token)  # runs at exit too
+            return
+        raise UsageError(f"cannot take {self.path}: other processes keep creating it; is another run starting on {self.run_dir}?")
+
+    def _take_over_if_stale(self) -> None:
+        """Remove an existing lock whose owner is gone, else raise the UsageError that names the owner."""
+        try:
+            text = self.path.read_text()
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        try:
+            owner = json.loads(text)
+            host, pid, start = str(owner["host"]), int(owner["pid"]), owner.get("start")
+        except (ValueError, KeyError, TypeError):
+            if age < 10:  # being written by a process that just created it
+                raise UsageError(f"{self.run_dir} is being claimed by another run right now; wait for it") from None
+            raise UsageError(
+                f"{self.path} is unreadable; remove it if no run is using {self.run_dir}"
+            ) from None
+        here = socket.gethostname()
+        ours = pid == os.getpid() and str(self.path) in _HELD
+        if host != here or ours or (pid != os.getpid() and _alive(pid, start)):
+            raise UsageError(
+                f"{self.run_dir} is in use by pid {pid} on {host}; wait for it or remove {self.path} if that process is gone"
+            )
+        # Stale: move it aside under a name of our own (atomic), check we moved the lock we judged, drop it.
+        aside = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        if aside.read_text() != text:  # someone else took it over in between: give theirs back, report them
+            os.replace(aside, self.path)
+            raise UsageError(f"{self.run_dir} was just claimed by another run; wait for it or remove {self.path}")
+        aside.unlink()
+        self.warn(f"warning: {self.path} was left by pid {pid} on {host}, which is no longer running; taking it over")
+
+    def release(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # calls _release once, and not again at exit
+        self._token, self._finalizer = None, None
+
+
+# ----------------------------------------------------------------------------- what the trainer holds
+
+
+@dataclass
+class TrainState:
+    """Everything a run resumes from besides the EMA model: what a checkpoint's state.json, model.safetensors,
+    optimizer.pt and rng-<rank>.pt hold. ``rng`` is this process's (None: the checkpoint has none for it)."""
+
+    step: int
+    epoch: int
+    batch: int
+    ema_updates: int
+    world_size: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    lr_schedule: dict
+    rng: dict | None
+
+
+class RunDir:
+    """A run directory as the trainer sees it: it asks to save and load state, log, preview and export, and the
+    names of the files stay in here. Methods marked "main process" are called on the main process only."""
+
+    def __init__(self, path: str | Path, warn: Callable[[str], None] = print):
+        self.path = Path(path)
+        self.lock = RunLock(self.path, warn=warn)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / SAMPLES
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG
+
+    def open(self) -> None:
+        """Create the folder if needed and take its lock (main process)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create run directory {self.path}: {err.strerror}") from None
+        self.lock.acquire()
+
+    def has_model(self) -> bool:
+        return (self.path / MODEL / PIPELINE_FILES[0]).is_file()
+
+    # --------------------------------------------------------------------- the log and previews (main process)
+    def append_log(self, record: dict) -> None:
+        """One JSON line in log.jsonl; a failed write is a TrainingError saying what to do."""
+        try:
+            with open(self.path / LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise TrainingError(
+                f"cannot write {self.path / LOG} at step {record.get('step')} ({write_problem(err)}); "
+                f"free disk space in {self.path} (or fix its permissions), then resume with the same command"
+            ) from None
+
+    def save_preview(self, step: int, save: Callable[[Path], object]) -> Path:
+        """samples/step-NNNNNNN.png, written by ``save(path)`` under a temporary name (a grid with its final name
+        is always whole)."""
+        path = self.path / SAMPLES / f"step-{step:07d}.png"
+        try:
+            path.parent.mkdir(exist_ok=True)
+            write_atomic(path, save)
+        except OSError as err:
+            raise TrainingError(
+                f"cannot write preview {path} ({write_problem(err)}); free disk space in {self.path}, "
+                f"then resume with the same command"
+            ) from None
+        return path
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(
+        self, state: TrainState, ema: object, *, rank: int, agree: Callable[[bool], bool], keep: int
+    ) -> Path:
+        """Write checkpoint ``state.step`` on every process (each writes its own RNG state, the main process the
+        rest), with ``ema`` (a DDPMPipeline) as its ``ema/`` folder; then export the EMA model and keep the
+        ``keep`` newest complete checkpoints (see ``rotate_checkpoints``). Returns the folder.
+
+        It is written under a temporary name, fsynced and renamed into place. ``agree(ok)`` is a collective: True
+        when every process's ``ok`` is. A failed write anywhere (disk full, a read-only or vanished folder)
+        removes the temporary folder, leaves every earlier checkpoint as it was, and raises a TrainingError on
+        every process that names the folder."""
+        main = rank == 0
+        final = checkpoint_dir(self.path, state.step)
+        tmp = temporary(final)
+        error: BaseException | None = None
+        if main:
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except WRITE_ERRORS as err:
+                error = err
+        ok = agree(error is None)  # also the barrier: no process writes before the folder exists
+        if ok:
+            try:
+                torch.save(state.rng, tmp / rng_file(rank))
+                if main:
+                    save_file({k: v.contiguous() for k, v in state.model.items()}, tmp / WEIGHTS)  # channels_last is strided
+                    ema.save_pretrained(tmp / EMA)
+                    torch.save({"optimizer": state.optimizer, "lr_schedule": state.lr_schedule}, tmp / OPTIMIZER)
+                    counters = {"step": state.step, "epoch": state.epoch, "batch": state.batch,
+                                "ema_step": state.ema_updates, "world_size": state.world_size}
+                    (tmp / STATE).write_text(json.dumps(counters, indent=1))
+                    fsync_tree(tmp)
+            except WRITE_ERRORS as err:
+                error = err
+            ok = agree(error is None)
+        if not ok:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(self._save_failed(final, error, "checkpoint", state.step))
+        if main:
+            try:
+                replace_folder(final, tmp)  # a checkpoint of this step from before an interruption is replaced
+                export_model(self.path, final / EMA)
+                rotate_checkpoints(final, keep)
+            except WRITE_ERRORS as err:
+                error = err
+        if not agree(error is None):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(self._save_failed(final, error, "model export", state.step))
+        return final
+
+    def _save_failed(self, final: Path, error: BaseException | None, what: str, step: int) -> str:
+        """The message of a failed checkpoint: what failed, what is still there, what to do."""
+        done = [p for p in complete_checkpoints(self.path) if p != final]
+        kept = f"the last complete checkpoint, {done[-1]}, is intact" if done else "no earlier checkpoint exists"
+        if final.is_dir() and checkpoint_problem(final) is None:
+            kept = f"the checkpoint {final} itself is complete"
+        why = write_problem(error) if error is not None else "it failed on another process"
+        where = final.parent if what == "checkpoint" else self.path / MODEL
+        return (f"cannot write the {what} of step {step} in {where} ({why}); {kept}. "
+                f"Free disk space there (or fix its permissions), then resume with the same command")
+
+    def load_checkpoint(
+        self, path: Path, *, rank: int, world: int, device: torch.device
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """A checkpoint read into memory on ``device``: the training state and the EMA weights. Nothing is
+        applied, so a damaged file (any error raised here) leaves the trainer untouched."""
+        where = "cpu" if device.type == "cpu" else str(device)  # a multi-process CPU run's "cpu:0" is refused by both loaders
+        counters = json.loads((path / STATE).read_text())
+        model = load_file(path / WEIGHTS, device=where)
+        ema = load_file(path / EMA / PIPELINE_WEIGHTS, device=where)
+        opt = torch.load(path / OPTIMIZER, map_location=where, weights_only=True)
+        rng = None
+        if counters["world_size"] == world and (path / rng_file(rank)).is_file():
+            rng = torch.load(path / rng_file(rank), weights_only=True)
+        state = TrainState(
+            step=counters["step"], epoch=counters["epoch"], batch=counters["batch"], ema_updates=counters["ema_step"],
+            world_size=counters["world_size"], model=model, optimizer=opt["optimizer"], lr_schedule=opt["lr_schedule"],
+            rng=rng,
+        )
+        return state, ema

@@ -279,7 +279,7 @@ def test_wrong_type_in_a_file_names_the_file(tmp_path):
         ("train.ema_decay=1", "train.ema_decay must be in [0, 1), got 1.0"),
         ("train.ema_decay=-0.1", "train.ema_decay must be in [0, 1)"),
         ("diffusion.label_dropout=1.0", "diffusion.label_dropout must be in [0, 1)"),
-        ("data.channels=2", "data.channels must be 1 (grayscale) or 3 (RGB), got 2"),
+        ("data.image_channels=2", "data.image_channels must be 1 (grayscale) or 3 (RGB), got 2"),
         ("data.cache=sometimes", "data.cache must be true, false or auto, got 'sometimes'"),
         ("train.grad_clip=0", "train.grad_clip must be > 0"),
         ("train.adam_betas=[0.9, 1.0]", "train.adam_betas must both be in [0, 1)"),
@@ -294,7 +294,7 @@ def test_out_of_range(override, expected):
 def test_boundary_values_are_accepted():
     cfg = load_config(overrides=["train.ema_decay=0", "diffusion.label_dropout=0", "data.channels=1",
                                  "train.warmup_steps=0", "data.num_workers=0"])  # fmt: skip
-    assert cfg.train.ema_decay == 0.0 and cfg.data.channels == 1
+    assert cfg.train.ema_decay == 0.0 and cfg.data.image_channels == 1
 
 
 @pytest.mark.parametrize(
@@ -379,3 +379,13 @@ def test_config_diff():
     assert config_diff(a, load_config(overrides=["out=r"]), "out") == ["out: None -> 'r'"]
     with pytest.raises(ValueError):
         config_diff(a, b, "nope")
+
+
+def test_the_old_name_data_channels_still_reads_as_data_image_channels(tmp_path):
+    """Saved config.yaml files of earlier runs say data.channels; it is the image channel count, now image_channels."""
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  channels: 1\n")
+    assert load_config(path).data.image_channels == 1
+    assert load_config(None, ["data.channels=1"]).data.image_channels == 1
+    with pytest.raises(UsageError, match="data.image_channels must be 1 .* got 2"):
+        load_config(None, ["data.channels=2"])

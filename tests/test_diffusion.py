@@ -197,9 +197,8 @@ def test_no_dropout_keeps_every_label():
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_gives_images_in_range(sampler):
     ddpm = DDPM.from_config(num_train_timesteps=20)  # few training steps: ddpm samples all 20
-    scheduler, _ = make_sampler(sampler, ddpm.scheduler.config)
     gens = image_generators(0, range(2))
-    out = ddpm.sample(small_unet(), scheduler, image_noise(gens, (3, 16, 16)), steps=FEW[sampler], generators=gens)
+    out = ddpm.sample(small_unet(), image_noise(gens, (3, 16, 16)), sampler=sampler, steps=FEW[sampler], generators=gens)
     assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float32
     assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
     assert out.std() > 0.01  # not collapsed to a constant
@@ -217,16 +216,14 @@ def test_image_randomness_is_independent_of_the_batch():
 
     def run(indices):
         gens = image_generators(7, indices)
-        scheduler, _ = make_sampler("ddpm", ddpm.scheduler.config)
-        return ddpm.sample(model, scheduler, image_noise(gens, (3, 16, 16)), steps=10, generators=gens)
+        return ddpm.sample(model, image_noise(gens, (3, 16, 16)), sampler="ddpm", steps=10, generators=gens)
 
     together, alone = run([0, 1, 2]), run([1])
     torch.testing.assert_close(together[1], alone[0], rtol=0, atol=1e-5)
     assert (together[0] - together[1]).abs().max() > 0.1  # different images differ
     # The per-step noise matters: another seed for image 1's generator gives another image.
     gens = image_generators(8, [1])
-    scheduler, _ = make_sampler("ddpm", ddpm.scheduler.config)
-    other_steps = ddpm.sample(model, scheduler, image_noise(image_generators(7, [1]), (3, 16, 16)), steps=10, generators=gens)
+    other_steps = ddpm.sample(model, image_noise(image_generators(7, [1]), (3, 16, 16)), sampler="ddpm", steps=10, generators=gens)
     assert (other_steps[0] - alone[0]).abs().max() > 0.01
 
 
@@ -245,8 +242,7 @@ def test_classifier_free_guidance():
     labels = torch.tensor([0, 1, 2])
 
     def run(scale, class_labels=labels, **kw):
-        scheduler, _ = make_sampler("ddim", ddpm.scheduler.config)
-        return ddpm.sample(model, scheduler, noise, steps=3, class_labels=class_labels, guidance_scale=scale, **kw)
+        return ddpm.sample(model, noise, sampler="ddim", steps=3, class_labels=class_labels, guidance_scale=scale, **kw)
 
     plain, guided, strong = run(1.0), run(3.0, null_label=3), run(6.0, null_label=3)
     for out in (plain, guided, strong):

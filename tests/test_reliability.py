@@ -29,9 +29,9 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 
 from resdiff import UNet
-from resdiff.checkpoint import checkpoint_problem, complete_checkpoints, latest_checkpoint, list_checkpoints
+from resdiff.rundir import checkpoint_problem, complete_checkpoints, latest_checkpoint, list_checkpoints
 from resdiff.errors import TrainingError, UsageError, run_cli
-from resdiff.trainer import Trainer
+from resdiff.build import build_trainer
 from launch import free_port, launch_env, launcher, run_watched
 from tiny_runs import ROOT, TINY, config, fit, load_script, read_log, write_pngs
 
@@ -142,12 +142,12 @@ def test_a_checkpoint_that_fails_to_load_falls_back_with_a_warning(run_copy, png
     plant_pickle(ckpt(run_copy, 4) / "optimizer.pt", marker, wrap=True)
     assert checkpoint_problem(ckpt(run_copy, 4)) is None
     printed = []
-    trainer = Trainer(config(run_copy, *common(pngs, "train.steps=4")), echo=printed.append)
+    trainer = build_trainer(config(run_copy, *common(pngs, "train.steps=4")), echo=printed.append)
     trainer.close()
     assert not marker.exists()
     warning = [m for m in printed if m.startswith("warning: cannot load")]
     assert len(warning) == 1 and str(ckpt(run_copy, 4)) in warning[0] and "falling back" in warning[0]
-    assert trainer.resume_from == ckpt(run_copy, 2) and trainer.step == 2
+    assert trainer.resumed_from == ckpt(run_copy, 2) and trainer.step == 2
 
 
 def test_no_loadable_checkpoint_is_a_clear_error(run_copy, pngs, tmp_path):
@@ -155,12 +155,12 @@ def test_no_loadable_checkpoint_is_a_clear_error(run_copy, pngs, tmp_path):
     shutil.rmtree(ckpt(run_copy, 2))
     plant_pickle(ckpt(run_copy, 4) / "optimizer.pt", marker, wrap=True)
     with pytest.raises(UsageError, match=r"cannot resume .*no checkpoint loads \(step-0000004: .*Weights only load failed") as info:
-        Trainer(config(run_copy, *common(pngs, "train.steps=6")), echo=lambda _: None)
+        build_trainer(config(run_copy, *common(pngs, "train.steps=6")), echo=lambda _: None)
     assert "\n" not in str(info.value) and not marker.exists() and not (run_copy / ".lock").exists()
 
     (ckpt(run_copy, 4) / "state.json").unlink()  # now no folder is even complete: do not silently start over
     with pytest.raises(UsageError, match=r"holds 1 checkpoint folder\(s\) but none is complete \(step-0000004: state.json is missing\)"):
-        Trainer(config(run_copy, *common(pngs, "train.steps=6")), echo=lambda _: None)
+        build_trainer(config(run_copy, *common(pngs, "train.steps=6")), echo=lambda _: None)
 
 
 def test_keep_checkpoints_never_deletes_the_newest_complete_one(run_copy, pngs, tmp_path):
@@ -196,7 +196,7 @@ def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(run_copy, pngs):
     try:
         lock.write_text(held := lock_of(sleeper.pid))
         with pytest.raises(UsageError) as info:
-            Trainer(cfg, echo=lambda _: None)
+            build_trainer(cfg, echo=lambda _: None)
         assert str(info.value) == (f"{run_copy} is in use by pid {sleeper.pid} on {socket.gethostname()}; "
                                    f"wait for it or remove {lock} if that process is gone")
     finally:
@@ -206,21 +206,21 @@ def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(run_copy, pngs):
 
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # another host: cannot tell, so refuse
     with pytest.raises(UsageError, match=f"in use by pid 1 on elsewhere; wait for it or remove {lock}"):
-        Trainer(cfg, echo=lambda _: None)
+        build_trainer(cfg, echo=lambda _: None)
 
     lock.write_text(lock_of(sleeper.pid, socket.gethostname()))  # same host, process gone: stale
     printed = []
-    first = Trainer(cfg, echo=printed.append)
+    first = build_trainer(cfg, echo=printed.append)
     assert printed[0] == f"warning: {lock} was left by pid {sleeper.pid} on {socket.gethostname()}, which is no longer running; taking it over"
     owner = json.loads(lock.read_text())
     assert (owner["host"], owner["pid"]) == (socket.gethostname(), os.getpid())
 
     with pytest.raises(UsageError, match=f"in use by pid {os.getpid()} on"):  # a second Trainer in this process
-        Trainer(cfg, echo=lambda _: None)
+        build_trainer(cfg, echo=lambda _: None)
     first.fit()
     assert not lock.exists()  # released when fit() ends
 
-    second = Trainer(cfg, echo=lambda _: None)  # never fitted: released when collected (or at exit)
+    second = build_trainer(cfg, echo=lambda _: None)  # never fitted: released when collected (or at exit)
     assert lock.exists()
     del second
     gc.collect()
@@ -240,7 +240,7 @@ def test_lock_is_released_when_a_second_signal_stops_training_at_once(tmp_path, 
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config(tmp_path / "run", f"data.path={pngs}", "train.steps=50"), echo=echo).fit()
+        build_trainer(config(tmp_path / "run", f"data.path={pngs}", "train.steps=50"), echo=echo).fit()
     assert signal.getsignal(signal.SIGTERM) == before
     assert not (tmp_path / "run" / ".lock").exists() and not list_checkpoints(tmp_path / "run")
 
@@ -267,7 +267,7 @@ def test_not_enough_disk_space_is_refused_before_anything_is_written(tmp_path, p
     free = shutil.disk_usage(tmp_path).free
     channels = 8 * math.ceil(math.sqrt(free / 50_000) / 8)  # ~2100 c^2 parameters x 16 bytes x 3 > free
     with pytest.raises(UsageError) as info:
-        Trainer(config(tmp_path / "run", f"data.path={pngs}", f"model.channels={channels}"), echo=lambda _: None)
+        build_trainer(config(tmp_path / "run", f"data.path={pngs}", f"model.channels={channels}"), echo=lambda _: None)
     message = str(info.value)
     assert message.startswith(f"not enough free disk space in {tmp_path / 'run'}: ") and "free some space" in message
     assert "\n" not in message and not (tmp_path / "run").exists()
@@ -277,7 +277,7 @@ def test_a_run_directory_that_cannot_be_made_is_refused(tmp_path, pngs):
     (tmp_path / "file").write_text("a file where a folder should be")
     for out, message in ((tmp_path / "file" / "run", "cannot create run directory"), (tmp_path / "file", "is a file, not a folder")):
         with pytest.raises(UsageError, match=message):
-            Trainer(config(out, f"data.path={pngs}"), echo=lambda _: None)
+            build_trainer(config(out, f"data.path={pngs}"), echo=lambda _: None)
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, pngs):
@@ -362,16 +362,16 @@ def test_mistakes_are_caught_before_the_run_directory_is_written(case, tmp_path,
 
 
 def test_a_second_trainer_with_another_precision_is_a_usage_error(tmp_path, pngs, base_run):
-    Trainer(config(tmp_path / "first", f"data.path={pngs}"), echo=lambda _: None).close()  # sets precision "no"
+    build_trainer(config(tmp_path / "first", f"data.path={pngs}"), echo=lambda _: None).close()  # sets precision "no"
     with pytest.raises(UsageError, match=r"train.mixed_precision=bf16 differs from the 'no' an earlier Trainer set in this process"):
-        Trainer(config(tmp_path / "run", f"data.path={pngs}", "train.mixed_precision=bf16"), echo=lambda _: None)
+        build_trainer(config(tmp_path / "run", f"data.path={pngs}", "train.mixed_precision=bf16"), echo=lambda _: None)
     assert not (tmp_path / "run").exists()
 
 
 def test_resume_with_another_model_shape_and_no_config_file(run_copy, pngs):
     (run_copy / "config.yaml").unlink()  # the usual config comparison has nothing to compare with
     with pytest.raises(UsageError, match=r"checkpoint .*step-0000004 does not fit the configured model \(.*size mismatch"):
-        Trainer(config(run_copy, f"data.path={pngs}", "model.channels=32"), echo=lambda _: None)
+        build_trainer(config(run_copy, f"data.path={pngs}", "model.channels=32"), echo=lambda _: None)
     assert not (run_copy / ".lock").exists()
 
 
@@ -454,7 +454,7 @@ BROKEN_MODELS = {  # name: (damage, the file the message names, what it says)
     "unknown config field": (lambda f: edit_json(f / "unet" / "config.json", chanels=16), "unet/config.json",
                              "unknown field 'chanels' (did you mean 'channels'?)"),
     "wrong-typed config field": (lambda f: edit_json(f / "unet" / "config.json", channels="wide"), "unet/config.json",
-                                 "field 'channels' is 'wide', which is not int"),
+                                 "field 'channels' is 'wide', which is not an integer"),
     "wrong-typed list field": (lambda f: edit_json(f / "unet" / "config.json", channel_mult=[1, "x"]), "unet/config.json",
                                "field 'channel_mult' is [1, 'x']"),
     "unbuildable config": (lambda f: edit_json(f / "unet" / "config.json", norm_groups=5), "unet/config.json",

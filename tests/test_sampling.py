@@ -22,7 +22,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
 from resdiff import UNet, UNetOutput
-from resdiff.sampling import generate, load_model, make_grid, read_images, to_pil
+from resdiff.images import make_grid, read_images, to_pil
+from resdiff.model_folder import load_model
+from resdiff.sampling import generate
 
 from launch import free_port, launch_env, launcher, run_watched
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from resdiff.config import load_config
 from resdiff.errors import run_cli
 from resdiff.data import ShardedBatches
-from resdiff.trainer import Trainer, model_keys
+from resdiff.build import build_trainer, model_keys
 from launch import free_port, launch_env, launcher, run_watched, workers
 from tiny_runs import ROOT, TINY, config, fit, load_script, read_log, write_pngs
 
@@ -127,10 +127,11 @@ def test_summary_lines(finished_run, pngs):
     (["data.num_workers=3"], "loader:    3 worker process(es) (data.num_workers)"),
 ])
 def test_summary_says_how_many_loader_workers_and_why(tmp_path, pngs, overrides, line):
-    trainer = Trainer(config(tmp_path / "run", f"data.path={pngs}", *overrides), echo=lambda _m: None)
+    trainer = build_trainer(config(tmp_path / "run", f"data.path={pngs}", *overrides), echo=lambda _m: None)
     try:
         assert line in trainer.summary()
-        assert trainer.batches.loader_kwargs["num_workers"] == trainer.workers
+        said = next(x for x in trainer.summary().splitlines() if x.strip().startswith("loader:")).split()[1]
+        assert trainer.batches.loader_kwargs["num_workers"] == int(said)
     finally:
         trainer.close()
 
@@ -167,14 +168,14 @@ def test_training_learns_a_flat_colour(tmp_path, fast, fresh_accelerate_state):
     data = write_pngs(tmp_path / "flat", 32, color=(200, 40, 40))
     cfg = config(tmp_path / "run", f"data.path={data}", "train.steps=40", "train.lr=2e-3", "train.ema_decay=0.9",
                  "train.log_every=5", "diffusion.prediction_type=sample", "data.random_flip=false", *FAST_PATHS[fast])
-    trainer = Trainer(cfg, echo=lambda _: None)
+    trainer = build_trainer(cfg, echo=lambda _: None)
 
     def mean_colour(model) -> torch.Tensor:
         images = generate(model, 8, sampler="ddim", steps=20, seed=1, progress=False,
                           scheduler_config=dict(trainer.ddpm.scheduler.config))
         return images.float().mean((0, 2, 3))
 
-    untrained = mean_colour(trainer._ema_model())
+    untrained = mean_colour(trainer.ema.model)
     model = trainer.fit()
     losses = [r["loss"] for r in read_log(tmp_path / "run")]
     assert len(losses) == 8 and losses[-1] < 0.1 * losses[0]
@@ -228,7 +229,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_stops(tmp_path, pngs):
             os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    Trainer(config(tmp_path / "run", f"data.path={pngs}", "train.steps=50"), echo=echo).fit()
+    build_trainer(config(tmp_path / "run", f"data.path={pngs}", "train.steps=50"), echo=echo).fit()
     assert signal.getsignal(signal.SIGTERM) == before
     assert any(m.strip().startswith("signal 15: finishing step 1") for m in printed)
     assert printed[-1].startswith("stopped by signal 15 at step 1; checkpoint saved")
@@ -237,6 +238,41 @@ def test_a_signal_finishes_the_step_checkpoints_and_stops(tmp_path, pngs):
     assert (tmp_path / "run" / "model" / "model_index.json").is_file()
     printed = fit(tmp_path / "run", f"data.path={pngs}", "train.steps=2")
     assert "(step 1)" in printed[0] and printed[-1].startswith("done: 2 steps")
+
+
+# ----------------------------------------------------------------------------- parts of one's own
+
+
+def test_the_trainer_trains_parts_it_is_given_without_a_config(tmp_path):
+    """Trainer(model=, ddpm=, batches=, accelerator=, run=, settings=): a model, a schedule and an endless
+    iterable of uint8 batches of one's own, no Config, no image folder; it writes a run directory all the same."""
+    from accelerate import Accelerator
+
+    from resdiff import UNet
+    from resdiff.config import TrainConfig
+    from resdiff.diffusion import DDPM
+    from resdiff.rundir import RunDir, complete_checkpoints
+    from resdiff.trainer import Trainer
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=g), torch.zeros(4, dtype=torch.long)
+
+    torch.manual_seed(0)
+    unet = UNet.from_preset("tiny", sample_size=16, in_channels=1, channels=16, norm_groups=4)
+    settings = TrainConfig(steps=3, batch_size=4, warmup_steps=0, log_every=1, preview_images=2, preview_steps=2)
+    trainer = Trainer(model=unet, ddpm=DDPM.from_config(num_train_timesteps=50), batches=batches(),
+                      accelerator=Accelerator(cpu=True), run=RunDir(tmp_path / "mine"), settings=settings,
+                      echo=lambda _m: None)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert trainer.fit() == tmp_path / "mine" / "model"
+    assert [r["step"] for r in read_log(tmp_path / "mine")] == [1, 2, 3]
+    assert [p.name for p in complete_checkpoints(tmp_path / "mine")] == ["step-0000003"]
+    assert (tmp_path / "mine" / "samples" / "step-0000003.png").is_file()
+    after = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    assert trainer.ema.updates == 3
 
 
 # ----------------------------------------------------------------------------- gradient accumulation
@@ -256,7 +292,7 @@ def test_gradient_accumulation_matches_one_full_batch(tmp_path, pngs):
     degenerate = [f"data.path={pngs}", "train.steps=2", "train.log_every=1", "train.preview_steps=1", "train.grad_clip=null",
                   "diffusion.num_train_timesteps=1", "diffusion.beta_start=1e-12", "diffusion.prediction_type=sample",
                   "data.random_flip=false"]
-    trainer = Trainer(config(tmp_path / "check", *degenerate), echo=lambda _: None)
+    trainer = build_trainer(config(tmp_path / "check", *degenerate), echo=lambda _: None)
     assert float(trainer.ddpm.scheduler.alphas_cumprod[0]) == 1.0
     initial = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
 
@@ -312,7 +348,7 @@ import torch
 from safetensors.torch import save_file
 
 from resdiff.config import load_config
-from resdiff.trainer import Trainer, model_keys
+from resdiff.build import build_trainer, model_keys
 
 
 class Seen(torch.utils.data.Dataset):
@@ -328,13 +364,13 @@ class Seen(torch.utils.data.Dataset):
 
 
 out = Path(sys.argv[1])
-trainer = Trainer(load_config(None, sys.argv[2:], model_keys=model_keys()))
+trainer = build_trainer(load_config(None, sys.argv[2:], model_keys=model_keys()))
 trainer.batches.dataset = seen = Seen(trainer.batches.dataset)
 trainer.fit()
 rank = trainer.rank
 state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
 save_file({k: v.contiguous() for k, v in state.items()}, out / f"model{rank}.safetensors")
-save_file({k: v.contiguous() for k, v in trainer._ema_model().state_dict().items()}, out / f"ema{rank}.safetensors")
+save_file({k: v.contiguous() for k, v in trainer.ema.model.state_dict().items()}, out / f"ema{rank}.safetensors")
 (out / f"seen{rank}.json").write_text(json.dumps({"indices": seen.indices, "world": trainer.world, "epoch": trainer.batches.epoch}))
 '''
 

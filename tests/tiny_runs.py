@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from resdiff.config import load_config
-from resdiff.trainer import Trainer, model_keys
+from resdiff.build import build_trainer, model_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny run: ~0.3M parameters, 16x16, batch 8, few-step previews, no warm-up, nothing periodic unless asked.
@@ -46,7 +46,7 @@ def config(out: Path, *overrides: str):
 def fit(out: Path, *overrides: str, resume: str = "auto") -> list[str]:
     """Train in-process; returns what the trainer printed."""
     printed = []
-    Trainer(config(out, *overrides), resume=resume, echo=printed.append).fit()
+    build_trainer(config(out, *overrides), resume=resume, echo=printed.append).fit()
     return printed
 
 

@@ -1,0 +1,296 @@
+"""A training run from a Config: check it, prepare the run directory, build the parts, hand them to a Trainer.
+
+    build_trainer(cfg)  ->  Trainer(model=UNet, ddpm=DDPM, batches=ShardedBatches, accelerator, run=RunDir, ...)
+
+Everything that can be checked is checked before anything is written: the model the config describes
+(built on the meta device, so a huge one costs nothing), the settings that depend on each other, the
+--resume argument and the data. Then the main process takes ``RUN/.lock``, removes what an interrupted
+run left half-written, picks the newest complete checkpoint, checks that the directory is writable and
+the disk has room, and writes ``config.yaml``; every process learns the outcome, so an error stops all
+of them alike. train.py is argument parsing around ``build_trainer(cfg).fit()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+
+from .config import Config
+from .data import ImageFolder, ShardedBatches, loader_workers, write_demo_folder
+from .diffusion import DDPM
+from .errors import UsageError
+from .hardware import precision_warning
+from .rundir import (
+    RunDir, check_disk, check_same_model, checkpoint_problem, complete_checkpoints, export_model, list_checkpoints,
+    remove_leftovers, step_of, trim_log, write_config,
+)
+from .trainer import Trainer
+from .unet import UNet
+
+__all__ = ["build_trainer", "build_unet", "model_keys", "demo_data_dir"]
+
+_NEVER = ("never", "no", "none")
+
+
+def model_keys() -> list[str]:
+    """The keys a config's ``model`` section may set: UNet constructor arguments, plus ``preset``."""
+    return [p for p in inspect.signature(UNet.__init__).parameters if p != "self"] + ["preset"]
+
+
+def build_unet(cfg: Config, num_classes: int | None) -> UNet:
+    """The UNet a config describes; image size, channels and classes follow the data section."""
+    kwargs = dict(cfg.model)
+    preset = kwargs.pop("preset", None)
+    for key, want in (("sample_size", cfg.data.image_size), ("in_channels", cfg.data.image_channels)):
+        if kwargs.get(key, want) != want:
+            raise UsageError(f"model.{key}={kwargs[key]} contradicts data ({want}); remove model.{key}, the data decides it")
+        kwargs[key] = want
+    kwargs["num_classes"] = num_classes
+    try:
+        return UNet.from_preset(preset, **kwargs) if preset else UNet(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"model: {err}") from None
+
+
+def demo_data_dir(image_size: int, n: int) -> Path:
+    """Where the built-in demo dataset is written (RESDIFF_CACHE, default ~/.cache/resdiff)."""
+    root = Path(os.environ.get("RESDIFF_CACHE", Path.home() / ".cache" / "resdiff"))
+    return root / f"demo-shapes-{image_size}px-{n}"
+
+
+def build_trainer(cfg: Config, *, resume: str = "auto", echo: Callable[[str], None] = print) -> Trainer:
+    """The Trainer for ``cfg``, resumed from its run directory's newest complete checkpoint (``resume="auto"``),
+    from a named checkpoint folder, or refusing to when there is one (``"never"``)."""
+    if not cfg.out:
+        raise UsageError("no run directory: pass --out DIR (or set out: in the config)")
+    t = cfg.train
+    acc = _accelerator(cfg)
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    if t.batch_size % (world * t.grad_accum):
+        raise UsageError(
+            f"train.batch_size {t.batch_size} does not divide into {world} processes x {t.grad_accum} "
+            f"accumulation steps; use a multiple of {world * t.grad_accum}"
+        )
+    micro_batch = t.batch_size // (world * t.grad_accum)
+    run = RunDir(cfg.out, warn=echo)
+    parameters = _check_model_and_settings(cfg)
+    explicit = _check_resume(run.path, resume)
+    dataset = _load_data(cfg, acc, echo if main else (lambda _msg: None))
+    candidates = _prepare_run_dir(run, cfg, resume, explicit, parameters, acc, echo)  # the first write
+    try:
+        set_seed(t.seed)  # identical initial weights on every process
+        unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        workers, why = loader_workers(cfg.data.num_workers, dataset.cached, acc.device, local)
+        batches = ShardedBatches(
+            dataset, micro_batch, rank, world, t.seed,
+            dict(num_workers=workers, pin_memory=acc.device.type == "cuda", persistent_workers=False,
+                 prefetch_factor=4 if workers else None),
+            flip=cfg.data.random_flip,
+        )
+        trainer = Trainer(
+            model=unet, ddpm=DDPM.from_config(**vars(cfg.diffusion)), batches=batches, accelerator=acc, run=run,
+            settings=t, hparams=_flat(cfg.to_dict()), echo=echo,
+        )
+        set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
+        resumed = trainer.resume(candidates, fallback=explicit is None)
+        if main:
+            write_config(run.path, cfg)
+            dropped = trim_log(run.path, trainer.step)
+            if dropped:
+                echo(f"note: {run.log_file}: dropped {dropped} record(s) past step {trainer.step}, "
+                     f"from training that an interruption lost (it is redone now)")
+            if resumed and not run.has_model():
+                export_model(run.path, resumed / "ema")  # an interrupted export left no model/: redo it
+        trainer.about = _summary(cfg, trainer, dataset, workers, why, resumed)
+        return trainer
+    except BaseException:
+        run.lock.release()
+        raise
+
+
+def _accelerator(cfg: Config) -> Accelerator:
+    t = cfg.train
+    try:
+        return Accelerator(
+            mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+            # a process whose peer died or hangs gives up after timeout_s instead of torch's 30 minutes
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.timeout_s))],
+            cpu=not torch.cuda.is_available(),  # without it, torchrun on a GPU-less machine gives worlds of size 1
+            log_with=list(t.trackers) or None, project_dir=str(cfg.out),
+        )
+    except ValueError as err:
+        if "already been initialized" in str(err):  # accelerate keeps one precision per process
+            from accelerate.state import AcceleratorState
+
+            raise UsageError(
+                f"train.mixed_precision={t.mixed_precision} differs from the {AcceleratorState().mixed_precision!r} "
+                f"an earlier Trainer set in this process; accelerate allows one precision per process, so "
+                f"train in a new process (or keep {AcceleratorState().mixed_precision!r})"
+            ) from None
+        raise UsageError(f"train: {' '.join(str(err).split())}") from None
+
+
+def _check_model_and_settings(cfg: Config) -> int:
+    """Build the model the config describes on the meta device (no memory, no time) so that an impossible
+    one fails before anything is written; check the settings that depend on each other. Returns the
+    number of parameters."""
+    with torch.device("meta"):
+        unet = build_unet(cfg, 2 if cfg.data.class_cond else None)
+    t, d = cfg.train, cfg.diffusion
+    if t.preview_steps > d.num_train_timesteps:
+        raise UsageError(
+            f"train.preview_steps={t.preview_steps} is more than diffusion.num_train_timesteps={d.num_train_timesteps}; "
+            f"use train.preview_steps={d.num_train_timesteps} or fewer"
+        )
+    return sum(p.numel() for p in unet.parameters())
+
+
+def _check_resume(run_dir: Path, resume: str) -> Path | None:
+    """Check --resume before anything is written; returns the checkpoint it names, if it names one."""
+    if resume in ("auto", ""):
+        return None
+    if resume in _NEVER:
+        if list_checkpoints(run_dir):
+            raise UsageError(f"{run_dir} already has checkpoints; resume with --resume auto or choose a new --out")
+        return None
+    path = Path(resume)
+    try:
+        step_of(path)
+    except ValueError:
+        raise UsageError(f"--resume {resume}: not a checkpoint folder (expected .../checkpoints/step-NNNNNNN)") from None
+    own = (run_dir / "checkpoints").resolve()
+    if path.resolve().parent != own:
+        # Optimizer and RNG state are torch files; they are read only from this run's own checkpoints.
+        raise UsageError(f"--resume {resume}: not a checkpoint of this run ({own}); a run resumes only its own checkpoints")
+    if not path.exists():
+        raise UsageError(f"--resume {resume}: no such checkpoint")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UsageError(f"--resume {resume}: not a complete checkpoint: {problem}")
+    return path
+
+
+def _load_data(cfg: Config, acc: Accelerator, warn: Callable[[str], None]) -> ImageFolder:
+    d = cfg.data
+    if d.path is None:
+        root = demo_data_dir(d.image_size, d.demo_images)
+        if acc.is_main_process:
+            write_demo_folder(root, d.demo_images, d.image_size, seed=0)
+        acc.wait_for_everyone()
+    else:
+        root = Path(d.path)
+    # Flips are drawn per batch by ShardedBatches in the training process, from the RNG a checkpoint saves.
+    return ImageFolder(root, d.image_size, d.image_channels, class_cond=d.class_cond, random_flip=False,
+                       random_crop=d.random_crop, cache=d.cache, warn=warn)
+
+
+def _prepare_run_dir(
+    run: RunDir, cfg: Config, resume: str, explicit: Path | None, parameters: int, acc: Accelerator,
+    echo: Callable[[str], None],
+) -> list[Path]:
+    """The main process prepares the run directory (see the module docstring) and picks the checkpoints to try,
+    newest first; every process gets the outcome, so an error stops all of them alike."""
+    outcome: tuple[str | None, list[str]] = (None, [])
+    if acc.is_main_process:
+        try:
+            outcome = (None, [str(p) for p in _prepare_run_dir_main(run, cfg, resume, explicit, parameters, echo)])
+        except UsageError as err:
+            outcome = (str(err), [])
+    if acc.num_processes > 1:
+        box = [outcome]
+        broadcast_object_list(box, from_process=0)
+        outcome = box[0]
+    error, candidates = outcome
+    if error is not None:
+        raise UsageError(error)
+    return [Path(p) for p in candidates]
+
+
+def _prepare_run_dir_main(
+    run: RunDir, cfg: Config, resume: str, explicit: Path | None, parameters: int, echo: Callable[[str], None]
+) -> list[Path]:
+    path = run.path
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"run directory {path} is a file, not a folder; choose another --out")
+    existed = path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create run directory {path}: {err.strerror}") from None
+    try:
+        run.lock.acquire()
+        removed = remove_leftovers(path)
+        if removed:
+            echo(f"warning: removed what an interrupted run left half-written in {path}: {', '.join(removed)}")
+        if explicit is not None:
+            candidates = [explicit]
+        elif resume in _NEVER:
+            candidates = []
+        else:
+            candidates = complete_checkpoints(path, warn=echo)[::-1]
+            damaged = list_checkpoints(path)
+            if damaged and not candidates:
+                raise UsageError(
+                    f"{path / 'checkpoints'} holds {len(damaged)} checkpoint folder(s) but none is complete "
+                    f"({damaged[-1].name}: {checkpoint_problem(damaged[-1])}); move the damaged folders away "
+                    f"to start over, or choose a new --out"
+                )
+        if candidates:
+            check_same_model(path, cfg)
+        check_disk(path, parameters)
+        if not candidates:  # a resumed run records its config once the checkpoint has loaded
+            write_config(path, cfg)
+        return candidates
+    except BaseException as err:
+        # Release the lock, and remove the run directory if this run made it (only if it is still empty).
+        run.lock.release()
+        if not existed:
+            with contextlib.suppress(OSError):
+                remove_leftovers(path)
+                path.rmdir()
+        if isinstance(err, OSError):
+            raise UsageError(f"cannot write to run directory {path}: {err.strerror or err}") from None
+        raise
+
+
+def _summary(cfg: Config, trainer: Trainer, dataset: ImageFolder, workers: int, why: str, resumed: Path | None) -> str:
+    """What is about to happen, in a few lines."""
+    t, acc = cfg.train, trainer.accelerator
+    params = sum(p.numel() for p in trainer.model.parameters())
+    skipped = len(dataset.skipped)
+    data = cfg.data.path or f"built-in demo shapes ({dataset.root})"
+    classes = f", {len(dataset.classes)} classes" if cfg.data.class_cond else ""
+    world, micro = acc.num_processes, t.batch_size // (acc.num_processes * t.grad_accum)
+    warning = precision_warning(acc.device, t.mixed_precision)
+    return "\n".join([
+        f"resdiff: training a DDPM, {params / 1e6:.2f}M parameters ({cfg.model.get('preset', 'custom')})",
+        f"  data:      {data}: {len(dataset)} images{f', {skipped} skipped' if skipped else ''}{classes}",
+        f"  images:    {cfg.data.image_size}x{cfg.data.image_size}, {cfg.data.image_channels} channel(s), "
+        f"{'cached in memory' if dataset.cached else 'decoded per batch'}",
+        f"  loader:    {workers} worker process(es) ({why})",
+        f"  batch:     {t.batch_size} global = {micro} per process x {world} process(es) x {t.grad_accum} accumulation",
+        f"  world:     {world} process(es), device {acc.device}, precision {t.mixed_precision}",
+        f"  steps:     {trainer.step} -> {t.steps}, lr {t.lr:g}, EMA {t.ema_decay}",
+        f"  run dir:   {cfg.out} ({f'resumed from {resumed} (step {trainer.step})' if resumed else 'new run'})",
+        *([warning] if warning else []),
+    ])
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys (``train.lr``), for experiment trackers."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

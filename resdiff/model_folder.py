@@ -1,0 +1,180 @@
+"""Loading a trained model from a folder, safely: a run directory, a pipeline folder, a diffusers UNet2DModel.
+
+    run directory   RUN/model/ (the exported EMA pipeline), else the newest whole checkpoints/step-*/ema/
+    pipeline folder DDPMPipeline.save_pretrained: model_index.json, unet/ (config.json + weights), scheduler/
+
+The U-Net class is chosen from model_index.json among the two known ones (resdiff ``UNet``, diffusers
+``UNet2DModel``); no module named there is imported, and weights are read from safetensors only (a pickled
+``diffusion_pytorch_model.bin`` can run code when loaded and is never opened). Before any weights are read,
+unet/config.json is checked field by field against the class's constructor (unknown names, wrong types),
+the model it describes is built on the meta device, and the safetensors header is compared with it, so a
+broken folder is one error line naming the file. sample.py and evaluate.py load models through here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import typing
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from .config import describe, fits
+from .errors import UsageError, one_line
+from .hardware import default_device
+from .rundir import file_problem, latest_checkpoint
+from .unet import UNet
+
+__all__ = ["find_model_folder", "load_model", "pickle_files", "PIPELINE_FILES"]
+
+# What a pipeline folder must hold besides the weights.
+PIPELINE_FILES = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_UNET_CLASSES = {("resdiff.unet", "UNet"): UNet, ("resdiff", "UNet"): UNet, ("diffusers", "UNet2DModel"): UNet2DModel}
+
+
+def pickle_files(folder: Path) -> list[str]:
+    """The pickle weight files in a folder (``.bin``, ``.pt``, ...): never loaded, only named in errors."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLES) if folder.is_dir() else []
+
+
+def find_model_folder(path: str | Path) -> Path:
+    """The pipeline folder behind ``path``: itself, a run's ``model/``, or its newest checkpoint's ``ema/``."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist; pass a run directory or a pipeline folder (with model_index.json)")
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a folder; pass a run directory or a pipeline folder (with model_index.json)")
+    if (path / "model_index.json").is_file():
+        folder = path
+    elif (path / "model").is_dir():
+        folder = path / "model"
+    elif (ckpt := latest_checkpoint(path, ema_only=True)) is not None:  # damaged checkpoints are passed over
+        folder = ckpt / "ema"
+    else:
+        raise UsageError(
+            f"{path} is not a model: it has no model_index.json, no model/ and no checkpoints/step-*/ema/; "
+            "pass a run directory or a pipeline folder"
+        )
+    for needed in PIPELINE_FILES:
+        if not (folder / needed).is_file():
+            raise UsageError(f"{folder} is not a complete pipeline folder: {needed} is missing; pass a saved DDPMPipeline folder")
+    return folder
+
+
+def load_model(
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, dict]:
+    """The U-Net (in eval mode, on ``device``; None: the GPU if any, else the CPU) and the training scheduler's
+    config, from a run or pipeline folder.
+
+    A diffusers ``UNet2DModel`` is converted to a resdiff ``UNet`` when its architecture allows (same
+    outputs, and class-conditional models then get the null label guidance needs); otherwise it is used as is.
+    """
+    folder = find_model_folder(path)
+    unet_dir = folder / "unet"
+    cls = _unet_class(folder / "model_index.json")
+    if not any(unet_dir.glob("*.safetensors")):
+        pickles = pickle_files(unet_dir)
+        found = f" (it has {', '.join(pickles)}: pickle files, which can run code and are never loaded)" if pickles else ""
+        raise UsageError(
+            f"{unet_dir} has no .safetensors weights{found}; resdiff loads safetensors only, so re-save the model with them"
+        )
+    _check_weights(unet_dir, cls, _check_config(unet_dir / "config.json", cls))
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        model = cls.from_pretrained(unet_dir, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
+        raise UsageError(f"cannot load the model in {unet_dir}: {one_line(err)}") from None
+    if cls is UNet2DModel:
+        try:
+            model = UNet.from_diffusers(model)
+        except ValueError:  # an architecture the converter does not cover is used directly
+            pass
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    return model.to(default_device() if device is None else device).eval(), scheduler_config
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {file}: {' '.join(str(err).split())}; re-export the model") from None
+
+
+def _unet_class(model_index: Path) -> type[nn.Module]:
+    """The U-Net class model_index.json names, if it is one of the known ones (nothing is imported by name)."""
+    entry = _read_json(model_index).get("unet")
+    kind = tuple(entry) if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+    if kind not in _UNET_CLASSES:
+        raise UsageError(
+            f"{model_index} names unet {entry!r}; only resdiff UNet and diffusers UNet2DModel models can be sampled"
+        )
+    return _UNET_CLASSES[kind]
+
+
+def _check_config(file: Path, cls) -> dict:
+    """unet/config.json: every field is an argument of ``cls`` of the right type, and describes a model that can
+    be built (tried on the meta device, which allocates nothing). Returns the config."""
+    config = _read_json(file)
+    if not isinstance(config, dict):
+        raise UsageError(f"{file} is not a JSON object; re-export the model")
+    params = {k for k in inspect.signature(cls.__init__).parameters if k != "self"}
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):  # an annotation this Python cannot evaluate: check names only
+        hints = {}
+    ignored = set(getattr(cls, "ignore_for_config", [])) | set(getattr(cls, "_deprecated_kwargs", []))
+    for key, value in config.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), 1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"{file}: unknown field {key!r}{hint}; a {cls.__name__} has no such setting, re-export the model")
+        if key in hints and not fits(value, hints[key]):
+            raise UsageError(f"{file}: field {key!r} is {value!r}, which is not {describe(hints[key])}; re-export the model")
+    try:
+        with torch.device("meta"):
+            cls.from_config(config)
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as err:
+        raise UsageError(f"{file} describes no buildable {cls.__name__}: {one_line(err)}") from None
+    return config
+
+
+def _check_weights(unet_dir: Path, cls, config: dict) -> None:
+    """The weights file is whole and holds exactly the tensors (names and shapes) the config's model has."""
+    from safetensors import safe_open
+
+    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        return  # sharded or variant weights: diffusers' own checks apply
+    problem = file_problem(weights)
+    if problem:
+        raise UsageError(f"{weights} {problem}; re-export the model")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
+    try:
+        with safe_open(weights, "pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+        raise UsageError(f"{weights} is unreadable: {one_line(err)}; re-export the model") from None
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or extra:
+        raise UsageError(
+            f"{weights} does not match {unet_dir / 'config.json'}: "
+            + (f"{len(missing)} tensor(s) missing (e.g. {missing[0]})" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"{len(extra)} unexpected tensor(s) (e.g. {extra[0]})" if extra else "")
+        )
+    wrong = [k for k in expected if expected[k] != found[k]]
+    if wrong:
+        k = wrong[0]
+        raise UsageError(
+            f"{weights} does not match {unet_dir / 'config.json'}: {len(wrong)} tensor(s) have other shapes "
+            f"(e.g. {k} is {list(found[k])} in the file, {list(expected[k])} by the config)"
+        )

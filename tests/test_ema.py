@@ -1,0 +1,49 @@
+"""resdiff.ema.EMA: the same average as diffusers' EMAModel, kept in one model of its own."""
+
+import pytest
+import torch
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+from resdiff.ema import EMA
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_matches_diffusers_ema_model_update_by_update(warmup):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 2))
+    ours = EMA(model, decay=0.9, warmup=warmup)
+    theirs = EMAModel(model.parameters(), decay=0.9, min_decay=0.0 if warmup else 0.9, foreach=True)
+    for _ in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(model)
+        theirs.step(model.parameters())
+        for a, b in zip(ours.model.parameters(), theirs.shadow_params):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert ours.updates == theirs.optimization_step == 6
+
+
+def test_ema_starts_as_a_copy_and_then_lags_the_weights():
+    model = nn.Linear(3, 3)
+    ema = EMA(model, decay=0.99, warmup=False)
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # the first update copies
+    assert torch.equal(ema.model.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, torch.full((3, 3), 1.01))
+    assert ema.current_decay() == 0.99
+
+
+def test_ema_load_resumes_weights_and_count():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, decay=0.999)
+    weights = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    ema.load(weights, updates=41)
+    assert ema.updates == 41 and torch.equal(ema.model.weight, torch.ones(2, 2))
+    assert ema.current_decay() == pytest.approx(42 / 51)  # warm-up: (1 + n) / (10 + n)
