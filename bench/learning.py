@@ -178,7 +178,7 @@ def resdiff_unet_kaiming(seed: int) -> torch.nn.Module:
             nn.init.zeros_(m.bias)
     for m in model.modules():
         if isinstance(m, ResBlock):
-            nn.init.zeros_(m.last_conv.weight)
+            nn.init.zeros_(getattr(m, m.branch_end).weight)
     model.out[-1].weight.data.mul_(0.1)
     return model
 

@@ -29,7 +29,7 @@ from .hardware import default_device
 from .rundir import file_problem, latest_checkpoint
 from .unet import UNet
 
-__all__ = ["find_model_folder", "load_model", "pickle_files", "PIPELINE_FILES"]
+__all__ = ["find_model_folder", "load_model", "no_safetensors", "PIPELINE_FILES"]
 
 # What a pipeline folder must hold besides the weights.
 PIPELINE_FILES = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json")
@@ -37,9 +37,15 @@ _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _UNET_CLASSES = {("resdiff.unet", "UNet"): UNet, ("resdiff", "UNet"): UNet, ("diffusers", "UNet2DModel"): UNet2DModel}
 
 
-def pickle_files(folder: Path) -> list[str]:
-    """The pickle weight files in a folder (``.bin``, ``.pt``, ...): never loaded, only named in errors."""
-    return sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLES) if folder.is_dir() else []
+def no_safetensors(folder: Path) -> str | None:
+    """Why ``folder``'s weights cannot be loaded (it has no .safetensors file, and which pickle files it has
+    instead: those can run code when loaded and are never opened), or None when it has safetensors weights.
+    The one place both ``UNet.from_pretrained`` and ``load_model`` refuse pickles."""
+    if any(folder.glob("*.safetensors")):
+        return None
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLES) if folder.is_dir() else []
+    found = f" (it has {', '.join(pickles)}: pickle files, which can run code and are never loaded)" if pickles else ""
+    return f"{folder} has no .safetensors weights{found}"
 
 
 def find_model_folder(path: str | Path) -> Path:
@@ -78,12 +84,9 @@ def load_model(
     folder = find_model_folder(path)
     unet_dir = folder / "unet"
     cls = _unet_class(folder / "model_index.json")
-    if not any(unet_dir.glob("*.safetensors")):
-        pickles = pickle_files(unet_dir)
-        found = f" (it has {', '.join(pickles)}: pickle files, which can run code and are never loaded)" if pickles else ""
-        raise UsageError(
-            f"{unet_dir} has no .safetensors weights{found}; resdiff loads safetensors only, so re-save the model with them"
-        )
+    problem = no_safetensors(unet_dir)
+    if problem:
+        raise UsageError(f"{problem}; resdiff loads safetensors only, so re-save the model with them")
     _check_weights(unet_dir, cls, _check_config(unet_dir / "config.json", cls))
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
@@ -157,12 +160,14 @@ def _check_weights(unet_dir: Path, cls, config: dict) -> None:
     if problem:
         raise UsageError(f"{weights} {problem}; re-export the model")
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
+        model = cls.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         with safe_open(weights, "pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
         raise UsageError(f"{weights} is unreadable: {one_line(err)}; re-export the model") from None
+    model._fix_state_dict_keys_on_load(found)  # keys saved under older names, renamed as from_pretrained will
     missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     if missing or extra:
         raise UsageError(

@@ -222,16 +222,17 @@ class UNet(ModelMixin, ConfigMixin):
         import os
         from pathlib import Path
 
+        from .model_folder import no_safetensors
+
         if kwargs.get("use_safetensors") is False:
             raise ValueError("UNet.from_pretrained reads safetensors weights only; use_safetensors=False is not supported")
         kwargs["use_safetensors"] = True
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if source is not None and os.path.isdir(source):
             folder = Path(source) / (kwargs.get("subfolder") or "")
-            if folder.is_dir() and not any(folder.glob("*.safetensors")):
-                pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
-                found = f"; it has {', '.join(pickles)}, pickle files that could run code, which are never loaded" if pickles else ""
-                raise FileNotFoundError(f"{folder} has no .safetensors weights{found}; re-save the model with safetensors")
+            problem = no_safetensors(folder) if folder.is_dir() else None
+            if problem:
+                raise FileNotFoundError(f"{problem}; re-save the model with safetensors")
         return super().from_pretrained(*args, **kwargs)
 
     def _fix_state_dict_keys_on_load(self, state_dict: dict) -> None:

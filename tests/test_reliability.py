@@ -502,7 +502,7 @@ def test_no_loading_path_runs_code_from_a_pickle(pipeline, tmp_path, capsys, bas
 
     code, _, err = sample_cli(["--model", folder, "-n", 1, "--steps", 2, "--out", tmp_path / "out"], capsys)
     assert code == 2 and "diffusion_pytorch_model.bin: pickle files" in err and err.count("\n") == 1, err
-    with pytest.raises(FileNotFoundError, match=r"no .safetensors weights; it has diffusion_pytorch_model.bin, pickle files"):
+    with pytest.raises(FileNotFoundError, match=r"no .safetensors weights \(it has diffusion_pytorch_model.bin: pickle files"):
         UNet.from_pretrained(folder / "unet")
     with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
         UNet.from_pretrained(folder, subfolder="unet")

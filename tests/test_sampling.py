@@ -324,3 +324,20 @@ def test_the_script_as_a_process_reports_a_mistake_in_one_line(script_run_with_a
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert err == f"error: {missing} does not exist; pass a run directory or a pipeline folder (with model_index.json)\n"
+
+
+def test_a_pipeline_saved_with_the_old_block_key_names_still_loads(tmp_path):
+    """Models saved before the blocks' layers were renamed (time_norm.proj -> time_proj, time_norm.norm -> norm2)
+    pass the folder checks and load with the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    unet = small_unet(3)
+    folder = save_pipeline(unet, tmp_path / "old")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    old = {k.replace(".time_proj.", ".time_norm.proj.").replace(".norm2.", ".time_norm.norm."): v
+           for k, v in load_file(weights).items()}
+    assert any(".time_norm.proj." in k for k in old)
+    save_file(old, weights)
+    model, _ = load_model(folder, device="cpu")
+    for key, value in unet.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
