@@ -2,7 +2,7 @@
 
 The pieces, in the order an evaluation uses them:
 
-- `load_images` / `iter_images`: the images to score, from an .npz (arr_0 uint8 (N, H, W, C), what
+- `image_dataset` / `iter_images` / `load_images`: images from an .npz (arr_0 uint8 (N, H, W, C), what
   `sample.py --npz` and OpenAI's tools write) or an image folder, prepared as training prepares it.
 - `extract_features(images, net)`: uint8 (N, C, H, W) -> float32 (N, 2048) features of the FID
   Inception network (`resdiff.inception.load_inception`), or of any module mapping [0, 1] images to vectors.
@@ -35,7 +35,8 @@ from .inception import cache_root
 
 __all__ = [
     "FeatureStats", "extract_features", "frechet_distance", "fid_from_stats", "kid", "precision_recall",
-    "Memorisation", "memorisation", "nearest_pairs_image", "load_images", "iter_images", "reference_stats",
+    "Memorisation", "memorisation", "nearest_pairs_image", "image_dataset", "load_images", "iter_images",
+    "reference_stats",
     "network_id",
 ]
 
@@ -47,7 +48,9 @@ _SAMPLE_GRID = "grid.png"  # sample.py writes this overview beside the samples; 
 
 
 def _batches(images, batch_size: int) -> Iterator[torch.Tensor]:
-    """uint8 (N, C, H, W) batches from a tensor, an array, or an iterable of tensors / (tensor, label) pairs."""
+    """uint8 (N, C, H, W) batches from a tensor, an array, a Dataset, or an iterable of batches / (batch, labels)."""
+    if isinstance(images, torch.utils.data.Dataset) and not isinstance(images, torch.utils.data.IterableDataset):
+        images = torch.utils.data.DataLoader(images, batch_size=batch_size)  # items (C, H, W) or (image, label)
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if isinstance(images, torch.Tensor):
@@ -66,7 +69,8 @@ def extract_features(
 ) -> torch.Tensor:
     """Features of uint8 (N, C, H, W) images (1 channel is repeated to 3) as a float32 (N, D) CPU tensor.
 
-    `images` is a tensor, a numpy array, or an iterable of such batches (e.g. `iter_images`, a DataLoader).
+    `images` is a tensor, a numpy array, a map-style Dataset of images or (image, label) items (e.g.
+    `image_dataset(folder)`), or an iterable of batches (e.g. `iter_images`, a DataLoader).
     `net` maps float (B, 3, H, W) in [0, 1] to (B, D); it runs in eval mode under torch.inference_mode
     on `device` (default: where its parameters are). `channels_last` and `bf16` (autocast, used only where
     resdiff.hardware.bf16_is_native says the device has it) are speed options; float32 is the default
@@ -280,20 +284,23 @@ def _polynomial_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(within - 2 * kxy.mean())
 
 
-def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
+        device: torch.device | str = "cpu") -> tuple[float, float]:
     """Kernel Inception Distance: mean and (population) std of the unbiased MMD^2 over random subsets.
 
     Each of `subsets` rounds draws min(subset_size, len(a), len(b)) features from each set without
-    replacement, from a generator seeded with `seed`, so the result is deterministic.
+    replacement, from a CPU generator seeded with `seed`, so the result is deterministic; the kernels
+    are computed in float64 on `device`.
     """
-    a, b = _as_float64(feats_a), _as_float64(feats_b)
+    a, b = _as_float64(feats_a).to(device), _as_float64(feats_b).to(device)
     m = min(subset_size, len(a), len(b))
     if m < 2:
         raise UsageError(f"KID needs at least 2 features in each set, got {len(a)} and {len(b)}")
     if a.shape[1] != b.shape[1]:
         raise UsageError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}")
     g = torch.Generator().manual_seed(seed)
-    values = [_polynomial_mmd(a[torch.randperm(len(a), generator=g)[:m]], b[torch.randperm(len(b), generator=g)[:m]])
+    values = [_polynomial_mmd(a[torch.randperm(len(a), generator=g)[:m].to(a.device)],
+                              b[torch.randperm(len(b), generator=g)[:m].to(b.device)])
               for _ in range(subsets)]
     return float(np.mean(values)), float(np.std(values))
 
@@ -413,7 +420,8 @@ def nearest_pairs_image(gen_images, train_images, result: Memorisation, path: st
     """Write a PNG of the `count` most suspicious pairs, each as (sample | its nearest training image).
 
     `gen_images` is uint8 (N, C, H, W); `train_images` anything indexable by training index that gives
-    uint8 (C, H, W) images or (image, label) pairs: a tensor, or the ImageFolder the features came from.
+    uint8 (C, H, W) images or (image, label) pairs: a tensor, or `image_dataset(...)` of the folder the
+    training features came from.
     Pairs fill a near-square grid row by row, the closest pair first.
     """
     from .sampling import make_grid
@@ -505,21 +513,21 @@ def _source(source: str | Path) -> tuple[Path, str]:
     raise UsageError(f"{path} is neither a folder nor an .npz file; pass an image folder or an .npz of images")
 
 
-def iter_images(source: str | Path, image_size: int | None = None, channels: int = 3,
-                batch_size: int = 256) -> tuple[int, Iterator[torch.Tensor]]:
-    """(count, batches of uint8 (B, C, H, W)) from an image folder or an .npz of arr_0 (N, H, W, C).
+def image_dataset(source: str | Path, image_size: int | None = None, channels: int = 3):
+    """The images of a folder or an .npz, indexable by position: uint8 (C, H, W) each (a folder's items are (image, label)).
 
     A folder is prepared as training prepares it (resdiff.data.ImageFolder: decode, convert to `channels`,
     resize the shorter side to `image_size`, centre crop, no flip); without `image_size` its images must
-    all have one size (sample.py's grid.png beside numbered samples is skipped). An .npz is used as it is
-    (`image_size`, when given, must match).
+    all have one size (sample.py's grid.png beside numbered samples is skipped). An .npz holds arr_0
+    uint8 (N, H, W, C) and is used as it is (`image_size`, when given, must match). The same object gives
+    `nearest_pairs_image` its training images.
     """
     path, kind = _source(source)
     if kind == "npz":
         x = _npz_images(path)
         if image_size is not None and tuple(x.shape[2:]) != (image_size, image_size):
             raise UsageError(f"{path} holds {x.shape[3]}x{x.shape[2]} images, expected {image_size}x{image_size}")
-        return len(x), iter(x.split(batch_size))
+        return x
     from .data import ImageFolder
 
     files = [f for f in _image_files(path) if not _is_sample_grid(f, path)]
@@ -529,12 +537,21 @@ def iter_images(source: str | Path, image_size: int | None = None, channels: int
     ds = ImageFolder(path, size, channels, random_flip=False, random_crop=False, cache=False)
     keep = [k for k, f in enumerate(ds.files) if not _is_sample_grid(f, path)]
     ds.files, ds.labels = [ds.files[k] for k in keep], [ds.labels[k] for k in keep]
+    return ds
+
+
+def iter_images(source: str | Path, image_size: int | None = None, channels: int = 3,
+                batch_size: int = 256) -> tuple[int, Iterator[torch.Tensor]]:
+    """(count, batches of uint8 (B, C, H, W)) of `image_dataset(source, image_size, channels)`."""
+    images = image_dataset(source, image_size, channels)
+    if isinstance(images, torch.Tensor):
+        return len(images), iter(images.split(batch_size))
 
     def batches() -> Iterator[torch.Tensor]:
-        for start in range(0, len(ds), batch_size):
-            yield torch.stack([ds[i][0] for i in range(start, min(start + batch_size, len(ds)))])
+        for start in range(0, len(images), batch_size):
+            yield torch.stack([images[i][0] for i in range(start, min(start + batch_size, len(images)))])
 
-    return len(ds), batches()
+    return len(images), batches()
 
 
 def load_images(source: str | Path, image_size: int | None = None, channels: int = 3) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from resdiff import metrics
 from resdiff.errors import UsageError
 from resdiff.metrics import (
-    FeatureStats, extract_features, fid_from_stats, frechet_distance, kid, load_images, memorisation,
+    FeatureStats, extract_features, fid_from_stats, frechet_distance, image_dataset, kid, load_images, memorisation,
     nearest_pairs_image, network_id, precision_recall, reference_stats,
 )
 
@@ -310,6 +310,10 @@ def test_folder_images_and_their_errors(tmp_path):
     samples = _write_pngs(tmp_path / "samples", 3, size=(10, 10))
     Image.new("RGB", (34, 34)).save(samples / "grid.png")  # sample.py's overview grid is not a sample
     assert load_images(samples).shape == (3, 3, 10, 10)
+    ds = image_dataset(samples)
+    assert len(ds) == 3 and ds[2][0].shape == (3, 10, 10)
+    net = TinyNet()
+    torch.testing.assert_close(extract_features(ds, net, batch_size=2), extract_features(load_images(samples), net))
     assert load_images(samples, image_size=6, channels=1).shape == (3, 1, 6, 6)
     mixed = _write_pngs(tmp_path / "mixed", 2, size=(10, 10))
     _write_pngs(mixed / "sub", 1, size=(16, 12))
