@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +36,7 @@ from .inception import cache_root
 __all__ = [
     "FeatureStats", "extract_features", "frechet_distance", "fid_from_stats", "kid", "precision_recall",
     "Memorisation", "memorisation", "nearest_pairs_image", "image_dataset", "load_images", "iter_images",
-    "reference_stats",
-    "network_id",
+    "reference_stats", "network_id",
 ]
 
 STATS_VERSION = 1  # part of the reference-statistics cache key: bump when the preparation changes
@@ -111,7 +110,7 @@ def network_id(net: nn.Module) -> str:
     digest = hashlib.sha256(type(net).__name__.encode())
     for key, t in net.state_dict().items():
         digest.update(key.encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()
 
 
