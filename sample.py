@@ -36,6 +36,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--class-label", type=int, nargs="+", default=None, metavar="LABEL",
                    help="class-conditional models: one label for all images, or several cycled over the images")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
+    p.add_argument("--timeout-s", type=float, default=1800.0,
+                   help="with several processes: how long one waits for the others before giving up (default 1800)")
     return p
 
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.num_images, out=args.out, sampler=args.sampler, steps=args.steps, seed=args.seed,
             batch_size=args.batch_size, class_labels=args.class_label, guidance_scale=args.guidance_scale,
             eta=args.eta, device=args.device, mixed_precision=args.mixed_precision, npz=args.npz, grid=not args.no_grid,
-            compile=args.compile,
+            compile=args.compile, timeout_s=args.timeout_s,
         )
 
     return run_cli(run)

@@ -27,6 +27,7 @@ from .config import Config
 from .data import ImageFolder, ShardedBatches, loader_workers, write_demo_folder
 from .diffusion import DDPM
 from .errors import UsageError
+from .files import cache_root
 from .hardware import precision_warning
 from .rundir import (
     RunDir, check_disk, check_same_model, checkpoint_problem, complete_checkpoints, export_model, list_checkpoints,
@@ -61,9 +62,8 @@ def build_unet(cfg: Config, num_classes: int | None) -> UNet:
 
 
 def demo_data_dir(image_size: int, n: int) -> Path:
-    """Where the built-in demo dataset is written (RESDIFF_CACHE, default ~/.cache/resdiff)."""
-    root = Path(os.environ.get("RESDIFF_CACHE", Path.home() / ".cache" / "resdiff"))
-    return root / f"demo-shapes-{image_size}px-{n}"
+    """Where the built-in demo dataset is written (in resdiff's cache folder, $RESDIFF_CACHE)."""
+    return cache_root() / f"demo-shapes-{image_size}px-{n}"
 
 
 def build_trainer(cfg: Config, *, resume: str = "auto", echo: Callable[[str], None] = print) -> Trainer:
@@ -96,9 +96,10 @@ def build_trainer(cfg: Config, *, resume: str = "auto", echo: Callable[[str], No
                  prefetch_factor=4 if workers else None),
             flip=cfg.data.random_flip,
         )
+        evaluator, evaluation = _evaluator(cfg, acc, dataset.root, echo)
         trainer = Trainer(
             model=unet, ddpm=DDPM.from_config(**vars(cfg.diffusion)), batches=batches, accelerator=acc, run=run,
-            settings=t, hparams=_flat(cfg.to_dict()), echo=echo,
+            settings=t, hparams=_flat(cfg.to_dict()), evaluator=evaluator, echo=echo,
         )
         set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
         resumed = trainer.resume(candidates, fallback=explicit is None)
@@ -110,7 +111,7 @@ def build_trainer(cfg: Config, *, resume: str = "auto", echo: Callable[[str], No
                      f"from training that an interruption lost (it is redone now)")
             if resumed and not run.has_model():
                 export_model(run.path, resumed / "ema")  # an interrupted export left no model/: redo it
-        trainer.about = _summary(cfg, trainer, dataset, workers, why, resumed)
+        trainer.about = _summary(cfg, trainer, dataset, workers, why, resumed, evaluation)
         return trainer
     except BaseException:
         run.lock.release()
@@ -262,7 +263,37 @@ def _prepare_run_dir_main(
         raise
 
 
-def _summary(cfg: Config, trainer: Trainer, dataset: ImageFolder, workers: int, why: str, resumed: Path | None) -> str:
+def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], None]) -> tuple[object | None, str]:
+    """The TrainingEvaluator train.eval_every asks for (None when off), and a line saying what it does."""
+    from .inception import weights_path
+
+    t, d = cfg.train, cfg.data
+    every = t.eval_every
+    if every == "auto":
+        if not weights_path().is_file():
+            return None, f"off (auto: no FID Inception weights at {weights_path()}; evaluate.py downloads them)"
+        every = t.checkpoint_every
+    if every == 0:
+        return None, "off (train.eval_every=0)"
+    from .evaluation import TrainingEvaluator
+    from .inception import load_inception
+    from .metrics import reference_features
+
+    net = load_inception(device=acc.device)
+    reference = None
+    if acc.is_main_process:  # the figures are computed there; the statistics are cached for the next run
+        reference = reference_features(data, net, d.image_size, d.image_channels, device=acc.device, log=echo)
+    evaluator = TrainingEvaluator(
+        net, reference, every=every, num_images=t.eval_images, sampler=t.preview_sampler, steps=t.preview_steps,
+        seed=t.seed, mixed_precision=t.mixed_precision, device=acc.device,
+    )
+    return evaluator, (f"every {every} steps and at the end: FID and KID of {t.eval_images} EMA samples "
+                       f"({t.preview_sampler}, {t.preview_steps} steps) against the training data")
+
+
+def _summary(
+    cfg: Config, trainer: Trainer, dataset: ImageFolder, workers: int, why: str, resumed: Path | None, evaluation: str
+) -> str:
     """What is about to happen, in a few lines."""
     t, acc = cfg.train, trainer.accelerator
     params = sum(p.numel() for p in trainer.model.parameters())
@@ -280,6 +311,7 @@ def _summary(cfg: Config, trainer: Trainer, dataset: ImageFolder, workers: int, 
         f"  batch:     {t.batch_size} global = {micro} per process x {world} process(es) x {t.grad_accum} accumulation",
         f"  world:     {world} process(es), device {acc.device}, precision {t.mixed_precision}",
         f"  steps:     {trainer.step} -> {t.steps}, lr {t.lr:g}, EMA {t.ema_decay}",
+        f"  eval:      {evaluation}",
         f"  run dir:   {cfg.out} ({f'resumed from {resumed} (step {trainer.step})' if resumed else 'new run'})",
         *([warning] if warning else []),
     ])

@@ -81,6 +81,10 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     timeout_s: float = 600.0  # how long a process waits for the others in a collective before giving up
+    # FID/KID of EMA samples against the training data every eval_every steps (0: never); auto: at every
+    # checkpoint when the FID Inception weights are in the cache (evaluate.py downloads them), else never
+    eval_every: int | str = "auto"
+    eval_images: int = 2000  # samples per evaluation; the figures are labelled with it (fid@2000)
 
 
 @dataclass
@@ -133,6 +137,8 @@ _RULES = {
     "train.preview_images": _POSITIVE,
     "train.preview_steps": _POSITIVE,
     "train.timeout_s": _POSITIVE,
+    "train.eval_every": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0), "must be auto or an integer >= 0"),
+    "train.eval_images": (lambda v: v >= 2, "must be at least 2"),
 }
 
 _CHOICES = {

@@ -19,9 +19,15 @@ from safetensors import SafetensorError
 from .errors import one_line
 
 __all__ = [
-    "WRITE_ERRORS", "write_problem", "human_size", "temporary", "replaced", "write_atomic", "replace_folder",
+    "cache_root", "WRITE_ERRORS", "write_problem", "human_size", "temporary", "replaced", "write_atomic", "replace_folder",
     "fsync_tree", "leftovers",
 ]
+
+def cache_root() -> Path:
+    """resdiff's cache folder: $RESDIFF_CACHE, default ~/.cache/resdiff (demo data, Inception weights, reference
+    statistics)."""
+    return Path(os.environ.get("RESDIFF_CACHE", Path.home() / ".cache" / "resdiff"))
+
 
 # What a failed write raises: OSError from Python, RuntimeError from torch.save, SafetensorError from safetensors.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)

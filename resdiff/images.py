@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UsageError, one_line
 from .files import write_atomic
 
 __all__ = ["to_pil", "make_grid", "image_name", "save_png", "save_images", "read_images", "save_npz", "load_npz"]
@@ -86,9 +87,20 @@ def save_npz(images: torch.Tensor, path: Path) -> None:
 
 
 def load_npz(path: str | Path) -> torch.Tensor:
-    """The images of an npz in that layout (``arr_0`` uint8 (N, H, W, C)) as uint8 (N, C, H, W)."""
-    with np.load(path) as f:
-        array = f["arr_0"]
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] not in (1, 3):
-        raise ValueError(f"{path}: arr_0 is {array.dtype} {array.shape}, expected uint8 (N, H, W, 1 or 3)")
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    """The images of an npz in that layout (``arr_0`` uint8 (N, H, W, C), or (N, H, W) for grayscale) as uint8
+    (N, C, H, W); anything else is a one-line UsageError."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data:
+                raise UsageError(f"{path} has no arr_0 image array (it has {', '.join(data.files) or 'nothing'}); "
+                                 "expected uint8 (N, H, W, C) as sample.py --npz writes")
+            a = data["arr_0"]
+    except UsageError:
+        raise
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {path}: {one_line(err, 120)}") from None
+    if a.ndim == 3:
+        a = a[..., None]  # (N, H, W) grayscale
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] not in (1, 3) or len(a) == 0:
+        raise UsageError(f"{path}: arr_0 is {a.dtype} {a.shape}; expected uint8 (N, H, W, 1 or 3) with N >= 1")
+    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)

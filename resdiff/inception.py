@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError, one_line
+from .files import cache_root, temporary
 
 __all__ = [
-    "FIDInceptionV3", "load_inception", "weights_path", "cache_root", "synthetic_weights",
+    "FIDInceptionV3", "load_inception", "weights_path", "synthetic_weights",
     "WEIGHTS_URL", "WEIGHTS_SHA256", "WEIGHTS_NAME", "FEATURE_DIM",
 ]
 
@@ -219,11 +220,6 @@ class FIDInceptionV3(nn.Module):
 # ----------------------------------------------------------------------------- weights
 
 
-def cache_root() -> Path:
-    """resdiff's cache folder: $RESDIFF_CACHE, default ~/.cache/resdiff (demo data, weights, reference stats)."""
-    return Path(os.environ.get("RESDIFF_CACHE", Path.home() / ".cache" / "resdiff"))
-
-
 def weights_path() -> Path:
     """Where the downloaded FID Inception weights are kept."""
     return cache_root() / "weights" / WEIGHTS_NAME
@@ -251,7 +247,7 @@ def _download(dest: Path) -> None:
         raise UsageError(f"the FID Inception weights are not on this machine and downloads are off "
                          f"(RESDIFF_OFFLINE/HF_HUB_OFFLINE): {_get_it(dest)}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp = temporary(dest, per_process=True)
     try:
         with urllib.request.urlopen(WEIGHTS_URL, timeout=60) as response, open(tmp, "wb") as out:
             for block in iter(lambda: response.read(1 << 20), b""):

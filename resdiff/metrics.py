@@ -31,12 +31,13 @@ import torch
 from torch import nn
 
 from .errors import UsageError, one_line
-from .inception import cache_root
+from .files import cache_root, write_atomic
+from .images import load_npz
 
 __all__ = [
     "FeatureStats", "extract_features", "frechet_distance", "fid_from_stats", "kid", "precision_recall",
     "Memorisation", "memorisation", "nearest_pairs_image", "image_dataset", "load_images", "iter_images",
-    "reference_stats", "network_id",
+    "reference_stats", "reference_features", "network_id",
 ]
 
 STATS_VERSION = 1  # part of the reference-statistics cache key: bump when the preparation changes
@@ -207,14 +208,17 @@ class FeatureStats:
         centred = self.sum_outer - torch.outer(self.sum, self.sum) / self.count
         return (centred / (self.count - 1)).numpy()
 
-    def save(self, path: str | Path) -> Path:
-        """Write `mu`, `sigma` (the common layout) and `count` to an npz, under a temporary name first."""
+    def save(self, path: str | Path, **arrays: np.ndarray) -> Path:
+        """Write `mu`, `sigma` (the common layout), `count` and any extra ``arrays`` to an npz, whole or not at all."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         extra = {} if self._fixed is not None else {"count": np.array(self.count)}
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, **extra)
-        os.replace(tmp, path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+                np.savez(f, mu=self.mu, sigma=self.sigma, **extra, **arrays)
+
+        write_atomic(path, write, per_process=True)
         return path
 
     @classmethod
@@ -423,7 +427,7 @@ def nearest_pairs_image(gen_images, train_images, result: Memorisation, path: st
     training features came from.
     Pairs fill a near-square grid row by row, the closest pair first.
     """
-    from .sampling import make_grid
+    from .images import make_grid
 
     pairs = []
     for i in result.order[:count].tolist():
@@ -483,24 +487,6 @@ def _folder_size(root: Path, files: list[Path]) -> int:
     return min(w, h)
 
 
-def _npz_images(path: Path) -> torch.Tensor:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "arr_0" not in data:
-                raise UsageError(f"{path} has no arr_0 image array (it has {', '.join(data.files) or 'nothing'}); "
-                                 "expected uint8 (N, H, W, C) as sample.py --npz writes")
-            a = data["arr_0"]
-    except UsageError:
-        raise
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read {path}: {one_line(err, 120)}") from None
-    if a.ndim == 3:
-        a = a[..., None]  # (N, H, W) grayscale
-    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] not in (1, 3) or len(a) == 0:
-        raise UsageError(f"{path}: arr_0 is {a.dtype} {a.shape}; expected uint8 (N, H, W, 1 or 3) with N >= 1")
-    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
-
-
 def _source(source: str | Path) -> tuple[Path, str]:
     path = Path(source)
     if path.is_dir():
@@ -523,7 +509,7 @@ def image_dataset(source: str | Path, image_size: int | None = None, channels: i
     """
     path, kind = _source(source)
     if kind == "npz":
-        x = _npz_images(path)
+        x = load_npz(path)
         if image_size is not None and tuple(x.shape[2:]) != (image_size, image_size):
             raise UsageError(f"{path} holds {x.shape[3]}x{x.shape[2]} images, expected {image_size}x{image_size}")
         return x
@@ -572,17 +558,27 @@ def _listing(path: Path, kind: str) -> list:
 def reference_stats(source: str | Path, net: nn.Module, image_size: int | None = None, channels: int = 3,
                     batch_size: int = 50, device: torch.device | str | None = None, cache: bool = True) -> FeatureStats:
     """Feature statistics of a data set: an image folder, an .npz of images, or a statistics .npz (mu, sigma).
+    See `reference_features`, which this is the second half of."""
+    return reference_features(source, net, image_size, channels, batch_size, device, cache)[1]
+
+
+def reference_features(
+    source: str | Path, net: nn.Module, image_size: int | None = None, channels: int = 3, batch_size: int = 50,
+    device: torch.device | str | None = None, cache: bool = True, log=None,
+) -> tuple[torch.Tensor | None, FeatureStats]:
+    """Features (float32 (N, D)) and statistics of a data set: an image folder, an .npz of images, or a statistics
+    .npz (mu, sigma), which gives (None, its statistics): FID can use it, KID and precision/recall cannot.
 
     Folders are prepared as training prepares them (see iter_images). The result is cached in
     $RESDIFF_CACHE/fid-stats/ under a key made of the files' names, sizes and modification times, the
     image size and channels, and the network's identity (`network_id`), so a changed, added or removed
-    file, another preparation or other weights compute the statistics anew.
+    file, another preparation or other weights compute them anew. ``log`` hears one line when they are.
     """
     path, kind = _source(source)
     if kind == "npz":
         with np.load(path, allow_pickle=False) as data:
             if "mu" in data and "sigma" in data and "arr_0" not in data:
-                return FeatureStats.load(path)
+                return None, FeatureStats.load(path)
 
     def key() -> str:
         size = image_size
@@ -596,11 +592,16 @@ def reference_stats(source: str | Path, net: nn.Module, image_size: int | None =
     cached = cache_root() / "fid-stats" / f"{before[:40]}.npz" if cache else None
     if cached is not None and cached.is_file():
         try:
-            return FeatureStats.load(cached)
-        except UsageError:
-            pass  # a damaged cache file: compute again
-    _, batches = iter_images(path, image_size, channels, batch_size)
-    stats = FeatureStats.from_features(extract_features(batches, net, batch_size, device))
+            with np.load(cached, allow_pickle=False) as data:
+                features = torch.from_numpy(data["features"])
+            return features, FeatureStats.load(cached)
+        except (UsageError, OSError, ValueError, KeyError):
+            pass  # a damaged cache file, or one without features: compute again
+    count, batches = iter_images(path, image_size, channels, batch_size)
+    if log is not None:
+        log(f"reference: extracting the features of {count} images of {path} (cached for the next time)")
+    features = extract_features(batches, net, batch_size, device)
+    stats = FeatureStats.from_features(features)
     if cached is not None and key() == before:  # files changed while reading: keep the result, not the cache
-        stats.save(cached)
-    return stats
+        stats.save(cached, features=features.numpy())
+    return features, stats

@@ -35,7 +35,7 @@ from .hardware import MIXED_PRECISIONS, check_device, precision_warning
 from .images import make_grid, read_images, save_images, save_npz, save_png
 from .model_folder import find_model_folder, load_model
 
-__all__ = ["default_steps", "generate", "sample_to_folder", "default_out_dir"]
+__all__ = ["default_steps", "generate", "sample_to_folder", "default_out_dir", "processes"]
 
 GRID_LIMIT = 256  # grid.png shows at most this many images (the first ones)
 NPZ_NAME, GRID_NAME = "samples.npz", "grid.png"
@@ -276,6 +276,22 @@ def _save_summary(images: torch.Tensor, out_dir: Path, *, npz: bool, grid: bool)
 # ----------------------------------------------------------------------------- the sample.py job
 
 
+def processes(device: torch.device | None = None, timeout_s: float = 1800.0) -> tuple["PartialState", bool]:
+    """The launched processes (torchrun / accelerate launch, or just this one) as accelerate's PartialState, and
+    whether this call made their process group (then the caller destroys it when done).
+
+    Without CUDA (or with a CPU ``device``), cpu=True is what makes accelerate join the processes over gloo;
+    otherwise each would silently be a world of one and all of them would make the same images."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
+    return state, not had_group
+
+
 def default_out_dir(model: str | Path, folder: Path, sampler: str, steps: int, seed: int) -> Path:
     """A new folder ``samples-<sampler>-<steps>-seed<seed>[-N]`` in the run directory, or next to a pipeline folder."""
     model, folder = Path(os.path.abspath(model)), Path(os.path.abspath(folder))
@@ -304,6 +320,7 @@ def sample_to_folder(
     npz: bool = False,
     grid: bool = True,
     compile: bool = False,
+    timeout_s: float = 1800.0,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> Path:
@@ -313,16 +330,11 @@ def sample_to_folder(
     and writes its own PNGs; the main process then writes grid.png (and samples.npz) from the files.
     ``out`` None picks a new folder (see ``default_out_dir``); an existing ``out`` is written into.
     ``batch_size`` is per process. ``compile`` torch.compiles the U-Net's blocks first: minutes of
-    start-up that pay off over many images. Returns the output folder.
+    start-up that pay off over many images. ``timeout_s``: how long a process waits for the others at a
+    barrier before it gives up (a peer that died). Returns the output folder.
     """
-    from accelerate import PartialState
-
     device = check_device(device)
-    cpu = not torch.cuda.is_available() or (device is not None and device.type == "cpu")
-    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    # Without CUDA, cpu=True is what makes accelerate join the launched processes (gloo); otherwise each
-    # process would silently be a world of one and all of them would make the same images.
-    state = PartialState(cpu=cpu)
+    state, owns_group = processes(device, timeout_s)
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     say = log if (log is not None and main) else (lambda _msg: None)
 
@@ -358,6 +370,6 @@ def sample_to_folder(
         _save_summary(every, out_dir, npz=npz, grid=grid)
     extras = [name for name, wanted in ((GRID_NAME, grid), (NPZ_NAME, npz)) if wanted]
     say(f"wrote {num_images} images to {out_dir}" + (f" (and {', '.join(extras)})" if extras else ""))
-    if world > 1 and not had_group:
+    if world > 1 and owns_group:
         state.destroy_process_group()
     return out_dir

@@ -41,7 +41,9 @@ class Trainer:
     (``resdiff.data.ShardedBatches``), checkpoints record where it is and a resumed run continues there.
     A class-conditional model (``model.config.num_classes``) gets its labels, dropped to the null class with
     the DDPM's ``label_dropout`` for classifier-free guidance. ``about`` is printed when training starts;
-    ``hparams`` go to the experiment trackers (default: ``settings``).
+    ``hparams`` go to the experiment trackers (default: ``settings``). ``evaluator(ema_model, scheduler_config)``
+    (e.g. ``resdiff.evaluation.TrainingEvaluator``) scores the EMA model every ``evaluator.every`` steps and at
+    the end; its figures go to the log, the trackers and the progress bar.
     """
 
     def __init__(
@@ -55,11 +57,12 @@ class Trainer:
         settings: TrainConfig,
         about: str = "",
         hparams: dict | None = None,
+        evaluator: Callable[[torch.nn.Module, dict], dict[str, float]] | None = None,
         echo: Callable[[str], None] = print,
     ):
         t = settings
         self.ddpm, self.batches, self.accelerator, self.run, self.settings = ddpm, batches, accelerator, run, t
-        self.about, self.echo = about, echo
+        self.about, self.echo, self.evaluator = about, echo, evaluator
         self.hparams = hparams or {f"train.{k}": v for k, v in vars(t).items()}
         acc = accelerator
         self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
@@ -128,7 +131,7 @@ class Trainer:
             acc.init_trackers("resdiff", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                  for k, v in self.hparams.items()})
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, dynamic_ncols=True, desc="train")
-        loss_sum, loss_count = torch.zeros((), device=acc.device), 0
+        loss_sum, loss_count, shown = torch.zeros((), device=acc.device), 0, {}
         last_time, last_step = time.perf_counter(), self.step
         data = iter(self.batches)
         self.model.train()
@@ -148,15 +151,19 @@ class Trainer:
                     loss = acc.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()  # the one host sync
                     self._check_finite(loss)
                     self.log(loss, rate)
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                    shown.update(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                    bar.set_postfix(shown)
                     loss_sum.zero_()
                     loss_count, last_step = 0, self.step
                 if self.step % t.preview_every == 0 or final:
                     self.preview()
+                if self.evaluator is not None and (self.step % self.evaluator.every == 0 or final):
+                    shown.update({k: f"{v:.4g}" for k, v in self.evaluate().items() if not k.startswith("kid_std")})
+                    bar.set_postfix(shown)
                 if checkpoint:
                     self.save_checkpoint()
                 if self.step % t.log_every == 0 or checkpoint:
-                    last_time = time.perf_counter()  # previews and checkpoints do not count against images/s
+                    last_time = time.perf_counter()  # previews, evaluations and checkpoints do not count against images/s
                 if stop:
                     break
         finally:
@@ -211,6 +218,15 @@ class Trainer:
         if self.settings.trackers:
             self.accelerator.log({k: v for k, v in record.items() if k != "time"}, step=self.step)
         self._on_main(lambda: self.run.append_log(record), "the training log")
+
+    def evaluate(self) -> dict[str, float]:
+        """The evaluator's figures of the EMA model now (every process takes part), logged on their own line."""
+        figures = self.evaluator(self.ema.model, dict(self.ddpm.scheduler.config))
+        record = {"step": self.step, **{k: round(v, 6) for k, v in figures.items()}, "time": round(time.time(), 3)}
+        if self.settings.trackers:
+            self.accelerator.log(figures, step=self.step)
+        self._on_main(lambda: self.run.append_log(record), "the training log")
+        return figures
 
     def pipeline(self) -> DDPMPipeline:
         """The EMA model with the training noise schedule, as a diffusers pipeline."""

@@ -1,0 +1,330 @@
+"""evaluate.py's job: score a model's samples (or any images) against a reference set, across processes.
+
+    samples (generated from a model folder, or read from a folder / .npz)
+        -> FID Inception features, each process its share: images range(n)[rank::world], as sample.py shards
+        -> float64 statistics summed across processes; features gathered on the main process
+        -> FID against the reference's statistics; KID, precision/recall (k=3) and memorisation against its
+           features (a statistics-only reference gives FID alone)
+        -> a table on the terminal, EVAL/<name>.json with everything needed to reproduce it, EVAL/nearest.png
+
+FID depends on the number of samples, so n, sampler, steps, seed and reference are printed beside every
+figure. Image i of a model depends only on (seed, i) (resdiff.sampling), so nearest.png's samples are
+generated again on the main process instead of being passed around.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+from .files import write_atomic
+from .hardware import check_device
+from .metrics import (
+    FeatureStats, Memorisation, extract_features, fid_from_stats, image_dataset, kid, memorisation, nearest_pairs_image,
+    precision_recall, reference_features,
+)
+
+__all__ = ["evaluate", "default_eval_dir"]
+
+NEAREST_PAIRS = 32  # pairs in nearest.png
+
+
+def default_eval_dir(model: str | Path | None, samples: str | Path | None) -> Path:
+    """RUN/eval for a run directory (or a pipeline folder's parent); SAMPLES/eval, or beside an .npz."""
+    if model is not None:
+        path = Path(model)
+        return (path.parent if (path / "model_index.json").is_file() else path) / "eval"
+    path = Path(samples)
+    return (path if path.is_dir() else path.parent) / "eval"
+
+
+def evaluate(
+    *,
+    ref: str | Path,
+    model: str | Path | None = None,
+    samples: str | Path | None = None,
+    num_images: int = 50000,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    class_labels: int | Sequence[int] | None = None,
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    device: str | torch.device | None = None,
+    mixed_precision: str = "no",
+    inception: str | Path | None = None,
+    verify_inception: bool = True,
+    out: str | Path | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    k: int = 3,
+    timeout_s: float = 1800.0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Score ``num_images`` samples of ``model`` (or the images of ``samples``) against ``ref`` (an image folder,
+    an .npz of images, or a statistics .npz), on every launched process. Returns the result (also written as
+    JSON into ``out``, default ``default_eval_dir``) on every process.
+
+    ``inception`` is the path of pytorch-fid's weights (default: the cached copy, downloaded on first use);
+    ``verify_inception=False`` accepts weights with another checksum (the figures are then not comparable
+    with published ones). The sampling arguments are sample.py's."""
+    from .inception import load_inception
+    from .sampling import processes
+
+    if (model is None) == (samples is None):
+        raise UsageError("pass either --model (generate samples) or --samples (score existing images), not both")
+    state, owns_group = processes(check_device(device), timeout_s)
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    say = log if (log is not None and main) else (lambda _msg: None)
+    dev = state.device if device is None else torch.device(device)
+    net = load_inception(inception, device=dev, **({} if verify_inception else {"sha256": None}))
+    started = time.perf_counter()
+
+    if model is not None:
+        source, get_images, n, size, channels, settings = _model_source(
+            model, num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+            class_labels=class_labels, guidance_scale=guidance_scale, eta=eta, device=dev,
+            mixed_precision=mixed_precision,
+        )
+    else:
+        source, get_images, n, size, channels, settings = _samples_source(samples)
+    say(f"evaluate: {n} samples of {source} ({_describe(settings)}) against {ref}, {world} process(es), device {dev}")
+
+    stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=progress and main)
+    rate = n / max(time.perf_counter() - started, 1e-9)
+
+    result = None
+    if main:
+        result, mem = _score(stats, gen, ref, net, size, channels, dev, batch_size, kid_subsets, kid_subset_size, k, say)
+        result.update(
+            samples=n, source=str(source), reference=str(ref), settings=settings, images_per_s=round(rate, 2),
+            processes=world, device=str(dev), inception=getattr(net, "weights_sha256", None),
+            inception_verified=verify_inception, time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            host=platform.node(),
+        )
+        folder = Path(out) if out is not None else default_eval_dir(model, samples)
+        name = _result_name(settings, n)
+        if mem is not None:  # the closest pairs, side by side: does the model copy its training images?
+            top = mem.order[:NEAREST_PAIRS].tolist()
+            nearest = nearest_pairs_image(get_images(top), image_dataset(ref, size, channels), _restricted(mem, top),
+                                          folder / "nearest.png")
+            result["memorisation"]["picture"] = str(nearest)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        result["json"] = str(folder / f"{name}.json")
+        say(table(result))
+    box = [result]
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box, from_process=0)
+    state.wait_for_everyone()
+    if world > 1 and owns_group:
+        state.destroy_process_group()
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- features of samples, across processes
+
+
+def sample_features(
+    get_images: Callable[[list[int]], torch.Tensor], n: int, net: torch.nn.Module, *, batch_size: int,
+    device: torch.device, progress: bool = False,
+) -> tuple[FeatureStats, torch.Tensor]:
+    """Features of images 0..n-1, each process extracting its share ``range(n)[rank::world]`` (``get_images(indices)``
+    gives uint8 (B, C, H, W)): the float64 statistics of all n, summed across processes, and all n features in
+    image order, gathered on every process."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    mine = list(range(n))[rank::world]
+    stats, features = FeatureStats(), []
+    bar = tqdm(total=len(mine), unit="img", disable=not progress, desc="samples -> features", leave=False)
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
+        f = extract_features(get_images(batch), net, batch_size=batch_size, device=device)  # (B, 2048)
+        stats.update(f)
+        features.append(f)
+        bar.update(len(batch))
+    bar.close()
+    stats.all_reduce()  # float64 sums of every process: the statistics of all n samples
+    local = torch.cat(features) if features else torch.zeros(0, stats.dim)
+    return stats, _gather(local, mine, n, world, device)
+
+
+# ----------------------------------------------------------------------------- where the samples come from
+
+
+def _model_source(model, num_images, *, sampler, steps, seed, batch_size, class_labels, guidance_scale, eta, device,
+                  mixed_precision):
+    """Samples generated from a model folder: (source, images(indices), n, size, channels, settings)."""
+    from .model_folder import find_model_folder, load_model
+    from .sampling import default_steps, generate
+
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 2:
+        raise UsageError(f"number of images (--num-images) must be an integer of at least 2, got {num_images!r}")
+    folder = find_model_folder(model)
+    unet, scheduler_config = load_model(folder, device)
+    steps = steps or default_steps(sampler, scheduler_config)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    size = size if isinstance(size, int) else size[0]
+
+    def images(indices: Sequence[int]) -> torch.Tensor:
+        return generate(
+            unet, num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, class_labels=class_labels,
+            guidance_scale=guidance_scale, eta=eta, mixed_precision=mixed_precision, indices=indices, progress=False,
+            scheduler_config=scheduler_config,
+        )
+
+    settings = dict(model=str(folder), sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance_scale, eta=eta,
+                    class_labels=class_labels, mixed_precision=mixed_precision)
+    return folder, images, num_images, size, channels, settings
+
+
+def _samples_source(samples):
+    """Images read from a folder or an .npz: (source, images(indices), n, size, channels, settings)."""
+    data = image_dataset(samples)
+    first = data[0][0] if isinstance(data[0], (tuple, list)) else data[0]
+    channels, size = first.shape[0], first.shape[1]
+    if first.shape[1] != first.shape[2]:
+        raise UsageError(f"the images of {samples} are {first.shape[2]}x{first.shape[1]}; evaluate square images")
+
+    def images(indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([data[i][0] if isinstance(data[i], (tuple, list)) else data[i] for i in indices])
+
+    return Path(samples), images, len(data), size, channels, {"samples": str(samples)}
+
+
+def _restricted(mem: Memorisation, top: list[int]) -> Memorisation:
+    """The memorisation result of the samples ``top`` only, renumbered 0..len-1 (the images nearest.png gets)."""
+    index = torch.tensor(top, dtype=torch.long)
+    return Memorisation(mem.nearest[index], mem.distance[index], mem.threshold, mem.quantile, mem.fraction)
+
+
+def _gather(features: torch.Tensor, mine: list[int], n: int, world: int, device: torch.device) -> torch.Tensor:
+    """Every process's features in image order, (n, D), on every process (one all-gather of padded shards)."""
+    if world == 1:
+        return features
+    if torch.distributed.get_backend() != "nccl":
+        device = torch.device("cpu")
+    per_rank = -(-n // world)
+    padded = torch.zeros(per_rank, features.shape[1], dtype=features.dtype)
+    padded[: len(mine)] = features
+    parts = [torch.empty_like(padded, device=device) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded.to(device))
+    stacked = torch.stack([p.cpu() for p in parts])  # (world, per_rank, D): image i is at [i % world, i // world]
+    return torch.stack([stacked[i % world, i // world] for i in range(n)])
+
+
+# ----------------------------------------------------------------------------- the figures
+
+
+def _score(
+    stats, gen, ref, net, size, channels, device, batch_size, kid_subsets, kid_subset_size, k, say
+) -> tuple[dict, Memorisation | None]:
+    """FID, KID, precision/recall and memorisation of the generated features against the reference."""
+    ref_features, ref_stats = reference_features(ref, net, size, channels, batch_size=batch_size, device=device,
+                                                 log=say)
+    result: dict = {"fid": fid_from_stats(stats, ref_stats), "reference_images": ref_stats.count or None,
+                    "kid": None, "precision": None, "recall": None, "memorisation": None}
+    if ref_features is None:
+        return result, None  # a statistics file: FID only
+    subset = min(kid_subset_size, len(gen), len(ref_features))
+    mean, std = kid(gen, ref_features, subsets=kid_subsets, subset_size=subset)
+    result["kid"] = {"mean": mean, "std": std, "subsets": kid_subsets, "subset_size": subset}
+    result["precision"], result["recall"] = precision_recall(ref_features, gen, k=k, device=device)
+    result["k"] = k
+    mem = memorisation(ref_features, gen, device=device)
+    result["memorisation"] = mem.summary()
+    return result, mem
+
+
+def _describe(settings: dict) -> str:
+    if "sampler" not in settings:
+        return "images as given"
+    guidance = f", guidance {settings['guidance_scale']:g}" if settings["guidance_scale"] != 1 else ""
+    return f"{settings['sampler']}, {settings['steps']} steps, seed {settings['seed']}{guidance}"
+
+
+def _result_name(settings: dict, n: int) -> str:
+    if "sampler" in settings:
+        return f"{settings['sampler']}-{settings['steps']}-n{n}-seed{settings['seed']}"
+    return f"{Path(settings['samples']).stem}-n{n}"
+
+
+def table(result: dict) -> str:
+    """The result as a few aligned lines, with n and the settings beside the numbers."""
+    lines = [f"resdiff evaluation: {result['samples']} samples ({_describe(result['settings'])}) of {result['source']}",
+             f"  reference:    {result['reference']}"
+             + (f" ({result['reference_images']} images)" if result.get("reference_images") else ""),
+             f"  FID:          {result['fid']:.4f}   (n={result['samples']}; FID is comparable only at the same n)"]
+    if result["kid"] is not None:
+        kd = result["kid"]
+        lines.append(f"  KID:          {kd['mean']:.5f} ± {kd['std']:.5f}   ({kd['subsets']} subsets of {kd['subset_size']})")
+        lines.append(f"  precision:    {result['precision']:.4f}   recall: {result['recall']:.4f}   (k={result['k']})")
+        m = result["memorisation"]
+        lines.append(f"  memorisation: {100 * m['fraction_closer_than_threshold']:.1f}% of samples are closer to a training "
+                     f"image than the median training image is to its nearest neighbour (about 50% when nothing is "
+                     f"copied); closest pairs: {m.get('picture')}")
+    else:
+        lines.append("  KID, precision/recall, memorisation: need reference images, not a statistics file")
+    if not result.get("inception_verified", True):
+        lines.append("  note: Inception weights with another checksum: these figures are not comparable with published ones")
+    lines.append(f"  written:      {result.get('json')}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- during training
+
+
+class TrainingEvaluator:
+    """FID and KID of ``num_images`` EMA samples against the training data, for ``train.eval_every``.
+
+    Every process generates and extracts its share of the samples (as previews do); the main process, which
+    holds the reference features (``reference_features`` of the training data, cached), computes the figures.
+    They are labelled with n (``fid@2000``): FID falls as n grows, so only figures of the same n compare.
+    The trainer calls it every ``every`` steps and at the end.
+    """
+
+    def __init__(
+        self, net: torch.nn.Module, reference: tuple[torch.Tensor | None, FeatureStats] | None, *, every: int,
+        num_images: int, sampler: str, steps: int, seed: int, mixed_precision: str, device: torch.device,
+        batch_size: int = 64, kid_subsets: int = 10,
+    ):
+        self.net, self.reference, self.every, self.num_images = net, reference, every, num_images
+        self.sampler, self.steps, self.seed, self.mixed_precision = sampler, steps, seed, mixed_precision
+        self.device, self.batch_size, self.kid_subsets = device, batch_size, kid_subsets
+
+    def __call__(self, model: torch.nn.Module, scheduler_config: dict) -> dict[str, float]:
+        """The figures of ``model`` now, on every process (one broadcast from the main process)."""
+        from .sampling import generate
+
+        n = self.num_images
+
+        def images(indices: Sequence[int]) -> torch.Tensor:
+            return generate(model, n, sampler=self.sampler, steps=self.steps, seed=self.seed, indices=indices,
+                            batch_size=self.batch_size, mixed_precision=self.mixed_precision, progress=False,
+                            scheduler_config=scheduler_config)
+
+        stats, gen = sample_features(images, n, self.net, batch_size=self.batch_size, device=self.device)
+        figures = None
+        if self.reference is not None:  # the main process
+            ref_features, ref_stats = self.reference
+            figures = {f"fid@{n}": fid_from_stats(stats, ref_stats)}
+            if ref_features is not None:
+                mean, std = kid(gen, ref_features, subsets=self.kid_subsets, subset_size=min(1000, n, len(ref_features)))
+                figures.update({f"kid@{n}": mean, f"kid_std@{n}": std})
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            box = [figures]
+            torch.distributed.broadcast_object_list(box, src=0)
+            figures = box[0]
+        return figures

@@ -1,0 +1,202 @@
+"""evaluate.py and resdiff.evaluation: the README's commands on tiny models and images, one and two processes.
+
+The FID Inception network runs for real, with deterministic synthetic weights (resdiff.inception.
+synthetic_weights) saved to a file and passed with --inception PATH --inception-unverified: no test
+downloads the real weights.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+from PIL import Image
+
+from resdiff import UNet
+from resdiff.inception import FIDInceptionV3, synthetic_weights
+from resdiff.metrics import FeatureStats
+
+from launch import free_port, launch_env, launcher, run_watched
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+             norm_groups=8, zero_init_last=False)
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate_script = _cli()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("inception") / "synthetic.pth"
+    torch.save(synthetic_weights(FIDInceptionV3(), seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Ten 16x16 RGB training images of random blobs."""
+    root = tmp_path_factory.mktemp("data")
+    g = np.random.default_rng(0)
+    for i in range(10):
+        pixels = (g.random((4, 4, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).resize((16, 16), Image.BILINEAR).save(root / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A run directory with an exported model, as train.py leaves it."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    DDPMPipeline(unet=UNet(**SMALL), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(run / "model")
+    return run
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    code = evaluate_script.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_model_against_a_folder_prints_every_figure_and_writes_json_and_nearest_png(run, data, weights, capsys):
+    code, out, err = cli(["--model", run, "--ref", data, "-n", 6, "--steps", 3, "--batch-size", 3,
+                          "--inception", weights, "--inception-unverified", "--kid-subsets", 5], capsys)
+    assert code == 0, err
+    for line in ("6 samples (ddim, 3 steps, seed 0)", "FID:", "(n=6;", "KID:", "(5 subsets of 6)", "precision:",
+                 "recall:", "(k=3)", "memorisation:", "not comparable"):
+        assert line in out, line
+    result = json.loads((run / "eval" / "ddim-3-n6-seed0.json").read_text())
+    assert result["samples"] == 6 and result["settings"]["sampler"] == "ddim" and result["settings"]["seed"] == 0
+    assert np.isfinite(result["fid"]) and result["fid"] > 0 and 0 <= result["precision"] <= 1
+    assert result["reference_images"] == 10 and result["inception_verified"] is False
+    picture = Image.open(run / "eval" / "nearest.png")
+    assert picture.size[0] > 16 * 2 and result["memorisation"]["picture"].endswith("nearest.png")
+
+
+def test_scoring_the_training_images_themselves_gives_fid_near_zero_and_full_memorisation(data, weights, capsys,
+                                                                                           tmp_path):
+    code, out, err = cli(["--samples", data, "--ref", data, "--inception", weights, "--inception-unverified",
+                          "--kid-subsets", 3, "--out", tmp_path], capsys)
+    assert code == 0, err
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert abs(result["fid"]) < 1e-6 and result["precision"] == result["recall"] == 1.0
+    assert result["memorisation"]["fraction_closer_than_threshold"] == 1.0  # each sample is a training image
+    assert result["memorisation"]["distance_min"] < 1e-6
+
+
+def test_a_statistics_file_as_reference_gives_fid_only(run, data, weights, capsys, tmp_path):
+    from resdiff.inception import load_inception
+    from resdiff.metrics import reference_stats
+
+    net = load_inception(weights, sha256=None)
+    stats_file = reference_stats(data, net, 16, 3).save(tmp_path / "ref.npz")
+    with np.load(stats_file) as f:  # the published layout: mu and sigma only
+        np.savez(tmp_path / "published.npz", mu=f["mu"], sigma=f["sigma"])
+    code, out, err = cli(["--model", run, "--ref", tmp_path / "published.npz", "-n", 4, "--steps", 2,
+                          "--inception", weights, "--inception-unverified", "--out", tmp_path / "eval"], capsys)
+    assert code == 0, err
+    assert "FID:" in out and "need reference images, not a statistics file" in out
+    result = json.loads((tmp_path / "eval" / "ddim-2-n4-seed0.json").read_text())
+    assert result["kid"] is None and result["memorisation"] is None and np.isfinite(result["fid"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ref", "DATA"], "one of the arguments --model --samples is required"),
+    (["--model", "RUN", "--samples", "DATA", "--ref", "DATA"], "not allowed with argument"),
+    (["--model", "RUN", "--ref", "DATA", "--inception", "MISSING"], "no FID Inception weights at"),
+    (["--model", "RUN", "--ref", "DATA", "--inception", "WEIGHTS"], "is not pytorch-fid's pt_inception"),
+    (["--model", "RUN", "--ref", "EMPTY", "--inception", "WEIGHTS", "--inception-unverified", "-n", "2", "--steps", "1"],
+     "no image files in"),
+    (["--samples", "BIG", "--ref", "DATA", "--inception", "WEIGHTS", "--inception-unverified"], "different sizes"),
+    (["--samples", "DATA", "--ref", "BIG", "--inception", "WEIGHTS", "--inception-unverified"],
+     "k=3 need more than 3 features, got 2"),
+])
+def test_mistakes_are_one_line_and_exit_code_2(argv, message, run, data, weights, capsys, tmp_path):
+    empty, big = tmp_path / "empty", tmp_path / "big"
+    empty.mkdir()
+    big.mkdir()
+    Image.new("RGB", (16, 16)).save(big / "a.png")
+    Image.new("RGB", (24, 24)).save(big / "b.png")
+    names = {"RUN": run, "DATA": data, "MISSING": tmp_path / "none.pth", "WEIGHTS": weights, "EMPTY": empty, "BIG": big}
+    code, out, err = cli([str(names.get(a, a)) for a in argv], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_without_weights_and_offline_the_error_says_where_to_get_them(run, data, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = cli(["--model", run, "--ref", data, "-n", 2], capsys)
+    assert code == 2 and "download https://github.com/mseitzer/pytorch-fid/releases" in err
+    assert str(tmp_path / "weights") in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_fid_of_one(run, data, weights, tmp_path):
+    """The README's torchrun line: statistics summed in float64 across processes equal one process's."""
+    common = ["--model", str(run), "--ref", str(data), "-n", "6", "--steps", "2", "--batch-size", "1",
+              "--inception", str(weights), "--inception-unverified", "--kid-subsets", "3"]
+    one = run_watched([launcher("python"), "evaluate.py", *common, "--out", str(tmp_path / "one")],
+                      timeout=300, env=launch_env())
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = run_watched([launcher("torchrun"), "--nproc_per_node", "2", "evaluate.py", *common, "--out", str(tmp_path / "two")],
+                      timeout=300, env=launch_env(free_port()))
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("2 process(es)") == 1
+    a, b = (json.loads((tmp_path / d / "ddim-2-n6-seed0.json").read_text()) for d in ("one", "two"))
+    assert b["processes"] == 2 and a["processes"] == 1
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-6)
+    assert b["kid"]["mean"] == pytest.approx(a["kid"]["mean"], rel=1e-6, abs=1e-9)
+    assert (b["precision"], b["recall"]) == (a["precision"], a["recall"])
+
+
+def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(data, weights, tmp_path):
+    """Trainer(evaluator=TrainingEvaluator(...)): FID and KID at its interval and at the end, in the log."""
+    from accelerate import Accelerator
+
+    from resdiff.config import TrainConfig
+    from resdiff.data import ImageFolder, ShardedBatches
+    from resdiff.diffusion import DDPM
+    from resdiff.evaluation import TrainingEvaluator
+    from resdiff.inception import load_inception
+    from resdiff.metrics import reference_features
+    from resdiff.rundir import RunDir
+    from resdiff.trainer import Trainer
+
+    net = load_inception(weights, sha256=None)
+    evaluator = TrainingEvaluator(net, reference_features(data, net, 16, 3), every=2, num_images=4, sampler="ddim",
+                                  steps=2, seed=0, mixed_precision="no", device=torch.device("cpu"))
+    dataset = ImageFolder(data, 16, 3, random_flip=False, cache=True)
+    torch.manual_seed(0)
+    trainer = Trainer(model=UNet(**SMALL), ddpm=DDPM.from_config(num_train_timesteps=50),
+                      batches=ShardedBatches(dataset, 4, 0, 1, 0, {}), accelerator=Accelerator(cpu=True),
+                      run=RunDir(tmp_path / "run"), settings=TrainConfig(steps=3, batch_size=4, preview_steps=2),
+                      evaluator=evaluator, echo=lambda _m: None)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "fid@4" in r]
+    assert [r["step"] for r in evals] == [2, 3] and all(np.isfinite(r["fid@4"]) and "kid@4" in r for r in evals)
+
+
+def test_training_evaluation_is_off_without_weights_and_says_so(tmp_path):
+    from resdiff.build import build_trainer, model_keys
+    from resdiff.config import load_config
+
+    cfg = load_config(None, ["model.preset=tiny", "data.image_size=16", "data.demo_images=16", "train.batch_size=8",
+                             f"out={tmp_path / 'run'}"], model_keys=model_keys())
+    trainer = build_trainer(cfg, echo=lambda _m: None)
+    try:
+        assert trainer.evaluator is None
+        assert "eval:      off (auto: no FID Inception weights at" in trainer.summary()
+    finally:
+        trainer.close()
