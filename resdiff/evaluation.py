@@ -151,7 +151,8 @@ def sample_features(
     bar = tqdm(total=len(mine), unit="img", disable=not progress, desc="samples -> features", leave=False)
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
-        f = extract_features(get_images(batch), net, batch_size=batch_size, device=device)  # (B, 2048)
+        # channels_last: 1.4x faster on CPU, the same features to float32 rounding (bench/inception_precision.py)
+        f = extract_features(get_images(batch), net, batch_size=batch_size, device=device, channels_last=True)  # (B, 2048)
         stats.update(f)
         features.append(f)
         bar.update(len(batch))

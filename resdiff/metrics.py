@@ -600,7 +600,7 @@ def reference_features(
     count, batches = iter_images(path, image_size, channels, batch_size)
     if log is not None:
         log(f"reference: extracting the features of {count} images of {path} (cached for the next time)")
-    features = extract_features(batches, net, batch_size, device)
+    features = extract_features(batches, net, batch_size, device, channels_last=True)  # faster, same to float32 rounding
     stats = FeatureStats.from_features(features)
     if cached is not None and key() == before:  # files changed while reading: keep the result, not the cache
         stats.save(cached, features=features.numpy())

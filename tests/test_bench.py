@@ -66,6 +66,13 @@ def test_train_e2e_compares_train_py_with_the_bare_step(tmp_path):
     assert row["train.py / bare"] == pytest.approx(ratio, abs=0.001)
 
 
+def test_evaluate_times_sampling_features_and_the_whole_evaluation(tmp_path):
+    result = bench("evaluate", "--preset", "tiny", "--num-images", "4", "--steps", "2", "--batch-size", "4",
+                   "--ref-images", "6", tmp_path=tmp_path)
+    assert [r["part"].split(" (")[0] for r in result["rows"]] == ["sampling", "Inception features", "evaluate() end to end"]
+    assert all(float(r["images/s"]) > 0 for r in result["rows"]) and result["fid"] >= 0
+
+
 def test_blocks_counts_each_variant_against_the_plain_resblock(tmp_path):
     result = bench("blocks", "--preset", "tiny", tmp_path=tmp_path)
     rows = {r["variant"]: r for r in result["variants"]}
