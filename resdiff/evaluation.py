@@ -99,13 +99,15 @@ def evaluate(
     else:
         source, get_images, n, size, channels, settings = _samples_source(samples)
     say(f"evaluate: {n} samples of {source} ({_describe(settings)}) against {ref}, {world} process(es), device {dev}")
-
+    # The main process reads the reference first (cached after the first time), so a bad one fails in
+    # seconds, not after hours of sampling; its error stops every process.
+    reference = _on_main(main, world, lambda: reference_features(ref, net, size, channels, batch_size=batch_size,
+                                                                  device=dev, log=say), share=False)
     stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=progress and main)
     rate = n / max(time.perf_counter() - started, 1e-9)
 
-    result = None
-    if main:
-        result, mem = _score(stats, gen, ref, net, size, channels, dev, batch_size, kid_subsets, kid_subset_size, k, say)
+    def report() -> dict:
+        result, mem = _score(stats, gen, reference, dev, kid_subsets, kid_subset_size, k)
         result.update(
             samples=n, source=str(source), reference=str(ref), settings=settings, images_per_s=round(rate, 2),
             processes=world, device=str(dev), inception=getattr(net, "weights_sha256", None),
@@ -113,25 +115,41 @@ def evaluate(
             host=platform.node(),
         )
         folder = Path(out) if out is not None else default_eval_dir(model, samples)
-        name = _result_name(settings, n)
         if mem is not None:  # the closest pairs, side by side: does the model copy its training images?
             top = mem.order[:NEAREST_PAIRS].tolist()
             nearest = nearest_pairs_image(get_images(top), image_dataset(ref, size, channels), _restricted(mem, top),
                                           folder / "nearest.png")
             result["memorisation"]["picture"] = str(nearest)
+        file = folder / f"{_result_name(settings, n)}.json"
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
-        result["json"] = str(folder / f"{name}.json")
+        write_atomic(file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        result["json"] = str(file)
         say(table(result))
-    box = [result]
-    if world > 1:
-        from accelerate.utils import broadcast_object_list
+        return result
 
-        broadcast_object_list(box, from_process=0)
+    result = _on_main(main, world, report)
     state.wait_for_everyone()
     if world > 1 and owns_group:
         state.destroy_process_group()
-    return box[0]
+    return result
+
+
+def _on_main(main: bool, world: int, work: Callable[[], object], share: bool = True):
+    """``work()`` on the main process; its UsageError is raised on every process, and its result returned on
+    every process (``share``) or on the main one only (None elsewhere)."""
+    value, error = None, None
+    if main:
+        try:
+            value = work()
+        except UsageError as err:
+            error = str(err)
+    if world > 1:
+        box = [(value if share else None, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value, error = box[0] if not main else (value, box[0][1])
+    if error is not None:
+        raise UsageError(error)
+    return value
 
 
 # ----------------------------------------------------------------------------- features of samples, across processes
@@ -230,11 +248,11 @@ def _gather(features: torch.Tensor, mine: list[int], n: int, world: int, device:
 
 
 def _score(
-    stats, gen, ref, net, size, channels, device, batch_size, kid_subsets, kid_subset_size, k, say
+    stats: FeatureStats, gen: torch.Tensor, reference: tuple[torch.Tensor | None, FeatureStats], device: torch.device,
+    kid_subsets: int, kid_subset_size: int, k: int,
 ) -> tuple[dict, Memorisation | None]:
-    """FID, KID, precision/recall and memorisation of the generated features against the reference."""
-    ref_features, ref_stats = reference_features(ref, net, size, channels, batch_size=batch_size, device=device,
-                                                 log=say)
+    """FID, KID, precision/recall and memorisation of the generated features against the reference's."""
+    ref_features, ref_stats = reference
     result: dict = {"fid": fid_from_stats(stats, ref_stats), "reference_images": ref_stats.count or None,
                     "kid": None, "precision": None, "recall": None, "memorisation": None}
     if ref_features is None:

@@ -200,3 +200,13 @@ def test_training_evaluation_is_off_without_weights_and_says_so(tmp_path):
         assert "eval:      off (auto: no FID Inception weights at" in trainer.summary()
     finally:
         trainer.close()
+
+
+@pytest.mark.slow
+def test_a_bad_reference_stops_every_process_before_sampling(run, weights, tmp_path):
+    proc = run_watched([launcher("torchrun"), "--nproc_per_node", "2", "evaluate.py", "--model", str(run),
+                        "--ref", str(tmp_path / "absent"), "-n", "6", "--inception", str(weights), "--inception-unverified"],
+                       timeout=120, env=launch_env(free_port()))
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"error: {tmp_path / 'absent'} does not exist") == 2  # both processes, one line each
+    assert "samples -> features" not in proc.stderr + proc.stdout
