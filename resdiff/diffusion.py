@@ -21,7 +21,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-__all__ = ["DDPM", "SAMPLERS", "make_sampler", "image_generators", "image_noise"]
+__all__ = ["DDPM", "SAMPLERS", "make_sampler", "sampler_step_kwargs", "image_generators", "image_noise"]
 
 # Samplers by name: the diffusers scheduler, its default step count and fixed settings.
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], int, dict]] = {
@@ -126,6 +126,22 @@ class DDPM:
         weight = self.loss_weight(t)
         return (err * weight).mean() if weight is not None else err.mean()
 
+    def denoise_step(
+        self, model: Callable, scheduler: SchedulerMixin, x: torch.Tensor, t: torch.Tensor, step_kwargs: dict,
+        class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0, null_label: int | None = None,
+    ) -> torch.Tensor:
+        """One step of ``scheduler`` from ``x`` at timestep ``t`` to the next (less noisy) level: the model's
+        prediction, guided when ``class_labels`` are given and ``guidance_scale`` != 1, then ``scheduler.step``.
+        The loop of ``sample``; editing (resdiff.editing) runs it from its own starting points."""
+        inp = scheduler.scale_model_input(x, t)
+        if class_labels is not None and guidance_scale != 1.0:
+            labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
+            cond, uncond = model(torch.cat([inp, inp]), t, labels).sample.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        else:
+            out = model(inp, t, class_labels).sample
+        return scheduler.step(out[:, : x.shape[1]].float(), t, x, **step_kwargs).prev_sample
+
     @torch.inference_mode()  # cheaper than no_grad: no version counters or view tracking
     def sample(
         self,
@@ -154,20 +170,22 @@ class DDPM:
         guided = class_labels is not None and guidance_scale != 1.0
         if guided and null_label is None:
             raise ValueError("classifier-free guidance needs the model's null label")
-        step_kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-        if generators is not None and "generator" in _step_params(scheduler):
-            step_kwargs["generator"] = list(generators)
+        step_kwargs = sampler_step_kwargs(scheduler, generators, eta)
         timesteps = scheduler.timesteps
         for t in progress(timesteps) if progress else timesteps:
-            inp = scheduler.scale_model_input(x, t)
-            if guided:
-                labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
-                cond, uncond = model(torch.cat([inp, inp]), t, labels).sample.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
-            else:
-                out = model(inp, t, class_labels).sample
-            x = scheduler.step(out[:, : x.shape[1]].float(), t, x, **step_kwargs).prev_sample
+            x = self.denoise_step(model, scheduler, x, t, step_kwargs, class_labels, guidance_scale, null_label)
         return x.clamp(-1, 1)
+
+
+def sampler_step_kwargs(
+    scheduler: SchedulerMixin, generators: Sequence[torch.Generator] | None = None, eta: float = 0.0
+) -> dict:
+    """The keyword arguments of ``scheduler.step``: DDIM's ``eta``, and the per-image generators of any
+    scheduler that draws noise in its step."""
+    kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    if generators is not None and "generator" in _step_params(scheduler):
+        kwargs["generator"] = list(generators)
+    return kwargs
 
 
 def _step_params(scheduler: SchedulerMixin) -> set[str]:

@@ -179,8 +179,23 @@ def _labels(class_labels, num_classes: int | None, where: str) -> list[int] | No
     return labels
 
 
-def _batches(job: _Job, indices: Sequence[int], progress: bool) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Generate ``indices`` batch by batch: yields (the batch's indices, uint8 (B, C, H, W) on the CPU)."""
+# run(job, ddpm, net, batch indices, generators, noise, labels, step progress) -> images in [-1, 1]: how a batch is
+# made from its noise. Plain sampling is ``_plain``; resdiff.editing passes its own (inpainting, img2img, ...).
+Run = Callable[["_Job", DDPM, Callable, list, list, torch.Tensor, "torch.Tensor | None", Callable], torch.Tensor]
+
+
+def _plain(job: _Job, ddpm: DDPM, net: Callable, batch, generators, noise, labels, progress) -> torch.Tensor:
+    return ddpm.sample(
+        net, noise, sampler=job.sampler, steps=job.steps, generators=generators, class_labels=labels,
+        guidance_scale=job.guidance_scale, null_label=job.null_label, eta=job.eta, progress=progress,
+    )
+
+
+def _batches(
+    job: _Job, indices: Sequence[int], progress: bool, run: Run = _plain
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Generate ``indices`` batch by batch: yields (the batch's indices, uint8 (B, C, H, W) on the CPU).
+    ``run`` turns a batch's noise into images (default: plain sampling)."""
     model, device = job.model, job.device
     dtype = next(model.parameters()).dtype
     ddpm = DDPM(DDPMScheduler.from_config(job.scheduler_config))
@@ -204,11 +219,8 @@ def _batches(job: _Job, indices: Sequence[int], progress: bool) -> Iterator[tupl
             if job.labels is not None:
                 labels = torch.tensor([job.labels[i % len(job.labels)] for i in batch], device=device)
             with autocast:
-                x = ddpm.sample(
-                    net, noise, sampler=job.sampler, steps=job.steps, generators=generators, class_labels=labels,
-                    guidance_scale=job.guidance_scale, null_label=job.null_label, eta=job.eta,
-                    progress=lambda ts: tqdm(ts, leave=False, unit="step", disable=not progress),
-                )
+                x = run(job, ddpm, net, batch, generators, noise, labels,
+                        lambda ts: tqdm(ts, leave=False, unit="step", disable=not progress))
             yield batch, to_uint8(x).cpu()
             bar.update(len(batch))
     finally:
@@ -292,15 +304,26 @@ def processes(device: torch.device | None = None, timeout_s: float = 1800.0) -> 
     return state, not had_group
 
 
-def default_out_dir(model: str | Path, folder: Path, sampler: str, steps: int, seed: int) -> Path:
-    """A new folder ``samples-<sampler>-<steps>-seed<seed>[-N]`` in the run directory, or next to a pipeline folder."""
+def default_out_dir(model: str | Path, folder: Path, sampler: str, steps: int, seed: int | str, kind: str = "samples") -> Path:
+    """A new folder ``<kind>-<sampler>-<steps>-seed<seed>[-N]`` in the run directory, or next to a pipeline folder."""
     model, folder = Path(os.path.abspath(model)), Path(os.path.abspath(folder))
     base = model.parent if folder == model else model
-    name = f"samples-{sampler}-{steps}-seed{seed}"
+    name = f"{kind}-{sampler}-{steps}-seed{seed}"
     out, k = base / name, 1
     while out.exists():
         out, k = base / f"{name}-{k}", k + 1
     return out
+
+
+def _write_shares(state, job: _Job, out_dir: Path, num_images: int, progress: bool, run: Run = _plain) -> None:
+    """Every process writes the PNGs of its share ``range(num_images)[rank::world]`` into ``out_dir``; returns once
+    all of them have (a barrier before, so the folder is created after every process picked its name, and one after)."""
+    state.wait_for_everyone()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = list(range(num_images))[state.process_index::state.num_processes]
+    for batch, images in _batches(job, mine, progress and state.is_main_process, run):  # no collective op in here
+        save_images(images, out_dir, batch)
+    state.wait_for_everyone()
 
 
 def sample_to_folder(
@@ -335,7 +358,7 @@ def sample_to_folder(
     """
     device = check_device(device)
     state, owns_group = processes(device, timeout_s)
-    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    world, main = state.num_processes, state.is_main_process
     say = log if (log is not None and main) else (lambda _msg: None)
 
     folder = find_model_folder(model)
@@ -357,13 +380,7 @@ def sample_to_folder(
     say(f"model: {folder}")
     say(f"sampler: {job.sampler}, steps: {job.steps}, seed: {job.seed}, images: {num_images}, "
         f"processes: {world}, device: {job.device}")
-    state.wait_for_everyone()
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    mine = list(range(num_images))[rank::world]
-    for batch, images in _batches(job, mine, progress and main):  # no collective op in here
-        save_images(images, out_dir, batch)
-    state.wait_for_everyone()
+    _write_shares(state, job, out_dir, num_images, progress)
 
     if main and (grid or npz):
         every = read_images(out_dir, range(num_images if npz else min(num_images, GRID_LIMIT)))
