@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 
 from .config import Config
-from .data import ImageFolder, ShardedBatches, loader_workers, write_demo_folder
+from .data import ImageFolder, PreparedImages, ShardedBatches, is_prepared, loader_workers, shape_name, write_demo_folder
 from .diffusion import DDPM
 from .errors import UsageError
 from .files import cache_root
@@ -51,7 +51,11 @@ def build_unet(cfg: Config, num_classes: int | None) -> UNet:
     kwargs = dict(cfg.model)
     preset = kwargs.pop("preset", None)
     for key, want in (("sample_size", cfg.data.image_size), ("in_channels", cfg.data.image_channels)):
-        if kwargs.get(key, want) != want:
+        given = kwargs.get(key, want)
+        if key == "sample_size" and isinstance(given, (list, tuple)) and len(given) == 2 and given[0] == given[1]:
+            given = given[0]  # [32, 32] says 32
+        if (list(given) if isinstance(given, (list, tuple)) else given) != (
+                list(want) if isinstance(want, (list, tuple)) else want):
             raise UsageError(f"model.{key}={kwargs[key]} contradicts data ({want}); remove model.{key}, the data decides it")
         kwargs[key] = want
     kwargs["num_classes"] = num_classes
@@ -61,9 +65,9 @@ def build_unet(cfg: Config, num_classes: int | None) -> UNet:
         raise UsageError(f"model: {err}") from None
 
 
-def demo_data_dir(image_size: int, n: int) -> Path:
+def demo_data_dir(image_size: int | tuple[int, int], n: int) -> Path:
     """Where the built-in demo dataset is written (in resdiff's cache folder, $RESDIFF_CACHE)."""
-    return cache_root() / f"demo-shapes-{image_size}px-{n}"
+    return cache_root() / f"demo-shapes-{shape_name(image_size)}px-{n}"
 
 
 def build_trainer(cfg: Config, *, resume: str = "auto", echo: Callable[[str], None] = print) -> Trainer:
@@ -90,13 +94,15 @@ def build_trainer(cfg: Config, *, resume: str = "auto", echo: Callable[[str], No
         unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         workers, why = loader_workers(cfg.data.num_workers, dataset.cached, acc.device, local)
+        if isinstance(dataset, PreparedImages) and cfg.data.num_workers == "auto":
+            why = "auto: the images are prepared; a batch is a copy of a few rows of the mapped files"
         batches = ShardedBatches(
             dataset, micro_batch, rank, world, t.seed,
             dict(num_workers=workers, pin_memory=acc.device.type == "cuda", persistent_workers=False,
                  prefetch_factor=4 if workers else None),
             flip=cfg.data.random_flip,
         )
-        evaluator, evaluation = _evaluator(cfg, acc, dataset.root, echo)
+        evaluator, evaluation = _evaluator(cfg, acc, getattr(dataset, "source", dataset.root), echo)
         trainer = Trainer(
             model=unet, ddpm=DDPM.from_config(**vars(cfg.diffusion)), batches=batches, accelerator=acc, run=run,
             settings=t, hparams=_flat(cfg.to_dict()), evaluator=evaluator, echo=echo,
@@ -180,8 +186,14 @@ def _check_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def _load_data(cfg: Config, acc: Accelerator, warn: Callable[[str], None]) -> ImageFolder:
+def _load_data(cfg: Config, acc: Accelerator, warn: Callable[[str], None]) -> ImageFolder | PreparedImages:
+    """The training images: a prepared dataset (``resdiff.prepare``), an image folder, or the demo shapes."""
     d = cfg.data
+    if d.path is not None and is_prepared(d.path):
+        if d.random_crop:
+            raise UsageError(f"{d.path} is a prepared dataset, which holds centre crops; data.random_crop needs the "
+                             f"image folder itself (train on the folder, or set data.random_crop=false)")
+        return PreparedImages(d.path, d.image_size, d.image_channels)
     if d.path is None:
         root = demo_data_dir(d.image_size, d.demo_images)
         if acc.is_main_process:
@@ -191,7 +203,7 @@ def _load_data(cfg: Config, acc: Accelerator, warn: Callable[[str], None]) -> Im
         root = Path(d.path)
     # Flips are drawn per batch by ShardedBatches in the training process, from the RNG a checkpoint saves.
     return ImageFolder(root, d.image_size, d.image_channels, class_cond=d.class_cond, random_flip=False,
-                       random_crop=d.random_crop, cache=d.cache, warn=warn)
+                       random_crop=d.random_crop, cache=d.cache, warn=warn, cache_limit=int(d.cache_limit_gb * 2**30))
 
 
 def _prepare_run_dir(
@@ -275,6 +287,8 @@ def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], 
         every = t.checkpoint_every
     if every == 0:
         return None, "off (train.eval_every=0)"
+    if not Path(data).is_dir():
+        return None, f"off (the folder {data} that the prepared dataset was made from is gone: no reference images)"
     from .evaluation import TrainingEvaluator
     from .inception import load_inception
     from .metrics import reference_features
@@ -292,7 +306,7 @@ def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], 
 
 
 def _summary(
-    cfg: Config, trainer: Trainer, dataset: ImageFolder, workers: int, why: str, resumed: Path | None, evaluation: str
+    cfg: Config, trainer: Trainer, dataset: ImageFolder | PreparedImages, workers: int, why: str, resumed: Path | None, evaluation: str
 ) -> str:
     """What is about to happen, in a few lines."""
     t, acc = cfg.train, trainer.accelerator
@@ -302,11 +316,12 @@ def _summary(
     classes = f", {len(dataset.classes)} classes" if cfg.data.class_cond else ""
     world, micro = acc.num_processes, t.batch_size // (acc.num_processes * t.grad_accum)
     warning = precision_warning(acc.device, t.mixed_precision)
+    hgt, wid = dataset.shape
+    mode = "cached in memory" if dataset.cached and isinstance(dataset, ImageFolder) else dataset.mode
     return "\n".join([
         f"resdiff: training a DDPM, {params / 1e6:.2f}M parameters ({cfg.model.get('preset', 'custom')})",
         f"  data:      {data}: {len(dataset)} images{f', {skipped} skipped' if skipped else ''}{classes}",
-        f"  images:    {cfg.data.image_size}x{cfg.data.image_size}, {cfg.data.image_channels} channel(s), "
-        f"{'cached in memory' if dataset.cached else 'decoded per batch'}",
+        f"  images:    {hgt}x{wid}, {cfg.data.image_channels} channel(s), {mode}",
         f"  loader:    {workers} worker process(es) ({why})",
         f"  batch:     {t.batch_size} global = {micro} per process x {world} process(es) x {t.grad_accum} accumulation",
         f"  world:     {world} process(es), device {acc.device}, precision {t.mixed_precision}",

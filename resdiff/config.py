@@ -31,12 +31,13 @@ class DataConfig:
     """Where the images come from and how they are prepared."""
 
     path: str | None = None  # None: the built-in demo dataset (procedural shapes)
-    image_size: int = 32
+    image_size: int | tuple[int, int] = 32  # one side (square), or [height, width]; also "64x128" or "64 128"
     image_channels: int = 3  # 1 (grayscale) or 3 (RGB); model.channels is the U-Net's width (was data.channels)
     class_cond: bool = False
     random_flip: bool = True
     random_crop: bool = False
-    cache: bool | str = "auto"  # keep decoded images in memory: true | false | "auto"
+    cache: bool | str = "auto"  # keep decoded images in memory: true | false | "auto" (up to cache_limit_gb)
+    cache_limit_gb: float = 2.0  # cache="auto" keeps the decoded images in memory up to this size
     num_workers: int | str = "auto"  # DataLoader worker processes, or "auto" (see resdiff.data.loader_workers)
     demo_images: int = 2000  # size of the built-in demo dataset
 
@@ -110,11 +111,12 @@ _NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 _FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 _RULES = {
-    "data.image_size": _POSITIVE,
+    "data.image_size": (lambda v: all(s > 0 for s in ((v,) if isinstance(v, int) else v)), "must be > 0"),
     "data.image_channels": (lambda v: v in (1, 3), "must be 1 (grayscale) or 3 (RGB)"),
     "data.cache": (lambda v: v in (True, False, "auto"), "must be true, false or auto"),
     "data.num_workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0), "must be auto or an integer >= 0"),
     "data.demo_images": _POSITIVE,
+    "data.cache_limit_gb": _NON_NEGATIVE,
     "diffusion.num_train_timesteps": _POSITIVE,
     "diffusion.beta_start": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "diffusion.beta_end": (lambda v: 0 < v < 1, "must be in (0, 1)"),
@@ -304,6 +306,8 @@ def fits(value, hint) -> bool:
 def _checked(name: str, value, hint, source: str):
     """One field's value, coerced to its type, canonicalised and range-checked; else a UsageError."""
     choices = _CHOICES.get(name)
+    if name == "data.image_size":
+        value = _image_size(value)
     if choices and isinstance(value, (str, bool)):
         value = str(value).strip().lower()
         value = _ALIASES.get(name, {}).get(value, value)
@@ -318,6 +322,17 @@ def _checked(name: str, value, hint, source: str):
     test, needs = _RULES.get(name, (None, ""))
     if test is not None and value is not None and not test(value):
         raise UsageError(f"{name} {needs}, got {value!r} ({source})")
+    if name == "data.image_size" and isinstance(value, tuple) and value[0] == value[1]:
+        value = value[0]  # a square pair is the one number: configs, run directories and models stay as before
+    return value
+
+
+def _image_size(value):
+    """'64x128', '64 128' or '64,128' -> [64, 128] (height, width); anything else is left for the type check."""
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[xX*, ]+", value.strip()) if p]
+        if len(parts) == 2:
+            return parts
     return value
 
 

@@ -14,7 +14,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from .nn import BLOCK_ALIASES, BLOCKS, ResBlock
-from .unet import UNet, resblock_resamplers
+from .unet import UNet, level_resolutions, resblock_resamplers
 
 __all__ = ["from_diffusers", "to_diffusers"]
 
@@ -79,12 +79,10 @@ def _unet_config(cfg: Any) -> dict[str, Any]:
     if attn_groups not in (None, cfg["norm_num_groups"]):
         raise _unsupported(f"attn_norm_num_groups={attn_groups} differs from norm_num_groups={cfg['norm_num_groups']}")
     size = cfg["sample_size"]
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise _unsupported(f"non-square sample_size {size}")
-        size = size[0]
     if size is None:
         raise _unsupported("sample_size is None; set it on the diffusers config first")
+    if isinstance(size, (list, tuple)):
+        size = tuple(size) if size[0] != size[1] else size[0]  # (height, width); a square stays one number
 
     down_attn, down_kinds = _level_layout(list(cfg["down_block_types"]), _DOWN, cfg.get("downsample_type") or "conv")
     up_attn, up_kinds = _level_layout(list(cfg["up_block_types"]), _UP, cfg.get("upsample_type") or "conv")
@@ -95,7 +93,7 @@ def _unet_config(cfg: Any) -> dict[str, Any]:
     return dict(
         sample_size=size, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], channels=ch,
         channel_mult=tuple(mult), num_res_blocks=cfg["layers_per_block"],
-        attention_resolutions=tuple(size // 2**i for i, a in enumerate(down_attn) if a),
+        attention_resolutions=tuple(r for r, a in zip(level_resolutions(size, len(down_attn)), down_attn) if a),
         head_channels=cfg.get("attention_head_dim"), dropout=cfg.get("dropout", 0.0),
         norm_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"], flip_sin_to_cos=cfg["flip_sin_to_cos"],
         freq_shift=cfg["freq_shift"], time_injection="additive" if shift == "default" else "scale_shift",
@@ -113,13 +111,13 @@ def _diffusers_config(cfg: Any) -> dict[str, Any]:
     if not cfg.mid_attention_norm and not scale_shift:
         raise _unsupported("mid_attention_norm=False is expressible in diffusers only with scale_shift")
     levels = len(cfg.channel_mult)
-    attn = [cfg.sample_size // 2**i in cfg.attention_resolutions for i in range(levels)]
+    attn = [r in cfg.attention_resolutions for r in level_resolutions(cfg.sample_size, levels)]
     down, up = resblock_resamplers(cfg.resblock_updown, levels)
     uniform = all(down + up) if levels > 1 else bool(cfg.resblock_updown)  # for the levels that do not resample
     down_types, down_kind = _block_types(attn, down, ("DownBlock2D", "ResnetDownsampleBlock2D", "AttnDownBlock2D"), uniform)
     up_types, up_kind = _block_types(attn[::-1], up, ("UpBlock2D", "ResnetUpsampleBlock2D", "AttnUpBlock2D"), uniform)
     return dict(
-        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels or cfg.in_channels,
+        sample_size=cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size), in_channels=cfg.in_channels, out_channels=cfg.out_channels or cfg.in_channels,
         freq_shift=cfg.freq_shift, flip_sin_to_cos=cfg.flip_sin_to_cos,
         down_block_types=tuple(down_types), up_block_types=tuple(up_types),
         block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult), layers_per_block=cfg.num_res_blocks,

@@ -4,19 +4,28 @@ deterministic sharded batches the trainer draws from them.
 Images leave this module as uint8 tensors (C, H, W); `to_model_range` maps them to the [-1, 1]
 floats the model works in, and `to_uint8` maps model output back.
 
+Shapes: `image_size` is one side (square) or (height, width). Every image is resized (antialiased
+bicubic) to the smallest size that covers that shape, keeping its aspect ratio, then cropped to it:
+in the centre, or at a random place with `random_crop`.
+
 Caching: `ImageFolder` decodes every file once at construction (that is also how bad files are
 found). With center crops the decoded, resized, cropped images are kept as one (N, C, H, W) uint8
-tensor. With `random_crop` each image is kept resized so its shorter side is `image_size` (the
-crop window is picked per item), packed into one flat uint8 buffer. `cache="auto"` keeps them
-when they need at most `CACHE_LIMIT_BYTES`; `True` always keeps them; `False` decodes per item.
+tensor. With `random_crop` each image is kept resized to cover (H, W) (the crop window is picked
+per item), packed into one flat uint8 buffer. `cache="auto"` keeps them when they need at most
+`cache_limit` bytes (`CACHE_LIMIT_BYTES` by default); `True` always keeps them; `False` decodes per
+item. A folder that does not fit is read from disk per batch, holding only the batches in flight.
+
+`PreparedImages` reads a dataset that `python -m resdiff.prepare` decoded once into NumPy .npy
+files: memory-mapped, so the processes of one machine share one copy through the page cache.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,24 +98,39 @@ def _convert(im: Image.Image, channels: int, background: tuple[int, int, int]) -
     return im.convert(target) if im.mode != target else im
 
 
-def _resize_shorter(im: Image.Image, size: int) -> Image.Image:
-    """Resize (antialiased bicubic) so the shorter side is `size`; upscales small images too."""
-    w, h = im.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+def image_shape(size: int | Sequence[int]) -> tuple[int, int]:
+    """`image_size` as (height, width): one number is a square."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def shape_name(size: int | Sequence[int]) -> str:
+    """'32' for a square, '64x128' (height x width) otherwise: for folder names and messages."""
+    h, w = image_shape(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def _resize_cover(im: Image.Image, shape: tuple[int, int]) -> Image.Image:
+    """Resize (antialiased bicubic, aspect kept) to the smallest size covering (H, W); upscales small images too.
+    For a square that is: the shorter side becomes the side."""
+    (hgt, wid), (w, h) = shape, im.size
+    scale = max(wid / w, hgt / h)
+    new = (max(wid, round(w * scale)), max(hgt, round(h * scale)))
     return im if new == (w, h) else im.resize(new, Image.Resampling.BICUBIC)
 
 
 def _load_image(
-    path: str | Path, image_size: int, channels: int = 3,
+    path: str | Path, image_size: int | Sequence[int], channels: int = 3,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> torch.Tensor:
-    """Decode one file to uint8 (C, h, w) with its shorter side resized to `image_size`."""
+    """Decode one file to uint8 (C, h, w), resized to cover `image_size` (see `_resize_cover`)."""
     with Image.open(path) as im:
         _check_pixels(im)
         im.load()
         im = ImageOps.exif_transpose(im)
-    im = _resize_shorter(_convert(im, channels, background), image_size)
+    im = _resize_cover(_convert(im, channels, background), image_shape(image_size))
     a = torch.from_numpy(np.array(im, dtype=np.uint8))  # (h, w) or (h, w, 3)
     return a.unsqueeze(0) if a.ndim == 2 else a.permute(2, 0, 1).contiguous()  # (C, h, w)
 
@@ -128,19 +152,25 @@ def _reason(path: Path, err: BaseException) -> str:
     return f"{type(err).__name__}: {one_line(err)}"
 
 
-def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Central size x size window of a (C, h, w) tensor."""
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[:, top:top + size, left:left + size]
+def _center_crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Central H x W window of a (C, h, w) tensor."""
+    (hgt, wid), (h, w) = shape, x.shape[-2:]
+    top, left = (h - hgt) // 2, (w - wid) // 2
+    return x[:, top:top + hgt, left:left + wid]
 
 
-def _random_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Random size x size window of a (C, h, w) tensor, drawn from torch's global RNG."""
-    h, w = x.shape[-2:]
-    top = int(torch.randint(h - size + 1, ())) if h > size else 0
-    left = int(torch.randint(w - size + 1, ())) if w > size else 0
-    return x[:, top:top + size, left:left + size]
+def _random_crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Random H x W window of a (C, h, w) tensor, drawn from torch's global RNG."""
+    (hgt, wid), (h, w) = shape, x.shape[-2:]
+    top = int(torch.randint(h - hgt + 1, ())) if h > hgt else 0
+    left = int(torch.randint(w - wid + 1, ())) if w > wid else 0
+    return x[:, top:top + hgt, left:left + wid]
+
+
+def _valid_size(size) -> bool:
+    """One positive integer, or two (height, width)."""
+    sides = (size,) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    return len(sides) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides)
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -174,6 +204,22 @@ def _scan(root: Path, warn: Callable[[str], None]) -> list[Path]:
     return found
 
 
+def class_labels(root: Path, files: list[Path], class_cond: bool) -> tuple[list[int], list[str]]:
+    """Class labels from the first folder below root (all 0 unless class_cond), and the sorted class names."""
+    if not class_cond:
+        return [0] * len(files), []
+    loose = [f for f in files if f.parent == root]
+    if loose:
+        raise UsageError(
+            f"{root} has {len(loose)} image file(s) directly inside it (e.g. {loose[0].name}); "
+            f"with class conditioning put the images in one subfolder per class ({root}/<class>/...)"
+        )
+    tops = [f.relative_to(root).parts[0] for f in files]
+    classes = sorted(set(tops))
+    index = {name: k for k, name in enumerate(classes)}
+    return [index[t] for t in tops], classes
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
@@ -181,13 +227,13 @@ class ImageFolder(torch.utils.data.Dataset):
     """Every image below a folder as uint8 (C, H, W) tensors with an integer class label."""
 
     def __init__(
-        self, root: str | Path, image_size: int, channels: int = 3, *, class_cond: bool = False,
+        self, root: str | Path, image_size: int | Sequence[int], channels: int = 3, *, class_cond: bool = False,
         random_flip: bool = True, random_crop: bool = False, cache: bool | str = "auto",
         background: tuple[int, int, int] = (255, 255, 255),
-        warn: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None, cache_limit: int = CACHE_LIMIT_BYTES,
     ) -> None:
-        if not isinstance(image_size, int) or image_size < 1:
-            raise UsageError(f"image_size must be a positive integer, got {image_size!r}")
+        if not _valid_size(image_size):
+            raise UsageError(f"image_size must be a positive integer or a (height, width) pair, got {image_size!r}")
         if channels not in (1, 3):
             raise UsageError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         if cache not in (True, False, "auto"):
@@ -196,6 +242,9 @@ class ImageFolder(torch.utils.data.Dataset):
             raise UsageError(f"background must be three integers in 0..255, got {background!r}")
         self.root = Path(root)
         self.image_size = image_size
+        self.shape = image_shape(image_size)  # (H, W)
+        self.cache_limit = cache_limit
+        self.mode = ""  # how items are read, and why: for the start-up summary
         self.channels = channels
         self.class_cond = class_cond
         self.random_flip = random_flip
@@ -211,35 +260,21 @@ class ImageFolder(torch.utils.data.Dataset):
         if not candidates:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise UsageError(f"no image files in {self.root} (searched recursively for {exts}); add images there")
-        candidate_labels, self.classes = self._label(candidates)
+        candidate_labels, self.classes = class_labels(self.root, candidates, class_cond)
         self.files: list[Path] = []
         self.labels: list[int] = []
         self.skipped: list[tuple[Path, str]] = []
-        self._cache: torch.Tensor | None = None  # (N, C, S, S), or flat uint8 with random_crop
+        self._cache: torch.Tensor | None = None  # (N, C, H, W), or flat uint8 with random_crop
         self._offsets: list[int] = []  # random_crop cache: start of each image in the flat buffer
         self._sizes: list[tuple[int, int]] = []  # random_crop cache: (h, w) of each image
         self._validate(candidates, candidate_labels, cache)
 
-    def _label(self, files: list[Path]) -> tuple[list[int], list[str]]:
-        """Class labels from the first folder below root (all 0 unless class_cond)."""
-        if not self.class_cond:
-            return [0] * len(files), []
-        loose = [f for f in files if f.parent == self.root]
-        if loose:
-            raise UsageError(
-                f"{self.root} has {len(loose)} image file(s) directly inside it (e.g. {loose[0].name}); "
-                f"with class conditioning put the images in one subfolder per class ({self.root}/<class>/...)"
-            )
-        tops = [f.relative_to(self.root).parts[0] for f in files]
-        classes = sorted(set(tops))
-        index = {name: k for k, name in enumerate(classes)}
-        return [index[t] for t in tops], classes
-
     def _validate(self, candidates: list[Path], labels: list[int], cache: bool | str) -> None:
         """Decode every file once: record bad files, keep good ones and (maybe) their pixels."""
-        n, c, s = len(candidates), self.channels, self.image_size
-        keep = cache is True or (cache == "auto" and (self.random_crop or n * c * s * s <= CACHE_LIMIT_BYTES))
-        fixed = torch.empty(n, c, s, s, dtype=torch.uint8) if keep and not self.random_crop else None
+        n, c, (hgt, wid) = len(candidates), self.channels, self.shape
+        need, limit = n * c * hgt * wid, self.cache_limit
+        keep = cache is True or (cache == "auto" and (self.random_crop or need <= limit))
+        fixed = torch.empty(n, c, hgt, wid, dtype=torch.uint8) if keep and not self.random_crop else None
         parts: list[torch.Tensor] = []  # random_crop: resized images before packing
         held = 0
 
@@ -254,10 +289,10 @@ class ImageFolder(torch.utils.data.Dataset):
                         self.warn(f"skipping {path}: {result}")
                         continue
                     if fixed is not None:
-                        fixed[len(self.files)] = _center_crop(result, s)
+                        fixed[len(self.files)] = _center_crop(result, self.shape)
                     elif keep:
                         held += result.numel()
-                        if cache == "auto" and held > CACHE_LIMIT_BYTES:
+                        if cache == "auto" and held > limit:
                             keep, parts = False, []  # over budget: decode per item instead
                         else:
                             parts.append(result)
@@ -271,6 +306,14 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"no readable images in {self.root}: all {n} image files were skipped "
                 "(see the warnings above); add images pillow can open"
             )
+        if cache is False:
+            self.mode = "read from disk per batch (data.cache=false)"
+        elif not keep:
+            size = f"{need / 2**30:.2f} GiB" if fixed is None and not self.random_crop else "the resized images"
+            self.mode = (f"read from disk per batch ({size} would exceed the {limit / 2**30:.2f} GiB cache limit, "
+                         "data.cache_limit_gb; memory holds only the batches in flight)")
+        else:
+            self.mode = "decoded once, cached in memory"
         if fixed is not None:
             self._cache = fixed[: len(self.files)]
         elif keep:
@@ -309,7 +352,7 @@ class ImageFolder(torch.utils.data.Dataset):
         """Image i before cropping: from the cache, or decoded now (falling back to later files)."""
         c = self.channels
         if self._cache is not None and not self.random_crop:
-            return self._cache[i]  # (C, S, S)
+            return self._cache[i]  # (C, H, W)
         if self._cache is not None:
             h, w = self._sizes[i]
             return self._cache[self._offsets[i]:self._offsets[i + 1]].view(c, h, w)
@@ -324,10 +367,137 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         """Image i as a contiguous uint8 (C, H, W) tensor and its class label."""
         x = self._stored(i)
-        x = _random_crop(x, self.image_size) if self.random_crop else _center_crop(x, self.image_size)
+        x = _random_crop(x, self.shape) if self.random_crop else _center_crop(x, self.shape)
         if self.random_flip:
             return random_flip(x[None])[0], self.labels[i]  # (C, H, W)
         return x.clone(memory_format=torch.contiguous_format), self.labels[i]  # (C, H, W)
+
+
+# ----------------------------------------------------------------------------- prepared datasets
+
+PREPARED_FORMAT = "resdiff-prepared"
+PREPARED_VERSION = 1
+PREPARED_INDEX = "index.json"
+
+
+def is_prepared(path: str | Path) -> bool:
+    """Whether ``path`` is a folder that `python -m resdiff.prepare` wrote (it holds index.json)."""
+    return (Path(path) / PREPARED_INDEX).is_file()
+
+
+def _damaged(path: Path, what: str) -> UsageError:
+    return UsageError(f"prepared dataset file {path} is {what}; prepare the dataset again "
+                      f"(python -m resdiff.prepare SOURCE {path.parent})")
+
+
+class PreparedImages(torch.utils.data.Dataset):
+    """A prepared dataset: uint8 (C, H, W) images memory-mapped from NumPy .npy shards, with their labels.
+
+    Layout (written by ``resdiff.prepare``): ``index.json`` (format, version, image_size [H, W], channels, classes,
+    the source folder, its files and the skipped ones, the shards with their counts), ``labels.npy`` int64 (N,),
+    and ``images-00000.npy``, ... uint8 (n_k, C, H, W), in the order of ``files``. Items are copies of rows of
+    the maps, so every process of a machine reads one copy of the data from the page cache; none is loaded
+    into private memory. Checked on opening: the index, each shard's header, shape and exact file size, the
+    labels. A damaged or truncated file is one UsageError line that names it.
+    """
+
+    def __init__(self, root: str | Path, image_size: int | Sequence[int] | None = None, channels: int | None = None,
+                 *, random_flip: bool = False) -> None:
+        import json
+
+        self.root = Path(root)
+        index_file = self.root / PREPARED_INDEX
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+            if index.get("format") != PREPARED_FORMAT:
+                raise ValueError("not a resdiff prepared-dataset index")
+            if index.get("version") != PREPARED_VERSION:
+                raise ValueError(f"version {index.get('version')!r}, this resdiff reads {PREPARED_VERSION}")
+            self.shape = image_shape(index["image_size"])
+            self.channels, self.classes = int(index["channels"]), list(index["classes"])
+            self.source = Path(index["source"])
+            rel_files, shards = list(index["files"]), list(index["shards"])
+            counts = [int(sh["count"]) for sh in shards]
+            self.skipped = [(self.source / f, why) for f, why in index.get("skipped", [])]
+        except FileNotFoundError:
+            raise UsageError(f"{index_file} is missing; {self.root} is not a prepared dataset") from None
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise _damaged(index_file, f"damaged ({one_line(err, 120)})") from None
+        if len(rel_files) != sum(counts):
+            raise _damaged(index_file, f"inconsistent: {len(rel_files)} files but {sum(counts)} images in its shards")
+        self.image_size = self.shape[0] if self.shape[0] == self.shape[1] else self.shape
+        if image_size is not None and image_shape(image_size) != self.shape:
+            raise UsageError(
+                f"{self.root} was prepared at {shape_name(self.shape)}, but data.image_size is {shape_name(image_size)}; "
+                f"set data.image_size={shape_name(self.shape)} or prepare again with --image-size {shape_name(image_size)}")
+        if channels is not None and channels != self.channels:
+            raise UsageError(
+                f"{self.root} was prepared with {self.channels} channel(s), but data.image_channels is {channels}; "
+                f"set data.image_channels={self.channels} or prepare again with --channels {channels}")
+        self.files = [self.source / f for f in rel_files]
+        self.random_flip, self.cached = random_flip, True  # nothing is decoded per item
+        self.mode = (f"prepared, memory-mapped from {self.root} ({self._nbytes(counts) / 2**30:.2f} GiB; the processes "
+                     "of this machine share one copy through the page cache)")
+        self._shard_files = [self.root / str(sh["file"]) for sh in shards]
+        self._starts = np.cumsum([0, *counts]).tolist()
+        labels_file = self.root / "labels.npy"
+        try:
+            labels = np.load(labels_file, allow_pickle=False)
+        except FileNotFoundError:
+            raise _damaged(labels_file, "missing") from None
+        except (OSError, ValueError, EOFError) as err:
+            raise _damaged(labels_file, f"damaged or truncated ({one_line(err, 120)})") from None
+        if labels.shape != (len(self.files),) or labels.dtype.kind not in "iu":
+            raise _damaged(labels_file, f"{labels.dtype} {labels.shape}, not {len(self.files)} integer labels")
+        self.labels = labels.astype(np.int64).tolist()
+        self._maps = self._open(counts)
+
+    def _nbytes(self, counts: Sequence[int]) -> int:
+        return sum(counts) * self.channels * self.shape[0] * self.shape[1]
+
+    def _open(self, counts: Sequence[int]) -> list[np.ndarray]:
+        """Memory-map every shard, checking its header, shape and size."""
+        maps = []
+        for path, n in zip(self._shard_files, counts):
+            want = (n, self.channels, *self.shape)
+            try:
+                with open(path, "rb") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = read(f)
+                    offset = f.tell()
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise _damaged(path, "missing") from None
+            except (OSError, ValueError, EOFError, SyntaxError) as err:
+                raise _damaged(path, f"damaged ({one_line(err, 120)})") from None
+            if tuple(shape) != want or dtype != np.uint8 or fortran:
+                raise _damaged(path, f"{dtype} {tuple(shape)}, expected uint8 {want}")
+            if size != offset + int(np.prod(want)):
+                raise _damaged(path, f"{size} bytes, expected {offset + int(np.prod(want))} (truncated or damaged)")
+            maps.append(np.memmap(path, np.uint8, "r", offset=offset, shape=want) if n else np.zeros(want, np.uint8))
+        return maps
+
+    def __getstate__(self) -> dict:
+        """Loader workers started by spawn map the files again instead of receiving a pickled copy of the data."""
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image i as a contiguous uint8 (C, H, W) tensor (a copy of its row of the map) and its class label."""
+        if self._maps is None:
+            self._maps = self._open([b - a for a, b in zip(self._starts, self._starts[1:])])
+        if not 0 <= i < len(self.files):
+            raise IndexError(f"image {i} of {len(self.files)}")
+        k = bisect.bisect_right(self._starts, i) - 1
+        x = torch.from_numpy(np.array(self._maps[k][i - self._starts[k]]))  # (C, H, W)
+        if self.random_flip:
+            x = random_flip(x[None])[0]
+        return x, self.labels[i]
 
 
 # ----------------------------------------------------------------------------- augmentation and value ranges
@@ -353,17 +523,19 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- demo data
 
 
-def demo_shapes(n: int, image_size: int = 32, channels: int = 3, seed: int = 0) -> torch.Tensor:
-    """`n` seeded images of one bright circle or square on a dark plain background: uint8 (n, C, H, W)."""
-    if n < 0 or image_size < 4 or channels not in (1, 3):
+def demo_shapes(n: int, image_size: int | Sequence[int] = 32, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """`n` seeded images of one bright circle or square on a dark plain background: uint8 (n, C, H, W).
+
+    `image_size` is one side or (H, W); a shape's size follows the shorter side, its place the whole image."""
+    if n < 0 or not _valid_size(image_size) or min(image_shape(image_size)) < 4 or channels not in (1, 3):
         raise UsageError(
-            f"demo_shapes needs n >= 0, image_size >= 4 and channels 1 or 3; got {n}, {image_size}, {channels}"
+            f"demo_shapes needs n >= 0, image sides >= 4 and channels 1 or 3; got {n}, {image_size}, {channels}"
         )
     g = torch.Generator().manual_seed(seed)
-    s = float(image_size)
-    radius = s * (0.12 + 0.18 * torch.rand(n, 1, 1, generator=g))  # half the side for squares
-    cx = radius + (s - 2 * radius) * torch.rand(n, 1, 1, generator=g)
-    cy = radius + (s - 2 * radius) * torch.rand(n, 1, 1, generator=g)
+    hgt, wid = image_shape(image_size)
+    radius = min(hgt, wid) * (0.12 + 0.18 * torch.rand(n, 1, 1, generator=g))  # half the side for squares
+    cx = radius + (wid - 2 * radius) * torch.rand(n, 1, 1, generator=g)
+    cy = radius + (hgt - 2 * radius) * torch.rand(n, 1, 1, generator=g)
     is_circle = torch.rand(n, 1, 1, generator=g) < 0.5
     fg = torch.rand(n, channels, generator=g) * 255  # bright: a random colour with one channel at full
     fg[torch.arange(n), torch.randint(channels, (n,), generator=g)] = 255.0
@@ -371,16 +543,15 @@ def demo_shapes(n: int, image_size: int = 32, channels: int = 3, seed: int = 0) 
         fg = 128 + torch.rand(n, 1, generator=g) * 127  # a light grey
     bg = torch.rand(n, channels, generator=g) * 40  # dark, plain
 
-    pos = torch.arange(image_size, dtype=torch.float32) + 0.5  # pixel centres
-    dx = pos.view(1, 1, -1) - cx  # (n, 1, W)
-    dy = pos.view(1, -1, 1) - cy  # (n, H, 1)
+    dx = (torch.arange(wid, dtype=torch.float32) + 0.5).view(1, 1, -1) - cx  # pixel centres, (n, 1, W)
+    dy = (torch.arange(hgt, dtype=torch.float32) + 0.5).view(1, -1, 1) - cy  # (n, H, 1)
     dist = torch.where(is_circle, torch.sqrt(dx**2 + dy**2), torch.maximum(dx.abs(), dy.abs()))  # (n, H, W)
     cover = (radius - dist + 0.5).clamp(0, 1).unsqueeze(1)  # antialiased edge, (n, 1, H, W)
     img = bg[:, :, None, None] + cover * (fg - bg)[:, :, None, None]  # (n, C, H, W)
     return img.round().to(torch.uint8)
 
 
-def write_demo_folder(root: str | Path, n: int = 2000, image_size: int = 32, seed: int = 0) -> Path:
+def write_demo_folder(root: str | Path, n: int = 2000, image_size: int | Sequence[int] = 32, seed: int = 0) -> Path:
     """Write `demo_shapes` as 00000.png ... into `root`; does nothing if those n PNGs are already there."""
     root = Path(root)
     width = max(5, len(str(max(n - 1, 0))))

@@ -18,7 +18,7 @@ from PIL import Image
 from .errors import UsageError, one_line
 from .files import write_atomic
 
-__all__ = ["to_pil", "make_grid", "image_name", "save_png", "save_images", "read_images", "save_npz", "load_npz"]
+__all__ = ["to_pil", "grid_columns", "make_grid", "image_name", "save_png", "save_images", "read_images", "save_npz", "load_npz"]
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -29,10 +29,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in arrays]
 
 
+def grid_columns(n: int, h: int, w: int) -> int:
+    """Columns that make a grid of n (H, W) images about square: ceil(sqrt(N * H / W)), between 1 and N.
+    Square images give ceil(sqrt(N)); wide ones fewer columns (more rows), tall ones more."""
+    return max(1, min(n, math.ceil(math.sqrt(n * h / w))))
+
+
 def make_grid(images: torch.Tensor, padding: int = 2, cols: int | None = None) -> Image.Image:
-    """uint8 (N, C, H, W) as one grid image on a black background: ``cols`` columns (default ceil(sqrt(N)))."""
+    """uint8 (N, C, H, W) as one grid image on a black background: ``cols`` columns (default: by aspect ratio,
+    see ``grid_columns``, so a grid of wide images stays about as wide as it is high)."""
     n, c, h, w = images.shape
-    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    cols = cols or grid_columns(n, h, w)
     rows = max(1, math.ceil(n / cols))
     grid = torch.zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding, dtype=torch.uint8)
     for k in range(n):

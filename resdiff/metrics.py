@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -442,7 +442,8 @@ def nearest_pairs_image(gen_images, train_images, result: Memorisation, path: st
         raise UsageError("no pairs to draw")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(torch.stack(pairs), padding=2 * padding).save(path, format="PNG")
+    cols = math.ceil(math.sqrt(len(pairs)))  # the pairs are wide by design: columns by count, not by aspect ratio
+    make_grid(torch.stack(pairs), padding=2 * padding, cols=cols).save(path, format="PNG")
     return path
 
 
@@ -466,8 +467,9 @@ def _is_sample_grid(path: Path, root: Path) -> bool:
     return path.parent == root and path.name == _SAMPLE_GRID and (root / "00000.png").exists()
 
 
-def _folder_size(root: Path, files: list[Path]) -> int:
-    """The one size of a folder's images (their shorter side); mismatched sizes are a UsageError."""
+def _folder_size(root: Path, files: list[Path]) -> int | tuple[int, int]:
+    """The one size of a folder's images: their side, or (height, width) if they are not square; mismatched sizes
+    are a UsageError."""
     from PIL import Image
 
     sizes: dict[tuple[int, int], Path] = {}
@@ -484,7 +486,7 @@ def _folder_size(root: Path, files: list[Path]) -> int:
     if not sizes:
         raise UsageError(f"no readable images in {root}")
     (w, h), = sizes
-    return min(w, h)
+    return w if w == h else (h, w)
 
 
 def _source(source: str | Path) -> tuple[Path, str]:
@@ -498,11 +500,16 @@ def _source(source: str | Path) -> tuple[Path, str]:
     raise UsageError(f"{path} is neither a folder nor an .npz file; pass an image folder or an .npz of images")
 
 
-def image_dataset(source: str | Path, image_size: int | None = None, channels: int = 3):
+def _shape(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """One side or (height, width) -> (height, width)."""
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+
+def image_dataset(source: str | Path, image_size: int | Sequence[int] | None = None, channels: int = 3):
     """The images of a folder or an .npz, indexable by position: uint8 (C, H, W) each (a folder's items are (image, label)).
 
     A folder is prepared as training prepares it (resdiff.data.ImageFolder: decode, convert to `channels`,
-    resize the shorter side to `image_size`, centre crop, no flip); without `image_size` its images must
+    resize to cover `image_size` (one side or (height, width)), centre crop, no flip); without `image_size` its images must
     all have one size (sample.py's grid.png beside numbered samples is skipped). An .npz holds arr_0
     uint8 (N, H, W, C) and is used as it is (`image_size`, when given, must match). The same object gives
     `nearest_pairs_image` its training images.
@@ -510,8 +517,9 @@ def image_dataset(source: str | Path, image_size: int | None = None, channels: i
     path, kind = _source(source)
     if kind == "npz":
         x = load_npz(path)
-        if image_size is not None and tuple(x.shape[2:]) != (image_size, image_size):
-            raise UsageError(f"{path} holds {x.shape[3]}x{x.shape[2]} images, expected {image_size}x{image_size}")
+        if image_size is not None and tuple(x.shape[2:]) != _shape(image_size):
+            hgt, wid = _shape(image_size)
+            raise UsageError(f"{path} holds {x.shape[2]}x{x.shape[3]} images (height x width), expected {hgt}x{wid}")
         return x
     from .data import ImageFolder
 
@@ -525,7 +533,7 @@ def image_dataset(source: str | Path, image_size: int | None = None, channels: i
     return ds
 
 
-def iter_images(source: str | Path, image_size: int | None = None, channels: int = 3,
+def iter_images(source: str | Path, image_size: int | Sequence[int] | None = None, channels: int = 3,
                 batch_size: int = 256) -> tuple[int, Iterator[torch.Tensor]]:
     """(count, batches of uint8 (B, C, H, W)) of `image_dataset(source, image_size, channels)`."""
     images = image_dataset(source, image_size, channels)
@@ -539,7 +547,7 @@ def iter_images(source: str | Path, image_size: int | None = None, channels: int
     return len(images), batches()
 
 
-def load_images(source: str | Path, image_size: int | None = None, channels: int = 3) -> torch.Tensor:
+def load_images(source: str | Path, image_size: int | Sequence[int] | None = None, channels: int = 3) -> torch.Tensor:
     """All images of a folder or .npz as one uint8 (N, C, H, W) tensor (see iter_images)."""
     _, batches = iter_images(source, image_size, channels)
     return torch.cat(list(batches))
@@ -555,7 +563,7 @@ def _listing(path: Path, kind: str) -> list:
     return out
 
 
-def reference_stats(source: str | Path, net: nn.Module, image_size: int | None = None, channels: int = 3,
+def reference_stats(source: str | Path, net: nn.Module, image_size: int | Sequence[int] | None = None, channels: int = 3,
                     batch_size: int = 50, device: torch.device | str | None = None, cache: bool = True) -> FeatureStats:
     """Feature statistics of a data set: an image folder, an .npz of images, or a statistics .npz (mu, sigma).
     See `reference_features`, which this is the second half of."""
@@ -563,7 +571,7 @@ def reference_stats(source: str | Path, net: nn.Module, image_size: int | None =
 
 
 def reference_features(
-    source: str | Path, net: nn.Module, image_size: int | None = None, channels: int = 3, batch_size: int = 50,
+    source: str | Path, net: nn.Module, image_size: int | Sequence[int] | None = None, channels: int = 3, batch_size: int = 50,
     device: torch.device | str | None = None, cache: bool = True, log=None,
 ) -> tuple[torch.Tensor | None, FeatureStats]:
     """Features (float32 (N, D)) and statistics of a data set: an image folder, an .npz of images, or a statistics

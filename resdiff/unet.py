@@ -18,7 +18,17 @@ from torch import nn
 
 from .nn import BLOCK_ALIASES, BLOCKS, RES_BLOCKS, Attention, Downsample, TimestepEmbedding, Upsample, group_norm, rename_old_keys
 
-__all__ = ["UNet", "UNetOutput", "PRESETS"]
+__all__ = ["UNet", "UNetOutput", "PRESETS", "sample_shape"]
+
+
+def sample_shape(sample_size: int | Sequence[int]) -> tuple[int, int]:
+    """``sample_size`` as (height, width): one number is a square; a pair is (height, width), as in diffusers."""
+    if isinstance(sample_size, int) and not isinstance(sample_size, bool):
+        return sample_size, sample_size
+    if isinstance(sample_size, Sequence) and len(sample_size) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in sample_size):
+        return int(sample_size[0]), int(sample_size[1])
+    raise ValueError(f"sample_size must be an integer or a (height, width) pair of integers, got {sample_size!r}")
 
 
 @dataclass
@@ -26,6 +36,11 @@ class UNetOutput(BaseOutput):
     """What ``UNet.forward`` returns: the predicted noise (or v / x0), shaped like the input."""
 
     sample: torch.Tensor
+
+
+def level_resolutions(sample_size: int | Sequence[int], levels: int) -> list[int]:
+    """The resolution that ``attention_resolutions`` names for each level: its shorter side."""
+    return [min(sample_shape(sample_size)) // 2**i for i in range(levels)]
 
 
 class Level(nn.Module):
@@ -58,11 +73,13 @@ class UNet(ModelMixin, ConfigMixin):
     """ResNet U-Net for diffusion: ``forward(sample, timestep, class_labels=None)`` predicts the noise.
 
     Args:
-        sample_size: training resolution; attention levels are found from it.
+        sample_size: training resolution: one side (square) or (height, width); attention levels are found from it.
         in_channels / out_channels: image channels (out defaults to in; 2x in for learned variance).
         channels: width of the first level; level i has ``channels * channel_mult[i]``.
         num_res_blocks: ResBlocks per encoder level (the decoder has one more per level).
-        attention_resolutions: resolutions (e.g. 16 for 16x16) whose blocks are followed by self-attention.
+        attention_resolutions: resolutions (e.g. 16 for 16x16) whose blocks are followed by self-attention. A level's
+            resolution is its shorter side: with sample_size (64, 128), 16 names the 16x32 level (so a portrait or
+            landscape model puts attention where the square model of its shorter side does).
         head_channels: width of one attention head; None is one head over all channels.
         norm_groups / norm_eps: GroupNorm settings used everywhere.
         flip_sin_to_cos / freq_shift: timestep-embedding convention (DDPM: False / 1).
@@ -87,7 +104,7 @@ class UNet(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 32,
+        sample_size: int | tuple[int, int] = 32,
         in_channels: int = 3,
         out_channels: int | None = None,
         channels: int = 128,
@@ -116,15 +133,19 @@ class UNet(ModelMixin, ConfigMixin):
         Block = BLOCKS.get(BLOCK_ALIASES.get(block, block))
         if Block is None:
             raise ValueError(f"unknown block {block!r}; choose one of {sorted(BLOCKS)}")
-        if sample_size % 2 ** (levels - 1):
+        hgt, wid = sample_shape(sample_size)
+        if hgt < 1 or wid < 1 or hgt % 2 ** (levels - 1) or wid % 2 ** (levels - 1):
+            shown = hgt if hgt == wid else f"{hgt}x{wid}"
             raise ValueError(
-                f"sample_size {sample_size} is not divisible by 2**{levels - 1} = {2 ** (levels - 1)} "
+                f"sample_size {shown} is not divisible by 2**{levels - 1} = {2 ** (levels - 1)} "
                 f"(the U-Net halves the resolution {levels - 1} times)"
             )
-        resolutions = [sample_size // 2**i for i in range(levels)]
+        resolutions = level_resolutions(sample_size, levels)
         unknown = sorted(set(attention_resolutions) - set(resolutions))
         if unknown:
-            raise ValueError(f"attention_resolutions {unknown} are not resolutions of this U-Net; it has {resolutions}")
+            sizes = "" if hgt == wid else " (the shorter side of its levels " + ", ".join(
+                f"{hgt // 2**i}x{wid // 2**i}" for i in range(levels)) + ")"
+            raise ValueError(f"attention_resolutions {unknown} are not resolutions of this U-Net; it has {resolutions}{sizes}")
         down_updown, up_updown = resblock_resamplers(resblock_updown, levels)
         self.gradient_checkpointing = False
         emb_dim = 4 * channels

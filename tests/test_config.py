@@ -7,6 +7,8 @@ import pytest
 from resdiff.config import Config, DataConfig, DiffusionConfig, TrainConfig, config_diff, load_config, save_config
 from resdiff.errors import UsageError
 
+ROOT = Path(__file__).resolve().parents[1]
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # The UNet keyword names, written out so these tests do not depend on resdiff.unet.
@@ -389,3 +391,38 @@ def test_the_old_name_data_channels_still_reads_as_data_image_channels(tmp_path)
     assert load_config(None, ["data.channels=1"]).data.image_channels == 1
     with pytest.raises(UsageError, match="data.image_channels must be 1 .* got 2"):
         load_config(None, ["data.channels=2"])
+
+
+# ----------------------------------------------------------------------------- image shapes
+
+
+@pytest.mark.parametrize("text, want", [
+    ("64x128", (64, 128)), ("64X128", (64, 128)), ("64 128", (64, 128)), ("64,128", (64, 128)), ("[64, 128]", (64, 128)),
+    ("48", 48), ("[32, 32]", 32), ("32x32", 32),
+])
+def test_image_size_takes_one_side_or_height_and_width(text, want):
+    assert load_config(None, [f"data.image_size={text}"]).data.image_size == want
+
+
+@pytest.mark.parametrize("text", ["abc", "[1, 2, 3]", "64x0", "[-4, 8]", "1.5x3"])
+def test_a_bad_image_size_is_one_line(text):
+    with pytest.raises(UsageError, match=r"data.image_size must be"):
+        load_config(None, [f"data.image_size={text}"])
+
+
+def test_image_size_pairs_round_trip_through_yaml(tmp_path):
+    from resdiff.config import save_config
+
+    (tmp_path / "a.yaml").write_text("data:\n  image_size: [48, 32]\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert cfg.data.image_size == (48, 32)
+    save_config(cfg, tmp_path / "b.yaml")
+    assert "image_size: [48, 32]" in (tmp_path / "b.yaml").read_text()
+    assert load_config(tmp_path / "b.yaml") == cfg
+
+
+def test_the_landscape_config_loads():
+    from resdiff.build import model_keys
+
+    cfg = load_config(ROOT / "configs" / "landscape64x128.yaml", model_keys=model_keys())
+    assert cfg.data.image_size == (64, 128)

@@ -161,3 +161,39 @@ def test_block_resnet_the_old_name_of_basic_still_converts():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert (ours(x, torch.tensor([3, 900])).sample - theirs(x, torch.tensor([3, 900])).sample).abs().max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- non-square models
+
+# diffusers takes sample_size as (height, width); attention at the 8x16 level, which resdiff names by its shorter side.
+WIDE = dict(
+    sample_size=(16, 32), in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8, attention_head_dim=8,
+)
+
+
+@pytest.mark.parametrize("size", [(16, 32), (32, 16)], ids=["landscape", "portrait"])
+def test_non_square_models_convert_both_ways_exactly(size):
+    config = dict(WIDE, sample_size=size)
+    theirs = randomized(config)
+    ours = UNet.from_diffusers(theirs)
+    assert tuple(ours.config.sample_size) == size and tuple(ours.config.attention_resolutions) == (8,)
+    hgt, wid = size
+    x = torch.randn(3, 3, hgt, wid, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 421, 999])
+    with torch.no_grad():
+        ref, got = theirs(x, t).sample, ours.eval()(x, t).sample
+    assert ref.shape == (3, 3, hgt, wid) and ref.abs().mean() > 1e-3
+    assert (got - ref).abs().max() <= 1e-6  # float rounding only (the fused qkv)
+    back = ours.to_diffusers().eval()
+    assert tuple(back.config.sample_size) == size
+    assert back.config.down_block_types == WIDE["down_block_types"]
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in back.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(back(x, t).sample, ref)
+
+
+def test_a_square_pair_converts_to_one_number():
+    ours = UNet.from_diffusers(UNet2DModel(**dict(WIDE, sample_size=(16, 16))))
+    assert ours.config.sample_size == 16

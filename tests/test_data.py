@@ -385,3 +385,51 @@ def test_cached_reports_whether_images_are_in_memory(tmp_path):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
     assert ImageFolder(folder, 8, cache=True).cached
     assert not ImageFolder(folder, 8, cache=False).cached
+
+
+# ----------------------------------------------------------------------------- non-square shapes
+
+
+def test_non_square_images_are_resized_to_cover_and_centre_cropped(tmp_path: Path) -> None:
+    """A 40x10 (width x height) file with a distinct left, middle and right, at image_size (8, 16): scaled by 1.6
+    to 64x16 (covers 16 wide), then the central 16 columns of the middle 8 rows."""
+    a = np.zeros((10, 40, 3), np.uint8)
+    a[:, :12], a[:, 12:28], a[:, 28:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    Image.fromarray(a).save(tmp_path / "wide.png")
+    ds = ImageFolder(tmp_path, (8, 16), random_flip=False)
+    x, _ = ds[0]
+    assert x.shape == (3, 8, 16) and ds.shape == (8, 16)
+    assert pixel(x, (4, 8)) == [0, 255, 0]  # the green middle; red and blue lie outside the crop
+    tall = ImageFolder(tmp_path, (32, 8), random_flip=False)[0][0]  # 40x10 -> cover 8 wide, 32 high: 128x32
+    assert tall.shape == (3, 32, 8) and pixel(tall, (16, 4)) == [0, 255, 0]
+
+
+def test_random_crop_of_a_non_square_shape(tmp_path: Path) -> None:
+    solid(tmp_path / "a.png", (9, 9, 9), size=(30, 30))
+    ds = ImageFolder(tmp_path, (8, 16), random_flip=False, random_crop=True)
+    assert all(ds[0][0].shape == (3, 8, 16) for _ in range(5))
+
+
+def test_square_pairs_decode_like_one_number(tmp_path: Path) -> None:
+    for k, size in enumerate([(20, 13), (7, 30), (16, 16)]):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    one, pair = ImageFolder(tmp_path, 12, random_flip=False), ImageFolder(tmp_path, (12, 12), random_flip=False)
+    assert all(torch.equal(one[i][0], pair[i][0]) for i in range(3))
+
+
+def test_demo_shapes_non_square_and_square_unchanged() -> None:
+    wide = demo_shapes(6, (16, 40), seed=2)
+    assert wide.shape == (6, 3, 16, 40)
+    assert torch.equal(demo_shapes(6, (24, 24), seed=2), demo_shapes(6, 24, seed=2))
+    # Shapes land across the whole width: the bright pixels' columns are not all in the left 16.
+    cols = (wide.float().amax(1) > 100).nonzero()[:, 2]
+    assert cols.max() >= 16
+
+
+def test_a_folder_over_the_cache_limit_is_read_per_batch_and_says_why(tmp_path: Path) -> None:
+    for k in range(4):
+        solid(tmp_path / f"{k}.png", (k, k, k), size=(16, 8))
+    ds = ImageFolder(tmp_path, (8, 16), random_flip=False, cache_limit=3 * 8 * 16 * 3)  # room for 3 of 4
+    assert not ds.cached and "read from disk per batch" in ds.mode and "cache limit" in ds.mode
+    assert pixel(ds[3][0]) == [3, 3, 3]
+    assert ImageFolder(tmp_path, (8, 16), cache_limit=3 * 8 * 16 * 4).cached

@@ -603,3 +603,50 @@ def test_bad_input_through_the_real_script(bad_inputs, finished_run, pngs, tmp_p
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, f"{name}: {out}{err}"
         assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in out + err, f"{name}: {err}"
+
+
+# ----------------------------------------------------------------------------- non-square images
+
+
+def test_non_square_training_learns_samples_and_resumes_only_at_its_shape(tmp_path, fresh_accelerate_state):
+    """A 16x32 run on wide images of one colour: the loss falls far, previews, samples, the grid and the npz
+    are 16x32, and resuming with another shape is refused while the same shape resumes."""
+    from resdiff.sampling import sample_to_folder
+    from resdiff.errors import UsageError
+
+    data = tmp_path / "wide"
+    data.mkdir()
+    for i in range(16):  # 20x50 files: resized to cover 16x32 (-> 16x40), then centre-cropped
+        Image.fromarray(np.full((20, 50, 3), (200, 40, 40), np.uint8)).save(data / f"w{i:02d}.png")
+    cfg = config(tmp_path / "run", f"data.path={data}", "data.image_size=16x32", "train.steps=40", "train.lr=2e-3",
+                 "train.ema_decay=0.9", "train.log_every=5", "train.preview_every=40", "diffusion.prediction_type=sample")
+    printed = []
+    trainer = build_trainer(cfg, echo=printed.append)
+    assert "images:    16x32, 3 channel(s), cached in memory" in trainer.summary()
+    model = trainer.fit()
+    losses = [r["loss"] for r in read_log(tmp_path / "run")]
+    assert len(losses) == 8 and losses[-1] < 0.1 * losses[0], losses
+    with Image.open(next((tmp_path / "run" / "samples").glob("*.png"))) as preview:  # 4 images of 16x32: 2 columns
+        assert preview.size == (2 + 2 * 34, 2 + 2 * 18)
+    out = sample_to_folder(str(model), 5, steps=10, out=tmp_path / "samples", npz=True, progress=False, log=None)
+    with Image.open(out / "00000.png") as im:
+        assert im.size == (32, 16)
+    assert np.load(out / "samples.npz")["arr_0"].shape == (5, 16, 32, 3)
+    with pytest.raises(UsageError, match=r"data.image_size: \(16, 32\) -> \(32, 16\)"):
+        build_trainer(config(tmp_path / "run", f"data.path={data}", "data.image_size=32x16", "train.steps=41"),
+                      echo=lambda _m: None)
+    again = build_trainer(config(tmp_path / "run", f"data.path={data}", "data.image_size=[16, 32]", "train.steps=41",
+                                 "diffusion.prediction_type=sample", "train.lr=2e-3", "train.ema_decay=0.9",
+                                 "train.log_every=5", "train.preview_every=40"), echo=lambda _m: None)
+    assert again.step == 40
+    again.close()
+
+
+def test_the_demo_data_draws_non_square_shapes(tmp_path):
+    trainer = build_trainer(config(tmp_path / "run", "data.image_size=16 24", "train.steps=1"), echo=lambda _m: None)
+    try:
+        images, _ = next(iter(trainer.batches))
+        assert images.shape == (8, 3, 16, 24)
+        assert "demo-shapes-16x24px-64" in trainer.summary()
+    finally:
+        trainer.close()

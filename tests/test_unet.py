@@ -372,3 +372,56 @@ def test_per_resampler_resblock_updown_saves_and_loads(tmp_path):
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(loaded(x, 9).sample, model(x, 9).sample, rtol=1e-5, atol=1e-5)  # see above
+
+
+# ----------------------------------------------------------------------------- non-square models
+
+
+def test_non_square_sample_size_and_attention_at_the_shorter_side():
+    """sample_size (H, W): each level halves both sides; an attention resolution names a level by its shorter side."""
+    model = UNet.from_preset("tiny", sample_size=(16, 32), attention_resolutions=(8,))
+    assert model(torch.randn(2, 3, 16, 32), 5).sample.shape == (2, 3, 16, 32)
+    with_attention = [i for i, level in enumerate(model.down) if any(isinstance(a, Attention) for a in level.attentions)]
+    assert with_attention == [1]  # the 8x16 level
+    portrait = UNet.from_preset("tiny", sample_size=(32, 16), attention_resolutions=(8,))
+    assert [p.shape for p in portrait.parameters()] == [p.shape for p in model.parameters()]
+    # A square model is unchanged: 16 and (16, 16) build the same layers.
+    assert [p.shape for p in tiny().parameters()] == [p.shape for p in tiny(sample_size=(16, 16)).parameters()]
+
+
+def test_non_square_sample_size_checks_each_side():
+    with pytest.raises(ValueError, match=r"sample_size 16x30 is not divisible by 2\*\*2 = 4"):
+        tiny(sample_size=(16, 30))
+    with pytest.raises(ValueError, match=r"attention_resolutions \[32\] .* it has \[16, 8, 4\] \(the shorter side of its levels 16x32, 8x16, 4x8\)"):
+        tiny(sample_size=(16, 32), attention_resolutions=(32,))  # the width: not a level's shorter side
+    with pytest.raises(ValueError, match="sample_size must be an integer or a"):
+        tiny(sample_size=(16, 32, 8))
+
+
+def test_non_square_save_and_load_roundtrip(tmp_path):
+    model = tiny(sample_size=(16, 32), zero_init_last=False).eval()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["sample_size"] == [16, 32]
+    loaded = UNet.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, 16, 32)
+    assert torch.equal(model(x, 99).sample, loaded(x, 99).sample)
+
+
+@pytest.mark.parametrize("size", [(16, 32), (24, 8)])
+def test_generate_on_a_non_square_model_gives_its_shape(size, tmp_path):
+    from resdiff.sampling import generate
+
+    model = tiny(sample_size=size).eval()
+    images = generate(model, 3, sampler="ddim", steps=2, seed=0, progress=False, scheduler_config=dict(DDPMScheduler().config))
+    assert images.shape == (3, 3, *size) and images.dtype == torch.uint8
+
+
+def test_grid_columns_follow_the_aspect_ratio():
+    from resdiff.images import grid_columns, make_grid
+
+    assert grid_columns(16, 32, 32) == 4 and grid_columns(10, 8, 8) == 4  # squares: ceil(sqrt(N)), as before
+    assert grid_columns(16, 32, 128) == 2 and grid_columns(16, 128, 32) == 8  # wide: fewer columns; tall: more
+    assert grid_columns(3, 8, 800) == 1 and grid_columns(3, 800, 8) == 3
+    grid = make_grid(torch.zeros(16, 3, 32, 128, dtype=torch.uint8))  # 2 columns x 8 rows of 32x128
+    assert grid.size == (2 + 2 * 130, 2 + 8 * 34)
+    assert 0.5 < grid.size[0] / grid.size[1] < 2
