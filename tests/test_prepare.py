@@ -1,0 +1,211 @@
+"""Prepared datasets: python -m resdiff.prepare, PreparedImages, and training from them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from resdiff.data import ImageFolder, PreparedImages, ShardedBatches
+from resdiff.errors import UsageError
+from resdiff.prepare import main as prepare_main, prepare
+from launch import free_port, launch_env, launcher, run_watched
+from tiny_runs import ROOT, TINY, fit, write_pngs
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """40 random 20x30 PNGs in two class folders, plus two files training cannot read."""
+    root = tmp_path_factory.mktemp("data") / "pics"
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        sub = root / ("cats" if i % 2 else "dogs")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(sub / f"p{i:02d}.png")
+    (root / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "dogs" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, folder) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "pics16x8"
+    prepare(folder, out, (16, 8), 3, class_cond=True, warn=lambda _m: None)
+    return out
+
+
+def test_prepared_images_equal_the_folder_and_unreadable_files_are_named_and_skipped(tmp_path, folder):
+    warned: list[str] = []
+    data = prepare(folder, tmp_path / "out", (16, 8), 3, class_cond=True, warn=warned.append,
+                   shard_bytes=7 * 3 * 16 * 8)  # 7 images per shard: 6 shards, the last one short
+    assert sorted(p.name for p in (tmp_path / "out").glob("images-*.npy")) == [f"images-0000{k}.npy" for k in range(6)]
+    assert [w for w in warned if w.startswith("skipping")] == [
+        f"skipping {folder / 'cats' / 'broken.png'}: " + next(w for w in warned if "broken" in w).split(": ", 1)[1],
+        f"skipping {folder / 'dogs' / 'empty.jpg'}: empty file (0 bytes)",
+    ]
+    assert warned[-1] == f"skipped 2 of 42 files in {folder}"
+    assert [p.name for p, _ in data.skipped] == ["broken.png", "empty.jpg"]
+    reference = ImageFolder(folder, (16, 8), 3, class_cond=True, random_flip=False, warn=lambda _m: None)
+    assert data.files == reference.files and data.labels == reference.labels and data.classes == ["cats", "dogs"]
+    assert all(torch.equal(data[i][0], reference[i][0]) for i in range(len(data)))
+    assert data[0][0].shape == (3, 16, 8) and data[0][0].dtype == torch.uint8
+    # Plain NumPy reads every shard: a prepared dataset is usable without resdiff.
+    assert sum(len(np.load(p, mmap_mode="r")) for p in (tmp_path / "out").glob("images-*.npy")) == 40
+
+
+def test_prepared_and_folder_give_identical_batches_for_the_same_seed(folder, prepared):
+    """The same seed gives the same batches, flips included, from the folder and from its prepared dataset."""
+    sources = [ImageFolder(folder, (16, 8), class_cond=True, random_flip=False, warn=lambda _m: None),
+               PreparedImages(prepared, (16, 8), 3)]
+    drawn = []
+    for dataset in sources:
+        torch.manual_seed(5)
+        batches = iter(ShardedBatches(dataset, 4, 1, 2, seed=3, loader_kwargs={}, flip=True))
+        drawn.append([next(batches) for _ in range(7)])  # over an epoch boundary (5 batches per epoch)
+    for (xa, la), (xb, lb) in zip(*drawn):
+        assert torch.equal(xa, xb) and torch.equal(la, lb)
+
+
+def test_training_from_a_prepared_dataset_resumes_bitwise(tmp_path, prepared):
+    common = [f"data.path={prepared}", "data.image_size=16x8", "data.class_cond=true", "train.checkpoint_every=3",
+              "train.batch_size=8", "train.log_every=1", "data.num_workers=auto"]
+    printed = fit(tmp_path / "straight", *common, "train.steps=6")
+    assert f"prepared, memory-mapped from {prepared}" in printed[0]
+    assert "0 worker process(es) (auto: the images are prepared" in printed[0]
+    fit(tmp_path / "split", *common, "train.steps=3")
+    fit(tmp_path / "split", *common, "train.steps=6")
+    a, b = (tmp_path / run / "checkpoints" / "step-0000006" / "model.safetensors" for run in ("straight", "split"))
+    x, y = load_file(a), load_file(b)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_the_cli_prepares_with_a_config_and_flags(tmp_path, folder, capsys):
+    prepare_main([str(folder), str(tmp_path / "out"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                  "--image-size", "8x12", "--channels", "1"])
+    said = capsys.readouterr().out
+    assert "prepared 40 images, 2 skipped at 8x12, 1 channel(s)" in said and "data.image_size=8x12" in said
+    data = PreparedImages(tmp_path / "out")
+    assert data[3][0].shape == (1, 8, 12) and data.classes == []
+    with pytest.raises(UsageError, match="already exists"):
+        prepare_main([str(folder), str(tmp_path / "out")])
+    with pytest.raises(UsageError, match=r"was prepared at 8x12, but data.image_size is 16; set data.image_size=8x12"):
+        PreparedImages(tmp_path / "out", 16, 1)
+    with pytest.raises(UsageError, match="data.random_crop needs the image folder"):
+        fit(tmp_path / "run", f"data.path={tmp_path / 'out'}", "data.image_size=8x12", "data.image_channels=1",
+            "data.random_crop=true")
+
+
+def _damage(root: Path, how: str) -> Path:
+    """Damage one file of a prepared dataset; returns the file."""
+    shard = root / "images-00000.npy"
+    if how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+        return shard
+    if how == "header":
+        data = bytearray(shard.read_bytes())
+        data[:6] = b"garbag"
+        shard.write_bytes(bytes(data))
+        return shard
+    if how == "labels":
+        (root / "labels.npy").write_bytes((root / "labels.npy").read_bytes()[:40])
+        return root / "labels.npy"
+    index = root / "index.json"
+    index.write_text(index.read_text()[:-30])
+    return index
+
+
+@pytest.mark.parametrize("how", ["truncated", "header", "labels", "index"])
+def test_a_damaged_prepared_dataset_is_one_error_line_naming_the_file(tmp_path, folder, how):
+    out = tmp_path / "out"
+    prepare(folder, out, 8, 3, warn=lambda _m: None)
+    bad = _damage(out, how)
+    with pytest.raises(UsageError, match=f"prepared dataset file {bad} is"):
+        PreparedImages(out, 8, 3)
+    if how == "truncated":  # through the real script: one line, exit code 2
+        proc = subprocess.run(
+            [sys.executable, "train.py", "--data", str(out), "--out", str(tmp_path / "run"), *TINY, "data.image_size=8"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: prepared dataset file {bad} is ") and "truncated" in lines[0]
+
+
+HELPER = '''
+"""Under torchrun: train one epoch from a prepared dataset, read all of it, and report the indices this process
+loaded and how much of the mapped shard is in its memory, and shared."""
+import json, sys
+from pathlib import Path
+
+import torch
+
+from resdiff.config import load_config
+from resdiff.build import build_trainer, model_keys
+
+
+class Seen(torch.utils.data.Dataset):
+    def __init__(self, inner):
+        self.inner, self.indices = inner, []
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.indices.append(int(i))
+        return self.inner[i]
+
+
+def mapping(name):
+    """Rss and Pss (kB) of the mapping of the file ``name`` in this process (/proc/self/smaps)."""
+    found, sizes = False, {}
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if not line[0].isupper():  # a mapping's header line: address range, ..., path
+            found = line.rstrip().endswith(name)
+        elif found and line.split(":")[0] in ("Rss", "Pss"):
+            key, value = line.split(":")
+            sizes[key] = sizes.get(key, 0) + int(value.split()[0])
+    return sizes
+
+
+out = Path(sys.argv[1])
+trainer = build_trainer(load_config(None, sys.argv[2:], model_keys=model_keys()))
+data, acc = trainer.batches.dataset, trainer.accelerator
+total = sum(int(data[i][0].sum()) for i in range(len(data)))  # every page of the map, in both processes
+acc.wait_for_everyone()
+sizes = mapping("images-00000.npy")  # both processes hold the whole map now
+acc.wait_for_everyone()
+trainer.batches.dataset = seen = Seen(data)
+trainer.fit()  # ends the process group
+(out / f"seen{trainer.rank}.json").write_text(json.dumps({"indices": seen.indices, "total": total, **sizes}))
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_read_disjoint_slices_of_one_shared_map(tmp_path):
+    """torchrun, two CPU processes, one epoch of a prepared dataset: each loads its own half, together every image
+    once; after both read all of it, each maps the whole shard but owns only half of it (Pss), because the
+    pages are the page cache's, shared, not private copies."""
+    pngs = write_pngs(tmp_path / "pngs", 64, size=64)
+    out = tmp_path / "prepared"
+    prepare(pngs, out, 64, 3, warn=lambda _m: None)  # 64 images x 12 KiB: 768 KiB, 192 pages
+    helper = tmp_path / "helper.py"
+    helper.write_text(HELPER)
+    cmd = [launcher("torchrun"), "--nproc_per_node", "2", str(helper), str(tmp_path), *TINY, f"data.path={out}",
+           "data.image_size=64", "model.channel_mult=[1, 2]", "model.attention_resolutions=[]", "train.steps=8",
+           f"out={tmp_path / 'run'}"]
+    proc = run_watched(cmd, timeout=300, env=launch_env(free_port(), PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
+    assert len(seen[0]["indices"]) == len(seen[1]["indices"]) == 32  # 8 steps x 4 per process: one epoch
+    assert sorted(seen[0]["indices"] + seen[1]["indices"]) == list(range(64))
+    assert seen[0]["total"] == seen[1]["total"]
+    file_kb = (out / "images-00000.npy").stat().st_size / 1024
+    for s in seen:
+        assert s["Rss"] >= 0.9 * file_kb, s  # the whole shard is mapped into each process
+        assert s["Pss"] <= 0.6 * s["Rss"], s  # and each owns about half of it: one copy, shared by two
