@@ -193,7 +193,11 @@ def _load_data(cfg: Config, acc: Accelerator, warn: Callable[[str], None]) -> Im
         if d.random_crop:
             raise UsageError(f"{d.path} is a prepared dataset, which holds centre crops; data.random_crop needs the "
                              f"image folder itself (train on the folder, or set data.random_crop=false)")
-        return PreparedImages(d.path, d.image_size, d.image_channels)
+        data = PreparedImages(d.path, d.image_size, d.image_channels)
+        if d.class_cond and not data.classes:
+            raise UsageError(f"{d.path} was prepared without classes, but data.class_cond is true; prepare it again "
+                             f"with --class-cond (one subfolder per class), or set data.class_cond=false")
+        return data
     if d.path is None:
         root = demo_data_dir(d.image_size, d.demo_images)
         if acc.is_main_process:

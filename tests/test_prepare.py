@@ -100,6 +100,9 @@ def test_the_cli_prepares_with_a_config_and_flags(tmp_path, folder, capsys):
     with pytest.raises(UsageError, match="data.random_crop needs the image folder"):
         fit(tmp_path / "run", f"data.path={tmp_path / 'out'}", "data.image_size=8x12", "data.image_channels=1",
             "data.random_crop=true")
+    with pytest.raises(UsageError, match="was prepared without classes, but data.class_cond is true"):
+        fit(tmp_path / "run", f"data.path={tmp_path / 'out'}", "data.image_size=8x12", "data.image_channels=1",
+            "data.class_cond=true")
 
 
 def _damage(root: Path, how: str) -> Path:
