@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .data import _check_pixels, _convert, _has_alpha, to_model_range
+from .data import _center_crop, _check_pixels, _convert, _has_alpha, _resize_cover, to_model_range
 from .diffusion import DDPM, SAMPLERS, image_generators, image_noise, make_sampler, sampler_step_kwargs
 from .errors import UsageError, one_line
 from .files import write_atomic
@@ -85,39 +85,30 @@ def _open(source, what: str) -> Image.Image:
         raise UsageError(f"cannot read the {what} {path}: {one_line(err, 120)}") from None
 
 
-def _cover(im: Image.Image, h: int, w: int) -> Image.Image:
-    """Resize (antialiased bicubic) to cover h x w, then take the centre window: for a square model exactly
-    ImageFolder's resize of the shorter side and centre crop."""
-    scale = max(w / im.width, h / im.height)
-    size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
-    if size != im.size:
-        im = im.resize(size, Image.Resampling.BICUBIC)
-    left, top = (im.width - w) // 2, (im.height - h) // 2
-    return im.crop((left, top, left + w, top + h))
-
-
-def _tensor(im: Image.Image) -> torch.Tensor:
-    a = torch.from_numpy(np.array(im, dtype=np.uint8))  # (H, W) or (H, W, 3)
-    return a[None] if a.ndim == 2 else a.permute(2, 0, 1).contiguous()  # (C, H, W)
+def _fit(im: Image.Image, h: int, w: int) -> torch.Tensor:
+    """uint8 (C, h, w): ImageFolder's resize to cover (h, w) and its centre window."""
+    a = torch.from_numpy(np.array(_resize_cover(im, (h, w)), dtype=np.uint8))  # (H', W') or (H', W', 3)
+    a = a[None] if a.ndim == 2 else a.permute(2, 0, 1)  # (C, H', W')
+    return _center_crop(a, (h, w)).contiguous()
 
 
 def prepare_image(source, shape: Sequence[int]) -> torch.Tensor:
     """An image (path, pillow image or uint8 tensor) as the model sees it: uint8 (C, H, W) for ``shape`` (C, H, W)."""
     c, h, w = shape
-    return _tensor(_cover(_convert(_open(source, "image"), c, (255, 255, 255)), h, w))
+    return _fit(_convert(_open(source, "image"), c, (255, 255, 255)), h, w)
 
 
 def prepare_mask(source, shape: Sequence[int]) -> torch.Tensor:
     """A mask (white keeps, black is generated) as bool (1, H, W) for ``shape``: resized like the image, then
     thresholded at 128. A transparent pixel of the mask file counts as black."""
     _, h, w = shape
-    return _tensor(_cover(_convert(_open(source, "mask"), 1, (0, 0, 0)), h, w)) >= 128
+    return _fit(_convert(_open(source, "mask"), 1, (0, 0, 0)), h, w) >= 128
 
 
 def _alpha_mask(im: Image.Image, shape: Sequence[int]) -> torch.Tensor:
     """The input's alpha channel as a mask: opaque keeps, transparent is generated; bool (1, H, W)."""
     _, h, w = shape
-    return _tensor(_cover(im.convert("RGBA").getchannel("A"), h, w)) >= 128
+    return _fit(im.convert("RGBA").getchannel("A"), h, w) >= 128
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:

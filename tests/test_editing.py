@@ -147,6 +147,15 @@ def test_inpainting_is_the_same_whatever_the_batch_size(models, pictures):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2  # a kernel's last float bit may differ with the batch
 
 
+def test_inpainting_a_non_square_model(pictures, tmp_path):
+    """A 16x8 (H x W) model: the 24x20 photo is resized to cover 16x8 and centre-cropped, the mask with it."""
+    folder = save_pipeline(small_unet(5, sample_size=(16, 8)), tmp_path / "tall")
+    out = inpaint(folder, pictures["photo"], pictures["left"], 2, steps=3, resample=2, progress=False)
+    image, keep = prepare_image(pictures["photo"], (3, 16, 8)), prepare_mask(pictures["left"], (3, 16, 8))
+    assert out.shape == (2, 3, 16, 8) and keep.any() and not keep.all()
+    assert all(torch.equal(o[keep.expand(3, -1, -1)], image[keep.expand(3, -1, -1)]) for o in out)
+
+
 # ----------------------------------------------------------------------------- image to image
 
 
@@ -323,3 +332,15 @@ def test_two_processes_inpaint_the_same_images_as_one(models, pictures, tmp_path
     expected = inpaint(models["gray"], pictures["photo"], pictures["left"], 5, sampler="ddpm", steps=6, resample=2,
                        seed=5, batch_size=1, progress=False)
     assert torch.equal(read_images(out, range(5)), expected)
+
+
+def test_no_editing_flag_is_a_prefix_of_a_launcher_option():
+    """torchrun and accelerate launch parse abbreviations of their own options even after the script name."""
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    flags = ["--inpaint", "--mask", "--resample", "--init", "--strength", "--interpolate", "--frames", "--gif"]
+    assert set(flags) <= {s for action in cli.build_parser()._actions for s in action.option_strings}
+    for flag in flags:
+        assert get_args_parser().parse_args(["--nproc_per_node", "2", "sample.py", flag, "1"]).training_script_args == [flag, "1"]
+        assert launch_command_parser().parse_args(["sample.py", flag, "1"]).training_script_args == [flag, "1"]
