@@ -56,7 +56,7 @@ __all__ = [
 
 INPAINT_SAMPLERS = ("ddpm", "ddim")  # RePaint jumps back between steps; these two samplers keep no state across steps
 DETERMINISTIC_SAMPLERS = tuple(s for s in SAMPLERS if s != "ddpm")  # ddim with eta 0
-DEFAULT_RESAMPLE = 5  # RePaint repeats per step; on the demo model 1 leaves visible seams, 5 joins the halves
+DEFAULT_RESAMPLE = 5  # RePaint repeats per step; on the demo model 1 fills a hole with shapes of other colours, 5 continues the kept one
 STRIP_OUTPUTS = 7  # strip.png shows the input and this many outputs
 INPUT_NAME, MASK_NAME, STRIP_NAME, GIF_NAME = "input.png", "mask.png", "strip.png", "frames.gif"
 
@@ -165,7 +165,9 @@ class Inpaint:
         x0 = to_model_range(self.image)[None].to(noise.device)  # (1, C, H, W)
         keep = self.keep[None].to(noise.device, torch.float32)  # (1, 1, H, W): 1 keeps, 0 is generated
         timesteps = scheduler.timesteps
-        levels = [float(scheduler.alphas_cumprod[int(t)]) for t in timesteps] + [1.0]  # alpha-bar; 1 after the last: x0
+        # alpha-bar of each listed timestep, and 1 (x0 itself) after the last: ddpm and ddim step from one listed
+        # timestep to the next (t - T / steps with the schedule's default "leading" spacing)
+        levels = [float(scheduler.alphas_cumprod[int(t)]) for t in timesteps] + [1.0]
 
         def fresh() -> torch.Tensor:  # per-image noise, drawn only from the image's own generator
             return image_noise(generators, job.shape).to(noise.device)  # (B, C, H, W)
