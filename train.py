@@ -23,7 +23,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
-    p.add_argument("--data", help="image folder (searched recursively); omit for the built-in demo shapes")
+    p.add_argument("--data", help="image folder (searched recursively) or a prepared dataset (python -m resdiff.prepare); "
+                   "omit for the built-in demo shapes")
     p.add_argument("--out", help="run directory (default: runs/<config or data folder name>)")
     p.add_argument("--steps", type=int, help="total optimizer steps of the run (a resumed run continues up to it)")
     p.add_argument("--batch-size", type=int, help="global batch size, over all processes and accumulation steps")

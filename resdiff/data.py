@@ -79,7 +79,7 @@ def _gray_to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
-def _has_alpha(im: Image.Image) -> bool:
+def has_alpha(im: Image.Image) -> bool:
     """Whether the image carries transparency (an alpha band or a transparent palette/colour key)."""
     return "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info
 
@@ -89,7 +89,7 @@ def _convert(im: Image.Image, channels: int, background: tuple[int, int, int]) -
     target = "L" if channels == 1 else "RGB"
     if im.mode in ("I", "F") or im.mode in _SIXTEEN_BIT_MODES:
         im = _gray_to_l(im)  # 16-bit transparency keys are not supported; alpha is ignored here
-    elif _has_alpha(im):
+    elif has_alpha(im):
         rgba = im.convert("RGBA")
         base = Image.new("RGBA", im.size, (*background, 255))
         im = Image.alpha_composite(base, rgba).convert("RGB")
@@ -121,18 +121,35 @@ def _resize_cover(im: Image.Image, shape: tuple[int, int]) -> Image.Image:
     return im if new == (w, h) else im.resize(new, Image.Resampling.BICUBIC)
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """Decode a file as training does: decompression bombs refused, EXIF orientation applied."""
+    with Image.open(path) as im:
+        _check_pixels(im)
+        im.load()
+        return ImageOps.exif_transpose(im)
+
+
+def _covering(im: Image.Image, image_size: int | Sequence[int], channels: int, background: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 (C, h, w): ``im`` converted to ``channels`` and resized to cover ``image_size`` (see `_resize_cover`)."""
+    im = _resize_cover(_convert(im, channels, background), image_shape(image_size))
+    a = torch.from_numpy(np.array(im, dtype=np.uint8))  # (h, w) or (h, w, 3)
+    return a.unsqueeze(0) if a.ndim == 2 else a.permute(2, 0, 1).contiguous()  # (C, h, w)
+
+
+def fit_image(
+    im: Image.Image, image_size: int | Sequence[int], channels: int = 3, background: tuple[int, int, int] = (255, 255, 255)
+) -> torch.Tensor:
+    """A pillow image as training prepares it, with the centre crop: converted to ``channels`` (transparency composited
+    onto ``background``), resized to cover ``image_size`` and centre-cropped to it: uint8 (C, H, W)."""
+    return _center_crop(_covering(im, image_size, channels, background), image_shape(image_size)).contiguous()
+
+
 def _load_image(
     path: str | Path, image_size: int | Sequence[int], channels: int = 3,
     background: tuple[int, int, int] = (255, 255, 255),
 ) -> torch.Tensor:
-    """Decode one file to uint8 (C, h, w), resized to cover `image_size` (see `_resize_cover`)."""
-    with Image.open(path) as im:
-        _check_pixels(im)
-        im.load()
-        im = ImageOps.exif_transpose(im)
-    im = _resize_cover(_convert(im, channels, background), image_shape(image_size))
-    a = torch.from_numpy(np.array(im, dtype=np.uint8))  # (h, w) or (h, w, 3)
-    return a.unsqueeze(0) if a.ndim == 2 else a.permute(2, 0, 1).contiguous()  # (C, h, w)
+    """Decode one file to uint8 (C, h, w), resized to cover `image_size` (the crop comes later: centre or random)."""
+    return _covering(open_image(path), image_size, channels, background)
 
 
 def _reason(path: Path, err: BaseException) -> str:

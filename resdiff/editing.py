@@ -33,11 +33,10 @@ import numbers
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .data import _center_crop, _check_pixels, _convert, _has_alpha, _resize_cover, to_model_range
+from .data import fit_image, has_alpha, open_image, to_model_range
 from .diffusion import DDPM, SAMPLERS, image_generators, image_noise, make_sampler, sampler_step_kwargs
 from .errors import UsageError, one_line
 from .files import write_atomic
@@ -77,38 +76,28 @@ def _open(source, what: str) -> Image.Image:
     if not path.is_file():
         raise UsageError(f"the {what} {path} does not exist")
     try:
-        with Image.open(path) as im:
-            _check_pixels(im)
-            im.load()
-            return ImageOps.exif_transpose(im)
+        return open_image(path)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UsageError(f"cannot read the {what} {path}: {one_line(err, 120)}") from None
-
-
-def _fit(im: Image.Image, h: int, w: int) -> torch.Tensor:
-    """uint8 (C, h, w): ImageFolder's resize to cover (h, w) and its centre window."""
-    a = torch.from_numpy(np.array(_resize_cover(im, (h, w)), dtype=np.uint8))  # (H', W') or (H', W', 3)
-    a = a[None] if a.ndim == 2 else a.permute(2, 0, 1)  # (C, H', W')
-    return _center_crop(a, (h, w)).contiguous()
 
 
 def prepare_image(source, shape: Sequence[int]) -> torch.Tensor:
     """An image (path, pillow image or uint8 tensor) as the model sees it: uint8 (C, H, W) for ``shape`` (C, H, W)."""
     c, h, w = shape
-    return _fit(_convert(_open(source, "image"), c, (255, 255, 255)), h, w)
+    return fit_image(_open(source, "image"), (h, w), c)
 
 
 def prepare_mask(source, shape: Sequence[int]) -> torch.Tensor:
     """A mask (white keeps, black is generated) as bool (1, H, W) for ``shape``: resized like the image, then
     thresholded at 128. A transparent pixel of the mask file counts as black."""
     _, h, w = shape
-    return _fit(_convert(_open(source, "mask"), 1, (0, 0, 0)), h, w) >= 128
+    return fit_image(_open(source, "mask"), (h, w), 1, background=(0, 0, 0)) >= 128
 
 
 def _alpha_mask(im: Image.Image, shape: Sequence[int]) -> torch.Tensor:
     """The input's alpha channel as a mask: opaque keeps, transparent is generated; bool (1, H, W)."""
     _, h, w = shape
-    return _fit(im.convert("RGBA").getchannel("A"), h, w) >= 128
+    return fit_image(im.convert("RGBA").getchannel("A"), (h, w), 1) >= 128
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -135,7 +124,7 @@ class Inpaint:
         self.source = _open(image, "image")
         self.mask_source = _open(mask, "mask") if mask is not None else None
         self.resample = resample
-        if self.mask_source is None and not _has_alpha(self.source):
+        if self.mask_source is None and not has_alpha(self.source):
             raise UsageError("inpainting needs a mask: pass --mask (white = keep, black = generate) "
                              "or an image with an alpha channel (opaque = keep)")
         if self.mask_source is not None and self.mask_source.size != self.source.size:

@@ -84,7 +84,7 @@ def evaluate(
     if (model is None) == (samples is None):
         raise UsageError("pass either --model (generate samples) or --samples (score existing images), not both")
     state, owns_group = processes(check_device(device), timeout_s)
-    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    world, main = state.num_processes, state.is_main_process
     say = log if (log is not None and main) else (lambda _msg: None)
     dev = state.device if device is None else torch.device(device)
     net = load_inception(inception, device=dev, **({} if verify_inception else {"sha256": None}))
@@ -195,7 +195,7 @@ def _model_source(model, num_images, *, sampler, steps, seed, batch_size, class_
     unet, scheduler_config = load_model(folder, device)
     steps = steps or default_steps(sampler, scheduler_config)
     size, channels = unet.config.sample_size, unet.config.in_channels
-    size = size if isinstance(size, int) else size[0]
+    size = size if isinstance(size, int) else tuple(size)  # (H, W) for non-square models
 
     def images(indices: Sequence[int]) -> torch.Tensor:
         return generate(
@@ -213,9 +213,8 @@ def _samples_source(samples):
     """Images read from a folder or an .npz: (source, images(indices), n, size, channels, settings)."""
     data = image_dataset(samples)
     first = data[0][0] if isinstance(data[0], (tuple, list)) else data[0]
-    channels, size = first.shape[0], first.shape[1]
-    if first.shape[1] != first.shape[2]:
-        raise UsageError(f"the images of {samples} are {first.shape[2]}x{first.shape[1]}; evaluate square images")
+    channels, (h, w) = first.shape[0], first.shape[1:]
+    size = h if h == w else (h, w)  # the reference is prepared at the samples' shape
 
     def images(indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([data[i][0] if isinstance(data[i], (tuple, list)) else data[i] for i in indices])

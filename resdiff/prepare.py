@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from .data import (
-    IMAGE_EXTENSIONS, PREPARED_FORMAT, PREPARED_INDEX, PREPARED_VERSION, PreparedImages, _center_crop, _load_image,
-    _reason, _scan, _valid_size, class_labels, image_shape, shape_name,
+    IMAGE_EXTENSIONS, PREPARED_FORMAT, PREPARED_INDEX, PREPARED_VERSION, PreparedImages, _reason,
+    _scan, _valid_size, class_labels, fit_image, image_shape, open_image, shape_name,
 )
 from .errors import ArgumentParser, UsageError, run_cli
 
@@ -103,7 +103,7 @@ def prepare(
 
         def decode(path: Path):
             try:
-                return _center_crop(_load_image(path, shape, channels, background), shape).numpy()
+                return fit_image(open_image(path), shape, channels, background).numpy()
             except Exception as err:  # any decoder failure means: skip this file, as training does
                 return _reason(path, err)
 

@@ -20,7 +20,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from .errors import UsageError
 from .hardware import MIXED_PRECISIONS, check_device, precision_warning
 from .images import make_grid, read_images, save_images, save_npz, save_png
 from .model_folder import find_model_folder, load_model
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 __all__ = ["default_steps", "generate", "sample_to_folder", "default_out_dir", "processes"]
 

@@ -73,6 +73,19 @@ def test_evaluate_times_sampling_features_and_the_whole_evaluation(tmp_path):
     assert all(float(r["images/s"]) > 0 for r in result["rows"]) and result["fid"] >= 0
 
 
+def test_data_pipeline_measures_memory_and_speed_of_each_source(tmp_path):
+    result = bench("data_pipeline", "--images", "256", "--rounds", "1", "--presets", "tiny", "--workdir", str(tmp_path / "w"),
+                   tmp_path=tmp_path)
+    assert result["decoded_mib"] == 2 * result["cache_limit_mib"]  # a dataset twice the cache limit
+    memory = {m["source"]: m["raw"] for m in result["memory"]}
+    assert {"prepared", "folder, read per batch"} <= set(memory)
+    for runs in memory.values():  # two processes, each read its half of one epoch
+        assert [r["images"] for r in runs] == [128, 128] and all(r["after"]["VmHWM"] > 0 for r in runs)
+    assert "memory-mapped" in memory["prepared"][0]["mode"] and "per batch" in memory["folder, read per batch"][0]["mode"]
+    speed = {s["what"]: float(s["images/s"]) for s in result["speed"]}
+    assert speed["prepared (memory-mapped)"] > 0 and len(speed) >= 2
+
+
 def test_blocks_counts_each_variant_against_the_plain_resblock(tmp_path):
     result = bench("blocks", "--preset", "tiny", tmp_path=tmp_path)
     rows = {r["variant"]: r for r in result["variants"]}

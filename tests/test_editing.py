@@ -7,7 +7,6 @@ are known in closed form, so the check is deterministic and still fails when str
 """
 
 import importlib.util
-import math
 from pathlib import Path
 
 import numpy as np

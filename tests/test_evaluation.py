@@ -17,7 +17,6 @@ from PIL import Image
 
 from resdiff import UNet
 from resdiff.inception import FIDInceptionV3, synthetic_weights
-from resdiff.metrics import FeatureStats
 
 from launch import free_port, launch_env, launcher, run_watched
 
@@ -224,3 +223,16 @@ def test_no_flag_is_a_prefix_of_a_launcher_option():
         assert args.training_script_args == [flag, "1"], flag
         args = launch_command_parser().parse_args(["evaluate.py", flag, "1"])
         assert args.training_script_args == [flag, "1"], flag
+
+
+def test_non_square_samples_are_scored_at_their_own_shape(data, weights, capsys, tmp_path):
+    """16x24 samples in an .npz against a folder: the reference is prepared at 16x24 too (cover, centre crop)."""
+    samples = torch.randint(0, 256, (4, 16, 24, 3), dtype=torch.uint8).numpy()
+    np.savez(tmp_path / "wide.npz", arr_0=samples)
+    code, out, err = cli(["--samples", tmp_path / "wide.npz", "--ref", data, "--inception", weights,
+                          "--inception-unverified", "--kid-subsets", 2, "--out", tmp_path / "eval"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval" / "wide-n4.json").read_text())
+    assert result["samples"] == 4 and np.isfinite(result["fid"])
+    picture = Image.open(tmp_path / "eval" / "nearest.png")
+    assert picture.size[1] % (16 + 4) == 4  # rows of 16-pixel-high pairs

@@ -3,7 +3,6 @@ and every ResBlock variant trained for a few steps inside the tiny U-Net."""
 
 import inspect
 import math
-import re
 
 import pytest
 import torch
