@@ -40,12 +40,10 @@ from .data import fit_image, has_alpha, open_image, to_model_range
 from .diffusion import DDPM, SAMPLERS, image_generators, image_noise, make_sampler, sampler_step_kwargs
 from .errors import UsageError, one_line
 from .files import write_atomic
-from .hardware import check_device
 from .images import make_grid, read_images, save_png, to_pil
-from .model_folder import find_model_folder
 from .sampling import (
     GRID_LIMIT, _batches, _check_indices, _check_sampler, _Job, _plain, _positive, _prepare, _save_summary,
-    _write_shares, default_out_dir, processes,
+    _write_shares, default_out_dir, start_job,
 )
 
 __all__ = [
@@ -332,17 +330,12 @@ def edit_to_folder(
     outputs, or every frame), the prepared input.png and mask.png, and with ``gif`` frames.gif. Returns the folder."""
     _check_sampler(sampler)
     what.check(sampler, eta)
-    device = check_device(device)
-    state, owns_group = processes(device, timeout_s)
-    world, main = state.num_processes, state.is_main_process
-    say = log if (log is not None and main) else (lambda _msg: None)
-
-    folder = find_model_folder(model)
-    job = _prepare(
-        folder, num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
-        class_labels=class_labels, guidance_scale=guidance_scale, eta=eta,
-        device=device if device is not None else state.device, mixed_precision=mixed_precision, scheduler_config=None,
+    state, owns_group, say, folder, job = start_job(
+        model, num_images, device=device, timeout_s=timeout_s, log=log, sampler=sampler, steps=steps, seed=seed,
+        batch_size=batch_size, class_labels=class_labels, guidance_scale=guidance_scale, eta=eta,
+        mixed_precision=mixed_precision,
     )
+    world, main = state.num_processes, state.is_main_process
     what.prepare(job.shape)
     seed_name = "-".join(map(str, what.seeds)) if isinstance(what, Interpolate) else job.seed
     out_dir = Path(out) if out is not None else default_out_dir(model, folder, job.sampler, job.steps, seed_name, what.kind)

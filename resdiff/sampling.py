@@ -329,6 +329,22 @@ def _write_shares(state, job: _Job, out_dir: Path, num_images: int, progress: bo
     state.wait_for_everyone()
 
 
+def start_job(
+    model: str | Path, num_images: int, *, device, timeout_s: float, log: Callable[[str], None] | None, **settings
+) -> tuple["PartialState", bool, Callable[[str], None], Path, _Job]:
+    """The start of a job that writes images from every launched process (sample.py's, and editing's): join the
+    processes, find the model folder, load and check everything (``settings`` are ``generate``'s sampling
+    arguments). Returns (the processes' state, whether this call made their group, ``say`` (``log`` on the main
+    process only), the model folder, the job)."""
+    device = check_device(device)
+    state, owns_group = processes(device, timeout_s)
+    say = log if (log is not None and state.is_main_process) else (lambda _msg: None)
+    folder = find_model_folder(model)
+    job = _prepare(folder, num_images, device=device if device is not None else state.device, scheduler_config=None,
+                   **settings)
+    return state, owns_group, say, folder, job
+
+
 def sample_to_folder(
     model: str | Path,
     num_images: int,
@@ -359,17 +375,12 @@ def sample_to_folder(
     start-up that pay off over many images. ``timeout_s``: how long a process waits for the others at a
     barrier before it gives up (a peer that died). Returns the output folder.
     """
-    device = check_device(device)
-    state, owns_group = processes(device, timeout_s)
-    world, main = state.num_processes, state.is_main_process
-    say = log if (log is not None and main) else (lambda _msg: None)
-
-    folder = find_model_folder(model)
-    job = _prepare(
-        folder, num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
-        class_labels=class_labels, guidance_scale=guidance_scale, eta=eta,
-        device=device if device is not None else state.device, mixed_precision=mixed_precision, scheduler_config=None,
+    state, owns_group, say, folder, job = start_job(
+        model, num_images, device=device, timeout_s=timeout_s, log=log, sampler=sampler, steps=steps, seed=seed,
+        batch_size=batch_size, class_labels=class_labels, guidance_scale=guidance_scale, eta=eta,
+        mixed_precision=mixed_precision,
     )
+    world, main = state.num_processes, state.is_main_process
     warning = precision_warning(job.device, mixed_precision)
     if warning:
         say(warning)

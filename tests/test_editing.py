@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
-from resdiff import UNet, UNetOutput
+from resdiff import UNetOutput
 from resdiff.data import _load_image
 from resdiff.editing import (
     DETERMINISTIC_SAMPLERS, INPAINT_SAMPLERS, img2img, inpaint, interpolate, prepare_image, prepare_mask, slerp,
@@ -26,11 +26,10 @@ from resdiff.images import read_images
 from resdiff.sampling import generate
 
 from launch import free_port, launch_env, launcher, run_watched
+from tiny_models import FEW, save_pipeline, small_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
-SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
-FEW = {"ddpm": 10, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3}  # steps per sampler in these tests
 
 
 def _load_cli():
@@ -43,14 +42,6 @@ def _load_cli():
 cli = _load_cli()
 
 
-def save_pipeline(unet, folder: Path) -> Path:
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
-    return folder
-
-
-def small_unet(seed: int, **overrides) -> UNet:
-    torch.manual_seed(seed)  # zero_init_last=False: a fresh model's output depends on its weights
-    return UNet(**{**SMALL, "zero_init_last": False, **overrides})
 
 
 def png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:

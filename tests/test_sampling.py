@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
@@ -27,11 +27,10 @@ from resdiff.model_folder import load_model
 from resdiff.sampling import generate
 
 from launch import free_port, launch_env, launcher, run_watched
+from tiny_models import FEW, save_pipeline, small_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
-SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
-FEW = {"ddpm": 10, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3}  # steps per sampler in these tests
 
 
 def _load_cli():
@@ -44,16 +43,6 @@ def _load_cli():
 cli = _load_cli()
 
 
-def save_pipeline(unet, folder: Path) -> Path:
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
-    return folder
-
-
-def small_unet(seed: int, **overrides) -> UNet:
-    """A fresh U-Net whose output depends on its weights: with zero_init_last (the default) every fresh model
-    would predict exactly 0, and models of different seeds would sample the same images."""
-    torch.manual_seed(seed)
-    return UNet(**{**SMALL, "zero_init_last": False, **overrides})
 
 
 @pytest.fixture(scope="module", autouse=True)
