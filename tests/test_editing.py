@@ -6,7 +6,6 @@ image as the strength grows), the network is the exact denoiser of a Gaussian da
 are known in closed form, so the check is deterministic and still fails when strength selects the wrong steps.
 """
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +26,12 @@ from resdiff.sampling import generate
 
 from launch import free_port, launch_env, launcher, run_watched
 from tiny_models import FEW, save_pipeline, small_unet
+from tiny_runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
 
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli_editing", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
+cli = load_script("sample_cli_editing", "sample.py")
 
 
 

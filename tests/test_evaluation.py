@@ -5,7 +5,6 @@ synthetic_weights) saved to a file and passed with --inception PATH --inception-
 downloads the real weights.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,20 +18,13 @@ from resdiff import UNet
 from resdiff.inception import FIDInceptionV3, synthetic_weights
 
 from launch import free_port, launch_env, launcher, run_watched
+from tiny_runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
              norm_groups=8, zero_init_last=False)
 
-
-def _cli():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_script = _cli()
+evaluate_script = load_script("evaluate_cli", "evaluate.py")
 
 
 @pytest.fixture(scope="module")

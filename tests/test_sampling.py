@@ -6,7 +6,6 @@ the CLI is driven in-process through sample.main where a subprocess would only a
 and stderr of a mistake, and two processes under torchrun.
 """
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -28,19 +27,12 @@ from resdiff.sampling import generate
 
 from launch import free_port, launch_env, launcher, run_watched
 from tiny_models import FEW, save_pipeline, small_unet
+from tiny_runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
 
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
+cli = load_script("sample_cli", "sample.py")
 
 
 
