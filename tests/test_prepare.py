@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,18 +151,7 @@ import torch
 
 from resdiff.config import load_config
 from resdiff.build import build_trainer, model_keys
-
-
-class Seen(torch.utils.data.Dataset):
-    def __init__(self, inner):
-        self.inner, self.indices = inner, []
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, i):
-        self.indices.append(int(i))
-        return self.inner[i]
+from tiny_runs import Seen  # tests/ is on PYTHONPATH
 
 
 def mapping(name):
@@ -202,7 +192,7 @@ def test_two_processes_read_disjoint_slices_of_one_shared_map(tmp_path):
     cmd = [launcher("torchrun"), "--nproc_per_node", "2", str(helper), str(tmp_path), *TINY, f"data.path={out}",
            "data.image_size=64", "model.channel_mult=[1, 2]", "model.attention_resolutions=[]", "train.steps=8",
            f"out={tmp_path / 'run'}"]
-    proc = run_watched(cmd, timeout=300, env=launch_env(free_port(), PYTHONPATH=str(ROOT)))
+    proc = run_watched(cmd, timeout=300, env=launch_env(free_port(), PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}"))
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
     assert len(seen[0]["indices"]) == len(seen[1]["indices"]) == 32  # 8 steps x 4 per process: one epoch

@@ -349,18 +349,7 @@ from safetensors.torch import save_file
 
 from resdiff.config import load_config
 from resdiff.build import build_trainer, model_keys
-
-
-class Seen(torch.utils.data.Dataset):
-    def __init__(self, inner):
-        self.inner, self.indices = inner, []
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, i):
-        self.indices.append(int(i))
-        return self.inner[i]
+from tiny_runs import Seen  # tests/ is on PYTHONPATH
 
 
 out = Path(sys.argv[1])
@@ -388,7 +377,7 @@ def test_two_processes(tmp_path, pngs):
         "helper": [*torchrun, str(helper), str(tmp_path), *common, f"out={tmp_path / 'run'}"],
     }
     with ThreadPoolExecutor(2) as pool:
-        runs = {name: pool.submit(run_watched, cmd, timeout=240, env=launch_env(free_port(), PYTHONPATH=str(ROOT)))
+        runs = {name: pool.submit(run_watched, cmd, timeout=240, env=launch_env(free_port(), PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}"))
                 for name, cmd in commands.items()}
         done = {name: future.result() for name, future in runs.items()}
     for name, proc in done.items():

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from resdiff.config import load_config
@@ -52,3 +53,17 @@ def fit(out: Path, *overrides: str, resume: str = "auto") -> list[str]:
 
 def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+class Seen(torch.utils.data.Dataset):
+    """A dataset wrapper that records which indices a process loaded (the multi-process tests' probe)."""
+
+    def __init__(self, inner):
+        self.inner, self.indices = inner, []
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.indices.append(int(i))
+        return self.inner[i]
