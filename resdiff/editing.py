@@ -42,8 +42,8 @@ from .errors import UsageError, one_line
 from .files import write_atomic
 from .images import make_grid, read_images, save_png, to_pil
 from .sampling import (
-    GRID_LIMIT, _batches, _check_indices, _check_sampler, _Job, _plain, _positive, _prepare, _save_summary,
-    _write_shares, default_out_dir, start_job,
+    GRID_LIMIT, Job, check_indices, check_positive, check_sampler, default_out_dir, job_batches, plain_run, prepare_job,
+    save_summary, start_job, write_shares,
 )
 
 __all__ = [
@@ -133,7 +133,7 @@ class Inpaint:
         if sampler not in INPAINT_SAMPLERS:
             raise UsageError(f"inpainting works with the samplers {' and '.join(INPAINT_SAMPLERS)}, not {sampler}: "
                              "RePaint jumps back between steps, which the multistep and ODE solvers' state does not allow")
-        _positive("resample count (--resample)", self.resample)
+        check_positive("resample count (--resample)", self.resample)
 
     def prepare(self, shape: Sequence[int]) -> None:
         self.image = prepare_image(self.source, shape)  # uint8 (C, H, W)
@@ -145,7 +145,7 @@ class Inpaint:
             raise UsageError("the mask keeps no pixel (white = keep, black = generate); "
                              "to generate whole images, run sample.py without --inpaint")
 
-    def run(self, job: _Job, ddpm: DDPM, net, batch, generators, noise, labels, progress) -> torch.Tensor:
+    def run(self, job: Job, ddpm: DDPM, net, batch, generators, noise, labels, progress) -> torch.Tensor:
         scheduler, _ = make_sampler(job.sampler, ddpm.scheduler.config)
         scheduler.set_timesteps(job.steps, device=noise.device)
         step_kwargs = sampler_step_kwargs(scheduler, generators, job.eta)
@@ -202,9 +202,9 @@ class Img2Img:
         """How many of the schedule's last steps run: round(strength * steps), at least one for any strength > 0."""
         return 0 if self.strength == 0 else min(steps, max(1, round(self.strength * steps)))
 
-    def run(self, job: _Job, ddpm: DDPM, net, batch, generators, noise, labels, progress) -> torch.Tensor:
+    def run(self, job: Job, ddpm: DDPM, net, batch, generators, noise, labels, progress) -> torch.Tensor:
         if self.strength == 1:  # from pure noise: plain sampling, so strength 1 reproduces sample.py exactly
-            return _plain(job, ddpm, net, batch, generators, noise, labels, progress)
+            return plain_run(job, ddpm, net, batch, generators, noise, labels, progress)
         x0 = to_model_range(self.image)[None].expand_as(noise).to(noise.device)  # (B, C, H, W)
         n = self.steps_run(job.steps)
         if n == 0:
@@ -251,10 +251,10 @@ class Interpolate:
         a, b = (image_noise(image_generators(s, [0]), shape)[0] for s in self.seeds)  # (C, H, W) each
         self.ends = a, b
 
-    def run(self, job: _Job, ddpm: DDPM, net, batch, generators, noise, labels, progress) -> torch.Tensor:
+    def run(self, job: Job, ddpm: DDPM, net, batch, generators, noise, labels, progress) -> torch.Tensor:
         a, b = self.ends
         frames = torch.stack([slerp(a, b, i / (self.frames - 1)) for i in batch]).to(noise)  # (B, C, H, W)
-        return _plain(job, ddpm, net, batch, generators, frames.contiguous(memory_format=torch.channels_last),
+        return plain_run(job, ddpm, net, batch, generators, frames.contiguous(memory_format=torch.channels_last),
                       labels, progress)
 
     def inputs(self) -> dict[str, torch.Tensor]:
@@ -278,16 +278,16 @@ def edit(
 ) -> torch.Tensor:
     """Images ``indices`` (default all ``num_images``) of the edit ``what`` as uint8 (len(indices), C, H, W) on the
     CPU; the other arguments are ``resdiff.sampling.generate``'s. Image i depends only on (seed, i)."""
-    _check_sampler(sampler)
+    check_sampler(sampler)
     what.check(sampler, eta)
-    job = _prepare(
+    job = prepare_job(
         model_or_path, num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
         class_labels=class_labels, guidance_scale=guidance_scale, eta=eta, device=device,
         mixed_precision=mixed_precision, scheduler_config=scheduler_config,
     )
     what.prepare(job.shape)
-    indices = _check_indices(indices, num_images)
-    parts = [images for _, images in _batches(job, indices, progress, what.run)]
+    indices = check_indices(indices, num_images)
+    parts = [images for _, images in job_batches(job, indices, progress, what.run)]
     c, h, w = job.shape
     return torch.cat(parts) if parts else torch.empty(0, c, h, w, dtype=torch.uint8)
 
@@ -328,7 +328,7 @@ def edit_to_folder(
     """sample.py's editing job: like ``sample_to_folder``, each process writes the PNGs of
     ``range(num_images)[rank::world]``; then the main process writes grid.png, strip.png (the input and the first
     outputs, or every frame), the prepared input.png and mask.png, and with ``gif`` frames.gif. Returns the folder."""
-    _check_sampler(sampler)
+    check_sampler(sampler)
     what.check(sampler, eta)
     state, owns_group, say, folder, job = start_job(
         model, num_images, device=device, timeout_s=timeout_s, log=log, sampler=sampler, steps=steps, seed=seed,
@@ -342,13 +342,13 @@ def edit_to_folder(
     say(f"model: {folder}")
     say(f"{what.kind}: sampler: {job.sampler}, steps: {job.steps}, seed: {seed_name}, images: {num_images}, "
         f"processes: {world}, device: {job.device}")
-    _write_shares(state, job, out_dir, num_images, progress, what.run)
+    write_shares(state, job, out_dir, num_images, progress, what.run)
 
     if main:
         for name, image in what.inputs().items():
             save_png(to_pil(image[None])[0], out_dir / name)
         shown = read_images(out_dir, range(min(num_images, GRID_LIMIT)))
-        _save_summary(shown, out_dir, npz=False, grid=True)
+        save_summary(shown, out_dir, npz=False, grid=True)
         strip = what.strip(shown)
         save_png(make_grid(strip, cols=len(strip)), out_dir / STRIP_NAME)
         if gif:

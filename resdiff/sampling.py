@@ -38,7 +38,12 @@ from .model_folder import find_model_folder, load_model
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-__all__ = ["default_steps", "generate", "sample_to_folder", "default_out_dir", "processes"]
+__all__ = [
+    "default_steps", "generate", "sample_to_folder", "default_out_dir", "processes",
+    # the job API editing builds on: resolve a job, run it batch by batch, write each process's share
+    "Job", "prepare_job", "start_job", "job_batches", "plain_run", "write_shares", "save_summary",
+    "check_sampler", "check_indices", "check_positive",
+]
 
 GRID_LIMIT = 256  # grid.png shows at most this many images (the first ones)
 NPZ_NAME, GRID_NAME = "samples.npz", "grid.png"
@@ -73,16 +78,16 @@ def _classes(config) -> tuple[int | None, int | None]:
 
 def default_steps(sampler: str, scheduler_config: dict) -> int:
     """The sampler's own step count (from SAMPLERS), at most the training timesteps."""
-    _check_sampler(sampler)
+    check_sampler(sampler)
     return min(SAMPLERS[sampler][1], int(scheduler_config.get("num_train_timesteps", 1000)))
 
 
-def _check_sampler(sampler: str) -> None:
+def check_sampler(sampler: str) -> None:
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def _positive(name: str, value: int | None) -> None:
+def check_positive(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
         raise UsageError(f"{name} must be a positive integer, got {value!r}")
 
@@ -91,7 +96,7 @@ def _positive(name: str, value: int | None) -> None:
 
 
 @dataclass
-class _Job:
+class Job:
     """Everything one generate call resolved: model, schedule, labels, device."""
 
     model: nn.Module
@@ -109,15 +114,15 @@ class _Job:
     batch_size: int
 
 
-def _prepare(
+def prepare_job(
     model_or_path, num_images: int, *, sampler: str, steps: int | None, seed: int, batch_size: int,
     class_labels, guidance_scale: float, eta: float, device, mixed_precision: str, scheduler_config: dict | None,
-) -> _Job:
+) -> Job:
     """Check every argument (cheap ones before loading anything) and resolve the defaults."""
-    _positive("number of images (--num-images)", num_images)
-    _positive("steps (--steps)", steps)
-    _positive("batch size (--batch-size)", batch_size)
-    _check_sampler(sampler)
+    check_positive("number of images (--num-images)", num_images)
+    check_positive("steps (--steps)", steps)
+    check_positive("batch size (--batch-size)", batch_size)
+    check_sampler(sampler)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise UsageError(f"seed (--seed) must be a non-negative integer, got {seed!r}")
     if mixed_precision not in MIXED_PRECISIONS:
@@ -158,7 +163,7 @@ def _prepare(
             )
         if null_label is None:
             raise UsageError(f"{where} has no null class, so it cannot use classifier-free guidance; drop --guidance-scale")
-    return _Job(
+    return Job(
         model=model, scheduler_config=dict(scheduler_config), sampler=sampler, steps=steps, seed=int(seed),
         shape=_image_shape(config), labels=labels, null_label=null_label, guidance_scale=float(guidance_scale),
         eta=float(eta), device=device, autocast=MIXED_PRECISIONS[mixed_precision], batch_size=batch_size,
@@ -183,19 +188,20 @@ def _labels(class_labels, num_classes: int | None, where: str) -> list[int] | No
 
 
 # run(job, ddpm, net, batch indices, generators, noise, labels, step progress) -> images in [-1, 1]: how a batch is
-# made from its noise. Plain sampling is ``_plain``; resdiff.editing passes its own (inpainting, img2img, ...).
-Run = Callable[["_Job", DDPM, Callable, list, list, torch.Tensor, "torch.Tensor | None", Callable], torch.Tensor]
+# made from its noise. Plain sampling is ``plain_run``; resdiff.editing passes its own (inpainting, img2img, ...).
+Run = Callable[["Job", DDPM, Callable, list, list, torch.Tensor, "torch.Tensor | None", Callable], torch.Tensor]
 
 
-def _plain(job: _Job, ddpm: DDPM, net: Callable, batch, generators, noise, labels, progress) -> torch.Tensor:
+def plain_run(job: Job, ddpm: DDPM, net: Callable, batch, generators, noise, labels, progress) -> torch.Tensor:
+    """The batch runner of plain sampling: ``noise`` denoised by the job's sampler (editing brings others)."""
     return ddpm.sample(
         net, noise, sampler=job.sampler, steps=job.steps, generators=generators, class_labels=labels,
         guidance_scale=job.guidance_scale, null_label=job.null_label, eta=job.eta, progress=progress,
     )
 
 
-def _batches(
-    job: _Job, indices: Sequence[int], progress: bool, run: Run = _plain
+def job_batches(
+    job: Job, indices: Sequence[int], progress: bool, run: Run = plain_run
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Generate ``indices`` batch by batch: yields (the batch's indices, uint8 (B, C, H, W) on the CPU).
     ``run`` turns a batch's noise into images (default: plain sampling)."""
@@ -259,18 +265,18 @@ def generate(
     is classifier-free guidance with the null class. ``mixed_precision`` "fp16"/"bf16" runs the model
     under torch.autocast. The model's train/eval mode is restored afterwards.
     """
-    job = _prepare(
+    job = prepare_job(
         model_or_path, num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
         class_labels=class_labels, guidance_scale=guidance_scale, eta=eta, device=device,
         mixed_precision=mixed_precision, scheduler_config=scheduler_config,
     )
-    indices = _check_indices(indices, num_images)
-    parts = [images for _, images in _batches(job, indices, progress)]
+    indices = check_indices(indices, num_images)
+    parts = [images for _, images in job_batches(job, indices, progress)]
     c, h, w = job.shape
     return torch.cat(parts) if parts else torch.empty(0, c, h, w, dtype=torch.uint8)
 
 
-def _check_indices(indices: Sequence[int] | None, num_images: int) -> list[int]:
+def check_indices(indices: Sequence[int] | None, num_images: int) -> list[int]:
     if indices is None:
         return list(range(num_images))
     indices = [int(i) for i in indices]
@@ -280,7 +286,7 @@ def _check_indices(indices: Sequence[int] | None, num_images: int) -> list[int]:
     return indices
 
 
-def _save_summary(images: torch.Tensor, out_dir: Path, *, npz: bool, grid: bool) -> None:
+def save_summary(images: torch.Tensor, out_dir: Path, *, npz: bool, grid: bool) -> None:
     """grid.png of the first GRID_LIMIT images and, with ``npz``, all of them as samples.npz."""
     if grid:
         save_png(make_grid(images[:GRID_LIMIT]), out_dir / GRID_NAME)
@@ -318,20 +324,20 @@ def default_out_dir(model: str | Path, folder: Path, sampler: str, steps: int, s
     return out
 
 
-def _write_shares(state, job: _Job, out_dir: Path, num_images: int, progress: bool, run: Run = _plain) -> None:
+def write_shares(state, job: Job, out_dir: Path, num_images: int, progress: bool, run: Run = plain_run) -> None:
     """Every process writes the PNGs of its share ``range(num_images)[rank::world]`` into ``out_dir``; returns once
     all of them have (a barrier before, so the folder is created after every process picked its name, and one after)."""
     state.wait_for_everyone()
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = list(range(num_images))[state.process_index::state.num_processes]
-    for batch, images in _batches(job, mine, progress and state.is_main_process, run):  # no collective op in here
+    for batch, images in job_batches(job, mine, progress and state.is_main_process, run):  # no collective op in here
         save_images(images, out_dir, batch)
     state.wait_for_everyone()
 
 
 def start_job(
     model: str | Path, num_images: int, *, device, timeout_s: float, log: Callable[[str], None] | None, **settings
-) -> tuple["PartialState", bool, Callable[[str], None], Path, _Job]:
+) -> tuple["PartialState", bool, Callable[[str], None], Path, Job]:
     """The start of a job that writes images from every launched process (sample.py's, and editing's): join the
     processes, find the model folder, load and check everything (``settings`` are ``generate``'s sampling
     arguments). Returns (the processes' state, whether this call made their group, ``say`` (``log`` on the main
@@ -340,7 +346,7 @@ def start_job(
     state, owns_group = processes(device, timeout_s)
     say = log if (log is not None and state.is_main_process) else (lambda _msg: None)
     folder = find_model_folder(model)
-    job = _prepare(folder, num_images, device=device if device is not None else state.device, scheduler_config=None,
+    job = prepare_job(folder, num_images, device=device if device is not None else state.device, scheduler_config=None,
                    **settings)
     return state, owns_group, say, folder, job
 
@@ -394,11 +400,11 @@ def sample_to_folder(
     say(f"model: {folder}")
     say(f"sampler: {job.sampler}, steps: {job.steps}, seed: {job.seed}, images: {num_images}, "
         f"processes: {world}, device: {job.device}")
-    _write_shares(state, job, out_dir, num_images, progress)
+    write_shares(state, job, out_dir, num_images, progress)
 
     if main and (grid or npz):
         every = read_images(out_dir, range(num_images if npz else min(num_images, GRID_LIMIT)))
-        _save_summary(every, out_dir, npz=npz, grid=grid)
+        save_summary(every, out_dir, npz=npz, grid=grid)
     extras = [name for name, wanted in ((GRID_NAME, grid), (NPZ_NAME, npz)) if wanted]
     say(f"wrote {num_images} images to {out_dir}" + (f" (and {', '.join(extras)})" if extras else ""))
     if world > 1 and owns_group:
