@@ -162,6 +162,8 @@ def sample_features(
     """Features of images 0..n-1, each process extracting its share ``range(n)[rank::world]`` (``get_images(indices)``
     gives uint8 (B, C, H, W)): the float64 statistics of all n, summed across processes, and all n features in
     image order, gathered on every process."""
+    from .sampling import gather_shares
+
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     mine = list(range(n))[rank::world]
@@ -177,7 +179,7 @@ def sample_features(
     bar.close()
     stats.all_reduce()  # float64 sums of every process: the statistics of all n samples
     local = torch.cat(features) if features else torch.zeros(0, stats.dim)
-    return stats, _gather(local, mine, n, world, device)
+    return stats, gather_shares(local, n)
 
 
 # ----------------------------------------------------------------------------- where the samples come from
@@ -226,21 +228,6 @@ def _restricted(mem: Memorisation, top: list[int]) -> Memorisation:
     """The memorisation result of the samples ``top`` only, renumbered 0..len-1 (the images nearest.png gets)."""
     index = torch.tensor(top, dtype=torch.long)
     return Memorisation(mem.nearest[index], mem.distance[index], mem.threshold, mem.quantile, mem.fraction)
-
-
-def _gather(features: torch.Tensor, mine: list[int], n: int, world: int, device: torch.device) -> torch.Tensor:
-    """Every process's features in image order, (n, D), on every process (one all-gather of padded shards)."""
-    if world == 1:
-        return features
-    if torch.distributed.get_backend() != "nccl":
-        device = torch.device("cpu")
-    per_rank = -(-n // world)
-    padded = torch.zeros(per_rank, features.shape[1], dtype=features.dtype)
-    padded[: len(mine)] = features
-    parts = [torch.empty_like(padded, device=device) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded.to(device))
-    stacked = torch.stack([p.cpu() for p in parts])  # (world, per_rank, D): image i is at [i % world, i // world]
-    return torch.stack([stacked[i % world, i // world] for i in range(n)])
 
 
 # ----------------------------------------------------------------------------- the figures

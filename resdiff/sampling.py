@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "default_steps", "generate", "sample_to_folder", "default_out_dir", "processes",
     # the job API editing builds on: resolve a job, run it batch by batch, write each process's share
-    "Job", "prepare_job", "start_job", "job_batches", "plain_run", "write_shares", "save_summary",
+    "gather_shares", "Job", "prepare_job", "start_job", "job_batches", "plain_run", "write_shares", "save_summary",
     "check_sampler", "check_indices", "check_positive",
 ]
 
@@ -333,6 +333,23 @@ def write_shares(state, job: Job, out_dir: Path, num_images: int, progress: bool
     for batch, images in job_batches(job, mine, progress and state.is_main_process, run):  # no collective op in here
         save_images(images, out_dir, batch)
     state.wait_for_everyone()
+
+
+def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Items 0..n-1 in order, on every process, from each process's share ``range(n)[rank::world]`` (``local``,
+    (len(share), ...), in that order): one all-gather of the shares padded to one length. On the CPU."""
+    from accelerate import PartialState
+    from accelerate.utils import gather
+
+    state = PartialState()
+    world = state.num_processes
+    if world == 1:
+        return local.cpu()
+    per_rank = -(-n // world)
+    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype)
+    padded[: len(local)] = local
+    shares = gather(padded.to(state.device)).cpu().view(world, per_rank, *local.shape[1:])
+    return shares.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[:n]  # item i: share i % world, row i // world
 
 
 def start_job(

@@ -235,7 +235,7 @@ class Trainer:
     def preview(self) -> None:
         """A grid of EMA samples; every process draws its share of the images, the main process writes the grid."""
         from .images import make_grid
-        from .sampling import generate
+        from .sampling import gather_shares, generate
 
         t, acc = self.settings, self.accelerator
         n = t.preview_images
@@ -245,11 +245,7 @@ class Trainer:
             device=acc.device, mixed_precision=t.mixed_precision, progress=False,
             scheduler_config=dict(self.ddpm.scheduler.config), batch_size=max(len(mine), 1),
         )
-        per_rank = -(-n // self.world)
-        padded = torch.zeros((per_rank, *images.shape[1:]), dtype=torch.uint8)
-        padded[: len(mine)] = images
-        gathered = acc.gather(padded.to(acc.device)).cpu().view(self.world, per_rank, *images.shape[1:])
-        ordered = torch.stack([gathered[i % self.world, i // self.world] for i in range(n)])
+        ordered = gather_shares(images, n)  # (n, C, H, W) in image order
         self._on_main(lambda: self.run.save_preview(self.step, lambda tmp: make_grid(ordered).save(tmp, format="PNG")),
                       f"the preview of step {self.step}")
 
