@@ -57,19 +57,36 @@ def norm_act(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose CPU mask comes from ``torch.rand`` and ``torch.where``.
+    """nn.Dropout whose CPU mask comes from 16 random bits per value, four values to a 64-bit draw.
 
-    On CPU, ``F.dropout`` draws its mask with ``bernoulli_`` and keeps a float mask for backward; a
-    uniform draw compared with ``p`` keeps each value with the same probability 1 - p, is cheaper to
-    draw, and leaves a one-byte mask. A training step of the ``small`` preset ran 1-7% faster with it.
-    Other devices keep torch's fused kernel.
+    On CPU, ``F.dropout`` draws its mask with ``bernoulli_`` (one 32-bit draw per value, on one core) and
+    keeps a float mask for backward. Here each value gets 16 bits of one 64-bit draw, so the serial random
+    number generator does a quarter of the draws, and two multiplies replace ``torch.where``. A value is
+    dropped with probability ``round(p * 65536) / 65536`` (within 2^-17 of ``p``) and the kept are scaled
+    by the inverse of the kept fraction, so the expectation is exactly the input. On the AVX512-BF16 EPYC, the mask's forward and backward on a
+    (16, 128, 32, 32) tensor took 5.2 ms against 12.7 ms for ``torch.rand`` + ``torch.where`` (the
+    previous version), and a ddpm-cifar10 bf16 training step ran 3.6% faster. Other devices keep torch's
+    fused kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or self.p == 1 or x.device.type != "cpu":
             return super().forward(x)
-        keep = torch.rand(x.shape, dtype=torch.float32) >= self.p
-        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
+        keep, kept = keep_mask(x, self.p)
+        # Scale, then mask: the scale multiplies at float precision (a bf16 mask of 1/(1 - p) would round it
+        # and bias every output by up to 0.2%); a 0/1 mask is exact in any dtype.
+        return x * (1 / kept) * keep
+
+
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A 0/1 CPU tensor shaped and typed like ``x`` that drops with probability ~``p`` (to 1/65536), and the
+    probability of a 1."""
+    dropped = min(max(round(p * 65536), 1), 65535)  # of 65536 equally likely 16-bit values
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # every 64-bit value equally likely
+    lanes = draws.view(torch.int16)[:n].view(x.shape)  # four independent uniform int16 per draw
+    keep = lanes >= dropped - 32768  # int16 runs from -32768: P(drop) = dropped / 65536
+    return keep.to(x.dtype), (65536 - dropped) / 65536
 
 
 def timestep_embedding(

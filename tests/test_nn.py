@@ -249,14 +249,31 @@ def test_dropout_keeps_1_minus_p_scaled_and_passes_gradient_through_the_kept():
     out = drop(x)
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.9) < 0.005  # 262,144 draws: the standard error is 0.0006
-    assert torch.allclose(out[kept], torch.tensor(2.0 / 0.9))
+    scale = 65536 / (65536 - 6554)  # p = 0.1 to 1/65536: 6554 of 65536 values drop
+    assert torch.allclose(out[kept], torch.tensor(2.0 * scale), rtol=0, atol=1e-6)
     out.sum().backward()
-    assert torch.equal(x.grad, kept.float() / 0.9)
+    assert torch.allclose(x.grad, kept.float() * scale, rtol=0, atol=1e-6)
     torch.manual_seed(0)
     assert torch.equal(drop(x), out)  # the global RNG drives it, so seeded runs repeat
     drop.eval()
     assert drop(x) is x
     assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x)) and Dropout(0.0)(x) is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_is_unbiased_in_float32_and_bf16(dtype, p):
+    # 2^21 values in [1, 2): the ratio of sums has a standard error of 0.0003, so a 1/(1-p) rounded to bf16 (0.16% off
+    # at p=0.1) or lanes of one 64-bit draw that drop together would show.
+    torch.manual_seed(1)
+    x = (1 + torch.rand(2**21)).to(dtype)
+    out = Dropout(p)(x)
+    assert out.dtype == dtype
+    assert abs(out.double().sum().item() / x.double().sum().item() - 1.0) < 0.001
+    assert abs((out == 0).float().mean().item() - p) < 0.0015
+    lanes = (out == 0).view(-1, 4).float()  # the four values that share one 64-bit draw drop independently
+    assert abs((lanes[:, 0] * lanes[:, 1]).mean().item() - p * p) < 0.002
+    assert abs((lanes[:, 2] * lanes[:, 3]).mean().item() - p * p) < 0.002
 
 
 @pytest.mark.parametrize("name", ["basic", "bottleneck", "basic-se"])
