@@ -28,7 +28,7 @@ from .data import ImageFolder, PreparedImages, ShardedBatches, is_prepared, load
 from .diffusion import DDPM
 from .errors import UsageError
 from .files import cache_root
-from .hardware import precision_warning
+from .hardware import precision_warning, reuse_freed_memory
 from .rundir import (
     RunDir, check_disk, check_same_model, checkpoint_problem, complete_checkpoints, export_model, list_checkpoints,
     remove_leftovers, step_of, trim_log, write_config,
@@ -329,11 +329,20 @@ def _summary(
         f"  loader:    {workers} worker process(es) ({why})",
         f"  batch:     {t.batch_size} global = {micro} per process x {world} process(es) x {t.grad_accum} accumulation",
         f"  world:     {world} process(es), device {acc.device}, precision {t.mixed_precision}",
+        *([f"  memory:    {_malloc_mode()}"] if acc.device.type == "cpu" else []),
         f"  steps:     {trainer.step} -> {t.steps}, lr {t.lr:g}, EMA {t.ema_decay}",
         f"  eval:      {evaluation}",
         f"  run dir:   {cfg.out} ({f'resumed from {resumed} (step {trainer.step})' if resumed else 'new run'})",
         *([warning] if warning else []),
     ])
+
+
+def _malloc_mode() -> str:
+    """How this CPU process's malloc treats freed memory (the Trainer has already asked to keep it)."""
+    if reuse_freed_memory():
+        return "freed blocks kept for the next step (RESDIFF_KEEP_FREED_MEMORY=0 returns them to the OS)"
+    why = "RESDIFF_KEEP_FREED_MEMORY=0" if os.environ.get("RESDIFF_KEEP_FREED_MEMORY") == "0" else "not glibc"
+    return f"the C library's default ({why}): freed blocks may go back to the OS and fault in again each step"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import sys
+
 import torch
 
 from .errors import UsageError
 
-__all__ = ["MIXED_PRECISIONS", "bf16_is_native", "precision_warning", "default_device", "check_device"]
+__all__ = ["MIXED_PRECISIONS", "bf16_is_native", "precision_warning", "default_device", "check_device", "reuse_freed_memory"]
 
 # The autocast precisions a user can choose (--mixed-precision, train.mixed_precision): name -> dtype.
 MIXED_PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,3 +56,42 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest free heap top (bytes) kept rather than returned
+_reusing = False
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory torch frees for reuse, instead of handing it back to the kernel.
+
+    A CPU training step frees and re-allocates hundreds of MB of activations. By default glibc hands much
+    of that back to the kernel (blocks over its adaptive mmap threshold are unmapped on free, and the heap
+    is trimmed whenever its free top passes twice that threshold), so every step page-faults it in again,
+    zeroed by the kernel. Here no block is mmap'd on its own (all come from the heap, where freed blocks
+    are reused) and the heap is trimmed only when over 2 GB at its top are free. On the 2-core
+    AVX512-BF16 EPYC (bench/allocator.py, ddpm-cifar10, bf16), a step at batch 16 went from 86,000 page
+    faults and 0.19 s of kernel time to about 1,000 and 0.004 s, and ran 1.06x faster; at the config's
+    batch 128, from 2.1 million faults and 5.5 s of kernel time per step to none, 1.34x faster. The
+    process keeps its peak memory instead of returning it between steps: peak RSS was unchanged at batch
+    16 and 12% higher at batch 128. GPU runs are unaffected (CUDA has its own caching allocator).
+
+    Process-wide and idempotent; returns whether it applied: False off glibc (e.g. macOS or musl) and where
+    ``RESDIFF_KEEP_FREED_MEMORY=0`` is set (for a process that must give memory back between steps).
+    """
+    global _reusing
+    if _reusing:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("RESDIFF_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt ignores these parameters
+    except (OSError, AttributeError):
+        return False
+    # No mmap'd blocks: every block comes from the heap, where a freed one is reused; blocks too large for a
+    # thread's heap still fall back to mmap. And the heap is trimmed only when over 2 GB at its top are free.
+    _reusing = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return _reusing

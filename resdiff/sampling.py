@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .data import to_uint8
 from .diffusion import DDPM, SAMPLERS, image_generators, image_noise
 from .errors import UsageError
-from .hardware import MIXED_PRECISIONS, check_device, precision_warning
+from .hardware import MIXED_PRECISIONS, check_device, precision_warning, reuse_freed_memory
 from .images import make_grid, read_images, save_images, save_npz, save_png
 from .model_folder import find_model_folder, load_model
 
@@ -302,7 +302,8 @@ def processes(device: torch.device | None = None, timeout_s: float = 1800.0) -> 
     whether this call made their process group (then the caller destroys it when done).
 
     Without CUDA (or with a CPU ``device``), cpu=True is what makes accelerate join the processes over gloo;
-    otherwise each would silently be a world of one and all of them would make the same images."""
+    otherwise each would silently be a world of one and all of them would make the same images. A CPU process
+    keeps freed memory for reuse (``hardware.reuse_freed_memory``)."""
     from datetime import timedelta
 
     from accelerate import PartialState
@@ -310,6 +311,8 @@ def processes(device: torch.device | None = None, timeout_s: float = 1800.0) -> 
     cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
+    if state.device.type == "cpu":
+        reuse_freed_memory()
     return state, not had_group
 
 

@@ -51,6 +51,16 @@ def test_train_step_memory_measures_each_loop_in_its_own_process(tmp_path):
     assert all(r["peak_mb"] > 50 for r in result["rows"])  # a Python process with torch loaded
 
 
+def test_allocator_times_each_loop_and_malloc_setting_in_its_own_process(tmp_path):
+    result = bench("allocator", "--preset", "tiny", "--batch", "2", "--steps", "2", "--runs", "1", "--precision", "no",
+                   tmp_path=tmp_path)
+    assert [(r["loop"], r["malloc"]) for r in result["rows"]] == [
+        ("resdiff", "default"), ("resdiff", "reuse"), ("diffusers", "default"), ("diffusers", "reuse")]
+    runs = result["runs"]
+    assert [r["applied"] for r in runs["resdiff/default"] + runs["resdiff/reuse"]] == [False, True]  # the setting took
+    assert all(len(r["seconds"]) == 2 and r["step_s"] > 0 and r["peak_rss_mb"] > 50 for rs in runs.values() for r in rs)
+
+
 def test_sample_compares_with_the_diffusers_pipeline(tmp_path):
     result = bench("sample", "--preset", "tiny", "--num-images", "2", "--steps", "2", "--rounds", "1", "--precisions", "no",
                    tmp_path=tmp_path)

@@ -519,7 +519,7 @@ def test_default_run_directory_names(tmp_path, pngs, monkeypatch, capsys):
     summary = out.splitlines()
     assert summary[0].startswith("resdiff: training a DDPM") and "M parameters" in summary[0]
     for line in (f"{pngs}: 32 images", "images:    16x16, 3 channel(s)", "8 global = 8 per process x 1 process(es)",
-                 "world:     1 process(es), device cpu, precision no", f"run dir:   {run} (new run)", "steps:     0 -> 1"):
+                 "world:     1 process(es), device cpu, precision no", "memory:    freed blocks kept for the next step", f"run dir:   {run} (new run)", "steps:     0 -> 1"):
         assert line in out, line
 
     code, out, _ = train_cli(["--data", pngs, "--steps", "2", *TINY], capsys)  # the same command resumes
