@@ -15,7 +15,7 @@ loop -> CLIs). Who owns what:
     files.py       whole-file writes, temporary names, the cache folder          images.py   PNG, grids, npz
     model_folder.py  loading run/pipeline/diffusers folders safely               sampling.py generate, sharding
     inception.py, metrics.py, evaluation.py   FID Inception features, FID/KID/PR/memorisation, evaluate.py's job
-    hardware.py    devices, precisions        errors.py  UsageError/TrainingError, the CLI parser
+    hardware.py    devices, precisions, malloc errors.py  UsageError/TrainingError, the CLI parser
 
 From folder to loss (training):
     image folder --data.ImageFolder (decode, channels, resize, crop; uint8 cache)--> data.ShardedBatches (this
