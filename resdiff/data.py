@@ -152,7 +152,7 @@ def _load_image(
     return _covering(open_image(path), image_size, channels, background)
 
 
-def _reason(path: Path, err: BaseException) -> str:
+def why_unusable(path: Path, err: BaseException) -> str:
     """A short, one-line reason why a file could not be used."""
     if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return (f"possible decompression bomb ({one_line(err)}); "
@@ -184,7 +184,7 @@ def _random_crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return x[:, top:top + hgt, left:left + wid]
 
 
-def _valid_size(size) -> bool:
+def is_image_size(size: object) -> bool:
     """One positive integer, or two (height, width)."""
     sides = (size,) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
     return len(sides) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides)
@@ -193,7 +193,7 @@ def _valid_size(size) -> bool:
 # ----------------------------------------------------------------------------- scanning
 
 
-def _scan(root: Path, warn: Callable[[str], None]) -> list[Path]:
+def find_images(root: Path, warn: Callable[[str], None]) -> list[Path]:
     """Image files below `root` in sorted depth-first order; follows symlinks, skips loops and hidden names."""
     found: list[Path] = []
     seen: set[str] = set()
@@ -249,7 +249,7 @@ class ImageFolder(torch.utils.data.Dataset):
         background: tuple[int, int, int] = (255, 255, 255),
         warn: Callable[[str], None] | None = None, cache_limit: int = CACHE_LIMIT_BYTES,
     ) -> None:
-        if not _valid_size(image_size):
+        if not is_image_size(image_size):
             raise UsageError(f"image_size must be a positive integer or a (height, width) pair, got {image_size!r}")
         if channels not in (1, 3):
             raise UsageError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
@@ -273,7 +273,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise UsageError(f"{self.root} is not a folder; pass a folder that holds images")
 
-        candidates = _scan(self.root, self.warn)
+        candidates = find_images(self.root, self.warn)
         if not candidates:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise UsageError(f"no image files in {self.root} (searched recursively for {exts}); add images there")
@@ -349,7 +349,7 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 x = _load_image(path, self.image_size, self.channels, self.background)
             except Exception as err:  # any decoder failure means: skip this file
-                return _reason(path, err)
+                return why_unusable(path, err)
             return x if keep else None
 
         with warnings.catch_warnings():
@@ -378,7 +378,7 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 return _load_image(self.files[j], self.image_size, c, self.background)
             except Exception as err:
-                self.warn(f"skipping {self.files[j]} this time: {_reason(self.files[j], err)}; using the next image")
+                self.warn(f"skipping {self.files[j]} this time: {why_unusable(self.files[j], err)}; using the next image")
         raise UsageError(f"none of the {len(self.files)} images in {self.root} can be read any more; check the folder")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -544,7 +544,7 @@ def demo_shapes(n: int, image_size: int | Sequence[int] = 32, channels: int = 3,
     """`n` seeded images of one bright circle or square on a dark plain background: uint8 (n, C, H, W).
 
     `image_size` is one side or (H, W); a shape's size follows the shorter side, its place the whole image."""
-    if n < 0 or not _valid_size(image_size) or min(image_shape(image_size)) < 4 or channels not in (1, 3):
+    if n < 0 or not is_image_size(image_size) or min(image_shape(image_size)) < 4 or channels not in (1, 3):
         raise UsageError(
             f"demo_shapes needs n >= 0, image sides >= 4 and channels 1 or 3; got {n}, {image_size}, {channels}"
         )

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from .data import (
-    IMAGE_EXTENSIONS, PREPARED_FORMAT, PREPARED_INDEX, PREPARED_VERSION, PreparedImages, _reason,
-    _scan, _valid_size, class_labels, fit_image, image_shape, open_image, shape_name,
+    IMAGE_EXTENSIONS, PREPARED_FORMAT, PREPARED_INDEX, PREPARED_VERSION, PreparedImages, why_unusable,
+    find_images, is_image_size, class_labels, fit_image, image_shape, open_image, shape_name,
 )
 from .errors import ArgumentParser, UsageError, run_cli
 
@@ -64,7 +64,7 @@ def prepare(
     empty folder); returns it opened."""
     warn = warn or (lambda m: print(m, file=sys.stderr))
     source, out = Path(source), Path(out)
-    if not _valid_size(image_size):
+    if not is_image_size(image_size):
         raise UsageError(f"image size must be a positive integer or a (height, width) pair, got {image_size!r}")
     if channels not in (1, 3):
         raise UsageError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
@@ -76,7 +76,7 @@ def prepare(
         raise UsageError(f"{out} is inside the image folder {source}; put the prepared dataset elsewhere")
     shape = image_shape(image_size)
     item = (channels, *shape)
-    candidates = _scan(source, warn)
+    candidates = find_images(source, warn)
     if not candidates:
         raise UsageError(f"no image files in {source} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     labels_in, classes = class_labels(source, candidates, class_cond)
@@ -105,7 +105,7 @@ def prepare(
             try:
                 return fit_image(open_image(path), shape, channels, background).numpy()
             except Exception as err:  # any decoder failure means: skip this file, as training does
-                return _reason(path, err)
+                return why_unusable(path, err)
 
         with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

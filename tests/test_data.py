@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from resdiff.data import (
-    IMAGE_EXTENSIONS, ImageFolder, demo_shapes, loader_workers, to_model_range, to_uint8, write_demo_folder,
+    IMAGE_EXTENSIONS, ImageFolder, demo_shapes, find_images, is_image_size, loader_workers, to_model_range, to_uint8,
+    why_unusable, write_demo_folder,
 )
 from resdiff.errors import UsageError
 
@@ -63,6 +64,21 @@ def test_symlink_loop_terminates_and_linked_folders_are_followed(tmp_path: Path)
     os.symlink(outside, root / "linked")
     ds = ImageFolder(root, 8, cache=False)
     assert [f.relative_to(root).as_posix() for f in ds.files] == ["a/img.png", "linked/o.png"]
+    assert find_images(root, warn=print) == ds.files  # the one scan, shared with python -m resdiff.prepare
+
+
+def test_image_sizes_and_reasons_a_file_is_unusable(tmp_path: Path) -> None:
+    assert is_image_size(32) and is_image_size((64, 128)) and is_image_size([8, 8])
+    assert not any(is_image_size(v) for v in (0, -1, True, 32.0, "32", (8,) * 3, (8, 0), ()))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    for name, reason in (("empty.png", "empty file (0 bytes)"), ("text.png", "not an image file pillow can read")):
+        try:
+            Image.open(tmp_path / name)
+        except Exception as err:  # noqa: BLE001 - what pillow raises is the input here
+            assert why_unusable(tmp_path / name, err) == reason
+        else:
+            raise AssertionError(f"pillow opened {name}")
 
 
 # ----------------------------------------------------------------------------- modes
