@@ -62,23 +62,23 @@ class Dropout(nn.Dropout):
     On CPU, ``F.dropout`` draws its mask with ``bernoulli_`` (one 32-bit draw per value, on one core) and
     keeps a float mask for backward. Here each value gets 16 bits of one 64-bit draw, so the serial random
     number generator does a quarter of the draws, and two multiplies replace ``torch.where``. A value is
-    dropped with probability ``round(p * 65536) / 65536`` (within 2^-17 of ``p``) and the kept are scaled
-    by the inverse of the kept fraction, so the expectation is exactly the input. On the AVX512-BF16 EPYC, the mask's forward and backward on a
-    (16, 128, 32, 32) tensor took 5.2 ms against 12.7 ms for ``torch.rand`` + ``torch.where`` (the
-    previous version), and a ddpm-cifar10 bf16 training step ran 3.6% faster. Other devices keep torch's
-    fused kernel.
+    dropped with probability ``round(p * 65536) / 65536`` (within 2^-17 of ``p``; at least 1/65536) and
+    the kept are scaled by the inverse of the kept fraction, so the expectation is exactly the input. On
+    the AVX512-BF16 EPYC, the mask's forward and backward on a (16, 128, 32, 32) bf16 tensor took 5.2 ms
+    against 12.7 ms for ``torch.rand`` + ``torch.where`` (the previous version), and a ddpm-cifar10 bf16
+    training step ran about 4% faster. Other devices keep torch's fused kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or self.p == 1 or x.device.type != "cpu":
             return super().forward(x)
-        keep, kept = keep_mask(x, self.p)
+        keep, kept = _keep_mask(x, self.p)
         # Scale, then mask: the scale multiplies at float precision (a bf16 mask of 1/(1 - p) would round it
         # and bias every output by up to 0.2%); a 0/1 mask is exact in any dtype.
         return x * (1 / kept) * keep
 
 
-def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """A 0/1 CPU tensor shaped and typed like ``x`` that drops with probability ~``p`` (to 1/65536), and the
     probability of a 1."""
     dropped = min(max(round(p * 65536), 1), 65535)  # of 65536 equally likely 16-bit values
