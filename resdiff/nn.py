@@ -66,11 +66,14 @@ class Dropout(nn.Dropout):
     the kept are scaled by the inverse of the kept fraction, so the expectation is exactly the input. On
     the AVX512-BF16 EPYC, the mask's forward and backward on a (16, 128, 32, 32) bf16 tensor took 5.2 ms
     against 12.7 ms for ``torch.rand`` + ``torch.where`` (the previous version), and a ddpm-cifar10 bf16
-    training step ran about 4% faster. Other devices keep torch's fused kernel.
+    training step ran about 4% faster. Other devices, and code under
+    ``torch.compile``, keep torch's own dropout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or self.p == 1 or x.device.type != "cpu":
+        # Under torch.compile, torch's dropout: Inductor fuses its mask into the neighbouring kernels, and
+        # the in-place random_ below would split the compiled graph in two.
+        if not self.training or self.p == 0 or self.p == 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
         keep, kept = _keep_mask(x, self.p)
         # Scale, then mask: the scale multiplies at float precision (a bf16 mask of 1/(1 - p) would round it

@@ -276,6 +276,17 @@ def test_dropout_is_unbiased_in_float32_and_bf16(dtype, p):
     assert abs((lanes[:, 2] * lanes[:, 3]).mean().item() - p * p) < 0.002
 
 
+@pytest.mark.parametrize("name", sorted(BLOCK_VARIANTS))
+def test_a_training_block_with_dropout_compiles_as_one_graph(name):
+    """The CPU dropout's in-place random_ cannot be traced; under torch.compile the block must use torch's dropout
+    instead, or every block of a compiled model splits into three graphs that Inductor cannot fuse across."""
+    cls, kw = BLOCK_VARIANTS[name]
+    block = cls(32, 64, EMB, groups=8, dropout=0.1, **kw).train()
+    explained = torch._dynamo.explain(block)(torch.randn(2, 32, 8, 8), torch.randn(2, EMB))
+    assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 @pytest.mark.parametrize("name", ["basic", "bottleneck", "basic-se"])
 def test_block_without_grad_matches_with_grad_and_leaves_its_input_alone(name):
     """Without autograd the blocks apply SiLU in place; the values must not change, nor may the input."""
