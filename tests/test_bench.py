@@ -141,3 +141,18 @@ def test_learning_measure_ranks_real_below_blurred_below_noise():
     score = FeatureDistance(images, labels, reference, epochs=1)
     ranks = check_measure(score, digits(256, seed=12)[0], seed=0)  # raises unless real < blurred < noise
     assert list(ranks) == ["real held-out", "blurred (0.6 px)", "uniform noise"]
+
+
+def test_kernel_floor_replays_each_kernel_of_both_steps(tmp_path):
+    (row,) = bench("kernel_floor", "--presets", "tiny", "--precisions", "no", "--rounds", "1", "--batch-size", "2",
+                   tmp_path=tmp_path)["rows"]
+    for who in ("resdiff", "diffusers"):
+        w = row[who]
+        # tiny has convolutions, linears and one attention level; each is recorded forward and backward
+        assert w["calls_by_kind"]["convolution"] > 0 and w["calls_by_kind"]["matmul"] > 0 and w["calls_by_kind"]["attention"] >= 2
+        assert 0 < w["distinct_calls"] <= sum(w["calls_by_kind"].values())
+        assert w["floor_s"] == pytest.approx(sum(w["floor_by_kind_s"].values()), abs=1e-3)
+        assert w["floor_share"] == pytest.approx(w["floor_s"] / w["step_s"], rel=0.01)
+        assert w["floor_mfu"] == pytest.approx(w["mfu"] / w["floor_share"], rel=0.02)
+    # the same architecture does the same convolutions in both loops
+    assert row["resdiff"]["calls_by_kind"]["convolution"] == row["diffusers"]["calls_by_kind"]["convolution"]
