@@ -283,10 +283,18 @@ class UNet(ModelMixin, ConfigMixin):
         Compiling the repeated blocks rather than the whole U-Net cuts compile time, and state_dict
         keys stay unchanged, so checkpoints and save_pretrained are unaffected. ``kwargs`` go to
         torch.compile.
+
+        All blocks of a kind share one forward, and each input shape, training flag and grad mode
+        compiles a graph of its own: ddpm-cifar10 in training needs more than dynamo's default
+        ``recompile_limit`` of 8, past which the remaining blocks silently run eager. The limit is
+        raised (never lowered) to two graphs per block, one for training and one for sampling.
         """
-        for m in self.modules():
-            if isinstance(m, (*RES_BLOCKS, Attention)):
-                m.compile(**kwargs)
+        import torch._dynamo
+
+        blocks = [m for m in self.modules() if isinstance(m, (*RES_BLOCKS, Attention))]
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
+        for m in blocks:
+            m.compile(**kwargs)
         return self
 
     @property

@@ -237,6 +237,25 @@ def test_channels_last_and_bf16_match_the_plain_path():
     assert not torch.equal(bf16, ref)  # autocast really ran in bf16
 
 
+def test_compile_blocks_compiles_every_block_past_dynamos_default_recompile_limit():
+    """Each block shape and mode is a graph of the blocks' one forward; at dynamo's default limit of 8 the rest of a
+    U-Net's blocks would silently run eager. Dynamo alone (backend="eager") shows which frames it gave up on."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = UNet(sample_size=16, channels=8, channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_resolutions=(4,),
+                 norm_groups=4, dropout=0.1).compile_blocks(backend="eager")
+    assert torch._dynamo.config.recompile_limit >= 2 * sum(isinstance(m, (*RES_BLOCKS, Attention)) for m in model.modules())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 600])
+    model(x, t).sample.sum().backward()
+    with torch.no_grad():
+        model.eval()(x, t)
+    gave_up = [k.splitlines()[0] for k in counters["unimplemented"] if "recompile" in k.lower()]
+    assert not gave_up, gave_up
+    assert counters["stats"]["unique_graphs"] > 8  # the model really needs more graphs than the default limit
+
+
 @pytest.mark.slow
 def test_compiled_blocks_match_and_still_learn():
     from resdiff.diffusion import DDPM
