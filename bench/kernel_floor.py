@@ -102,9 +102,8 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = f"{func.__name__}"
-        if name in KIND:
-            self.calls.append((name, func, _freeze(args), _freeze(kwargs)))
+        if func.__name__ in KIND:
+            self.calls.append((func.__name__, func, _freeze(args), _freeze(kwargs)))
         return func(*args, **kwargs)
 
 
