@@ -237,6 +237,7 @@ def test_channels_last_and_bf16_match_the_plain_path():
     assert not torch.equal(bf16, ref)  # autocast really ran in bf16
 
 
+@pytest.mark.slow
 def test_compile_blocks_compiles_every_block_past_dynamos_default_recompile_limit():
     """Each block shape and mode is a graph of the blocks' one forward; at dynamo's default limit of 8 the rest of a
     U-Net's blocks would silently run eager. Dynamo alone (backend="eager") shows which frames it gave up on."""
