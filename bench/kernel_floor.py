@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import count_flops, default_precisions, interleaved, machine, matmul_peak, median, table, write_json  # noqa: E402
@@ -67,30 +68,18 @@ class _Layout:
         return base.as_strided(self.shape, self.stride)
 
 
-def _freeze(x):
-    if isinstance(x, torch.Tensor):
-        return _Layout(x)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_freeze(v) for v in x)
-    return x
+def _freeze(tree):
+    """Every tensor in ``tree`` (args, kwargs, nested lists) replaced by its layout."""
+    return tree_map_only(torch.Tensor, _Layout, tree)
 
 
-def _thaw(x):
-    if isinstance(x, _Layout):
-        return x.make()
-    if isinstance(x, (list, tuple)):
-        return type(x)(_thaw(v) for v in x)
-    return x
+def _thaw(tree):
+    return tree_map_only(_Layout, _Layout.make, tree)
 
 
-def _key(x) -> tuple:
-    if isinstance(x, _Layout):
-        return x.key()
-    if isinstance(x, (list, tuple)):
-        return tuple(_key(v) for v in x)
-    if isinstance(x, dict):
-        return tuple(sorted((k, _key(v)) for k, v in x.items()))
-    return ("V", repr(x))
+def _key(tree) -> tuple:
+    leaves, spec = tree_flatten(tree)
+    return str(spec), tuple(leaf.key() if isinstance(leaf, _Layout) else repr(leaf) for leaf in leaves)
 
 
 class _Recorder(TorchDispatchMode):
