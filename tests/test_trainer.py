@@ -59,7 +59,7 @@ def finished_run(tmp_path_factory, pngs):
 
 def test_run_directory_has_every_part(finished_run):
     run, _ = finished_run
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "log.jsonl", "model", "samples"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "identity.json", "log.jsonl", "model", "samples"]
 
     saved = load_config(run / "config.yaml", model_keys=model_keys())  # the resolved config reloads as is
     assert saved.to_dict() == config(run, f"data.path={saved.data.path}", "train.steps=5", "train.log_every=3",
@@ -79,12 +79,12 @@ def test_run_directory_has_every_part(finished_run):
 
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-0000004", "step-0000005"]  # keep 2
     newest = run / "checkpoints" / "step-0000005"
-    assert sorted(p.name for p in newest.iterdir()) == ["ema", "model.safetensors", "optimizer.pt", "rng-0.pt", "state.json"]
+    assert sorted(p.name for p in newest.iterdir()) == ["SHA256SUMS", "ema", "model.safetensors", "optimizer.pt", "rng-0.pt", "state.json"]
     state = json.loads((newest / "state.json").read_text())
     assert state["step"] == 5 and state["world_size"] == 1 and state["ema_step"] == 5
     assert (state["epoch"], state["batch"]) == (1, 1)  # 32 images = 4 batches of 8 per epoch
     optimizer = torch.load(newest / "optimizer.pt", weights_only=True)
-    assert set(optimizer) == {"optimizer", "lr_schedule"} and optimizer["lr_schedule"]["last_epoch"] == 5
+    assert set(optimizer) == {"optimizer", "lr_schedule", "scaler"} and optimizer["scaler"] is None and optimizer["lr_schedule"]["last_epoch"] == 5
     assert set(torch.load(newest / "rng-0.pt", weights_only=True)) >= {"cpu"}
     for part in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
         assert (newest / "ema" / part).is_file() and (run / "model" / part).is_file()
