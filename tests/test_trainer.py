@@ -488,8 +488,11 @@ def test_no_flag_is_a_prefix_of_a_launcher_option():
     from accelerate.commands.launch import launch_command_parser
     from torch.distributed.run import get_args_parser
 
-    flags = ["--config", "--data", "--out", "--steps", "--batch-size", "--lr", "--mixed-precision", "--seed", "--resume"]
-    assert cli.parse_args([f"{f}=1" if f != "--mixed-precision" else f"{f}=no" for f in flags])  # all exist
+    flags = ["--config", "--data", "--out", "--steps", "--batch-size", "--lr", "--mixed-precision", "--seed", "--resume",
+             "--resume-anyway", "--start-over"]
+    switches = {"--resume-anyway", "--start-over"}
+    assert cli.parse_args([f"{f}=1" if f != "--mixed-precision" else f"{f}=no" for f in flags if f not in switches]
+                          + sorted(switches))  # all exist
     for flag in flags:
         args = get_args_parser().parse_args(["--nproc_per_node", "2", "train.py", flag, "1"])
         assert args.training_script_args == [flag, "1"], flag
