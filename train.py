@@ -8,8 +8,8 @@
 
 A run directory that already has checkpoints is resumed automatically (--resume auto), if it is the same run:
 the same data (location and files), diffusion settings, batch size and seed (RUN/identity.json). Otherwise
-train.py refuses in one line; --resume-anyway continues it deliberately. A run directory with earlier training
-but no checkpoint (deleted, or killed before the first) is refused too; --start-over replaces it.
+train.py refuses in one line; --resume-anyway continues it deliberately. A run directory with an exported model
+or a log past a checkpoint, but no checkpoint (deleted to save space), is refused too; --start-over replaces it.
 """
 
 from __future__ import annotations

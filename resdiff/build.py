@@ -9,7 +9,8 @@ run left half-written, picks the newest complete checkpoint, checks that a resum
 (the same model, and the same identity: data, diffusion, batch size and seed; else a one-line refusal
 unless ``resume_anyway``) and that a start from step 0 replaces no earlier training (unless ``start_over``),
 checks that the directory is writable and the disk has room, and writes ``config.yaml`` and
-``identity.json``; every process learns the outcome, so an error stops all of them alike. train.py is argument parsing around ``build_trainer(cfg).fit()``.
+``identity.json``; every process learns the outcome, so an error stops all of them alike. train.py is
+argument parsing around ``build_trainer(cfg).fit()``.
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def _check_continuity(path: Path, cfg: Config, choice: _Choice, identity: dict, 
         if changes:
             echo(f"warning: --resume-anyway: {path} continues with changed data or settings ({'; '.join(changes)})")
         return
-    earlier = earlier_training(path)
+    earlier = earlier_training(path, cfg.train.checkpoint_every)
     if earlier:
         raise UsageError(
             f"{path} holds earlier training ({earlier}) but no checkpoint to resume from; starting over would "

@@ -286,18 +286,27 @@ def write_identity(run_dir: Path, identity: dict[str, object]) -> None:
     write_atomic(run_dir / IDENTITY, lambda tmp: tmp.write_text(json.dumps(_plain_json(identity), indent=1)))
 
 
-def earlier_training(run_dir: Path) -> str | None:
-    """What earlier training left in ``run_dir`` that a start from step 0 would replace (an exported model,
-    logged steps), in a few words, or None."""
+def earlier_training(run_dir: Path, checkpoint_every: int) -> str | None:
+    """What earlier training left in ``run_dir`` that a start from step 0 would replace, in a few words, or
+    None: an exported model, or logged steps that reached a checkpoint (``checkpoint_every``). Steps logged
+    before the first checkpoint are work a crash lost, which the run redoes (an elastic restart among them)."""
     found = []
     if (run_dir / MODEL).is_dir():
         found.append(f"the exported model {MODEL}/")
     try:
-        steps = [line for line in (run_dir / LOG).read_text(errors="replace").splitlines() if line.strip()]
+        lines = (run_dir / LOG).read_text(errors="replace").splitlines()
     except OSError:
-        steps = []
-    if steps:
-        found.append(f"{LOG} with {len(steps)} record(s)")
+        lines = []
+    steps = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            steps.append(record["step"])
+    if steps and max(steps) >= checkpoint_every:
+        found.append(f"{LOG} up to step {max(steps)}")
     return " and ".join(found) or None
 
 

@@ -674,13 +674,27 @@ def test_a_run_whose_checkpoints_were_deleted_is_not_started_over_unasked(run_co
     argv = ["--data", pngs, "--out", run_copy, "--steps", "2", *TINY, "train.checkpoint_every=2"]
     code, out, err = train_cli(argv, capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in out + err, err
-    assert "holds earlier training (the exported model model/ and log.jsonl with" in err and "--start-over" in err
+    assert "holds earlier training (the exported model model/ and log.jsonl up to step 4)" in err and "--start-over" in err
     assert snapshot(run_copy) == before
+    shutil.rmtree(run_copy / "model")  # the log alone says checkpoints were written
+    code, _, err = train_cli(argv, capsys)
+    assert code == 2 and "holds earlier training (log.jsonl up to step 4)" in err and snapshot(run_copy) != before
 
     code, out, err = train_cli([*argv, "--start-over"], capsys)
     assert code == 0, err
-    assert "note: --start-over: removed model, samples, log.jsonl" in out and "(new run)" in out
+    assert "note: --start-over: removed samples, log.jsonl, identity.json" in out and "(new run)" in out
     assert [r["step"] for r in read_log(run_copy)] == [2] and [p.name for p in list_checkpoints(run_copy)] == ["step-0000002"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_simply_starts_again(tmp_path, pngs):
+    """Steps logged before the first checkpoint are work a crash lost: the same command (or an elastic
+    restart) starts again from step 0 without asking, and the log keeps each step once."""
+    run = tmp_path / "run"
+    build_trainer(config(run, f"data.path={pngs}", "train.steps=3", "train.checkpoint_every=5"), echo=lambda _: None).close()
+    (run / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    printed = fit(run, f"data.path={pngs}", "train.steps=2", "train.checkpoint_every=5", "train.log_every=1")
+    assert any("dropped 3 record(s) past step 0" in m for m in printed)
+    assert [r["step"] for r in read_log(run)] == [1, 2]
 
 
 def test_checkpoints_and_the_model_carry_checksums_sha256sum_can_check(base_run):
@@ -777,11 +791,15 @@ def torchrun_train(run: Path, data: Path, steps: int, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_signal_stops_two_processes_within_one_step_checkpoint_first(tmp_path, pngs):
-    """SIGTERM to torchrun (what Kubernetes and SLURM send) while two processes train: they agree to stop at the
-    step the signal arrived in, checkpoint it, draw no preview, and exit; the same command resumes."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_signal_stops_within_one_step_checkpoint_first(processes, tmp_path, pngs):
+    """SIGTERM to `python train.py`, or to torchrun (what Kubernetes and SLURM signal) while two processes
+    train: they agree to stop at the step the signal arrived in, checkpoint it, draw no preview, and exit."""
     run = tmp_path / "run"
-    cmd = torchrun_train(run, pngs, 400, "train.log_every=1", "train.checkpoint_every=1000", "train.preview_every=1000")
+    extra = ("train.log_every=1", "train.checkpoint_every=1000", "train.preview_every=1000")
+    cmd = torchrun_train(run, pngs, 400, *extra)
+    if processes == 1:
+        cmd = [sys.executable, *cmd[cmd.index("train.py"):]]
 
     def on_start(proc):
         deadline = time.monotonic() + 150
@@ -790,8 +808,9 @@ def test_a_signal_stops_two_processes_within_one_step_checkpoint_first(tmp_path,
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
 
-    done = run_watched(cmd, timeout=240, env=launch_env(free_port()), on_start=on_start)
+    done = run_watched(cmd, timeout=240, env=launch_env(free_port(), PYTHONPATH=str(ROOT)), on_start=on_start)
     text = done.stdout + done.stderr
+    assert processes == 2 or done.returncode == 0, text[-3000:]
     arrived = int(text.split("signal 15: finishing step ")[1].split(",")[0])  # rank 0's handler
     stopped = int(text.split("stopped by signal 15 at step ")[1].split(";")[0])
     assert arrived - 1 <= stopped <= arrived, text[-3000:]

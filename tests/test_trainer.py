@@ -211,6 +211,19 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, pngs):
     assert [r["loss"] for r in split] == [r["loss"] for r in straight]
 
 
+def test_bf16_resume_is_bitwise_identical_too(tmp_path, pngs, fresh_accelerate_state):
+    """The same comparison under bf16 autocast (which needs no loss scale): 4 steps straight against 2 + resume + 2."""
+    common = [f"data.path={pngs}", "train.log_every=2", "train.checkpoint_every=2", "train.mixed_precision=bf16"]
+    fit(tmp_path / "straight", *common, "train.steps=4")
+    fit(tmp_path / "split", *common, "train.steps=2")
+    fit(tmp_path / "split", *common, "train.steps=4")
+    a, b = tmp_path / "straight" / "checkpoints" / "step-0000004", tmp_path / "split" / "checkpoints" / "step-0000004"
+    for name in ("model.safetensors", "ema/unet/diffusion_pytorch_model.safetensors"):
+        x, y = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+    assert [r["loss"] for r in read_log(tmp_path / "split")] == [r["loss"] for r in read_log(tmp_path / "straight")]
+
+
 def test_resuming_a_finished_run_does_nothing(tmp_path, pngs):
     fit(tmp_path / "run", f"data.path={pngs}", "train.steps=2")
     printed = fit(tmp_path / "run", f"data.path={pngs}", "train.steps=2")
