@@ -302,8 +302,8 @@ def _save_gif(frames: torch.Tensor, path: Path) -> None:
 # Each returns uint8 (N, C, H, W); ``settings`` and keyword changes of it are ``resdiff.sampling.generate``'s.
 
 
-def inpaint(model_or_path, image, mask=None, num_images: int = DEFAULT_IMAGES, settings: SamplingSettings | None = None, *,
-            resample: int = DEFAULT_RESAMPLE, **kwargs) -> torch.Tensor:
+def inpaint(model_or_path, image, mask=None, num_images: int = DEFAULT_IMAGES,
+            settings: SamplingSettings | None = None, *, resample: int = DEFAULT_RESAMPLE, **kwargs) -> torch.Tensor:
     """``num_images`` inpaintings of ``image`` (path, pillow image or uint8 tensor): the pixels ``mask`` marks white
     (None: the image's opaque pixels) are kept, the rest generated (sampler ddpm or ddim)."""
     return generate(model_or_path, num_images, settings, edit=Inpaint(image, mask, resample), **kwargs)

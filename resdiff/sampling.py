@@ -1,21 +1,16 @@
 """Sampling: images from a trained model, reproducible from (seed, image index), split across processes.
 
-Three pieces, read top to bottom:
-
-- ``SamplingSettings``: every sampling choice (sampler, steps, seed, batch size, labels, guidance, precision,
-  device, ...) with its default, in one dataclass with one ``check``. The CLIs build it from their flags
-  (``add_arguments``, ``SamplingSettings.from_args``); editing and evaluation receive it whole.
-- ``ImageGenerator``: a model made ready once (loaded and checked, labels and steps resolved, eval mode and
+- ``SamplingSettings``: every sampling choice with its default, in one dataclass with one ``check``. The CLIs
+  build it from their flags (``add_arguments``, ``SamplingSettings.from_args``); editing and evaluation
+  receive it whole.
+- ``ImageGenerator``: a model made ready once (loaded and checked, steps and labels resolved, eval mode and
   channels_last), then ``batches(indices)`` as often as needed. Image ``i`` draws its initial noise and any
   per-step noise only from ``image_generators(seed, [i])``, so the same seed gives the same images whatever
-  the batch size, the batch an image lands in, or the number of processes. An *edit* (``resdiff.editing``:
-  inpainting, image-to-image, interpolation) replaces the plain denoising of a batch by its own.
+  the batch size, the batch an image lands in, or the number of processes. An edit (``resdiff.editing``)
+  replaces the plain denoising of a batch by its own.
 - ``sample_to_folder``: what sample.py runs, plain or edited: each process writes the PNGs of its share
-  ``range(n)[rank::world]`` (``resdiff.processes``) named by global index (00000.png, ...), with no collective
-  operation while sampling; after one barrier the main process adds grid.png (and samples.npz, and an
-  edit's own files).
-
-``generate`` is the Python shortcut: the images of one generator as one uint8 tensor.
+  (``resdiff.processes.share``) named by global index (00000.png, ...), with no collective operation while
+  sampling; after one barrier the main process adds grid.png (and samples.npz, and an edit's own files).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """resdiff.processes: each process's share of the work, the shares gathered back in order, and the main
 process's error carried to every process; one process here, two under torchrun."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,7 +10,6 @@ from resdiff.processes import gather_shares, on_main, rank_world, share
 from launch import free_port, launch_env, launcher, run_watched
 
 WORKER = '''
-import sys
 import torch
 from resdiff.errors import TrainingError
 from resdiff.processes import gather_shares, join, on_main, share
