@@ -32,6 +32,7 @@ from .data import (
     find_images, is_image_size, class_labels, fit_image, image_shape, open_image, shape_name,
 )
 from .errors import ArgumentParser, UsageError, run_cli
+from .files import human_size
 
 __all__ = ["prepare", "main"]
 
@@ -53,6 +54,25 @@ def _finish_shard(path: Path, count: int, item: tuple[int, int, int]) -> None:
         if f.tell() != offset:
             raise RuntimeError(f"the .npy header of {path} changed length ({offset} -> {f.tell()})")
         f.truncate(offset + count * int(np.prod(item)))
+
+
+def _check_space(out: Path, count: int, item: tuple[int, int, int]) -> None:
+    """Refuse, before anything is written, a dataset the disk of ``out`` has no room for: the shards are memory
+    maps, and a write into one the disk cannot hold kills the process with SIGBUS, no error to catch."""
+    needed = count * (int(np.prod(item)) + 8 + 256) + 2**16  # the images, their int64 labels, the index, headers
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:  # the disk it will be on: its nearest existing folder
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as err:
+        raise UsageError(f"cannot read the free space of {folder} ({err.strerror}); choose another OUT") from None
+    if free < needed:
+        raise UsageError(
+            f"not enough free disk space for {out}: {human_size(free)} free in {folder}, but {count} image files at "
+            f"{item[1]}x{item[2]}, {item[0]} channel(s) take about {human_size(needed)}; free some space there "
+            f"or choose another OUT"
+        )
 
 
 def prepare(
@@ -81,6 +101,7 @@ def prepare(
         raise UsageError(f"no image files in {source} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     labels_in, classes = class_labels(source, candidates, class_cond)
     per_shard = max(1, shard_bytes // int(np.prod(item)))
+    _check_space(out, len(candidates), item)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
