@@ -15,6 +15,7 @@ maps it, any tool reads it, and a mapped file is shared by every process of a ma
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from .data import (
     find_images, is_image_size, class_labels, fit_image, image_shape, open_image, shape_name,
 )
 from .errors import ArgumentParser, UsageError, run_cli
-from .files import human_size
+from .files import human_size, write_problem
 
 __all__ = ["prepare", "main"]
 
@@ -73,6 +74,19 @@ def _check_space(out: Path, count: int, item: tuple[int, int, int]) -> None:
             f"{item[1]}x{item[2]}, {item[0]} channel(s) take about {human_size(needed)}; free some space there "
             f"or choose another OUT"
         )
+
+
+def _reserve(path: Path) -> None:
+    """Give a new shard all its disk blocks now: a memory map is sparse, and a write into it that the disk cannot
+    hold is SIGBUS, while a reservation that does not fit is an OSError (ENOSPC) that can be reported."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write as before
+            raise
+    finally:
+        os.close(fd)
 
 
 def prepare(
@@ -143,6 +157,7 @@ def prepare(
                         capacity = min(per_shard, len(candidates) - start - k)
                         shard_path = tmp / f"images-{len(shards):05d}.npy"
                         shard = np.lib.format.open_memmap(shard_path, "w+", np.uint8, (capacity, *item))
+                        _reserve(shard_path)
                         filled = 0
                     shard[filled] = result
                     filled += 1
@@ -166,6 +181,10 @@ def prepare(
         if out.exists():
             out.rmdir()  # the empty folder it was allowed to be
         os.replace(tmp, out)
+    except OSError as err:  # the disk filled up (or went away) after the check, e.g. another job's writes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"cannot write the prepared dataset {out} ({write_problem(err)}); nothing was kept; free "
+                         f"some space there or choose another OUT") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

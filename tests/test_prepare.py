@@ -250,3 +250,38 @@ def test_a_dataset_larger_than_the_free_space_is_refused_before_decoding(tmp_pat
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert proc.stderr.startswith(f"error: not enough free disk space for {tmp_path / 'pics'}: ")
     assert list(tmp_path.iterdir()) == []
+
+
+FILL_AFTER_CHECK = """
+import sys
+from pathlib import Path
+from resdiff.errors import UsageError
+from resdiff.prepare import prepare
+folder, disk = Path(sys.argv[1]), Path(sys.argv[2])
+
+def fill(message):  # the first warning comes after the free-space check, before the first shard
+    filler = disk / "filler"
+    if not filler.exists():
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(bytes(4096))
+            except OSError:
+                f.truncate(f.tell() - 65536)  # leave 64 KB: room for a shard's header and last page, not its images
+
+try:
+    prepare(folder, disk / "pics", 64, warn=fill)
+except UsageError as err:
+    print(err)
+"""
+
+
+def test_a_disk_that_fills_up_while_preparing_is_one_line_and_leaves_nothing(small_disk, folder):
+    """Another job fills the disk after the check passed: the shard's blocks are reserved when it is created, so
+    this is an error to report, not SIGBUS in a write to the memory map, and the temporary folder goes."""
+    proc = subprocess.run([sys.executable, "-c", FILL_AFTER_CHECK, str(folder), str(small_disk)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == (f"cannot write the prepared dataset {small_disk / 'pics'} (No space left on device); "
+                           "nothing was kept; free some space there or choose another OUT\n")
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]
