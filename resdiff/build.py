@@ -263,7 +263,7 @@ def _prepare_run_dir_main(
                 )
         if candidates:
             check_same_model(path, cfg)
-        check_disk(path, parameters)
+        check_disk(path, parameters, cfg.train.keep_checkpoints)
         if not candidates:  # a resumed run records its config once the checkpoint has loaded
             write_config(path, cfg)
         return candidates
