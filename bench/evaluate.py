@@ -39,10 +39,10 @@ def main() -> None:
 
     from resdiff import UNet
     from resdiff.data import demo_shapes
-    from resdiff.evaluation import evaluate
+    from resdiff.evaluation import Scoring, evaluate
     from resdiff.inception import FIDInceptionV3, load_inception, synthetic_weights
     from resdiff.metrics import extract_features
-    from resdiff.sampling import generate
+    from resdiff.sampling import SamplingSettings, generate
 
     print(machine())
     n = args.num_images
@@ -59,18 +59,18 @@ def main() -> None:
         torch.save(synthetic_weights(FIDInceptionV3()), tmp / "inception.pth")
         net = load_inception(tmp / "inception.pth", sha256=None)
 
-        common = dict(sampler="ddim", steps=args.steps, seed=0, batch_size=args.batch_size, progress=False)
+        settings = SamplingSettings(sampler="ddim", steps=args.steps, seed=0, batch_size=args.batch_size)
+        scoring = Scoring(inception=tmp / "inception.pth", verify_inception=False, kid_subsets=10)
         start = time.perf_counter()
-        images = generate(tmp / "run", n, **common)
+        images = generate(tmp / "run", n, settings, progress=False)
         sampling = time.perf_counter() - start
         start = time.perf_counter()
         extract_features(images, net, args.batch_size, channels_last=True)
         features = time.perf_counter() - start
-        evaluate(model=tmp / "run", ref=tmp / "data", num_images=n, inception=tmp / "inception.pth",
-                 verify_inception=False, kid_subsets=10, log=None, **common)  # warm: the reference is cached now
+        evaluate(model=tmp / "run", ref=tmp / "data", num_images=n, settings=settings, scoring=scoring,
+                 log=None)  # warm: the reference is cached now
         start = time.perf_counter()
-        result = evaluate(model=tmp / "run", ref=tmp / "data", num_images=n, inception=tmp / "inception.pth",
-                          verify_inception=False, kid_subsets=10, log=None, **common)
+        result = evaluate(model=tmp / "run", ref=tmp / "data", num_images=n, settings=settings, scoring=scoring, log=None)
         whole = time.perf_counter() - start
     rows = [
         {"part": f"sampling ({args.preset}, DDIM-{args.steps})", "images/s": f"{n / sampling:.2f}"},

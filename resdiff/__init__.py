@@ -13,7 +13,10 @@ loop -> CLIs). Who owns what:
     build.py       build_trainer(cfg): checks, run directory, the parts          trainer.py  Trainer: loop and step
     ema.py         EMA weights                rundir.py  RunDir: layout, checkpoints, lock, log, export
     files.py       whole-file writes, temporary names, the cache folder          images.py   PNG, grids, npz
-    model_folder.py  loading run/pipeline/diffusers folders safely               sampling.py generate, sharding
+    model_folder.py  loading run/pipeline/diffusers folders safely
+    sampling.py    SamplingSettings (every sampling choice, one check), ImageGenerator (a model readied once, then
+                   batches), generate, sample_to_folder (the folder writer of sampling and edits)
+    processes.py   who am I, my share range(n)[rank::world], gather, the main process acts for all, leave
     inception.py, metrics.py, evaluation.py   FID Inception features, FID/KID/PR/memorisation, evaluate.py's job
     hardware.py    devices, precisions, malloc errors.py  UsageError/TrainingError, the CLI parser
 
@@ -25,8 +28,9 @@ From folder to loss (training):
 
 From noise to PNG (sampling):
     run dir / pipeline folder --model_folder.load_model (safetensors only, checked)--> UNet + scheduler config
-    --> sampling.generate: per-image noise from (seed, i) --> diffusion.DDPM.sample (a diffusers scheduler by
-    name) --> data.to_uint8 --> images.save_images: 00000.png ... (sample_to_folder shards them over processes)
+    --> sampling.ImageGenerator(model, SamplingSettings): per-image noise from (seed, i) --> diffusion.DDPM.sample
+    (a diffusers scheduler by name; an edit runs its own loop instead) --> data.to_uint8 --> images.save_images:
+    00000.png ... (sample_to_folder: each process its share, processes.share)
 """
 
 from .errors import UsageError

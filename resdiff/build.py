@@ -344,7 +344,7 @@ def _prepare_run_dir_main(
                     f"to start over, or choose a new --out"
                 )
         _check_continuity(path, cfg, choice, identity, bool(candidates), echo)
-        check_disk(path, parameters)
+        check_disk(path, parameters, cfg.train.keep_checkpoints)
         if not candidates:  # a resumed run records its config once the checkpoint has loaded
             write_config(path, cfg)
         write_identity(path, identity)

@@ -166,7 +166,26 @@ _ALIASES = {
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads exponent floats without a dot (`1e-4`, `2e5`), as YAML 1.2 does."""
+    """SafeLoader that also reads exponent floats without a dot (`1e-4`, `2e5`), as YAML 1.2 does, and refuses
+    aliases (`*name`): a config is a few plain values, and ten nested aliases of nine items each (a "billion
+    laughs" file of 200 bytes) are 9**10 values to any code that walks or prints them. Tags other than the
+    standard ones (`!!python/object:...`) are refused by SafeLoader; this says so in words."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not allowed in config files; write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_undefined(self, node):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed in config files, which hold plain values only", node.start_mark
+        )
+
+
+_Loader.add_constructor(None, _Loader.construct_undefined)
 
 
 _Loader.add_implicit_resolver(

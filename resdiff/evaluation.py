@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,8 +32,10 @@ from .metrics import (
     FeatureStats, Memorisation, extract_features, fid_from_stats, image_dataset, kid, memorisation, nearest_pairs_image,
     precision_recall, reference_features,
 )
+from .processes import gather_shares, join, on_main, share
+from .sampling import ImageGenerator, SamplingSettings
 
-__all__ = ["evaluate", "default_eval_dir"]
+__all__ = ["evaluate", "Scoring", "default_eval_dir", "sample_features", "TrainingEvaluator"]
 
 NEAREST_PAIRS = 32  # pairs in nearest.png
 
@@ -46,72 +49,60 @@ def default_eval_dir(model: str | Path | None, samples: str | Path | None) -> Pa
     return (path if path.is_dir() else path.parent) / "eval"
 
 
+@dataclass
+class Scoring:
+    """How to score: the FID Inception weights (``inception``: a path; None: the cached copy, downloaded on first
+    use; ``verify_inception=False`` accepts weights with another checksum, whose figures are then not comparable
+    with published ones), KID's subsets and the k of precision/recall."""
+
+    inception: str | Path | None = None
+    verify_inception: bool = True
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    k: int = 3
+
+
 def evaluate(
-    *,
-    ref: str | Path,
-    model: str | Path | None = None,
-    samples: str | Path | None = None,
-    num_images: int = 50000,
-    sampler: str = "ddim",
-    steps: int | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    class_labels: int | Sequence[int] | None = None,
-    guidance_scale: float = 1.0,
-    eta: float = 0.0,
-    device: str | torch.device | None = None,
-    mixed_precision: str = "no",
-    inception: str | Path | None = None,
-    verify_inception: bool = True,
-    out: str | Path | None = None,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    k: int = 3,
-    timeout_s: float = 1800.0,
-    progress: bool = True,
+    *, ref: str | Path, model: str | Path | None = None, samples: str | Path | None = None, num_images: int = 50000,
+    settings: SamplingSettings | None = None, scoring: Scoring | None = None, out: str | Path | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """Score ``num_images`` samples of ``model`` (or the images of ``samples``) against ``ref`` (an image folder,
     an .npz of images, or a statistics .npz), on every launched process. Returns the result (also written as
     JSON into ``out``, default ``default_eval_dir``) on every process.
 
-    ``inception`` is the path of pytorch-fid's weights (default: the cached copy, downloaded on first use);
-    ``verify_inception=False`` accepts weights with another checksum (the figures are then not comparable
-    with published ones). The sampling arguments are sample.py's."""
+    ``settings`` are sample.py's (default ``SamplingSettings()``); ``settings.batch_size`` is also the feature
+    batch. ``log`` None is quiet: no messages and no progress bars."""
     from .inception import load_inception
-    from .sampling import processes
 
+    settings, scoring = settings or SamplingSettings(), scoring or Scoring()
     if (model is None) == (samples is None):
         raise UsageError("pass either --model (generate samples) or --samples (score existing images), not both")
-    state, owns_group = processes(check_device(device), timeout_s)
-    world, main = state.num_processes, state.is_main_process
-    say = log if (log is not None and main) else (lambda _msg: None)
-    dev = state.device if device is None else torch.device(device)
-    net = load_inception(inception, device=dev, **({} if verify_inception else {"sha256": None}))
+    procs = join(check_device(settings.device), settings.timeout_s)
+    world, main, say = procs.world, procs.is_main, procs.say(log)
+    dev = procs.device if settings.device is None else torch.device(settings.device)
+    net = load_inception(scoring.inception, device=dev, **({} if scoring.verify_inception else {"sha256": None}))
     started = time.perf_counter()
 
     if model is not None:
-        source, get_images, n, size, channels, settings = _model_source(
-            model, num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
-            class_labels=class_labels, guidance_scale=guidance_scale, eta=eta, device=dev,
-            mixed_precision=mixed_precision,
-        )
+        source, get_images, n, size, channels, described = _model_source(model, num_images, replace(settings, device=dev))
     else:
-        source, get_images, n, size, channels, settings = _samples_source(samples)
-    say(f"evaluate: {n} samples of {source} ({_describe(settings)}) against {ref}, {world} process(es), device {dev}")
+        source, get_images, n, size, channels, described = _samples_source(samples)
+    batch_size = settings.batch_size
+    say(f"evaluate: {n} samples of {source} ({_describe(described)}) against {ref}, {world} process(es), device {dev}")
     # The main process reads the reference first (cached after the first time), so a bad one fails in
     # seconds, not after hours of sampling; its error stops every process.
-    reference = _on_main(main, world, lambda: reference_features(ref, net, size, channels, batch_size=batch_size,
-                                                                  device=dev, log=say), share=False)
-    stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=progress and main)
+    reference = on_main(lambda: reference_features(ref, net, size, channels, batch_size=batch_size, device=dev, log=say),
+                        share_result=False)
+    stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=log is not None and main)
     rate = n / max(time.perf_counter() - started, 1e-9)
 
     def report() -> dict:
-        result, mem = _score(stats, gen, reference, dev, kid_subsets, kid_subset_size, k)
+        result, mem = _score(stats, gen, reference, dev, scoring.kid_subsets, scoring.kid_subset_size, scoring.k)
         result.update(
-            samples=n, source=str(source), reference=str(ref), settings=settings, images_per_s=round(rate, 2),
+            samples=n, source=str(source), reference=str(ref), settings=described, images_per_s=round(rate, 2),
             processes=world, device=str(dev), inception=getattr(net, "weights_sha256", None),
-            inception_verified=verify_inception, time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            inception_verified=scoring.verify_inception, time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             host=platform.node(),
         )
         folder = Path(out) if out is not None else default_eval_dir(model, samples)
@@ -120,36 +111,17 @@ def evaluate(
             nearest = nearest_pairs_image(get_images(top), image_dataset(ref, size, channels), _restricted(mem, top),
                                           folder / "nearest.png")
             result["memorisation"]["picture"] = str(nearest)
-        file = folder / f"{_result_name(settings, n)}.json"
+        file = folder / f"{_result_name(described, n)}.json"
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         result["json"] = str(file)
         say(table(result))
         return result
 
-    result = _on_main(main, world, report)
-    state.wait_for_everyone()
-    if world > 1 and owns_group:
-        state.destroy_process_group()
+    result = on_main(report)
+    procs.barrier()
+    procs.leave()
     return result
-
-
-def _on_main(main: bool, world: int, work: Callable[[], object], share: bool = True):
-    """``work()`` on the main process; its UsageError is raised on every process, and its result returned on
-    every process (``share``) or on the main one only (None elsewhere)."""
-    value, error = None, None
-    if main:
-        try:
-            value = work()
-        except UsageError as err:
-            error = str(err)
-    if world > 1:
-        box = [(value if share else None, error)]
-        torch.distributed.broadcast_object_list(box, src=0)
-        value, error = box[0] if not main else (value, box[0][1])
-    if error is not None:
-        raise UsageError(error)
-    return value
 
 
 # ----------------------------------------------------------------------------- features of samples, across processes
@@ -162,11 +134,7 @@ def sample_features(
     """Features of images 0..n-1, each process extracting its share ``range(n)[rank::world]`` (``get_images(indices)``
     gives uint8 (B, C, H, W)): the float64 statistics of all n, summed across processes, and all n features in
     image order, gathered on every process."""
-    from .sampling import gather_shares
-
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    mine = list(range(n))[rank::world]
+    mine = share(n)
     stats, features = FeatureStats(), []
     bar = tqdm(total=len(mine), unit="img", disable=not progress, desc="samples -> features", leave=False)
     for start in range(0, len(mine), batch_size):
@@ -185,30 +153,22 @@ def sample_features(
 # ----------------------------------------------------------------------------- where the samples come from
 
 
-def _model_source(model, num_images, *, sampler, steps, seed, batch_size, class_labels, guidance_scale, eta, device,
-                  mixed_precision):
-    """Samples generated from a model folder: (source, images(indices), n, size, channels, settings)."""
-    from .model_folder import find_model_folder, load_model
-    from .sampling import default_steps, generate
+def _model_source(model, num_images, settings: SamplingSettings):
+    """Samples generated from a model folder: (source, images(indices), n, size, channels, settings as a dict).
+    The model is made ready once; every batch of features then asks it for its images."""
+    from .model_folder import find_model_folder
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 2:
         raise UsageError(f"number of images (--num-images) must be an integer of at least 2, got {num_images!r}")
     folder = find_model_folder(model)
-    unet, scheduler_config = load_model(folder, device)
-    steps = steps or default_steps(sampler, scheduler_config)
-    size, channels = unet.config.sample_size, unet.config.in_channels
+    generator = ImageGenerator(folder, settings)
+    size, channels = generator.config.sample_size, generator.config.in_channels
     size = size if isinstance(size, int) else tuple(size)  # (H, W) for non-square models
-
-    def images(indices: Sequence[int]) -> torch.Tensor:
-        return generate(
-            unet, num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, class_labels=class_labels,
-            guidance_scale=guidance_scale, eta=eta, mixed_precision=mixed_precision, indices=indices, progress=False,
-            scheduler_config=scheduler_config,
-        )
-
-    settings = dict(model=str(folder), sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance_scale, eta=eta,
-                    class_labels=class_labels, mixed_precision=mixed_precision)
-    return folder, images, num_images, size, channels, settings
+    s = settings
+    described = dict(model=str(folder), sampler=s.sampler, steps=generator.steps, seed=s.seed,
+                     guidance_scale=s.guidance_scale, eta=s.eta, class_labels=s.class_labels,
+                     mixed_precision=s.mixed_precision)
+    return folder, generator.images, num_images, size, channels, described
 
 
 def _samples_source(samples):
@@ -311,16 +271,12 @@ class TrainingEvaluator:
 
     def __call__(self, model: torch.nn.Module, scheduler_config: dict) -> dict[str, float]:
         """The figures of ``model`` now, on every process (one broadcast from the main process)."""
-        from .sampling import generate
-
         n = self.num_images
-
-        def images(indices: Sequence[int]) -> torch.Tensor:
-            return generate(model, n, sampler=self.sampler, steps=self.steps, seed=self.seed, indices=indices,
-                            batch_size=self.batch_size, mixed_precision=self.mixed_precision, progress=False,
-                            scheduler_config=scheduler_config)
-
-        stats, gen = sample_features(images, n, self.net, batch_size=self.batch_size, device=self.device)
+        settings = SamplingSettings(sampler=self.sampler, steps=self.steps, seed=self.seed, batch_size=self.batch_size,
+                                    mixed_precision=self.mixed_precision)
+        generator = ImageGenerator(model, settings, scheduler_config)
+        with generator.ready():  # eval mode and channels_last once, not once per batch
+            stats, gen = sample_features(generator.images, n, self.net, batch_size=self.batch_size, device=self.device)
         figures = None
         if self.reference is not None:  # the main process
             ref_features, ref_stats = self.reference

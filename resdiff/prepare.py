@@ -15,6 +15,7 @@ maps it, any tool reads it, and a mapped file is shared by every process of a ma
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from .data import (
     find_images, is_image_size, class_labels, fit_image, image_shape, open_image, shape_name,
 )
 from .errors import ArgumentParser, UsageError, run_cli
+from .files import human_size, write_problem
 
 __all__ = ["prepare", "main"]
 
@@ -53,6 +55,38 @@ def _finish_shard(path: Path, count: int, item: tuple[int, int, int]) -> None:
         if f.tell() != offset:
             raise RuntimeError(f"the .npy header of {path} changed length ({offset} -> {f.tell()})")
         f.truncate(offset + count * int(np.prod(item)))
+
+
+def _check_space(out: Path, count: int, item: tuple[int, int, int]) -> None:
+    """Refuse, before anything is written, a dataset the disk of ``out`` has no room for: the shards are memory
+    maps, and a write into one the disk cannot hold kills the process with SIGBUS, no error to catch."""
+    needed = count * (int(np.prod(item)) + 8 + 256) + 2**16  # the images, their int64 labels, the index, headers
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:  # the disk it will be on: its nearest existing folder
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as err:
+        raise UsageError(f"cannot read the free space of {folder} ({err.strerror}); choose another OUT") from None
+    if free < needed:
+        raise UsageError(
+            f"not enough free disk space for {out}: {human_size(free)} free in {folder}, but {count} image files at "
+            f"{item[1]}x{item[2]}, {item[0]} channel(s) take about {human_size(needed)}; free some space there "
+            f"or choose another OUT"
+        )
+
+
+def _reserve(path: Path) -> None:
+    """Give a new shard all its disk blocks now: a memory map is sparse, and a write into it that the disk cannot
+    hold is SIGBUS, while a reservation that does not fit is an OSError (ENOSPC) that can be reported."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write as before
+            raise
+    finally:
+        os.close(fd)
 
 
 def prepare(
@@ -81,6 +115,7 @@ def prepare(
         raise UsageError(f"no image files in {source} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     labels_in, classes = class_labels(source, candidates, class_cond)
     per_shard = max(1, shard_bytes // int(np.prod(item)))
+    _check_space(out, len(candidates), item)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,6 +157,7 @@ def prepare(
                         capacity = min(per_shard, len(candidates) - start - k)
                         shard_path = tmp / f"images-{len(shards):05d}.npy"
                         shard = np.lib.format.open_memmap(shard_path, "w+", np.uint8, (capacity, *item))
+                        _reserve(shard_path)
                         filled = 0
                     shard[filled] = result
                     filled += 1
@@ -145,6 +181,10 @@ def prepare(
         if out.exists():
             out.rmdir()  # the empty folder it was allowed to be
         os.replace(tmp, out)
+    except OSError as err:  # the disk filled up (or went away) after the check, e.g. another job's writes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"cannot write the prepared dataset {out} ({write_problem(err)}); nothing was kept; free "
+                         f"some space there or choose another OUT") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,7 +7,7 @@
         state.json (step, data position, EMA updates, world size)   model.safetensors (the trained weights)
         optimizer.pt (optimizer, LR schedule, fp16 loss scale)   rng-<rank>.pt (each process's RNG)
         ema/ (a pipeline folder)   SHA256SUMS (digests of all but ema/, which has its own)
-    RUN/.lock              the process that owns the run (``RunLock``)
+    RUN/.lock              names the process that owns the run, which holds a kernel lock on it (``RunLock``)
 
 Every file is written under a temporary name and renamed into place (``resdiff.files``), so an interruption
 leaves the old version or the new one, never half of one; ``remove_leftovers`` deletes what an interrupted
@@ -30,6 +30,8 @@ pickle that is not plain tensors and containers.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -56,7 +58,7 @@ from .files import (
 __all__ = [
     "RunDir", "TrainState", "RunLock", "checkpoint_dir", "step_of", "list_checkpoints", "complete_checkpoints",
     "latest_checkpoint", "checkpoint_problem", "file_problem", "rotate_checkpoints", "remove_leftovers",
-    "check_same_model", "check_disk", "trim_log", "write_config", "export_model", "PIPELINE_FILES",
+    "check_same_model", "check_disk", "checkpoint_bytes", "trim_log", "write_config", "export_model", "PIPELINE_FILES",
     "human_size", "write_problem", "identity_changes", "write_identity", "earlier_training", "clear_run",
 ]
 
@@ -326,8 +328,21 @@ def clear_run(run_dir: Path) -> list[str]:
     return removed
 
 
-def check_disk(run_dir: Path, parameters: int) -> None:
-    """The run directory takes a new file, and its disk has room for about three checkpoints."""
+def checkpoint_bytes(parameters: int) -> tuple[int, int]:
+    """About how many bytes (one checkpoint, the exported model) a model of ``parameters`` parameters takes. All
+    in float32 whatever the precision of the run: a checkpoint holds the weights (model.safetensors), the EMA
+    weights (its ema/ pipeline) and Adam's two moments (optimizer.pt), 16 bytes a parameter; the exported
+    model/ is the EMA weights again, 4 bytes. state.json, the RNG states and the configs are a few KB."""
+    return parameters * 4 * 4, parameters * 4
+
+
+def check_disk(run_dir: Path, parameters: int, keep: int = 3) -> None:
+    """The run directory takes a new file, and its disk has room for the most the run will hold at once.
+
+    That peak comes while a checkpoint is written: ``keep`` complete ones are kept and the new one is written
+    before the oldest goes (``rotate_checkpoints``), and then the exported model is copied beside the one it
+    replaces. With the default keep of 3 that is 4 x 16 + 2 x 4 = 72 bytes a parameter; what the run directory
+    already holds of it (checkpoint folders, model/) is counted as there."""
     for folder in (run_dir, run_dir / CHECKPOINTS):
         if not folder.is_dir():
             continue
@@ -337,13 +352,17 @@ def check_disk(run_dir: Path, parameters: int) -> None:
             probe.unlink()
         except OSError as err:
             raise UsageError(f"cannot write to {folder}: {err.strerror}; fix its permissions or choose another --out") from None
-    checkpoint = parameters * 4 * 4  # float32 weights + EMA weights + Adam's two moments
+    checkpoint, model = checkpoint_bytes(parameters)
+    held = len(list_checkpoints(run_dir))
+    needed = (max(keep, held) + 1 - held) * checkpoint + (1 if (run_dir / MODEL).is_dir() else 2) * model
     free = shutil.disk_usage(run_dir).free
-    if free < 3 * checkpoint:
+    if free < needed:
         raise UsageError(
-            f"not enough free disk space in {run_dir}: {human_size(free)} free, but one checkpoint of this "
-            f"{parameters / 1e6:.1f}M-parameter model takes about {human_size(checkpoint)} and a run needs room for "
-            f"about three ({human_size(3 * checkpoint)}); free some space or choose another --out"
+            f"not enough free disk space in {run_dir}: {human_size(free)} free, but this run needs about "
+            f"{human_size(needed)} more: one checkpoint of this {parameters / 1e6:.1f}M-parameter model takes about "
+            f"{human_size(checkpoint)}, train.keep_checkpoints={keep} of them are kept ({held} now) and one more is "
+            f"written before the oldest goes, and each export writes the model ({human_size(model)}) beside the "
+            f"one it replaces; free some space, lower train.keep_checkpoints, or choose another --out"
         )
 
 
@@ -369,118 +388,121 @@ def trim_log(run_dir: Path, step: int) -> int:
 
 # ----------------------------------------------------------------------------- the run lock
 
-_HELD: set[str] = set()  # lock files this process holds (a lock naming our own pid but not in here is stale)
+_OPEN: set[int] = set()  # the lock files' descriptors this process holds
 
 
-def _process_start(pid: int) -> str | None:
-    """When a process started (clock ticks since boot, from /proc), to tell a reused pid from the lock's owner."""
+def _close_in_child() -> None:
+    """In a forked child (a DataLoader worker), close the inherited lock descriptors: the kernel lock then
+    belongs to the process that took it alone, and goes the moment that process dies, not with its last child."""
+    for fd in _OPEN:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _read(fd: int) -> str:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2 :].split()[19]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    now = _process_start(pid)
-    return start is None or now is None or now == start
-
-
-def _release(path: Path, token: str) -> None:
-    """Remove the lock file if it is still ours (at exit, on errors, or when the Trainer is collected)."""
-    _HELD.discard(str(path))
-    try:
-        if path.read_text() == token:
-            path.unlink()
+        return os.pread(fd, 4096, 0).decode(errors="replace")
     except OSError:
-        pass
+        return ""
+
+
+def _owner(text: str) -> str:
+    """Who a lock file's text names ("pid 123 on host"), or "another process" when it names no one readable."""
+    try:
+        owner = json.loads(text)
+        return f"pid {int(owner['pid'])} on {owner['host']}"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (its owner may have removed it while we opened it)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _release(path: Path, fd: int, pid: int) -> None:
+    """Remove the lock file and let go of its kernel lock (at exit, on errors, or when the RunLock is collected).
+    Only the process that took it does: a forked child has closed its copy, and its descriptor number means
+    something else there."""
+    if os.getpid() != pid or fd not in _OPEN:
+        return
+    _OPEN.discard(fd)
+    if _same_file(fd, path):  # removed first, so that nobody can lock the file on its way out
+        with contextlib.suppress(OSError):
+            path.unlink()
+    os.close(fd)  # this drops the kernel lock
 
 
 class RunLock:
     """``RUN/.lock``: one process writes a run directory at a time.
 
-    ``acquire`` creates the file with O_CREAT | O_EXCL (atomic: of two processes exactly one succeeds),
-    writing host, pid and the process start time. An existing lock whose process is alive (or on another
-    host, which cannot be checked) is a one-line UsageError; one whose process is gone is taken over with
-    a warning. ``release`` (also run at interpreter exit and when the object is collected) removes it.
+    Ownership is a kernel lock (``flock``) on the file, held while the run lives: the kernel lets one open
+    file hold it and drops it when its process ends, however it ends (SIGKILL, a crash, an elastic restart),
+    so no process ID is ever judged. PIDs and host names mislead across PID namespaces (two containers
+    with one host name) and across machines; the lock does not, on a local disk and on network filesystems
+    with working locks (NFS). The file also names the holder, for the message a second run gets:
+    a one-line UsageError. A file left by a dead run is taken over with a warning. ``release`` (also run at
+    interpreter exit and when the object is collected) removes the file and lets go of the lock.
     """
 
     def __init__(self, run_dir: str | Path, warn: Callable[[str], None] = print):
         self.run_dir, self.path, self.warn = Path(run_dir), Path(run_dir) / LOCK, warn
-        self._token: str | None = None
         self._finalizer: weakref.finalize | None = None
 
     @property
     def held(self) -> bool:
-        return self._token is not None
+        return self._finalizer is not None and self._finalizer.alive
 
     def acquire(self) -> None:
         if self.held:
             return
-        pid = os.getpid()
-        token = json.dumps({"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "time": round(time.time())})
         for _ in range(5):
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
                 raise UsageError(f"cannot write to run directory {self.run_dir}: {err.strerror}") from None
             try:
-                os.write(fd, token.encode())
-            finally:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                owner = _owner(_read(fd))
                 os.close(fd)
-            self._token = token
-            _HELD.add(str(self.path))
-            self._finalizer = weakref.finalize(self, _release, self.path, token)  # runs at exit too
+                if isinstance(err, BlockingIOError):
+                    raise UsageError(
+                        f"{self.run_dir} is in use by {owner}, which holds the lock on {self.path}; "
+                        f"wait for that run to end or stop it"
+                    ) from None
+                raise UsageError(f"cannot lock {self.path} ({err.strerror}); put the run directory on a filesystem "
+                                 f"with file locks") from None
+            if not _same_file(fd, self.path):  # its owner removed it on the way out: lock the file there now
+                os.close(fd)
+                continue
+            left = _read(fd)
+            token = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": round(time.time())})
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, token.encode(), 0)
+            except OSError as err:
+                os.close(fd)
+                raise UsageError(f"cannot write to run directory {self.run_dir}: {err.strerror}") from None
+            _OPEN.add(fd)
+            self._finalizer = weakref.finalize(self, _release, self.path, fd, os.getpid())  # runs at exit too
+            if left.strip():
+                self.warn(f"warning: {self.path} was left by {_owner(left)}, which is no longer running; taking it over")
             return
         raise UsageError(f"cannot take {self.path}: other processes keep creating it; is another run starting on {self.run_dir}?")
-
-    def _take_over_if_stale(self) -> None:
-        """Remove an existing lock whose owner is gone, else raise the UsageError that names the owner."""
-        try:
-            text = self.path.read_text()
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return  # released meanwhile: try again
-        try:
-            owner = json.loads(text)
-            host, pid, start = str(owner["host"]), int(owner["pid"]), owner.get("start")
-        except (ValueError, KeyError, TypeError):
-            if age < 10:  # being written by a process that just created it
-                raise UsageError(f"{self.run_dir} is being claimed by another run right now; wait for it") from None
-            raise UsageError(
-                f"{self.path} is unreadable; remove it if no run is using {self.run_dir}"
-            ) from None
-        here = socket.gethostname()
-        ours = pid == os.getpid() and str(self.path) in _HELD
-        if host != here or ours or (pid != os.getpid() and _alive(pid, start)):
-            raise UsageError(
-                f"{self.run_dir} is in use by pid {pid} on {host}; wait for it or remove {self.path} if that process is gone"
-            )
-        # Stale: move it aside under a name of our own (atomic), check we moved the lock we judged, drop it.
-        aside = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
-        try:
-            os.replace(self.path, aside)
-        except FileNotFoundError:
-            return
-        if aside.read_text() != text:  # someone else took it over in between: give theirs back, report them
-            os.replace(aside, self.path)
-            raise UsageError(f"{self.run_dir} was just claimed by another run; wait for it or remove {self.path}")
-        aside.unlink()
-        self.warn(f"warning: {self.path} was left by pid {pid} on {host}, which is no longer running; taking it over")
 
     def release(self) -> None:
         if self._finalizer is not None:
             self._finalizer()  # calls _release once, and not again at exit
-        self._token, self._finalizer = None, None
+        self._finalizer = None
 
 
 # ----------------------------------------------------------------------------- what the trainer holds

@@ -1,15 +1,16 @@
 """Sampling: images from a trained model, reproducible from (seed, image index), split across processes.
 
-``generate`` turns a model (in memory, or a model folder) into uint8 images. Image ``i`` draws its
-initial noise and any per-step noise only from ``image_generators(seed, [i])``, so the same seed
-gives the same images whatever the batch size, the batch an image lands in, or the number of processes.
-
-``sample_to_folder`` is what sample.py runs: each process makes the images ``indices[rank::world]``
-and writes them as PNGs named by global index (00000.png, ...), with no collective operation while
-sampling; after one final barrier the main process adds grid.png (and samples.npz) from those files.
-
-Models come from memory or from a folder (``resdiff.model_folder`` loads and checks it); images go to
-disk through ``resdiff.images``.
+- ``SamplingSettings``: every sampling choice with its default, in one dataclass with one ``check``. The CLIs
+  build it from their flags (``add_arguments``, ``SamplingSettings.from_args``); editing and evaluation
+  receive it whole.
+- ``ImageGenerator``: a model made ready once (loaded and checked, steps and labels resolved, eval mode and
+  channels_last), then ``batches(indices)`` as often as needed. Image ``i`` draws its initial noise and any
+  per-step noise only from ``image_generators(seed, [i])``, so the same seed gives the same images whatever
+  the batch size, the batch an image lands in, or the number of processes. An edit (``resdiff.editing``)
+  replaces the plain denoising of a batch by its own.
+- ``sample_to_folder``: what sample.py runs, plain or edited: each process writes the PNGs of its share
+  (``resdiff.processes.share``) named by global index (00000.png, ...), with no collective operation while
+  sampling; after one barrier the main process adds grid.png (and samples.npz, and an edit's own files).
 """
 
 from __future__ import annotations
@@ -18,35 +19,124 @@ import contextlib
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import to_uint8
-from .diffusion import DDPM, SAMPLERS, image_generators, image_noise
+from .diffusion import DDPM, SAMPLERS, image_generators, image_noise, make_sampler, sampler_step_kwargs
 from .errors import UsageError
-from .hardware import MIXED_PRECISIONS, check_device, precision_warning, reuse_freed_memory
+from .hardware import MIXED_PRECISIONS, check_device, precision_warning
 from .images import make_grid, read_images, save_images, save_npz, save_png
 from .model_folder import find_model_folder, load_model
-
-if TYPE_CHECKING:
-    from accelerate import PartialState
+from .processes import gather_shares, join  # noqa: F401  gather_shares: trainer.py's import, until it takes it from resdiff.processes
 
 __all__ = [
-    "default_steps", "generate", "sample_to_folder", "default_out_dir", "processes",
-    # the job API editing builds on: resolve a job, run it batch by batch, write each process's share
-    "gather_shares", "Job", "prepare_job", "start_job", "job_batches", "plain_run", "write_shares", "save_summary",
-    "check_sampler", "check_indices", "check_positive",
+    "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "sample_to_folder",
+    "default_out_dir", "check_sampler", "check_positive", "GRID_LIMIT", "GRID_NAME", "NPZ_NAME",
 ]
 
 GRID_LIMIT = 256  # grid.png shows at most this many images (the first ones)
 NPZ_NAME, GRID_NAME = "samples.npz", "grid.png"
+
+
+# ----------------------------------------------------------------------------- the settings
+
+
+def check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def check_positive(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class SamplingSettings:
+    """How to sample: the one place these choices and their defaults are written.
+
+    ``steps`` None is the sampler's own count (``diffusion.SAMPLERS``), at most the training timesteps.
+    ``class_labels``: one label for every image or a list cycled over image indices (image i gets
+    labels[i % len]); None on a class-conditional model cycles over all classes. ``guidance_scale`` != 1 is
+    classifier-free guidance with the null class. ``mixed_precision`` "fp16"/"bf16" runs the model under
+    torch.autocast. ``device`` None: a model folder goes to this process's GPU, else the CPU; an in-memory
+    model stays where it is. ``batch_size`` is per process. ``compile`` torch.compiles a resdiff U-Net's
+    blocks first: minutes of start-up that pay off over many images. ``timeout_s``: with several processes,
+    how long one waits for the others at a barrier before it gives up (a peer that died).
+    """
+
+    sampler: str = "ddim"
+    steps: int | None = None
+    eta: float = 0.0
+    seed: int = 0
+    batch_size: int = 64
+    class_labels: int | Sequence[int] | None = None
+    guidance_scale: float = 1.0
+    mixed_precision: str = "no"
+    device: str | torch.device | None = None
+    compile: bool = False
+    timeout_s: float = 1800.0
+
+    def check(self) -> None:
+        """Every check that needs no model; a mistake is one UsageError line naming the flag."""
+        check_positive("steps (--steps)", self.steps)
+        check_positive("batch size (--batch-size)", self.batch_size)
+        check_sampler(self.sampler)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise UsageError(f"seed (--seed) must be a non-negative integer, got {self.seed!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise UsageError(f"unknown mixed precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISIONS)}")
+        if self.eta and self.sampler != "ddim":
+            raise UsageError(f"eta applies to the ddim sampler only; drop --eta or use --sampler ddim (not {self.sampler})")
+        if not math.isfinite(self.eta) or self.eta < 0 or not math.isfinite(self.guidance_scale):
+            raise UsageError(f"eta must be >= 0 and guidance scale finite, got eta={self.eta}, "
+                             f"guidance scale={self.guidance_scale}")
+        check_device(self.device)
+
+    @classmethod
+    def from_args(cls, args) -> "SamplingSettings":
+        """The settings of parsed command-line flags (``add_arguments``'s, and sample.py's --compile)."""
+        return cls(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+                   class_labels=args.class_label, guidance_scale=args.guidance_scale,
+                   mixed_precision=args.mixed_precision, device=args.device, compile=getattr(args, "compile", False),
+                   timeout_s=args.timeout_s)
+
+    def changed(self, changes: dict) -> "SamplingSettings":
+        """These settings with some fields replaced (``generate(model, 8, steps=20)``); an unknown name is a TypeError."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown sampling setting(s) {', '.join(sorted(unknown))}; see SamplingSettings")
+        return replace(self, **changes) if changes else self
+
+
+def add_arguments(parser) -> None:
+    """The sampling flags that sample.py and evaluate.py share, with SamplingSettings' defaults."""
+    d = SamplingSettings()
+    p = parser.add_argument
+    p("--sampler", default=d.sampler, metavar="{" + ",".join(SAMPLERS) + "}", help=f"default {d.sampler}")
+    p("--steps", type=int, default=d.steps, help="sampling steps (default: the sampler's own: "
+      + ", ".join(f"{k} {v[1]}" for k, v in SAMPLERS.items()) + ")")
+    p("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 like DDPM (ddim only)")
+    p("--seed", type=int, default=d.seed, help=f"image i depends only on (seed, i) (default {d.seed})")
+    p("--batch-size", type=int, default=d.batch_size, help=f"images per batch on each process (default {d.batch_size})")
+    p("--class-label", type=int, nargs="+", default=d.class_labels, metavar="LABEL",
+      help="class-conditional models: one label for all images, or several cycled over the images")
+    p("--guidance-scale", type=float, default=d.guidance_scale,
+      help=f"classifier-free guidance scale (default {d.guidance_scale:g}: none)")
+    p("--mixed-precision", default=d.mixed_precision, metavar="{" + ",".join(MIXED_PRECISIONS) + "}",
+      help=f"run the model under autocast (default {d.mixed_precision})")
+    p("--device", default=d.device, help="e.g. cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
+    p("--timeout-s", type=float, default=d.timeout_s,
+      help=f"with several processes: how long one waits for the others before giving up (default {d.timeout_s:g})")
 
 
 # ----------------------------------------------------------------------------- what a model needs
@@ -76,100 +166,6 @@ def _classes(config) -> tuple[int | None, int | None]:
     return config.get("num_class_embeds") or None, None  # diffusers UNet2DModel: no null class
 
 
-def default_steps(sampler: str, scheduler_config: dict) -> int:
-    """The sampler's own step count (from SAMPLERS), at most the training timesteps."""
-    check_sampler(sampler)
-    return min(SAMPLERS[sampler][1], int(scheduler_config.get("num_train_timesteps", 1000)))
-
-
-def check_sampler(sampler: str) -> None:
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-def check_positive(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-@dataclass
-class Job:
-    """Everything one generate call resolved: model, schedule, labels, device."""
-
-    model: nn.Module
-    scheduler_config: dict
-    sampler: str
-    steps: int
-    seed: int
-    shape: tuple[int, int, int]  # (C, H, W)
-    labels: list[int] | None  # cycled over image indices
-    null_label: int | None
-    guidance_scale: float
-    eta: float
-    device: torch.device
-    autocast: torch.dtype | None
-    batch_size: int
-
-
-def prepare_job(
-    model_or_path, num_images: int, *, sampler: str, steps: int | None, seed: int, batch_size: int,
-    class_labels, guidance_scale: float, eta: float, device, mixed_precision: str, scheduler_config: dict | None,
-) -> Job:
-    """Check every argument (cheap ones before loading anything) and resolve the defaults."""
-    check_positive("number of images (--num-images)", num_images)
-    check_positive("steps (--steps)", steps)
-    check_positive("batch size (--batch-size)", batch_size)
-    check_sampler(sampler)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise UsageError(f"seed (--seed) must be a non-negative integer, got {seed!r}")
-    if mixed_precision not in MIXED_PRECISIONS:
-        raise UsageError(f"unknown mixed precision {mixed_precision!r}; choose one of {', '.join(MIXED_PRECISIONS)}")
-    if eta and sampler != "ddim":
-        raise UsageError(f"eta applies to the ddim sampler only; drop --eta or use --sampler ddim (not {sampler})")
-    if not math.isfinite(eta) or eta < 0 or not math.isfinite(guidance_scale):
-        raise UsageError(f"eta must be >= 0 and guidance scale finite, got eta={eta}, guidance scale={guidance_scale}")
-    device = check_device(device)
-
-    if isinstance(model_or_path, (str, Path)):
-        model, loaded_config = load_model(model_or_path, device)
-        scheduler_config = scheduler_config or loaded_config
-        where = str(model_or_path)
-    else:
-        model, where = model_or_path, "the model"
-        if scheduler_config is None:
-            raise ValueError("generate() with an in-memory model needs scheduler_config (the training DDPMScheduler's config)")
-        if device is not None:
-            model.to(device)
-    device = next(model.parameters()).device
-    config = _unwrap(model).config
-
-    limit = int(scheduler_config.get("num_train_timesteps", 1000))
-    if steps is None:
-        steps = default_steps(sampler, scheduler_config)
-    elif steps > limit:
-        raise UsageError(
-            f"{steps} steps is more than the {limit} timesteps the model was trained with; use --steps {limit} or fewer"
-        )
-
-    num_classes, null_label = _classes(config)
-    labels = _labels(class_labels, num_classes, where)
-    if guidance_scale != 1.0:
-        if num_classes is None:
-            raise UsageError(
-                f"{where} is unconditional; classifier-free guidance needs a class-conditional model (drop --guidance-scale)"
-            )
-        if null_label is None:
-            raise UsageError(f"{where} has no null class, so it cannot use classifier-free guidance; drop --guidance-scale")
-    return Job(
-        model=model, scheduler_config=dict(scheduler_config), sampler=sampler, steps=steps, seed=int(seed),
-        shape=_image_shape(config), labels=labels, null_label=null_label, guidance_scale=float(guidance_scale),
-        eta=float(eta), device=device, autocast=MIXED_PRECISIONS[mixed_precision], batch_size=batch_size,
-    )
-
-
 def _labels(class_labels, num_classes: int | None, where: str) -> list[int] | None:
     """The class labels to cycle over image indices: as given, or every class in turn by default."""
     if class_labels is None:
@@ -187,96 +183,197 @@ def _labels(class_labels, num_classes: int | None, where: str) -> list[int] | No
     return labels
 
 
-# run(job, ddpm, net, batch indices, generators, noise, labels, step progress) -> images in [-1, 1]: how a batch is
-# made from its noise. Plain sampling is ``plain_run``; resdiff.editing passes its own (inpainting, img2img, ...).
-Run = Callable[["Job", DDPM, Callable, list, list, torch.Tensor, "torch.Tensor | None", Callable], torch.Tensor]
+def _steps(settings: SamplingSettings, scheduler_config: dict) -> int:
+    """The settings' steps, or the sampler's own count; never more than the training timesteps."""
+    limit = int(scheduler_config.get("num_train_timesteps", 1000))
+    if settings.steps is None:
+        return min(SAMPLERS[settings.sampler][1], limit)
+    if settings.steps > limit:
+        raise UsageError(f"{settings.steps} steps is more than the {limit} timesteps the model was trained with; "
+                         f"use --steps {limit} or fewer")
+    return settings.steps
 
 
-def plain_run(job: Job, ddpm: DDPM, net: Callable, batch, generators, noise, labels, progress) -> torch.Tensor:
-    """The batch runner of plain sampling: ``noise`` denoised by the job's sampler (editing brings others)."""
-    return ddpm.sample(
-        net, noise, sampler=job.sampler, steps=job.steps, generators=generators, class_labels=labels,
-        guidance_scale=job.guidance_scale, null_label=job.null_label, eta=job.eta, progress=progress,
-    )
+def _load(model_or_path, device: torch.device | None, scheduler_config: dict | None) -> tuple[nn.Module, dict, str]:
+    """(the model, its training scheduler config, how to name it in a message) from a folder or from memory."""
+    if isinstance(model_or_path, (str, Path)):
+        model, loaded_config = load_model(model_or_path, device)
+        return model, dict(scheduler_config or loaded_config), str(model_or_path)
+    if scheduler_config is None:
+        raise ValueError("generate() with an in-memory model needs scheduler_config (the training DDPMScheduler's config)")
+    if device is not None:
+        model_or_path.to(device)
+    return model_or_path, dict(scheduler_config), "the model"
 
 
-def job_batches(
-    job: Job, indices: Sequence[int], progress: bool, run: Run = plain_run
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Generate ``indices`` batch by batch: yields (the batch's indices, uint8 (B, C, H, W) on the CPU).
-    ``run`` turns a batch's noise into images (default: plain sampling)."""
-    model, device = job.model, job.device
-    dtype = next(model.parameters()).dtype
-    ddpm = DDPM(DDPMScheduler.from_config(job.scheduler_config))
+# ----------------------------------------------------------------------------- generation
 
-    def net(x, t, labels=None):  # the model at its own dtype; under autocast it picks the precision itself
-        return model(x.to(dtype), t, labels)
 
-    autocast = torch.autocast(device.type, dtype=job.autocast) if job.autocast else contextlib.nullcontext()
-    bar = tqdm(total=len(indices), unit="img", disable=not progress, desc=f"{job.sampler} {job.steps} steps")
-    was_training = model.training
-    model.eval()
-    # Sampling runs channels_last (NHWC): oneDNN's and cuDNN's faster convolution layout, measured 8%
-    # faster per forward here. The weights go back to the standard layout afterwards (safetensors needs it).
-    model.to(memory_format=torch.channels_last)
-    try:
-        for start in range(0, len(indices), job.batch_size):
-            batch = [int(i) for i in indices[start:start + job.batch_size]]
-            generators = image_generators(job.seed, batch)
-            noise = image_noise(generators, job.shape).to(device).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
-            labels = None
-            if job.labels is not None:
-                labels = torch.tensor([job.labels[i % len(job.labels)] for i in batch], device=device)
-            with autocast:
-                x = run(job, ddpm, net, batch, generators, noise, labels,
-                        lambda ts: tqdm(ts, leave=False, unit="step", disable=not progress))
-            yield batch, to_uint8(x).cpu()
-            bar.update(len(batch))
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-        model.train(was_training)
-        bar.close()
+@dataclass
+class Batch:
+    """One batch on its way: image indices, their generators and initial noise (B, C, H, W), labels (B,) or None,
+    and ``progress`` (wraps the timesteps in a step bar)."""
+
+    indices: list[int]
+    generators: list[torch.Generator]
+    noise: torch.Tensor
+    labels: torch.Tensor | None
+    progress: Callable
+
+
+class Edit(Protocol):
+    """What an edit (resdiff.editing) gives the generator: checks before loading, inputs for the model's shape,
+    a batch's images in [-1, 1] in place of plain sampling, and the files it adds to an output folder."""
+
+    kind: str
+
+    def check(self, settings: SamplingSettings) -> None: ...
+    def prepare(self, shape: Sequence[int]) -> None: ...
+    def run(self, gen: "ImageGenerator", batch: Batch) -> torch.Tensor: ...
+    def seed_name(self, seed: int) -> str | int: ...
+    def save_files(self, out_dir: Path, shown: torch.Tensor) -> list[str]: ...
+
+
+def _check(settings: SamplingSettings, edit: Edit | None) -> None:
+    """The settings' checks, an edit's first (its limits on the sampler are the likelier mistake)."""
+    if edit is not None:
+        check_sampler(settings.sampler)
+        edit.check(settings)
+    settings.check()
+
+
+class ImageGenerator:
+    """A model made ready to sample under ``settings``, once; then ``batches(indices)`` or ``images(indices)``.
+
+    ``model_or_path``: a run / pipeline folder (loaded here, onto ``settings.device`` or this process's GPU) or an
+    in-memory U-Net (give ``scheduler_config``, the training DDPMScheduler's config). ``edit`` (resdiff.editing)
+    replaces plain sampling. A model given in memory gets its train/eval mode and weight layout back after
+    each ``ready()`` block; one loaded here stays ready.
+    """
+
+    def __init__(self, model_or_path, settings: SamplingSettings, scheduler_config: dict | None = None,
+                 edit: Edit | None = None):
+        _check(settings, edit)
+        self.settings, self.edit = settings, edit
+        self.owns_model = isinstance(model_or_path, (str, Path))
+        self.model, scheduler_config, where = _load(model_or_path, check_device(settings.device), scheduler_config)
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.config = _unwrap(self.model).config
+        self.steps = _steps(settings, scheduler_config)
+        num_classes, self.null_label = _classes(self.config)
+        self.labels = _labels(settings.class_labels, num_classes, where)
+        if settings.guidance_scale != 1.0:
+            if num_classes is None:
+                raise UsageError(f"{where} is unconditional; classifier-free guidance needs a class-conditional model "
+                                 "(drop --guidance-scale)")
+            if self.null_label is None:
+                raise UsageError(f"{where} has no null class, so it cannot use classifier-free guidance; drop --guidance-scale")
+        self.shape = _image_shape(self.config)  # (C, H, W)
+        self.ddpm = DDPM(DDPMScheduler.from_config(scheduler_config))
+        if settings.compile:
+            net = _unwrap(self.model)
+            if not hasattr(net, "compile_blocks"):
+                raise UsageError(f"--compile needs a resdiff UNet; {where} holds a {type(net).__name__}")
+            net.compile_blocks()
+        if edit is not None:
+            edit.prepare(self.shape)
+        self._depth, self._was_training, self._ready = 0, self.model.training, False
+
+    @contextlib.contextmanager
+    def ready(self) -> Iterator[None]:
+        """The model in eval mode and channels_last (NHWC: oneDNN's and cuDNN's faster convolution layout, 8%
+        faster per forward here) for the block, however many batches run in it. An in-memory model gets its
+        mode and standard layout (which safetensors needs) back at the end of the outermost block."""
+        if not self._ready:
+            self._was_training = self.model.training
+            self.model.eval()
+            self.model.to(memory_format=torch.channels_last)
+            self._ready = True
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and not self.owns_model:
+                self.model.to(memory_format=torch.contiguous_format)
+                self.model.train(self._was_training)
+                self._ready = False
+
+    def batches(self, indices: Sequence[int], progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Images ``indices``, batch by batch: (the batch's indices, uint8 (B, C, H, W) on the CPU)."""
+        s = self.settings
+        autocast = MIXED_PRECISIONS[s.mixed_precision]
+        bar = tqdm(total=len(indices), unit="img", disable=not progress, desc=f"{s.sampler} {self.steps} steps")
+        steps_bar = lambda ts: tqdm(ts, leave=False, unit="step", disable=not progress)  # noqa: E731
+        with self.ready(), contextlib.closing(bar):
+            for start in range(0, len(indices), s.batch_size):
+                batch = self._batch([int(i) for i in indices[start:start + s.batch_size]], steps_bar)
+                with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                    x = self.edit.run(self, batch) if self.edit is not None else self.sample(batch)  # [-1, 1]
+                yield batch.indices, to_uint8(x).cpu()
+                bar.update(len(batch.indices))
+
+    def images(self, indices: Sequence[int], progress: bool = False) -> torch.Tensor:
+        """Images ``indices`` as uint8 (len(indices), C, H, W) on the CPU."""
+        parts = [images for _, images in self.batches(indices, progress)]
+        return torch.cat(parts) if parts else torch.empty(0, *self.shape, dtype=torch.uint8)
+
+    def _batch(self, indices: list[int], progress: Callable) -> Batch:
+        generators = image_generators(self.settings.seed, indices)
+        noise = image_noise(generators, self.shape).to(self.device).contiguous(memory_format=torch.channels_last)
+        labels = None
+        if self.labels is not None:
+            labels = torch.tensor([self.labels[i % len(self.labels)] for i in indices], device=self.device)
+        return Batch(indices, generators, noise, labels, progress)
+
+    def _net(self, x, t, labels=None):  # the model at its own dtype; under autocast it picks the precision itself
+        return self.model(x.to(self.dtype), t, labels)
+
+    def sample(self, batch: Batch, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain sampling: the batch's noise (or ``noise``) denoised by the settings' sampler; in [-1, 1]."""
+        s = self.settings
+        return self.ddpm.sample(
+            self._net, batch.noise if noise is None else noise, sampler=s.sampler, steps=self.steps,
+            generators=batch.generators, class_labels=batch.labels, guidance_scale=float(s.guidance_scale),
+            null_label=self.null_label, eta=float(s.eta), progress=batch.progress,
+        )
+
+    # what an edit's own loop needs: a fresh scheduler, its step arguments, and one guided step
+    def scheduler(self, device: torch.device) -> SchedulerMixin:
+        """A fresh scheduler of the settings' sampler over the training schedule, its ``steps`` timesteps set."""
+        scheduler, _ = make_sampler(self.settings.sampler, self.ddpm.scheduler.config)
+        scheduler.set_timesteps(self.steps, device=device)
+        return scheduler
+
+    def step_kwargs(self, scheduler: SchedulerMixin, batch: Batch) -> dict:
+        return sampler_step_kwargs(scheduler, batch.generators, float(self.settings.eta))
+
+    def denoise(self, scheduler: SchedulerMixin, x: torch.Tensor, t, batch: Batch, step_kwargs: dict) -> torch.Tensor:
+        """One step of ``scheduler`` from ``x`` at ``t``, guided as the settings say."""
+        return self.ddpm.denoise_step(self._net, scheduler, x, t, step_kwargs, batch.labels,
+                                      float(self.settings.guidance_scale), self.null_label)
 
 
 def generate(
-    model_or_path: nn.Module | str | Path,
-    num_images: int,
-    *,
-    sampler: str = "ddim",
-    steps: int | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    class_labels: int | Sequence[int] | None = None,
-    guidance_scale: float = 1.0,
-    eta: float = 0.0,
-    device: str | torch.device | None = None,
-    mixed_precision: str = "no",
-    indices: Sequence[int] | None = None,
-    progress: bool = True,
-    scheduler_config: dict | None = None,
+    model_or_path: nn.Module | str | Path, num_images: int, settings: SamplingSettings | None = None, *,
+    indices: Sequence[int] | None = None, progress: bool = True, scheduler_config: dict | None = None,
+    edit: Edit | None = None, **changes,
 ) -> torch.Tensor:
     """Images ``indices`` (default: all ``num_images``) as uint8 (len(indices), C, H, W) on the CPU.
 
-    ``model_or_path``: an in-memory U-Net (give ``scheduler_config``, the training DDPMScheduler's
-    config; ``device`` None keeps it where it is, a ``device`` moves it there) or a run / pipeline folder
-    (``device`` None: CUDA when available, else CPU). ``steps`` None is the sampler's default.
-    ``class_labels``: one label for every image or a list cycled over image indices (image i gets
-    labels[i % len]); None on a class-conditional model cycles over all classes. ``guidance_scale`` != 1
-    is classifier-free guidance with the null class. ``mixed_precision`` "fp16"/"bf16" runs the model
-    under torch.autocast. The model's train/eval mode is restored afterwards.
+    ``settings`` (default ``SamplingSettings()``) with ``changes``, keyword arguments naming its fields
+    (``generate(model, 16, sampler="dpm++")``). ``model_or_path`` and ``scheduler_config``: see ``ImageGenerator``.
+    ``edit``: one of resdiff.editing's (inpainting, image-to-image, interpolation) instead of plain sampling.
+    The model's train/eval mode is restored afterwards.
     """
-    job = prepare_job(
-        model_or_path, num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
-        class_labels=class_labels, guidance_scale=guidance_scale, eta=eta, device=device,
-        mixed_precision=mixed_precision, scheduler_config=scheduler_config,
-    )
-    indices = check_indices(indices, num_images)
-    parts = [images for _, images in job_batches(job, indices, progress)]
-    c, h, w = job.shape
-    return torch.cat(parts) if parts else torch.empty(0, c, h, w, dtype=torch.uint8)
+    settings = (settings or SamplingSettings()).changed(changes)
+    check_positive("number of images (--num-images)", num_images)
+    gen = ImageGenerator(model_or_path, settings, scheduler_config, edit)
+    return gen.images(_check_indices(indices, num_images), progress)
 
 
-def check_indices(indices: Sequence[int] | None, num_images: int) -> list[int]:
+def _check_indices(indices: Sequence[int] | None, num_images: int) -> list[int]:
     if indices is None:
         return list(range(num_images))
     indices = [int(i) for i in indices]
@@ -286,34 +383,7 @@ def check_indices(indices: Sequence[int] | None, num_images: int) -> list[int]:
     return indices
 
 
-def save_summary(images: torch.Tensor, out_dir: Path, *, npz: bool, grid: bool) -> None:
-    """grid.png of the first GRID_LIMIT images and, with ``npz``, all of them as samples.npz."""
-    if grid:
-        save_png(make_grid(images[:GRID_LIMIT]), out_dir / GRID_NAME)
-    if npz:
-        save_npz(images, out_dir / NPZ_NAME)
-
-
 # ----------------------------------------------------------------------------- the sample.py job
-
-
-def processes(device: torch.device | None = None, timeout_s: float = 1800.0) -> tuple["PartialState", bool]:
-    """The launched processes (torchrun / accelerate launch, or just this one) as accelerate's PartialState, and
-    whether this call made their process group (then the caller destroys it when done).
-
-    Without CUDA (or with a CPU ``device``), cpu=True is what makes accelerate join the processes over gloo;
-    otherwise each would silently be a world of one and all of them would make the same images. A CPU process
-    keeps freed memory for reuse (``hardware.reuse_freed_memory``)."""
-    from datetime import timedelta
-
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
-    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
-    if state.device.type == "cpu":
-        reuse_freed_memory()
-    return state, not had_group
 
 
 def default_out_dir(model: str | Path, folder: Path, sampler: str, steps: int, seed: int | str, kind: str = "samples") -> Path:
@@ -327,106 +397,55 @@ def default_out_dir(model: str | Path, folder: Path, sampler: str, steps: int, s
     return out
 
 
-def write_shares(state, job: Job, out_dir: Path, num_images: int, progress: bool, run: Run = plain_run) -> None:
-    """Every process writes the PNGs of its share ``range(num_images)[rank::world]`` into ``out_dir``; returns once
-    all of them have (a barrier before, so the folder is created after every process picked its name, and one after)."""
-    state.wait_for_everyone()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mine = list(range(num_images))[state.process_index::state.num_processes]
-    for batch, images in job_batches(job, mine, progress and state.is_main_process, run):  # no collective op in here
-        save_images(images, out_dir, batch)
-    state.wait_for_everyone()
-
-
-def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
-    """Items 0..n-1 in order, on every process, from each process's share ``range(n)[rank::world]`` (``local``,
-    (len(share), ...), in that order): one all-gather of the shares padded to one length. On the CPU."""
-    from accelerate import PartialState
-    from accelerate.utils import gather
-
-    state = PartialState()
-    world = state.num_processes
-    if world == 1:
-        return local.cpu()
-    per_rank = -(-n // world)
-    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype)
-    padded[: len(local)] = local
-    shares = gather(padded.to(state.device)).cpu().view(world, per_rank, *local.shape[1:])
-    return shares.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[:n]  # item i: share i % world, row i // world
-
-
-def start_job(
-    model: str | Path, num_images: int, *, device, timeout_s: float, log: Callable[[str], None] | None, **settings
-) -> tuple["PartialState", bool, Callable[[str], None], Path, Job]:
-    """The start of a job that writes images from every launched process (sample.py's, and editing's): join the
-    processes, find the model folder, load and check everything (``settings`` are ``generate``'s sampling
-    arguments). Returns (the processes' state, whether this call made their group, ``say`` (``log`` on the main
-    process only), the model folder, the job)."""
-    device = check_device(device)
-    state, owns_group = processes(device, timeout_s)
-    say = log if (log is not None and state.is_main_process) else (lambda _msg: None)
-    folder = find_model_folder(model)
-    job = prepare_job(folder, num_images, device=device if device is not None else state.device, scheduler_config=None,
-                   **settings)
-    return state, owns_group, say, folder, job
-
-
 def sample_to_folder(
-    model: str | Path,
-    num_images: int,
-    *,
-    out: str | Path | None = None,
-    sampler: str = "ddim",
-    steps: int | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    class_labels: int | Sequence[int] | None = None,
-    guidance_scale: float = 1.0,
-    eta: float = 0.0,
-    device: str | torch.device | None = None,
-    mixed_precision: str = "no",
-    npz: bool = False,
-    grid: bool = True,
-    compile: bool = False,
-    timeout_s: float = 1800.0,
-    progress: bool = True,
-    log: Callable[[str], None] | None = print,
+    model: str | Path, num_images: int, settings: SamplingSettings | None = None, *, edit: Edit | None = None,
+    out: str | Path | None = None, npz: bool = False, grid: bool = True, log: Callable[[str], None] | None = print,
 ) -> Path:
-    """Sample ``num_images`` images from a run or pipeline folder into PNGs, across every launched process.
+    """Sample (or, with ``edit``, edit) ``num_images`` images from a run or pipeline folder into PNGs, across every
+    launched process, and return the folder.
 
-    Each process (torchrun / accelerate launch, or just one) generates ``range(num_images)[rank::world]``
-    and writes its own PNGs; the main process then writes grid.png (and samples.npz) from the files.
-    ``out`` None picks a new folder (see ``default_out_dir``); an existing ``out`` is written into.
-    ``batch_size`` is per process. ``compile`` torch.compiles the U-Net's blocks first: minutes of
-    start-up that pay off over many images. ``timeout_s``: how long a process waits for the others at a
-    barrier before it gives up (a peer that died). Returns the output folder.
-    """
-    state, owns_group, say, folder, job = start_job(
-        model, num_images, device=device, timeout_s=timeout_s, log=log, sampler=sampler, steps=steps, seed=seed,
-        batch_size=batch_size, class_labels=class_labels, guidance_scale=guidance_scale, eta=eta,
-        mixed_precision=mixed_precision,
-    )
-    world, main = state.num_processes, state.is_main_process
-    warning = precision_warning(job.device, mixed_precision)
+    Each process (torchrun / accelerate launch, or just one) generates ``range(num_images)[rank::world]`` and
+    writes its own PNGs; the main process then writes grid.png (and samples.npz, and the edit's files) from the
+    files. ``out`` None picks a new folder (see ``default_out_dir``); an existing ``out`` is written into.
+    ``log`` None is quiet: no messages and no progress bars."""
+    settings = settings or SamplingSettings()
+    check_positive("number of images (--num-images)", num_images)
+    _check(settings, edit)  # before the processes join: a mistake costs nothing
+    procs = join(check_device(settings.device), settings.timeout_s)
+    say = procs.say(log)
+    folder = find_model_folder(model)
+    gen = ImageGenerator(folder, replace(settings, device=settings.device or procs.device), edit=edit)
+    warning = precision_warning(gen.device, settings.mixed_precision)
     if warning:
         say(warning)
-    if compile:
-        net = _unwrap(job.model)
-        if not hasattr(net, "compile_blocks"):
-            raise UsageError(f"--compile needs a resdiff UNet; {folder} holds a {type(net).__name__}")
-        net.compile_blocks()
+    seed = edit.seed_name(settings.seed) if edit is not None else settings.seed
+    kind = edit.kind if edit is not None else "samples"
     # Every process picks the folder name before any of them creates it, so they all pick the same one.
-    out_dir = Path(out) if out is not None else default_out_dir(model, folder, job.sampler, job.steps, job.seed)
+    out_dir = Path(out) if out is not None else default_out_dir(model, folder, settings.sampler, gen.steps, seed, kind)
     say(f"model: {folder}")
-    say(f"sampler: {job.sampler}, steps: {job.steps}, seed: {job.seed}, images: {num_images}, "
-        f"processes: {world}, device: {job.device}")
-    write_shares(state, job, out_dir, num_images, progress)
-
-    if main and (grid or npz):
-        every = read_images(out_dir, range(num_images if npz else min(num_images, GRID_LIMIT)))
-        save_summary(every, out_dir, npz=npz, grid=grid)
-    extras = [name for name, wanted in ((GRID_NAME, grid), (NPZ_NAME, npz)) if wanted]
-    say(f"wrote {num_images} images to {out_dir}" + (f" (and {', '.join(extras)})" if extras else ""))
-    if world > 1 and owns_group:
-        state.destroy_process_group()
+    say(f"{kind + ': ' if edit is not None else ''}sampler: {settings.sampler}, steps: {gen.steps}, seed: {seed}, "
+        f"images: {num_images}, processes: {procs.world}, device: {gen.device}")
+    procs.barrier()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for batch, images in gen.batches(procs.share(num_images), progress=log is not None and procs.is_main):
+        save_images(images, out_dir, batch)  # no collective operation in this loop
+    procs.barrier()
+    if procs.is_main:
+        extras = _save_summary(out_dir, num_images, edit, npz=npz, grid=grid)
+        say(f"wrote {num_images} images to {out_dir}" + (f" (and {', '.join(extras)})" if extras else ""))
+    procs.leave()
     return out_dir
+
+
+def _save_summary(out_dir: Path, num_images: int, edit: Edit | None, *, npz: bool, grid: bool) -> list[str]:
+    """grid.png of the first GRID_LIMIT images, with ``npz`` all of them as samples.npz, and the edit's own files,
+    read back from the PNGs every process wrote. Returns the names written."""
+    if not (grid or npz or edit is not None):
+        return []
+    images = read_images(out_dir, range(num_images if npz else min(num_images, GRID_LIMIT)))
+    if grid:
+        save_png(make_grid(images[:GRID_LIMIT]), out_dir / GRID_NAME)
+    if npz:
+        save_npz(images, out_dir / NPZ_NAME)
+    names = [name for name, wanted in ((GRID_NAME, grid), (NPZ_NAME, npz)) if wanted]
+    return names + (edit.save_files(out_dir, images[:GRID_LIMIT]) if edit is not None else [])

@@ -1,11 +1,13 @@
 """Config: defaults, YAML presets, dotted overrides, type and range checks, round trip, diff."""
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from resdiff.config import Config, DataConfig, DiffusionConfig, TrainConfig, config_diff, load_config, save_config
-from resdiff.errors import UsageError
+from resdiff.errors import UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -426,3 +428,70 @@ def test_the_landscape_config_loads():
 
     cfg = load_config(ROOT / "configs" / "landscape64x128.yaml", model_keys=model_keys())
     assert cfg.data.image_size == (64, 128)
+
+
+# --- hostile files: aliases and tags ---
+
+# Ten levels of nine aliases each in train.lr: 9**10 (3.5 billion) numbers to anything that walks or prints it.
+ALIAS_BOMB = "\n".join(
+    ["train:", "  lr:", "    - &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    + [f"    - &l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, 10)] + [""]
+)
+TAG = "train:\n  lr: !!python/object/apply:os.system ['touch {marker}']\n"
+
+
+def test_aliases_are_refused(tmp_path):
+    message = usage_error(write(tmp_path, "train:\n  steps: &n 5\n  log_every: *n\n"))
+    assert message == (f"config file '{tmp_path / 'x.yaml'}' is not valid YAML (alias *n is not allowed in config "
+                       "files; write the value out at line 3); fix the syntax there")
+    assert load_config(write(tmp_path, "train:\n  steps: &n 5\n")).train.steps == 5  # an anchor alone is harmless
+
+
+def test_python_tags_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / "marker"
+    message = usage_error(write(tmp_path, TAG.format(marker=marker)))
+    assert "tag !!python/object/apply:os.system is not allowed in config files, which hold plain values only" in message
+    assert not marker.exists()
+
+
+def _train_in_child(argv: list[str], err_file: str) -> None:
+    """A forked child: train.py's main as `python train.py` runs it, with its address space capped 2 GB above
+    what it has (so an expansion fails fast instead of swapping the machine); stderr goes to ``err_file``."""
+    import resource
+    import sys
+
+    from tiny_runs import load_script
+
+    size = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (size + 2 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    with open(err_file, "w") as err:
+        sys.stderr = err
+        code = run_cli(lambda: load_script("train_cli", "train.py").main(argv))
+        err.flush()
+    os._exit(code)
+
+
+@pytest.mark.parametrize("case", ["alias bomb", "python tag"])
+def test_hostile_config_files_through_train_py(case, tmp_path):
+    """train.py --config FILE with an alias bomb in train.lr, or a !!python tag: one line, exit code 2, within
+    2 s, and nothing written (no run directory, the tag's command not run)."""
+    import multiprocessing
+
+    import resdiff.build  # noqa: F401  (imported before the clock starts, as train.py's start-up would)
+
+    marker, run = tmp_path / "marker", tmp_path / "run"
+    path = write(tmp_path, ALIAS_BOMB if case == "alias bomb" else TAG.format(marker=marker))
+    err = tmp_path / "stderr.txt"
+    child = multiprocessing.get_context("fork").Process(
+        target=_train_in_child, args=(["--config", str(path), "--out", str(run)], str(err)))
+    start = time.monotonic()
+    child.start()
+    child.join(timeout=2)
+    took = time.monotonic() - start
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert took < 2 and child.exitcode == 2, f"exit {child.exitcode} after {took:.1f} s: {err.read_text()[-2000:]}"
+    text = err.read_text()
+    assert text.count("\n") == 1 and text.startswith(f"error: config file '{path}' is not valid YAML ("), text
+    assert not run.exists() and not marker.exists() and not (tmp_path / "runs").exists()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +204,84 @@ def test_two_processes_read_disjoint_slices_of_one_shared_map(tmp_path):
     for s in seen:
         assert s["Rss"] >= 0.9 * file_kb, s  # the whole shard is mapped into each process
         assert s["Pss"] <= 0.6 * s["Rss"], s  # and each owns about half of it: one copy, shared by two
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB file system (tmpfs) at tmp_path/disk; skipped where mounting one is not allowed (not root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _prepare_cli(folder: Path, out: Path, size: str) -> subprocess.CompletedProcess:
+    """`python -m resdiff.prepare` as a user runs it, with at most 4 GB of address space (so a check that is
+    missing fails fast instead of filling memory)."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    return subprocess.run([sys.executable, "-m", "resdiff.prepare", str(folder), str(out), "--image-size", size],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=cap,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_a_disk_without_room_is_one_line_and_leaves_nothing(small_disk, folder):
+    """42 image files at 160x160 (3 MB of shards) on a 2 MB disk: refused before anything is written. Without
+    the check the memory-mapped shards die with SIGBUS and leave a hidden temporary folder."""
+    proc = _prepare_cli(folder, small_disk / "data" / "pics", "160")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: not enough free disk space for {small_disk / 'data' / 'pics'}: ")
+    assert "42 image files at 160x160, 3 channel(s) take about 3.3 MB" in proc.stderr and proc.stderr.count("\n") == 1
+    assert list(small_disk.iterdir()) == []
+    assert _prepare_cli(folder, small_disk / "data" / "pics", "64").returncode == 0  # 42 x 12 KB fit
+
+
+def test_a_dataset_larger_than_the_free_space_is_refused_before_decoding(tmp_path, folder):
+    """The same check on the real disk, where no small one can be mounted: an image size whose shards exceed
+    the free space (decoding even one such image would take more memory than the process is allowed)."""
+    side = math.isqrt(shutil.disk_usage(tmp_path).free // (40 * 3)) + 64
+    proc = _prepare_cli(folder, tmp_path / "pics", str(side))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: not enough free disk space for {tmp_path / 'pics'}: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+FILL_AFTER_CHECK = """
+import sys
+from pathlib import Path
+from resdiff.errors import UsageError
+from resdiff.prepare import prepare
+folder, disk = Path(sys.argv[1]), Path(sys.argv[2])
+
+def fill(message):  # the first warning comes after the free-space check, before the first shard
+    filler = disk / "filler"
+    if not filler.exists():
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(bytes(4096))
+            except OSError:
+                f.truncate(f.tell() - 65536)  # leave 64 KB: room for a shard's header and last page, not its images
+
+try:
+    prepare(folder, disk / "pics", 64, warn=fill)
+except UsageError as err:
+    print(err)
+"""
+
+
+def test_a_disk_that_fills_up_while_preparing_is_one_line_and_leaves_nothing(small_disk, folder):
+    """Another job fills the disk after the check passed: the shard's blocks are reserved when it is created, so
+    this is an error to report, not SIGBUS in a write to the memory map, and the temporary folder goes."""
+    proc = subprocess.run([sys.executable, "-c", FILL_AFTER_CHECK, str(folder), str(small_disk)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == (f"cannot write the prepared dataset {small_disk / 'pics'} (No space left on device); "
+                           "nothing was kept; free some space there or choose another OUT\n")
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]

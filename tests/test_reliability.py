@@ -189,34 +189,30 @@ def test_keep_checkpoints_never_deletes_the_newest_complete_one(run_copy, pngs, 
 # ----------------------------------------------------------------------------- the lock
 
 
-def lock_of(pid: int, host: str | None = None) -> str:
-    start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19] if host is None else None
-    return json.dumps({"host": host or socket.gethostname(), "pid": pid, "start": start})
-
-
 def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(run_copy, pngs):
+    """Ownership is the kernel lock a live run holds on .lock (test_rundir shows a holder whose file names a dead
+    pid or another host is still refused); a file no process holds a lock on is taken over with a warning."""
     cfg = config(run_copy, *common(pngs, "train.steps=4"))
     lock = run_copy / ".lock"
-    sleeper = subprocess.Popen(["sleep", "60"])  # a live process that is not us
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from resdiff.rundir import RunLock; "
+                               "lock = RunLock(sys.argv[1]); lock.acquire(); print(flush=True); time.sleep(60)", str(run_copy)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        lock.write_text(held := lock_of(sleeper.pid))
+        holder.stdout.readline()
+        held = lock.read_text()
         with pytest.raises(UsageError) as info:
             build_trainer(cfg, echo=lambda _: None)
-        assert str(info.value) == (f"{run_copy} is in use by pid {sleeper.pid} on {socket.gethostname()}; "
-                                   f"wait for it or remove {lock} if that process is gone")
+        assert str(info.value) == (f"{run_copy} is in use by pid {holder.pid} on {socket.gethostname()}, which holds "
+                                   f"the lock on {lock}; wait for that run to end or stop it")
+        assert lock.read_text() == held  # left alone
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    assert lock.read_text() == held  # left alone
+        holder.kill()
+        holder.wait()
 
-    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # another host: cannot tell, so refuse
-    with pytest.raises(UsageError, match=f"in use by pid 1 on elsewhere; wait for it or remove {lock}"):
-        build_trainer(cfg, echo=lambda _: None)
-
-    lock.write_text(lock_of(sleeper.pid, socket.gethostname()))  # same host, process gone: stale
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # left by a run that no longer holds it
     printed = []
     first = build_trainer(cfg, echo=printed.append)
-    assert printed[0] == f"warning: {lock} was left by pid {sleeper.pid} on {socket.gethostname()}, which is no longer running; taking it over"
+    assert printed[0] == f"warning: {lock} was left by pid 1 on elsewhere, which is no longer running; taking it over"
     owner = json.loads(lock.read_text())
     assert (owner["host"], owner["pid"]) == (socket.gethostname(), os.getpid())
 

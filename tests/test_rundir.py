@@ -1,15 +1,25 @@
 """The run directory's files (resdiff.rundir): leftovers of interrupted writes, the log trim, the model
 export, the checks made before a run writes anything. The Trainer's use of them is in test_reliability."""
 
+import contextlib
 import errno
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
 from resdiff.config import load_config
 from resdiff.errors import UsageError
 from resdiff.rundir import (
-    check_disk, check_same_model, export_model, human_size, remove_leftovers, trim_log, write_config, write_problem,
+    RunLock, check_disk, check_same_model, checkpoint_bytes, export_model, human_size, remove_leftovers, trim_log, write_config,
+    write_problem,
 )
 
 
@@ -110,3 +120,74 @@ def test_checksums_catch_a_same_length_change_and_name_the_file(tmp_path):
     assert checksum_problem(tmp_path) == "a.bin does not match its SHA-256 in SHA256SUMS: the file is damaged"
     (tmp_path / "a.bin").unlink()
     assert checksum_problem(tmp_path) == "a.bin is missing (listed in SHA256SUMS)"
+
+
+def test_check_disk_needs_room_for_the_kept_checkpoints_plus_the_one_being_written(tmp_path):
+    """16 bytes a parameter per checkpoint, keep + 1 of them at the peak, plus the exported model twice (old and
+    new, 4 bytes each): 72 bytes a parameter with the default keep of 3, not the 48 of three checkpoints."""
+    assert checkpoint_bytes(1000) == (16_000, 4_000)
+    parameters = shutil.disk_usage(tmp_path).free // 60  # room for 60 bytes a parameter: 48 fit, 72 do not
+    with pytest.raises(UsageError) as info:
+        check_disk(tmp_path, parameters, keep=3)
+    message = str(info.value)
+    assert "train.keep_checkpoints=3 of them are kept (0 now)" in message and "lower train.keep_checkpoints" in message
+    assert f"needs about {human_size(72 * parameters)} more" in message and "\n" not in message
+    check_disk(tmp_path, parameters, keep=1)  # 2 x 16 + 2 x 4 = 40 bytes a parameter
+    for step in (3, 6, 9):  # a resumed run already holds three checkpoints and the model: one more of each
+        (tmp_path / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
+    (tmp_path / "model").mkdir()
+    check_disk(tmp_path, parameters, keep=3)  # 16 + 4 = 20 bytes a parameter
+
+
+# A process that takes a run's lock, forks a child that outlives it (as a DataLoader worker can for a moment), and
+# waits; it prints its pid and the child's.
+HOLDER = """
+import os, sys, time
+from resdiff.rundir import RunLock
+lock = RunLock(sys.argv[1])
+lock.acquire()
+child = os.fork()
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(os.getpid(), child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_live_lock_is_refused_whatever_pid_and_host_its_file_names(tmp_path):
+    """Two containers with one host name and separate PID namespaces: the pid a holder writes means nothing to
+    the other, and may be dead or someone else there. The kernel lock decides: a live holder is refused however
+    its file looks; once it is killed (its forked child still running) the lock is taken over with a warning."""
+    lock = tmp_path / ".lock"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has now
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        pid, child = map(int, holder.stdout.readline().split())
+        assert json.loads(lock.read_text())["pid"] == pid
+        for owner in ({"host": socket.gethostname(), "pid": gone.pid}, {"host": "elsewhere", "pid": 1}, None):
+            lock.write_text(json.dumps(owner) if owner else "")  # what another PID namespace (or a torn write) shows
+            with pytest.raises(UsageError) as info:
+                RunLock(tmp_path).acquire()
+            who = f"pid {owner['pid']} on {owner['host']}" if owner else "another process"
+            assert str(info.value) == (f"{tmp_path} is in use by {who}, which holds the lock on {lock}; "
+                                       "wait for that run to end or stop it")
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+        holder.kill()
+        holder.wait()
+        assert psutil.pid_exists(child)  # the forked child lives on, and does not keep the lock
+        printed = []
+        mine = RunLock(tmp_path, warn=printed.append)
+        mine.acquire()
+        assert printed == [f"warning: {lock} was left by pid {gone.pid} on {socket.gethostname()}, which is no longer "
+                           "running; taking it over"]
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        mine.release()
+        assert not lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        with contextlib.suppress(ProcessLookupError, NameError):
+            os.kill(child, signal.SIGKILL)

@@ -23,7 +23,7 @@ from PIL import Image
 from resdiff import UNet, UNetOutput
 from resdiff.images import make_grid, read_images, to_pil
 from resdiff.model_folder import load_model
-from resdiff.sampling import generate
+from resdiff.sampling import ImageGenerator, SamplingSettings, generate
 
 from launch import free_port, launch_env, launcher, run_watched
 from tiny_models import FEW, save_pipeline, small_unet
@@ -297,6 +297,44 @@ def test_generate_from_python_returns_uint8_nchw(models):
     assert make_grid(images).size == (2 * 18 + 2, 2 * 18 + 2)
     with pytest.raises(ValueError, match="scheduler_config"):
         generate(model, 1, progress=False)
+
+
+def test_settings_whole_or_as_keywords_give_the_same_images(models):
+    settings = SamplingSettings(sampler="ddpm", steps=3, seed=2, batch_size=2)
+    whole = generate(models["gray"], 3, settings, progress=False)
+    assert torch.equal(whole, generate(models["gray"], 3, sampler="ddpm", steps=3, seed=2, batch_size=2, progress=False))
+    assert torch.equal(whole, generate(models["gray"], 3, SamplingSettings(sampler="ddpm"), steps=3, seed=2, progress=False))
+    with pytest.raises(TypeError, match="unknown sampling setting"):
+        generate(models["gray"], 3, stpes=3)
+
+
+def test_the_flags_defaults_are_the_settings_defaults():
+    """sample.py and evaluate.py take their sampling flags and defaults from SamplingSettings alone."""
+    assert SamplingSettings.from_args(cli.build_parser().parse_args(["--model", "m"])) == SamplingSettings()
+    evaluate_cli = load_script("evaluate_cli_for_sampling", "evaluate.py")
+    args = evaluate_cli.build_parser().parse_args(["--model", "m", "--ref", "r"])
+    assert SamplingSettings.from_args(args) == SamplingSettings()
+
+
+def test_a_generator_prepares_the_model_once_and_gives_it_back(models):
+    """Eval mode and channels_last once for a whole block of batches (evaluation asks batch by batch); an
+    in-memory model gets its mode and standard layout back after the block, a model it loaded stays ready."""
+    model, scheduler_config = load_model(models["rgb"])
+    model.train()
+    conv = next(p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] == 3)
+    settings = SamplingSettings(steps=2, batch_size=2)
+    gen = ImageGenerator(model, settings, scheduler_config)
+    with gen.ready():
+        first = gen.images([0, 1, 2])
+        assert not model.training and conv.is_contiguous(memory_format=torch.channels_last)  # not undone in between
+        second = gen.images([3])
+    assert model.training and conv.is_contiguous()
+    expected = generate(model, 4, settings, progress=False, scheduler_config=scheduler_config)
+    assert torch.equal(torch.cat([first, second]), expected)
+    loaded = ImageGenerator(models["rgb"], settings)
+    assert torch.equal(loaded.images([0, 1, 2, 3]), expected) and loaded.steps == 2 and loaded.shape == (3, 16, 16)
+    weight = next(p for p in loaded.model.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] == 3)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not loaded.model.training
 
 
 def test_the_script_as_a_process_reports_a_mistake_in_one_line(script_run_with_a_mistake):

@@ -616,7 +616,7 @@ def test_bad_input_through_the_real_script(bad_inputs, finished_run, pngs, tmp_p
 def test_non_square_training_learns_samples_and_resumes_only_at_its_shape(tmp_path, fresh_accelerate_state):
     """A 16x32 run on wide images of one colour: the loss falls far, previews, samples, the grid and the npz
     are 16x32, and resuming with another shape is refused while the same shape resumes."""
-    from resdiff.sampling import sample_to_folder
+    from resdiff.sampling import SamplingSettings, sample_to_folder
     from resdiff.errors import UsageError
 
     data = tmp_path / "wide"
@@ -633,7 +633,7 @@ def test_non_square_training_learns_samples_and_resumes_only_at_its_shape(tmp_pa
     assert len(losses) == 8 and losses[-1] < 0.1 * losses[0], losses
     with Image.open(next((tmp_path / "run" / "samples").glob("*.png"))) as preview:  # 4 images of 16x32: 2 columns
         assert preview.size == (2 + 2 * 34, 2 + 2 * 18)
-    out = sample_to_folder(str(model), 5, steps=10, out=tmp_path / "samples", npz=True, progress=False, log=None)
+    out = sample_to_folder(str(model), 5, SamplingSettings(steps=10), out=tmp_path / "samples", npz=True, log=None)
     with Image.open(out / "00000.png") as im:
         assert im.size == (32, 16)
     assert np.load(out / "samples.npz")["arr_0"].shape == (5, 16, 32, 3)

@@ -1,0 +1,139 @@
+"""The launched processes (torchrun, accelerate launch, or just this one): who am I, my share of the work,
+gathering the shares, the main process acting for all, and leaving the group.
+
+Work over items 0..n-1 is split without any collective: process ``rank`` of ``world`` takes
+``range(n)[rank::world]`` (``share``), so a process's share depends only on (n, rank, world). ``gather_shares``
+puts the shares back in item order. ``on_main`` runs a step only the main process may run (a file write, a
+folder check) and carries its error to every process, so all of them stop with the same one-line message
+instead of the others dying later in a collective with a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+import torch
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+__all__ = ["Processes", "join", "rank_world", "share", "gather_shares", "on_main"]
+
+T = TypeVar("T")
+
+
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of the current process group; (0, 1) without one."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def share(n: int, rank: int | None = None, world: int | None = None) -> list[int]:
+    """This process's items of 0..n-1: ``range(n)[rank::world]`` (rank and world default to the current group's)."""
+    if rank is None or world is None:
+        rank, world = rank_world()
+    return list(range(n))[rank::world]
+
+
+def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Items 0..n-1 in order, on every process, from each process's ``share(n)`` (``local``, (len(share), ...), in
+    that order): one all-gather of the shares padded to one length. On the CPU."""
+    from accelerate import PartialState
+    from accelerate.utils import gather
+
+    state = PartialState()
+    world = state.num_processes
+    if world == 1:
+        return local.cpu()
+    per_rank = -(-n // world)
+    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype)
+    padded[: len(local)] = local
+    shares = gather(padded.to(state.device)).cpu().view(world, per_rank, *local.shape[1:])
+    return shares.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[:n]  # item i: share i % world, row i // world
+
+
+def on_main(work: Callable[[], T], *, errors: tuple[type[Exception], ...] = (UsageError,), share_result: bool = True) -> T | None:
+    """``work()`` on the main process only. An error of ``errors`` there is raised on every process (same type,
+    same message); the result is returned on every process (``share_result``) or on the main one (None elsewhere).
+    Every process must call it at the same point: with several, it is one broadcast."""
+    rank, world = rank_world()
+    value, error = None, None
+    if rank == 0:
+        try:
+            value = work()
+        except errors as err:
+            error = (type(err), str(err))
+    if world > 1:
+        box = [(value if share_result else None, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value, error = box[0] if rank != 0 else (value, box[0][1])
+    if error is not None:
+        kind, message = error
+        raise kind(message)
+    return value
+
+
+@dataclass
+class Processes:
+    """The launched processes as this one sees them (accelerate's ``PartialState``), and whether ``join`` made
+    their process group (then ``leave`` destroys it; a group someone else made is theirs to end)."""
+
+    state: "PartialState"
+    owns_group: bool
+
+    @property
+    def rank(self) -> int:
+        return self.state.process_index
+
+    @property
+    def world(self) -> int:
+        return self.state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    def share(self, n: int) -> list[int]:
+        """This process's items of 0..n-1."""
+        return share(n, self.rank, self.world)
+
+    def barrier(self) -> None:
+        self.state.wait_for_everyone()
+
+    def say(self, log: Callable[[str], None] | None) -> Callable[[str], None]:
+        """``log`` on the main process; a no-op elsewhere (and when ``log`` is None)."""
+        return log if (log is not None and self.is_main) else (lambda _msg: None)
+
+    def leave(self) -> None:
+        """Destroy the process group if ``join`` made it (the end of a sample.py or evaluate.py job)."""
+        if self.world > 1 and self.owns_group:
+            self.state.destroy_process_group()
+
+
+def join(device: torch.device | None = None, timeout_s: float = 1800.0) -> Processes:
+    """Join the launched processes (torchrun / accelerate launch, or just this one).
+
+    Without CUDA (or with a CPU ``device``), cpu=True is what makes accelerate join the processes over gloo;
+    otherwise each would silently be a world of one and all of them would do the same work. ``timeout_s``: how
+    long a process waits for the others at a barrier before it gives up (a peer that died). A CPU process keeps
+    freed memory for reuse (``hardware.reuse_freed_memory``)."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    from .hardware import reuse_freed_memory
+
+    cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
+    if state.device.type == "cpu":
+        reuse_freed_memory()
+    return Processes(state, owns_group=not had_group)
