@@ -6,7 +6,10 @@
     accelerate launch --multi_gpu --num_processes 8 train.py --config configs/folder64.yaml --data DIR
     torchrun --nproc_per_node 2 train.py ...           # CPU processes (gloo) work too
 
-A run directory that already has checkpoints is resumed automatically (--resume auto).
+A run directory that already has checkpoints is resumed automatically (--resume auto), if it is the same run:
+the same data (location and files), diffusion settings, batch size and seed (RUN/identity.json). Otherwise
+train.py refuses in one line; --resume-anyway continues it deliberately. A run directory with an exported model
+or a log past a checkpoint, but no checkpoint (deleted to save space), is refused too; --start-over replaces it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed-precision", choices=list(MIXED_PRECISIONS), help="autocast precision (bf16 works on CPUs too)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint in the run directory, if any), never, or a checkpoint folder")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume even though the data or the settings that define the run changed (see RUN/identity.json)")
+    p.add_argument("--start-over", action="store_true",
+                   help="delete the run directory's checkpoints, model, log and previews, and train from step 0")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.ema_decay=0.999 model.channels=64")
     return p.parse_intermixed_args(argv)  # overrides may come before, between and after the flags
 
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.out is None:
         name = Path(cfg.data.path).resolve().name if cfg.data.path else Path(config).stem if config else "demo"
         cfg.out = str(Path("runs") / name)
-    build_trainer(cfg, resume=args.resume).fit()
+    build_trainer(cfg, resume=args.resume, resume_anyway=args.resume_anyway, start_over=args.start_over).fit()
 
 
 if __name__ == "__main__":

@@ -5,16 +5,21 @@
 Everything that can be checked is checked before anything is written: the model the config describes
 (built on the meta device, so a huge one costs nothing), the settings that depend on each other, the
 --resume argument and the data. Then the main process takes ``RUN/.lock``, removes what an interrupted
-run left half-written, picks the newest complete checkpoint, checks that the directory is writable and
-the disk has room, and writes ``config.yaml``; every process learns the outcome, so an error stops all
-of them alike. train.py is argument parsing around ``build_trainer(cfg).fit()``.
+run left half-written, picks the newest complete checkpoint, checks that a resume continues the same run
+(the same model, and the same identity: data, diffusion, batch size and seed; else a one-line refusal
+unless ``resume_anyway``) and that a start from step 0 replaces no earlier training (unless ``start_over``),
+checks that the directory is writable and the disk has room, and writes ``config.yaml`` and
+``identity.json``; every process learns the outcome, so an error stops all of them alike. train.py is
+argument parsing around ``build_trainer(cfg).fit()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -30,13 +35,13 @@ from .errors import UsageError
 from .files import cache_root
 from .hardware import precision_warning, reuse_freed_memory
 from .rundir import (
-    RunDir, check_disk, check_same_model, checkpoint_problem, complete_checkpoints, export_model, list_checkpoints,
-    remove_leftovers, step_of, trim_log, write_config,
+    RunDir, check_disk, check_same_model, checkpoint_problem, clear_run, complete_checkpoints, earlier_training,
+    export_model, identity_changes, list_checkpoints, remove_leftovers, step_of, trim_log, write_config, write_identity,
 )
 from .trainer import Trainer
 from .unet import UNet
 
-__all__ = ["build_trainer", "build_unet", "model_keys", "demo_data_dir"]
+__all__ = ["build_trainer", "build_unet", "model_keys", "demo_data_dir", "run_identity"]
 
 _NEVER = ("never", "no", "none")
 
@@ -70,9 +75,16 @@ def demo_data_dir(image_size: int | tuple[int, int], n: int) -> Path:
     return cache_root() / f"demo-shapes-{shape_name(image_size)}px-{n}"
 
 
-def build_trainer(cfg: Config, *, resume: str = "auto", echo: Callable[[str], None] = print) -> Trainer:
+def build_trainer(
+    cfg: Config, *, resume: str = "auto", echo: Callable[[str], None] = print, resume_anyway: bool = False,
+    start_over: bool = False,
+) -> Trainer:
     """The Trainer for ``cfg``, resumed from its run directory's newest complete checkpoint (``resume="auto"``),
-    from a named checkpoint folder, or refusing to when there is one (``"never"``)."""
+    from a named checkpoint folder, or refusing to when there is one (``"never"``).
+
+    A resume whose identity (``run_identity``) differs from the one the run recorded is refused unless
+    ``resume_anyway``; a directory with earlier training but no checkpoint is refused unless ``start_over``,
+    which deletes its checkpoints, model, log and previews first."""
     if not cfg.out:
         raise UsageError("no run directory: pass --out DIR (or set out: in the config)")
     t = cfg.train
@@ -88,7 +100,8 @@ def build_trainer(cfg: Config, *, resume: str = "auto", echo: Callable[[str], No
     parameters = _check_model_and_settings(cfg)
     explicit = _check_resume(run.path, resume)
     dataset = _load_data(cfg, acc, echo if main else (lambda _msg: None))
-    candidates = _prepare_run_dir(run, cfg, resume, explicit, parameters, acc, echo)  # the first write
+    choice = _Choice(resume, explicit, resume_anyway, start_over)
+    candidates = _prepare_run_dir(run, cfg, choice, dataset, parameters, acc, echo)  # the first write
     try:
         set_seed(t.seed)  # identical initial weights on every process
         unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None)
@@ -210,16 +223,60 @@ def _load_data(cfg: Config, acc: Accelerator, warn: Callable[[str], None]) -> Im
                        random_crop=d.random_crop, cache=d.cache, warn=warn, cache_limit=int(d.cache_limit_gb * 2**30))
 
 
+@dataclass
+class _Choice:
+    """What the command line chose about the run directory's past: --resume, and the two explicit overrides."""
+
+    resume: str
+    explicit: Path | None  # the checkpoint --resume names
+    resume_anyway: bool
+    start_over: bool
+
+
+def run_identity(cfg: Config, dataset: ImageFolder | PreparedImages) -> dict[str, object]:
+    """What a run learns from, as dotted keys: where the data is and a fingerprint of its listing (each file's
+    name and size), the data and diffusion settings, the global batch size and the seed. A resume that changes
+    any of them trains something else than the run's checkpoints were trained on."""
+    d = cfg.data
+    if d.path is None:
+        source = f"built-in demo shapes ({shape_name(d.image_size)}, {d.demo_images} images)"
+    else:
+        source = str(Path(d.path).resolve())
+    base = Path(getattr(dataset, "source", dataset.root))
+    digest = hashlib.sha256("\n".join(dataset.classes).encode())
+    for file in dataset.files:
+        try:
+            name = file.relative_to(base).as_posix()
+        except ValueError:
+            name = file.as_posix()
+        size = _size(file) if isinstance(dataset, ImageFolder) else ""  # prepared: the source may be gone
+        digest.update(f"\n{name}\t{size}".encode())
+    identity = {"data.source": source, "data.listing": f"{len(dataset.files)} files, sha256 {digest.hexdigest()[:16]}"}
+    for key in ("image_size", "image_channels", "class_cond", "random_flip", "random_crop"):
+        identity[f"data.{key}"] = getattr(d, key)
+    identity.update({f"diffusion.{k}": v for k, v in vars(cfg.diffusion).items()})
+    identity.update({"train.batch_size": cfg.train.batch_size, "train.seed": cfg.train.seed})
+    return identity
+
+
+def _size(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except OSError:  # gone since the folder was read: the listing says so
+        return -1
+
+
 def _prepare_run_dir(
-    run: RunDir, cfg: Config, resume: str, explicit: Path | None, parameters: int, acc: Accelerator,
-    echo: Callable[[str], None],
+    run: RunDir, cfg: Config, choice: _Choice, dataset: ImageFolder | PreparedImages, parameters: int,
+    acc: Accelerator, echo: Callable[[str], None],
 ) -> list[Path]:
     """The main process prepares the run directory (see the module docstring) and picks the checkpoints to try,
     newest first; every process gets the outcome, so an error stops all of them alike."""
     outcome: tuple[str | None, list[str]] = (None, [])
     if acc.is_main_process:
         try:
-            outcome = (None, [str(p) for p in _prepare_run_dir_main(run, cfg, resume, explicit, parameters, echo)])
+            identity = run_identity(cfg, dataset)
+            outcome = (None, [str(p) for p in _prepare_run_dir_main(run, cfg, choice, identity, parameters, echo)])
         except UsageError as err:
             outcome = (str(err), [])
     if acc.num_processes > 1:
@@ -232,8 +289,29 @@ def _prepare_run_dir(
     return [Path(p) for p in candidates]
 
 
+def _check_continuity(path: Path, cfg: Config, choice: _Choice, identity: dict, resuming: bool, echo: Callable[[str], None]) -> None:
+    """A resume continues the same run; a start from step 0 replaces no earlier training; unless asked."""
+    if resuming:
+        check_same_model(path, cfg)
+        changes = identity_changes(path, identity)
+        if changes and not choice.resume_anyway:
+            raise UsageError(
+                f"cannot resume {path}: it was trained with other data or settings ({'; '.join(changes)}); "
+                f"start a new run with another --out, or pass --resume-anyway to continue this one with the new ones"
+            )
+        if changes:
+            echo(f"warning: --resume-anyway: {path} continues with changed data or settings ({'; '.join(changes)})")
+        return
+    earlier = earlier_training(path, cfg.train.checkpoint_every)
+    if earlier:
+        raise UsageError(
+            f"{path} holds earlier training ({earlier}) but no checkpoint to resume from; starting over would "
+            f"replace it: choose a new --out, or pass --start-over to replace it"
+        )
+
+
 def _prepare_run_dir_main(
-    run: RunDir, cfg: Config, resume: str, explicit: Path | None, parameters: int, echo: Callable[[str], None]
+    run: RunDir, cfg: Config, choice: _Choice, identity: dict, parameters: int, echo: Callable[[str], None]
 ) -> list[Path]:
     path = run.path
     if path.exists() and not path.is_dir():
@@ -248,9 +326,13 @@ def _prepare_run_dir_main(
         removed = remove_leftovers(path)
         if removed:
             echo(f"warning: removed what an interrupted run left half-written in {path}: {', '.join(removed)}")
-        if explicit is not None:
-            candidates = [explicit]
-        elif resume in _NEVER:
+        if choice.start_over and choice.explicit is None:
+            cleared = clear_run(path)
+            if cleared:
+                echo(f"note: --start-over: removed {', '.join(cleared)} from {path}")
+        if choice.explicit is not None:
+            candidates = [choice.explicit]
+        elif choice.resume in _NEVER:
             candidates = []
         else:
             candidates = complete_checkpoints(path, warn=echo)[::-1]
@@ -261,11 +343,11 @@ def _prepare_run_dir_main(
                     f"({damaged[-1].name}: {checkpoint_problem(damaged[-1])}); move the damaged folders away "
                     f"to start over, or choose a new --out"
                 )
-        if candidates:
-            check_same_model(path, cfg)
+        _check_continuity(path, cfg, choice, identity, bool(candidates), echo)
         check_disk(path, parameters, cfg.train.keep_checkpoints)
         if not candidates:  # a resumed run records its config once the checkpoint has loaded
             write_config(path, cfg)
+        write_identity(path, identity)
         return candidates
     except BaseException as err:
         # Release the lock, and remove the run directory if this run made it (only if it is still empty).

@@ -5,10 +5,16 @@ config.yaml, the log) goes first to a temporary dot-name beside its target, ``.N
 ``.NAME.<pid>.tmp`` where several processes may write the same folder), and is then renamed into
 place; a folder being replaced is first renamed to ``.NAME.old``. This module is the one owner of
 those names: ``leftovers`` finds what an interrupted write left, by the same rule.
+
+A rename makes a file whole, not right: a bit flipped or a block rewritten later keeps its length, and
+neither torch's zip reader nor safetensors checks content. So a finished folder (a checkpoint, a pipeline
+folder) gets ``SHA256SUMS``, in the format ``sha256sum -c`` reads, and ``checksum_problem`` names the first
+file that no longer matches it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -20,8 +26,10 @@ from .errors import one_line
 
 __all__ = [
     "cache_root", "WRITE_ERRORS", "write_problem", "human_size", "temporary", "replaced", "write_atomic", "replace_folder",
-    "fsync_tree", "leftovers",
+    "fsync_tree", "leftovers", "CHECKSUMS", "file_digest", "write_checksums", "checksum_problem",
 ]
+
+CHECKSUMS = "SHA256SUMS"  # the name coreutils' sha256sum -c expects by habit
 
 def cache_root() -> Path:
     """resdiff's cache folder: $RESDIFF_CACHE, default ~/.cache/resdiff (demo data, Inception weights, reference
@@ -98,3 +106,46 @@ def fsync_tree(root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's content, in hex (read in 1 MiB blocks: memory stays flat for any size)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(folder: Path, skip: tuple[str, ...] = ()) -> Path:
+    """Write ``folder/SHA256SUMS``: the digest of every file below ``folder`` except those under the relative
+    paths in ``skip`` (a sub-folder with sums of its own). Written atomically, after the files are final."""
+    lines = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name == CHECKSUMS or any(name == s or name.startswith(f"{s}/") for s in skip):
+            continue
+        lines.append(f"{file_digest(path)}  {name}\n")
+    target = folder / CHECKSUMS
+    write_atomic(target, lambda tmp: tmp.write_text("".join(lines)))
+    return target
+
+
+def checksum_problem(folder: Path) -> str | None:
+    """The first file of ``folder`` that does not match ``folder/SHA256SUMS`` (``"model.safetensors does not
+    match its SHA-256 in SHA256SUMS: the file is damaged"``), or None when all match or the folder has no sums
+    (written before resdiff kept them, or by another tool)."""
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        return None
+    try:
+        entries = [line.split("  ", 1) for line in sums.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{CHECKSUMS} is unreadable ({err})"
+    for entry in entries:
+        if len(entry) != 2 or len(entry[0]) != 64:
+            return f"{CHECKSUMS} is damaged (a line is not '<sha256>  <file>')"
+        digest, name = entry
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing (listed in {CHECKSUMS})"
+        if file_digest(path) != digest:
+            return f"{name} does not match its SHA-256 in {CHECKSUMS}: the file is damaged"
+    return None

@@ -8,7 +8,9 @@ The U-Net class is chosen from model_index.json among the two known ones (resdif
 ``diffusion_pytorch_model.bin`` can run code when loaded and is never opened). Before any weights are read,
 unet/config.json is checked field by field against the class's constructor (unknown names, wrong types),
 the model it describes is built on the meta device, and the safetensors header is compared with it, so a
-broken folder is one error line naming the file. sample.py and evaluate.py load models through here.
+broken folder is one error line naming the file. A folder with ``SHA256SUMS`` (resdiff writes them with every
+export and checkpoint) is checked against it first: a file changed since it was written, even at the same
+length, is refused by name. sample.py and evaluate.py load models through here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from .config import describe, fits
 from .errors import UsageError, one_line
 from .hardware import default_device
+from .files import checksum_problem
 from .rundir import file_problem, latest_checkpoint
 from .unet import UNet
 
@@ -82,6 +85,9 @@ def load_model(
     outputs, and class-conditional models then get the null label guidance needs); otherwise it is used as is.
     """
     folder = find_model_folder(path)
+    damaged = checksum_problem(folder)
+    if damaged:
+        raise UsageError(f"{folder}/{damaged}; re-export the model or copy it again")
     unet_dir = folder / "unet"
     cls = _unet_class(folder / "model_index.json")
     problem = no_safetensors(unet_dir)

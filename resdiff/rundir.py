@@ -1,10 +1,12 @@
 """The run directory: the one owner of its file layout, its checkpoint format and how it stays whole.
 
     RUN/config.yaml        the resolved config               RUN/log.jsonl   one JSON line per logged step
+    RUN/identity.json      what the run learns from (data, diffusion, batch, seed), checked on resume
     RUN/samples/           preview grids, step-NNNNNNN.png   RUN/model/      the EMA model, a DDPMPipeline folder
     RUN/checkpoints/step-NNNNNNN/   resumable state:
         state.json (step, data position, EMA updates, world size)   model.safetensors (the trained weights)
-        optimizer.pt (optimizer and LR schedule)   rng-<rank>.pt (each process's RNG)   ema/ (a pipeline folder)
+        optimizer.pt (optimizer, LR schedule, fp16 loss scale)   rng-<rank>.pt (each process's RNG)
+        ema/ (a pipeline folder)   SHA256SUMS (digests of all but ema/, which has its own)
     RUN/.lock              names the process that owns the run, which holds a kernel lock on it (``RunLock``)
 
 Every file is written under a temporary name and renamed into place (``resdiff.files``), so an interruption
@@ -13,6 +15,12 @@ run left. A folder with a checkpoint's final name can still be damaged afterward
 a disk that lost its tail), so nothing trusts the name alone: ``checkpoint_problem`` checks that every part
 is there and whole (JSON parses, safetensors headers match the file sizes, torch files are complete zip
 archives), and ``complete_checkpoints`` / ``latest_checkpoint`` list only folders that pass.
+
+Content is checked too: each checkpoint and its ``ema/`` folder (so also the exported ``model/``) get
+``SHA256SUMS`` when written, and ``load_checkpoint`` refuses a file that no longer matches (the trainer then
+falls back to the checkpoint before). ``RUN/identity.json`` records what the run learns from (the data's
+location and listing, the data and diffusion settings, batch size and seed); ``identity_changes`` names what a
+resume would change, and ``earlier_training`` what a start from step 0 would replace.
 
 ``RunDir`` is what the trainer holds: it saves and loads a ``TrainState`` and the EMA pipeline, writes the
 log, previews and the exported model, and never lets the trainer name a file. Weights are read through
@@ -42,17 +50,21 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, config_diff, load_config, save_config
 from .errors import TrainingError, UsageError
-from .files import WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic, write_problem
+from .files import (
+    WRITE_ERRORS, checksum_problem, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic,
+    write_checksums, write_problem,
+)
 
 __all__ = [
     "RunDir", "TrainState", "RunLock", "checkpoint_dir", "step_of", "list_checkpoints", "complete_checkpoints",
     "latest_checkpoint", "checkpoint_problem", "file_problem", "rotate_checkpoints", "remove_leftovers",
     "check_same_model", "check_disk", "checkpoint_bytes", "trim_log", "write_config", "export_model", "PIPELINE_FILES",
-    "human_size", "write_problem",
+    "human_size", "write_problem", "identity_changes", "write_identity", "earlier_training", "clear_run",
 ]
 
 # The layout: every name in a run directory, here and nowhere else.
 CONFIG, LOG, MODEL, SAMPLES, CHECKPOINTS, LOCK = "config.yaml", "log.jsonl", "model", "samples", "checkpoints", ".lock"
+IDENTITY = "identity.json"
 STATE, WEIGHTS, OPTIMIZER, EMA = "state.json", "model.safetensors", "optimizer.pt", "ema"
 # A pipeline folder as DDPMPipeline.save_pretrained writes it: what sampling needs.
 PIPELINE_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -209,7 +221,7 @@ def remove_leftovers(run_dir: Path) -> list[str]:
     so that no running process is writing them."""
     found = sorted([
         *leftovers(run_dir / CHECKPOINTS, "step-*"), *leftovers(run_dir / SAMPLES), *leftovers(run_dir, MODEL),
-        *leftovers(run_dir, CONFIG), *leftovers(run_dir, LOG), *run_dir.glob(f"{LOCK}.stale.*"),
+        *leftovers(run_dir, CONFIG), *leftovers(run_dir, LOG), *leftovers(run_dir, IDENTITY), *run_dir.glob(f"{LOCK}.stale.*"),
     ])
     for path in found:
         if path.is_dir() and not path.is_symlink():
@@ -249,6 +261,71 @@ def check_same_model(run_dir: Path, cfg: Config) -> None:
             f"cannot resume {run_dir}: the config changes the model ({'; '.join(diffs)}); "
             f"use the original settings or a new --out"
         )
+
+
+def _plain_json(value: object) -> object:
+    """``value`` as it reads back from JSON (tuples become lists), so recorded and current values compare."""
+    return json.loads(json.dumps(value))
+
+
+def identity_changes(run_dir: Path, identity: dict[str, object]) -> list[str]:
+    """What ``identity`` (dotted key -> value) changes against the one recorded in RUN/identity.json, as
+    ``"key: old -> new"``; empty when nothing changes or nothing was recorded (a run from before identities)."""
+    try:
+        recorded = json.loads((run_dir / IDENTITY).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        return [f"{IDENTITY}: unreadable ({' '.join(str(err).split())})"]
+    if not isinstance(recorded, dict):
+        return [f"{IDENTITY}: not a JSON object"]
+    current = _plain_json(identity)
+    return [f"{k}: {recorded[k]} -> {current[k]}" for k in current if k in recorded and recorded[k] != current[k]]
+
+
+def write_identity(run_dir: Path, identity: dict[str, object]) -> None:
+    """Record what the run learns from in RUN/identity.json (atomically)."""
+    write_atomic(run_dir / IDENTITY, lambda tmp: tmp.write_text(json.dumps(_plain_json(identity), indent=1)))
+
+
+def earlier_training(run_dir: Path, checkpoint_every: int) -> str | None:
+    """What earlier training left in ``run_dir`` that a start from step 0 would replace, in a few words, or
+    None: an exported model, or logged steps that reached a checkpoint (``checkpoint_every``). Steps logged
+    before the first checkpoint are work a crash lost, which the run redoes (an elastic restart among them)."""
+    found = []
+    if (run_dir / MODEL).is_dir():
+        found.append(f"the exported model {MODEL}/")
+    try:
+        lines = (run_dir / LOG).read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    steps = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            steps.append(record["step"])
+    if steps and max(steps) >= checkpoint_every:
+        found.append(f"{LOG} up to step {max(steps)}")
+    return " and ".join(found) or None
+
+
+def clear_run(run_dir: Path) -> list[str]:
+    """Delete what earlier training wrote (checkpoints, model, log, previews, identity): an explicit start over.
+    Call it holding the run's lock. Returns the names removed."""
+    removed = []
+    for name in (CHECKPOINTS, MODEL, SAMPLES, LOG, IDENTITY):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def checkpoint_bytes(parameters: int) -> tuple[int, int]:
@@ -434,7 +511,9 @@ class RunLock:
 @dataclass
 class TrainState:
     """Everything a run resumes from besides the EMA model: what a checkpoint's state.json, model.safetensors,
-    optimizer.pt and rng-<rank>.pt hold. ``rng`` is this process's (None: the checkpoint has none for it)."""
+    optimizer.pt and rng-<rank>.pt hold. ``rng`` is this process's (None: the checkpoint has none for it);
+    ``scaler`` is the fp16 GradScaler's state (None without one); ``micro_batch`` is the images one micro-batch
+    of all processes together takes, which places ``batch`` in the epoch's order (0: not recorded)."""
 
     step: int
     epoch: int
@@ -445,6 +524,8 @@ class TrainState:
     optimizer: dict
     lr_schedule: dict
     rng: dict | None
+    scaler: dict | None = None
+    micro_batch: int = 0
 
 
 class RunDir:
@@ -537,21 +618,27 @@ class RunDir:
                 if main:
                     save_file({k: v.contiguous() for k, v in state.model.items()}, tmp / WEIGHTS)  # channels_last is strided
                     ema.save_pretrained(tmp / EMA)
-                    torch.save({"optimizer": state.optimizer, "lr_schedule": state.lr_schedule}, tmp / OPTIMIZER)
+                    torch.save({"optimizer": state.optimizer, "lr_schedule": state.lr_schedule, "scaler": state.scaler},
+                               tmp / OPTIMIZER)
                     counters = {"step": state.step, "epoch": state.epoch, "batch": state.batch,
-                                "ema_step": state.ema_updates, "world_size": state.world_size}
+                                "ema_step": state.ema_updates, "world_size": state.world_size,
+                                "micro_batch": state.micro_batch}
                     (tmp / STATE).write_text(json.dumps(counters, indent=1))
-                    fsync_tree(tmp)
             except WRITE_ERRORS as err:
                 error = err
-            ok = agree(error is None)
+            ok = agree(error is None)  # also: every process's rng file is written now
         if not ok:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise TrainingError(self._save_failed(final, error, "checkpoint", state.step))
+        what = "checkpoint"
         if main:
-            try:
+            try:  # the sums cover every process's files, so they come after the agreement
+                write_checksums(tmp / EMA)
+                write_checksums(tmp, skip=(EMA,))
+                fsync_tree(tmp)
                 replace_folder(final, tmp)  # a checkpoint of this step from before an interruption is replaced
+                what = "model export"
                 export_model(self.path, final / EMA)
                 rotate_checkpoints(final, keep)
             except WRITE_ERRORS as err:
@@ -559,7 +646,7 @@ class RunDir:
         if not agree(error is None):
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(self._save_failed(final, error, "model export", state.step))
+            raise TrainingError(self._save_failed(final, error, what, state.step))
         return final
 
     def _save_failed(self, final: Path, error: BaseException | None, what: str, step: int) -> str:
@@ -579,6 +666,10 @@ class RunDir:
         """A checkpoint read into memory on ``device``: the training state and the EMA weights. Nothing is
         applied, so a damaged file (any error raised here) leaves the trainer untouched."""
         where = "cpu" if device.type == "cpu" else str(device)  # a multi-process CPU run's "cpu:0" is refused by both loaders
+        for folder, prefix in ((path, ""), (path / EMA, f"{EMA}/")):
+            problem = checksum_problem(folder)
+            if problem:  # the file changed after it was written whole: the trainer falls back past it
+                raise ValueError(f"{prefix}{problem}")
         counters = json.loads((path / STATE).read_text())
         model = load_file(path / WEIGHTS, device=where)
         ema = load_file(path / EMA / PIPELINE_WEIGHTS, device=where)
@@ -589,6 +680,6 @@ class RunDir:
         state = TrainState(
             step=counters["step"], epoch=counters["epoch"], batch=counters["batch"], ema_updates=counters["ema_step"],
             world_size=counters["world_size"], model=model, optimizer=opt["optimizer"], lr_schedule=opt["lr_schedule"],
-            rng=rng,
+            rng=rng, scaler=opt.get("scaler"), micro_batch=int(counters.get("micro_batch", 0)),
         )
         return state, ema

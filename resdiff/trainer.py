@@ -14,6 +14,7 @@ import inspect
 import re
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -83,6 +84,11 @@ class Trainer:
         self.step = 0
         self.resumed_from: Path | None = None  # the checkpoint ``resume`` loaded
         self._stop_signal: int | None = None
+        # Processes agree on a signal every step (so a preempted run checkpoints within one step), with a CPU
+        # all-reduce: on a GPU backend it goes through a gloo side group, so the vote never waits for the GPU.
+        self._votes = None
+        if self.world > 1 and torch.distributed.get_backend() != "gloo":
+            self._votes = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=t.timeout_s))
 
     def summary(self) -> str:
         """What is about to happen, in a few lines."""
@@ -159,13 +165,14 @@ class Trainer:
                     bar.set_postfix(shown)
                     loss_sum.zero_()
                     loss_count, last_step = 0, self.step
-                if self.step % t.preview_every == 0 or final:
+                if checkpoint:  # first: a preempted run has seconds before SIGKILL, and previews can wait
+                    self.save_checkpoint()
+                    stop = stop or self._poll_stop()  # signalled during the write: the step is saved, stop now
+                if not stop and (self.step % t.preview_every == 0 or final):
                     self.preview()
-                if self.evaluator is not None and (self.step % self.evaluator.every == 0 or final):
+                if not stop and self.evaluator is not None and (self.step % self.evaluator.every == 0 or final):
                     shown.update({k: f"{v:.4g}" for k, v in self.evaluate().items() if not k.startswith("kid_std")})
                     bar.set_postfix(shown)
-                if checkpoint:
-                    self.save_checkpoint()
                 if self.step % t.log_every == 0 or checkpoint:
                     last_time = time.perf_counter()  # previews, evaluations and checkpoints do not count against images/s
                 if stop:
@@ -276,11 +283,17 @@ class Trainer:
     def state(self) -> TrainState:
         """Everything a resumed run needs, besides the EMA model."""
         position = getattr(self.batches, "position", (0, 0))
+        scaler = self.accelerator.scaler  # fp16's loss scale and its growth counter (None in fp32 and bf16)
         return TrainState(
             step=self.step, epoch=position[0], batch=position[1], ema_updates=self.ema.updates, world_size=self.world,
             model=self.accelerator.unwrap_model(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
             lr_schedule=self.lr_schedule.state_dict(), rng=_rng_state(),
+            scaler=scaler.state_dict() if scaler is not None else None, micro_batch=self._micro_batch(),
         )
+
+    def _micro_batch(self) -> int:
+        """The images one micro-batch of all processes together takes (the unit of the data position)."""
+        return self.settings.batch_size // self.settings.grad_accum
 
     def save_checkpoint(self) -> Path:
         """Checkpoint this step (every process takes part) and export the EMA model; see ``RunDir.save_checkpoint``."""
@@ -316,9 +329,6 @@ class Trainer:
 
     def load_state(self, path: Path, state: TrainState, ema: dict[str, torch.Tensor]) -> None:
         """Continue from a checkpoint read by ``RunDir.load_checkpoint``."""
-        if state.world_size != self.world and self.is_main:
-            self.echo(f"note: checkpoint was written by {state.world_size} process(es), resuming on {self.world}; "
-                      f"the data order continues from the same epoch")
         try:
             self.accelerator.unwrap_model(self.model).load_state_dict(state.model)
             self.ema.load(ema, state.ema_updates)
@@ -329,19 +339,33 @@ class Trainer:
                 f"resume with the settings it was trained with, or choose a new --out"
             ) from None
         self.lr_schedule.load_state_dict(state.lr_schedule)
+        if state.scaler is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state.scaler)  # fp16 continues at its loss scale
         self.step = state.step
         seek = getattr(self.batches, "seek", None)
-        if state.world_size == self.world:
-            if seek is not None:
-                seek(state.epoch, state.batch)
-            if state.rng is not None:
-                _set_rng_state(state.rng)
-        else:  # another sharding of the data: start the next epoch, with fresh randomness for this step
-            if seek is not None:
-                seek(state.epoch + 1, 0)
+        if seek is not None:
+            seek(*self._position_after(state))
+        if state.world_size == self.world and state.rng is not None:
+            _set_rng_state(state.rng)
+        else:  # each process's randomness was saved for another number of processes: draw it afresh
             from accelerate.utils import set_seed
 
             set_seed(self.settings.seed + 1_000_003 * (self.step + 1), device_specific=True)
+
+    def _position_after(self, state: TrainState) -> tuple[int, int]:
+        """Where the data continues after ``state``. An epoch's order does not depend on the number of processes
+        (each takes its slice of every global micro-batch), so with the same images per micro-batch (the same
+        global batch and accumulation) the run continues at the same place on any number of processes; with
+        another micro-batch it continues at the image it reached, when a whole number of micro-batches gets
+        there, else at the next epoch."""
+        micro, old = self._micro_batch(), state.micro_batch or (self._micro_batch() if state.world_size == self.world else 0)
+        done = state.batch * old  # images of the epoch already trained on
+        same = old and done % micro == 0
+        if state.world_size != self.world and self.is_main:
+            where = "the same place in the data" if same else "the next epoch"
+            self.echo(f"note: checkpoint was written by {state.world_size} process(es), resuming on {self.world}; "
+                      f"training continues at {where}, with fresh random noise")
+        return (state.epoch, done // micro) if same else (state.epoch + 1, 0)
 
     # --------------------------------------------------------------------------- ending
     def _end_distributed(self) -> None:
@@ -385,13 +409,14 @@ class Trainer:
         return previous
 
     def _poll_stop(self) -> bool:
-        """Whether any process was signalled. All processes must stop at the same step, so with several
-        processes they agree through one small all-reduce every 10 steps rather than a sync every step."""
+        """Whether any process was signalled. All processes must stop at the same step, and soon after the
+        signal (a launcher sends SIGKILL ~30 s after SIGTERM), so they vote every step: one all-reduce of a
+        CPU integer (microseconds; no GPU sync, see ``__init__``)."""
         if self.world == 1:
             return self._stop_signal is not None
-        if self.step % 10:
-            return False
-        return not self.all_ok(self._stop_signal is None)
+        votes = torch.tensor([int(self._stop_signal is not None)])
+        torch.distributed.all_reduce(votes, group=self._votes)  # None: the default group, gloo on CPUs
+        return bool(votes.item())
 
 
 def _lost_contact(err: RuntimeError) -> bool:

@@ -31,6 +31,7 @@ from PIL import Image
 from resdiff import UNet
 from resdiff.rundir import checkpoint_problem, complete_checkpoints, latest_checkpoint, list_checkpoints
 from resdiff.errors import TrainingError, UsageError, run_cli
+from resdiff.files import write_checksums
 from resdiff.build import build_trainer
 from launch import free_port, launch_env, launcher, run_watched
 from tiny_runs import ROOT, TINY, config, fit, load_script, read_log, write_pngs
@@ -61,8 +62,12 @@ class Payload:
 
 
 def plant_pickle(path: Path, marker: Path, wrap: bool = False) -> Path:
-    """A torch.save file (a zip with data.pkl, like a real .bin or optimizer.pt) that runs code when unpickled."""
+    """A torch.save file (a zip with data.pkl, like a real .bin or optimizer.pt) that runs code when unpickled.
+    In a checkpoint it also rewrites SHA256SUMS, as an attacker could, so that what is tested is torch.load's
+    own refusal (the sums catch damage, not a forger)."""
     torch.save({"optimizer": Payload(marker), "lr_schedule": {}} if wrap else {"weight": Payload(marker)}, path)
+    if (path.parent / "SHA256SUMS").is_file():
+        write_checksums(path.parent, skip=("ema",))
     assert not marker.exists()
     return path
 
@@ -508,7 +513,7 @@ def test_no_loading_path_runs_code_from_a_pickle(pipeline, tmp_path, capsys, bas
     run = Path(shutil.copytree(base_run, tmp_path / "run"))
     shutil.rmtree(ckpt(run, 2))
     plant_pickle(ckpt(run, 4) / "optimizer.pt", marker, wrap=True)
-    code, _, err = train_cli(["--data", pngs, "--out", run, "--steps", "6", *TINY], capsys)
+    code, _, err = train_cli(["--data", pngs, "--out", run, "--steps", "6", "--resume-anyway", *TINY], capsys)
     assert code == 2 and "cannot resume" in err and "Weights only load failed" in err and err.count("\n") == 1, err
     assert not marker.exists()
 
@@ -604,3 +609,229 @@ def test_killed_runs_resume_to_the_end(tmp_path, pngs):
     assert [p.name for p in list_checkpoints(run)] == ["step-0000012", "step-0000015"]
     assert not (run / ".lock").exists() and not list(run.glob(".model*")) and not list(run.glob("checkpoints/.*"))
     assert (run / "model" / "model_index.json").is_file()
+
+
+# ----------------------------------------------------------------------------- runs that cannot silently go wrong
+
+
+def flip_a_bit(file: Path) -> None:
+    """Change one bit near the end of a file (inside the tensor data): the length, the header and the zip
+    directory stay whole, so only a content checksum can tell."""
+    data = bytearray(file.read_bytes())
+    data[len(data) - 64] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    """Every file of a run directory (but its lock), to show a refusal changed nothing."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_the_readme_default_out_refuses_another_dataset_of_the_same_folder_name(tmp_path, monkeypatch, capsys):
+    """`--data cifar10/train` and `--data other/train` both default to runs/train: the second must not continue
+    the first run's weights. Refused in one line naming what differs and both ways on, with nothing written;
+    --resume-anyway continues deliberately."""
+    monkeypatch.chdir(tmp_path)
+    first, second = write_pngs(tmp_path / "cifar10" / "train", 32), write_pngs(tmp_path / "other" / "train", 30, seed=1)
+    assert train_cli(["--data", first, "--steps", "2", *TINY], capsys)[0] == 0
+    run = tmp_path / "runs" / "train"
+    before = snapshot(run)
+    code, out, err = train_cli(["--data", second, "--steps", "4", *TINY], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in out + err, out + err
+    assert f"data.source: {first} -> {second}" in err and "data.listing: 32 files, sha256 " in err and "-> 30 files" in err
+    assert "another --out" in err and "--resume-anyway" in err
+    assert snapshot(run) == before  # no log trimmed, no config or identity rewritten
+
+    code, out, err = train_cli(["--data", second, "--steps", "4", "--resume-anyway", *TINY], capsys)
+    assert code == 0, err
+    assert "warning: --resume-anyway" in out and "(step 2)" in out
+    assert json.loads((run / "identity.json").read_text())["data.source"] == str(second)  # the new identity is recorded
+
+
+@pytest.mark.parametrize("change", ["diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=cosine",
+                                    "diffusion.num_train_timesteps=500", "data.random_flip=false", "train.seed=5"])
+def test_a_resume_that_changes_what_is_learned_is_refused(change, run_copy, pngs):
+    key = change.split("=")[0]
+    with pytest.raises(UsageError, match=rf"cannot resume .*: it was trained with other data or settings \({key}: ") as info:
+        build_trainer(config(run_copy, *common(pngs, "train.steps=6", change)), echo=lambda _: None)
+    assert "\n" not in str(info.value) and not (run_copy / ".lock").exists()
+    # What may change on resume (the end, the learning rate, clipping, checkpointing) still resumes.
+    trainer = build_trainer(config(run_copy, *common(pngs, "train.steps=6", "train.lr=1e-4", "train.grad_clip=0.5")),
+                            echo=lambda _: None)
+    trainer.close()
+    assert trainer.step == 4
+
+
+def test_a_run_whose_checkpoints_were_deleted_is_not_started_over_unasked(run_copy, pngs, capsys):
+    """Deleting checkpoints to save space must not make the same command start over, wiping the log and
+    replacing the finished model at its first checkpoint. --start-over does so when asked."""
+    shutil.rmtree(run_copy / "checkpoints")
+    before = snapshot(run_copy)
+    argv = ["--data", pngs, "--out", run_copy, "--steps", "2", *TINY, "train.checkpoint_every=2"]
+    code, out, err = train_cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in out + err, err
+    assert "holds earlier training (the exported model model/ and log.jsonl up to step 4)" in err and "--start-over" in err
+    assert snapshot(run_copy) == before
+    shutil.rmtree(run_copy / "model")  # the log alone says checkpoints were written
+    code, _, err = train_cli(argv, capsys)
+    assert code == 2 and "holds earlier training (log.jsonl up to step 4)" in err and snapshot(run_copy) != before
+
+    code, out, err = train_cli([*argv, "--start-over"], capsys)
+    assert code == 0, err
+    assert "note: --start-over: removed samples, log.jsonl, identity.json" in out and "(new run)" in out
+    assert [r["step"] for r in read_log(run_copy)] == [2] and [p.name for p in list_checkpoints(run_copy)] == ["step-0000002"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_simply_starts_again(tmp_path, pngs):
+    """Steps logged before the first checkpoint are work a crash lost: the same command (or an elastic
+    restart) starts again from step 0 without asking, and the log keeps each step once."""
+    run = tmp_path / "run"
+    build_trainer(config(run, f"data.path={pngs}", "train.steps=3", "train.checkpoint_every=5"), echo=lambda _: None).close()
+    (run / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    printed = fit(run, f"data.path={pngs}", "train.steps=2", "train.checkpoint_every=5", "train.log_every=1")
+    assert any("dropped 3 record(s) past step 0" in m for m in printed)
+    assert [r["step"] for r in read_log(run)] == [1, 2]
+
+
+def test_checkpoints_and_the_model_carry_checksums_sha256sum_can_check(base_run):
+    for folder in (ckpt(base_run, 4), ckpt(base_run, 4) / "ema", base_run / "model"):
+        listed = [line.split("  ")[1] for line in (folder / "SHA256SUMS").read_text().splitlines()]
+        assert "model_index.json" in listed or "state.json" in listed
+        assert not any(name.startswith("ema/") for name in listed)  # ema/ has sums of its own
+        if shutil.which("sha256sum"):
+            check = subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=folder, capture_output=True, text=True)
+            assert check.returncode == 0, check.stdout + check.stderr
+    assert {"model.safetensors", "optimizer.pt", "rng-0.pt", "state.json"} <= {
+        line.split("  ")[1] for line in (ckpt(base_run, 4) / "SHA256SUMS").read_text().splitlines()}
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.pt", "ema/unet/diffusion_pytorch_model.safetensors"])
+def test_a_bit_flipped_checkpoint_falls_back_with_one_line_naming_the_file(file, run_copy, pngs):
+    flip_a_bit(ckpt(run_copy, 4) / file)
+    assert checkpoint_problem(ckpt(run_copy, 4)) is None  # whole by every structural check
+    printed = []
+    trainer = build_trainer(config(run_copy, *common(pngs, "train.steps=4")), echo=printed.append)
+    trainer.close()
+    warnings = [m for m in printed if m.startswith("warning: cannot load")]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert f"{ckpt(run_copy, 4)} ({file} does not match its SHA-256 in SHA256SUMS: the file is damaged)" in warnings[0]
+    assert trainer.resumed_from == ckpt(run_copy, 2) and trainer.step == 2
+
+
+def test_a_bit_flipped_exported_model_is_one_line_exit_2(base_run, tmp_path, capsys):
+    model = Path(shutil.copytree(base_run / "model", tmp_path / "model"))
+    flip_a_bit(model / WEIGHTS)
+    code, out, err = sample_cli(["--model", model, "-n", 1, "--steps", 2, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in out + err, err
+    assert f"{model}/{WEIGHTS} does not match its SHA-256 in SHA256SUMS: the file is damaged" in err
+    assert not (tmp_path / "out").exists()
+
+
+class Recorder:
+    """An in-training evaluator of one's own (the Trainer's documented protocol): it records the steps it ran
+    at, and sends this process SIGTERM the first time, as a preemption during an evaluation would."""
+
+    def __init__(self, every: int):
+        self.every, self.steps, self.trainer = every, [], None
+
+    def __call__(self, model, scheduler_config) -> dict[str, float]:
+        self.steps.append(self.trainer.step)
+        if len(self.steps) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"probe": 1.0}
+
+
+def test_a_signal_checkpoints_first_and_skips_previews_and_evaluations(tmp_path, pngs):
+    """A SIGTERM during step 1's evaluation: step 2 is trained, checkpointed and the run stops; neither the
+    preview nor the evaluation of the stopping step runs (a launcher kills ~30 s after SIGTERM)."""
+    run = tmp_path / "run"
+    trainer = build_trainer(config(run, f"data.path={pngs}", "train.steps=50", "train.preview_every=1"), echo=lambda _: None)
+    trainer.evaluator = recorder = Recorder(every=1)
+    recorder.trainer = trainer
+    trainer.fit()
+    assert recorder.steps == [1]
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000002"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000001.png"]
+
+
+def test_the_fp16_loss_scale_is_saved_and_restored(tmp_path, pngs):
+    """accelerate gives CPU runs no GradScaler (fp16 autocast is a GPU feature there), so a real
+    torch.amp.GradScaler is put where accelerate keeps it, moved off its defaults by a real overflow, and must
+    come back from the checkpoint through Trainer.state, RunDir and Trainer.load_state."""
+    trainer = build_trainer(config(tmp_path / "run", f"data.path={pngs}", "train.steps=2"), echo=lambda _: None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    for value in (1.0, float("inf"), 1.0):  # a finite step, an overflow (the scale backs off), a finite step
+        optimizer.zero_grad()
+        scaler.scale((weight * value).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    saved = scaler.state_dict()
+    assert saved["scale"] == 2.0**11 and saved["_growth_tracker"] == 1
+    trainer.accelerator.scaler = scaler
+    path = trainer.save_checkpoint()
+    trainer.close()
+
+    again = build_trainer(config(tmp_path / "run", f"data.path={pngs}", "train.steps=2"), echo=lambda _: None)
+    again.accelerator.scaler = torch.amp.GradScaler("cpu")
+    again.resume([path], fallback=False)
+    again.close()
+    assert again.accelerator.scaler.state_dict() == saved
+
+
+def torchrun_train(run: Path, data: Path, steps: int, *extra: str) -> list[str]:
+    """The README's two-process line for train.py."""
+    return [launcher("torchrun"), "--nproc_per_node", "2", "train.py", "--data", str(data), "--out", str(run),
+            "--steps", str(steps), "--batch-size", "8", *TINY, *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_signal_stops_within_one_step_checkpoint_first(processes, tmp_path, pngs):
+    """SIGTERM to `python train.py`, or to torchrun (what Kubernetes and SLURM signal) while two processes
+    train: they agree to stop at the step the signal arrived in, checkpoint it, draw no preview, and exit."""
+    run = tmp_path / "run"
+    extra = ("train.log_every=1", "train.checkpoint_every=1000", "train.preview_every=1000")
+    cmd = torchrun_train(run, pngs, 400, *extra)
+    if processes == 1:
+        cmd = [sys.executable, *cmd[cmd.index("train.py"):]]
+
+    def on_start(proc):
+        deadline = time.monotonic() + 150
+        while not any(s >= 3 for s in logged_steps(run)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never reached step 3"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+
+    done = run_watched(cmd, timeout=240, env=launch_env(free_port(), PYTHONPATH=str(ROOT)), on_start=on_start)
+    text = done.stdout + done.stderr
+    assert processes == 2 or done.returncode == 0, text[-3000:]
+    arrived = int(text.split("signal 15: finishing step ")[1].split(",")[0])  # rank 0's handler
+    stopped = int(text.split("stopped by signal 15 at step ")[1].split(";")[0])
+    assert arrived - 1 <= stopped <= arrived, text[-3000:]
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{stopped:07d}"]
+    assert checkpoint_problem(ckpt(run, stopped)) is None and logged_steps(run)[-1] == stopped
+    assert not (run / "samples").exists()  # no preview before (or instead of) the checkpoint
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes_continues_the_same_data(tmp_path, pngs):
+    """Steps 1-2 on two processes (torchrun), 3-4 on one, 5-6 on two again, global batch 8 throughout: each
+    resume loads, says so, and continues at the same place of the same epoch's order, as a straight run would
+    ((epoch, batch) (0, 2), (0, 4), then (1, 2): 32 images are 4 batches per epoch)."""
+    run = tmp_path / "run"
+    extra = ("train.log_every=1", "train.checkpoint_every=2")
+    one = [sys.executable, "train.py", "--data", str(pngs), "--out", str(run), "--steps", "4", "--batch-size", "8", *TINY, *extra]
+    outputs = []
+    for cmd in (torchrun_train(run, pngs, 2, *extra), one, torchrun_train(run, pngs, 6, *extra)):
+        done = run_watched(cmd, timeout=240, env=launch_env(free_port(), PYTHONPATH=str(ROOT)))
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        outputs.append(done.stdout)
+    assert "resuming on 1; training continues at the same place in the data" in outputs[1]
+    assert "written by 1 process(es), resuming on 2; training continues at the same place in the data" in outputs[2]
+    log = read_log(run)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and [r["world_size"] for r in log] == [2, 2, 1, 1, 2, 2]
+    positions = {s: json.loads((ckpt(run, s) / "state.json").read_text()) for s in (4, 6)}
+    assert (positions[4]["epoch"], positions[4]["batch"], positions[4]["world_size"]) == (0, 4, 1)
+    assert (positions[6]["epoch"], positions[6]["batch"], positions[6]["world_size"]) == (1, 2, 2)

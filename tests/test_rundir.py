@@ -79,6 +79,49 @@ def test_messages_name_sizes_and_errors_in_a_few_words():
     assert write_problem(RuntimeError("torch.save\nfailed")) == "RuntimeError: torch.save failed"
 
 
+def test_identity_changes_name_each_changed_key_and_ignore_unrecorded_ones(tmp_path):
+    from resdiff.rundir import identity_changes, write_identity
+
+    assert identity_changes(tmp_path, {"data.source": "/a"}) == []  # a run from before identities: nothing to compare
+    write_identity(tmp_path, {"data.source": "/a/train", "data.image_size": (16, 16), "train.seed": 0})
+    current = {"data.source": "/b/train", "data.image_size": (16, 16), "train.seed": 0, "diffusion.new_key": 1}
+    assert identity_changes(tmp_path, current) == ["data.source: /a/train -> /b/train"]  # tuples compare as lists
+    (tmp_path / "identity.json").write_text("{not json")
+    assert identity_changes(tmp_path, current)[0].startswith("identity.json: unreadable")
+
+
+def test_earlier_training_is_a_model_or_a_log_that_reached_a_checkpoint(tmp_path):
+    from resdiff.rundir import clear_run, earlier_training
+
+    assert earlier_training(tmp_path, 5) is None
+    (tmp_path / "log.jsonl").write_text('{"step": 4}\n{"step": 5, "lo')  # a torn last line is not a record
+    assert earlier_training(tmp_path, 5) is None  # steps a crash lost before the first checkpoint
+    (tmp_path / "log.jsonl").write_text('{"step": 4}\n{"step": 5}\n')
+    assert earlier_training(tmp_path, 5) == "log.jsonl up to step 5"
+    (tmp_path / "model").mkdir()
+    assert earlier_training(tmp_path, 5) == "the exported model model/ and log.jsonl up to step 5"
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    assert clear_run(tmp_path) == ["model", "log.jsonl"] and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_checksums_catch_a_same_length_change_and_name_the_file(tmp_path):
+    from resdiff.files import checksum_problem, write_checksums
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"\x00" * 100)
+    (tmp_path / "sub" / "b.bin").write_bytes(b"\x01" * 10)
+    assert checksum_problem(tmp_path) is None  # no sums yet: nothing to check
+    write_checksums(tmp_path, skip=("sub",))
+    assert (tmp_path / "SHA256SUMS").read_text().splitlines()[0].endswith("  a.bin")
+    assert checksum_problem(tmp_path) is None
+    (tmp_path / "sub" / "b.bin").write_bytes(b"\x02" * 10)  # skipped: has sums of its own
+    assert checksum_problem(tmp_path) is None
+    (tmp_path / "a.bin").write_bytes(b"\x00" * 99 + b"\x01")
+    assert checksum_problem(tmp_path) == "a.bin does not match its SHA-256 in SHA256SUMS: the file is damaged"
+    (tmp_path / "a.bin").unlink()
+    assert checksum_problem(tmp_path) == "a.bin is missing (listed in SHA256SUMS)"
+
+
 def test_check_disk_needs_room_for_the_kept_checkpoints_plus_the_one_being_written(tmp_path):
     """16 bytes a parameter per checkpoint, keep + 1 of them at the peak, plus the exported model twice (old and
     new, 4 bytes each): 72 bytes a parameter with the default keep of 3, not the 48 of three checkpoints."""

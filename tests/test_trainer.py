@@ -59,7 +59,7 @@ def finished_run(tmp_path_factory, pngs):
 
 def test_run_directory_has_every_part(finished_run):
     run, _ = finished_run
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "log.jsonl", "model", "samples"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "identity.json", "log.jsonl", "model", "samples"]
 
     saved = load_config(run / "config.yaml", model_keys=model_keys())  # the resolved config reloads as is
     assert saved.to_dict() == config(run, f"data.path={saved.data.path}", "train.steps=5", "train.log_every=3",
@@ -79,12 +79,12 @@ def test_run_directory_has_every_part(finished_run):
 
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-0000004", "step-0000005"]  # keep 2
     newest = run / "checkpoints" / "step-0000005"
-    assert sorted(p.name for p in newest.iterdir()) == ["ema", "model.safetensors", "optimizer.pt", "rng-0.pt", "state.json"]
+    assert sorted(p.name for p in newest.iterdir()) == ["SHA256SUMS", "ema", "model.safetensors", "optimizer.pt", "rng-0.pt", "state.json"]
     state = json.loads((newest / "state.json").read_text())
     assert state["step"] == 5 and state["world_size"] == 1 and state["ema_step"] == 5
     assert (state["epoch"], state["batch"]) == (1, 1)  # 32 images = 4 batches of 8 per epoch
     optimizer = torch.load(newest / "optimizer.pt", weights_only=True)
-    assert set(optimizer) == {"optimizer", "lr_schedule"} and optimizer["lr_schedule"]["last_epoch"] == 5
+    assert set(optimizer) == {"optimizer", "lr_schedule", "scaler"} and optimizer["scaler"] is None and optimizer["lr_schedule"]["last_epoch"] == 5
     assert set(torch.load(newest / "rng-0.pt", weights_only=True)) >= {"cpu"}
     for part in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
         assert (newest / "ema" / part).is_file() and (run / "model" / part).is_file()
@@ -209,6 +209,19 @@ def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path, pngs):
     straight, split = read_log(tmp_path / "straight"), read_log(tmp_path / "split")
     assert [r["step"] for r in split] == [2, 3, 4, 6]  # the resumed run continues the count in the same log
     assert [r["loss"] for r in split] == [r["loss"] for r in straight]
+
+
+def test_bf16_resume_is_bitwise_identical_too(tmp_path, pngs, fresh_accelerate_state):
+    """The same comparison under bf16 autocast (which needs no loss scale): 4 steps straight against 2 + resume + 2."""
+    common = [f"data.path={pngs}", "train.log_every=2", "train.checkpoint_every=2", "train.mixed_precision=bf16"]
+    fit(tmp_path / "straight", *common, "train.steps=4")
+    fit(tmp_path / "split", *common, "train.steps=2")
+    fit(tmp_path / "split", *common, "train.steps=4")
+    a, b = tmp_path / "straight" / "checkpoints" / "step-0000004", tmp_path / "split" / "checkpoints" / "step-0000004"
+    for name in ("model.safetensors", "ema/unet/diffusion_pytorch_model.safetensors"):
+        x, y = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+    assert [r["loss"] for r in read_log(tmp_path / "split")] == [r["loss"] for r in read_log(tmp_path / "straight")]
 
 
 def test_resuming_a_finished_run_does_nothing(tmp_path, pngs):
@@ -488,8 +501,11 @@ def test_no_flag_is_a_prefix_of_a_launcher_option():
     from accelerate.commands.launch import launch_command_parser
     from torch.distributed.run import get_args_parser
 
-    flags = ["--config", "--data", "--out", "--steps", "--batch-size", "--lr", "--mixed-precision", "--seed", "--resume"]
-    assert cli.parse_args([f"{f}=1" if f != "--mixed-precision" else f"{f}=no" for f in flags])  # all exist
+    flags = ["--config", "--data", "--out", "--steps", "--batch-size", "--lr", "--mixed-precision", "--seed", "--resume",
+             "--resume-anyway", "--start-over"]
+    switches = {"--resume-anyway", "--start-over"}
+    assert cli.parse_args([f"{f}=1" if f != "--mixed-precision" else f"{f}=no" for f in flags if f not in switches]
+                          + sorted(switches))  # all exist
     for flag in flags:
         args = get_args_parser().parse_args(["--nproc_per_node", "2", "train.py", flag, "1"])
         assert args.training_script_args == [flag, "1"], flag
