@@ -32,7 +32,6 @@ From noise to PNG (sampling):
 from .errors import UsageError
 from .nn import (
     Attention,
-    BottleneckBlock,
     BottleneckResBlock,
     Downsample,
     ResBlock,
@@ -50,7 +49,6 @@ __all__ = [
     "PRESETS",
     "ResBlock",
     "BottleneckResBlock",
-    "BottleneckBlock",  # the old name of BottleneckResBlock
     "SqueezeExcite",
     "Attention",
     "Downsample",
