@@ -150,9 +150,6 @@ _CHOICES = {
     "train.preview_sampler": tuple(SAMPLERS),
 }
 
-# Keys that were renamed: the old name still reads (saved config.yaml files use it), as the new one.
-_RENAMED = {"data.channels": "data.image_channels"}
-
 _ALIASES = {
     "diffusion.beta_schedule": {"cosine": "squaredcos_cap_v2"},
     "diffusion.prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"},
@@ -424,12 +421,10 @@ def load_config(
     if path is not None:
         source = f"in {path}"
         for name, value in _flatten_file(_read_yaml(path), source).items():
-            name = _RENAMED.get(name, name)
             _check_name(name, source, model_keys)
             given[name] = (value, source)
     for item in overrides:
         name, value = _parse_override(item)
-        name = _RENAMED.get(name, name)
         source = f"from override {item!r}"
         _check_name(name, source, model_keys)
         given[name] = (value, source)
