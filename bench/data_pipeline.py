@@ -50,7 +50,9 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from resdiff.data import ImageFolder, PreparedImages, ShardedBatches
+    from resdiff.batches import ShardedBatches
+    from resdiff.data import ImageFolder
+    from resdiff.prepare import PreparedImages
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -126,7 +128,9 @@ def speed_rows(args) -> list[dict]:
 
     from resdiff.build import build_trainer, model_keys
     from resdiff.config import load_config
-    from resdiff.data import ImageFolder, PreparedImages, ShardedBatches
+    from resdiff.batches import ShardedBatches
+    from resdiff.data import ImageFolder
+    from resdiff.prepare import PreparedImages
 
     limit = int(args.cache_limit_mb * 2**20)
     sources = {
