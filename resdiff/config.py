@@ -38,7 +38,7 @@ class DataConfig:
     random_crop: bool = False
     cache: bool | str = "auto"  # keep decoded images in memory: true | false | "auto" (up to cache_limit_gb)
     cache_limit_gb: float = 2.0  # cache="auto" keeps the decoded images in memory up to this size
-    num_workers: int | str = "auto"  # DataLoader worker processes, or "auto" (see resdiff.data.loader_workers)
+    num_workers: int | str = "auto"  # DataLoader worker processes, or "auto" (see resdiff.batches.loader_workers)
     demo_images: int = 2000  # size of the built-in demo dataset
 
 
