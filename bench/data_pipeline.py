@@ -99,7 +99,7 @@ def memory_rows(args) -> list[dict]:
     from launch import free_port, launch_env, launcher
 
     rows = []
-    for mode in MODES:
+    for mode in args.sources:
         out = Path(args.workdir) / "memory" / mode.split(",")[0].split()[0] / ("cached" if "cached" in mode else "plain")
         out.mkdir(parents=True, exist_ok=True)
         cmd = [launcher("torchrun"), "--nproc_per_node", "2", __file__, "--worker", mode, "--out", str(out),
@@ -173,6 +173,7 @@ def main() -> None:
     p.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "resdiff-bench-data"))
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--sources", nargs="+", choices=MODES, default=list(MODES), help="whose memory to measure (default: all)")
     p.add_argument("--json", help="where to write the results (default bench/results/data_pipeline.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
