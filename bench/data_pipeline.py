@@ -50,7 +50,9 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from resdiff.data import ImageFolder, PreparedImages, ShardedBatches
+    from resdiff.batches import ShardedBatches
+    from resdiff.data import ImageFolder
+    from resdiff.prepare import PreparedImages
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -97,7 +99,7 @@ def memory_rows(args) -> list[dict]:
     from launch import free_port, launch_env, launcher
 
     rows = []
-    for mode in MODES:
+    for mode in args.sources:
         out = Path(args.workdir) / "memory" / mode.split(",")[0].split()[0] / ("cached" if "cached" in mode else "plain")
         out.mkdir(parents=True, exist_ok=True)
         cmd = [launcher("torchrun"), "--nproc_per_node", "2", __file__, "--worker", mode, "--out", str(out),
@@ -126,7 +128,9 @@ def speed_rows(args) -> list[dict]:
 
     from resdiff.build import build_trainer, model_keys
     from resdiff.config import load_config
-    from resdiff.data import ImageFolder, PreparedImages, ShardedBatches
+    from resdiff.batches import ShardedBatches
+    from resdiff.data import ImageFolder
+    from resdiff.prepare import PreparedImages
 
     limit = int(args.cache_limit_mb * 2**20)
     sources = {
@@ -169,6 +173,7 @@ def main() -> None:
     p.add_argument("--workdir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "resdiff-bench-data"))
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--sources", nargs="+", choices=MODES, default=list(MODES), help="whose memory to measure (default: all)")
     p.add_argument("--json", help="where to write the results (default bench/results/data_pipeline.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

@@ -290,7 +290,7 @@ train_step() {  # train_step PRECISION LIMIT
       --batch-size 128 --rounds 5 --steps-per-round 5 --json "$json"
   else
     run "train-step $1" "$2" "$(basename "$json")" "$PY" bench/train_step.py --presets tiny --precisions "$1" \
-      --batch-size 4 --rounds 1 --steps-per-round 1 --json "$json"
+      --batch-size 4 --rounds 1 --steps-per-round 1 --quick --json "$json"
   fi
 }
 if [ "$MODE" = gpu ]; then

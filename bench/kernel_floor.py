@@ -16,6 +16,7 @@ in oneDNN's and torch's kernels, and some of those (a convolution's weight gradi
 
     python bench/kernel_floor.py                                  # ddpm-cifar10, fp32 and (where native) bf16
     python bench/kernel_floor.py --precisions bf16 --batch-size 16
+    python bench/kernel_floor.py --presets tiny --rounds 1 --batch-size 2 --quick   # the plumbing only (tests)
 
 Each (preset, precision) runs in its own process.
 """
@@ -129,16 +130,17 @@ def kernel_floor(fn: Callable[[], object], repeats: int = 3, sync: Callable[[], 
     return {"seconds": seconds, "calls": counts, "distinct": len(best), "total": sum(seconds.values())}
 
 
-def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_round: int) -> dict:
+def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_round: int, quick: bool = False) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    peak = matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu")  # first, on an idle process
+    peak_size = dict(n=256, seconds=0.05) if quick else {}  # --quick: a figure, not a measurement
+    peak = matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu", **peak_size)  # first, on an idle process
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(preset, precision, batch, workdir, dropout=None)
         _, diffusers_step = diffusers_step_fn(trainer, batch)
         steps = {"resdiff": resdiff_step_fn(trainer, batch), "diffusers": diffusers_step}
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         times = interleaved({k: (lambda f=f: [f() for _ in range(steps_per_round)]) for k, f in steps.items()}, rounds, sync)
-        floors = {k: kernel_floor(f, sync=sync) for k, f in steps.items()}
+        floors = {k: kernel_floor(f, repeats=1 if quick else 3, sync=sync) for k, f in steps.items()}
         ours = trainer.accelerator.unwrap_model(trainer.model)
         size = trainer.ema.model.config.sample_size
         x = torch.randn(1, 3, size, size, device=trainer.accelerator.device)
@@ -165,6 +167,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps-per-round", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="check the plumbing: a small matmul peak, each kernel replayed once")
     p.add_argument("--json", help="where to write the results (default bench/results/kernel_floor.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -175,7 +178,8 @@ def main() -> None:
     rows = []
     for preset in args.presets:
         for precision in args.precisions or default_precisions():
-            spec = dict(preset=preset, precision=precision, batch=args.batch_size, rounds=args.rounds, steps_per_round=args.steps_per_round)
+            spec = dict(preset=preset, precision=precision, batch=args.batch_size, rounds=args.rounds, steps_per_round=args.steps_per_round,
+                        quick=args.quick)
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if out.returncode or not line:

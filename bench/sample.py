@@ -1,6 +1,6 @@
 """Sampling throughput: resdiff.sampling.generate vs diffusers' DDIMPipeline, same weights, DDIM-50.
 
-The diffusers model is built at the preset's architecture and converted with UNet.from_diffusers, so
+The diffusers model is built at the preset's architecture and converted with resdiff.convert.from_diffusers, so
 both run the very same weights. Both contenders alternate round by round in one process.
 
     python bench/sample.py                          # ddpm-cifar10, batch 16, fp32 and (where it is native) bf16
@@ -34,11 +34,12 @@ def main() -> None:
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from resdiff import UNet
+    from resdiff.convert import from_diffusers, to_diffusers
     from resdiff.sampling import generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    theirs = UNet.from_preset(args.preset).to_diffusers().to(device).eval()  # diffusers' model ...
-    ours = UNet.from_diffusers(theirs).to(device).eval()  # ... and resdiff's, with its exact weights
+    theirs = to_diffusers(UNet.from_preset(args.preset)).to(device).eval()  # diffusers' model ...
+    ours = from_diffusers(theirs).to(device).eval()  # ... and resdiff's, with its exact weights
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     pipe = DDIMPipeline(unet=theirs, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -59,7 +60,7 @@ def main() -> None:
         contenders = {"resdiff": run_resdiff, "diffusers": run_diffusers}
         compile_s = None
         if args.compile:
-            compiled = UNet.from_diffusers(theirs).to(device).eval().compile_blocks()
+            compiled = from_diffusers(theirs).to(device).eval().compile_blocks()
             start = time.perf_counter()
             generate(compiled, n, sampler="ddim", steps=2, batch_size=n, device=device, mixed_precision=precision,
                      progress=False, scheduler_config=dict(scheduler.config))  # compiles (timed apart)

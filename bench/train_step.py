@@ -1,6 +1,6 @@
 """Training-step throughput and memory: resdiff's trainer vs diffusers' UNet2DModel training loop.
 
-Both train the identical architecture (the resdiff preset converted with to_diffusers, parameter
+Both train the identical architecture (the resdiff preset converted with convert.to_diffusers, parameter
 counts checked). A "step" is everything the loop does per batch: noise, forward, loss, backward,
 gradient clipping, optimizer, EMA update. resdiff's step is the Trainer's own; the diffusers step
 follows its train_unconditional.py example (AdamW and EMAModel with their defaults).
@@ -8,6 +8,7 @@ follows its train_unconditional.py example (AdamW and EMAModel with their defaul
     python bench/train_step.py                       # ddpm-cifar10 and small, fp32 and (where it is native) bf16
     python bench/train_step.py --presets small --precisions bf16 --rounds 5
     python bench/train_step.py --memory              # peak memory of a step, each model in a fresh process
+    python bench/train_step.py --presets tiny --rounds 1 --steps-per-round 1 --quick   # the plumbing only (tests)
 
 Each (preset, precision) runs in its own process; inside it the two loops alternate round by round.
 """
@@ -31,12 +32,13 @@ from bench.common import (  # noqa: E402
 )
 
 
-def make_trainer(preset: str, precision: str, batch: int, workdir: str, dropout: float | None, extra: tuple[str, ...] = ()):
+def make_trainer(preset: str, precision: str, batch: int, workdir: str, dropout: float | None, extra: tuple[str, ...] = (),
+                 demo_images: int = 256):
     from resdiff.config import load_config
     from resdiff.build import build_trainer
 
     overrides = [f"model.preset={preset}", f"train.batch_size={batch}", f"train.mixed_precision={precision}",
-                 "data.demo_images=256", "data.num_workers=0", f"out={workdir}/run{len(extra)}", *extra]
+                 f"data.demo_images={demo_images}", "data.num_workers=0", f"out={workdir}/run{len(extra)}", *extra]
     if dropout is not None:
         overrides.append(f"model.dropout={dropout}")
     size = {"ddpm-celebahq-256": 256}.get(preset, 32)
@@ -49,8 +51,10 @@ def diffusers_step_fn(trainer, batch: int):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
+    from resdiff.convert import to_diffusers
+
     acc = trainer.accelerator
-    model = acc.unwrap_model(trainer.model).to_diffusers().to(acc.device).train()
+    model = to_diffusers(acc.unwrap_model(trainer.model)).to(acc.device).train()
     # Prepared like the example does: with fp16, accelerate's grad scaler then unscales this optimizer's gradients too.
     optimizer = acc.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8))
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
@@ -84,12 +88,14 @@ def resdiff_step_fn(trainer, batch: int):
 VARIANTS = {"channels_last": ("train.channels_last=true",), "compile": ("train.compile=true",)}
 
 
-def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_round: int, variants: list[str] = ()) -> dict:
+def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_round: int, variants: list[str] = (),
+            quick: bool = False) -> dict:
     # The peak first, on an idle process: measured after torch.compile it came out a third low (MFU over 100%).
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
-    peak = matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    peak_size = dict(n=256, seconds=0.05) if quick else {}  # --quick: a figure, not a measurement
+    peak = matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu", **peak_size)
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = make_trainer(preset, precision, batch, workdir, dropout=None)
+        trainer = make_trainer(preset, precision, batch, workdir, dropout=None, demo_images=16 if quick else 256)
         theirs, diffusers_step = diffusers_step_fn(trainer, batch)
         ours = trainer.accelerator.unwrap_model(trainer.model)
         n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
@@ -120,10 +126,10 @@ def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_roun
             **{f"ratio {k}": round(v["images_per_s"] / res["diffusers"]["images_per_s"], 3) for k, v in res.items() if "+" in k}, **res}
 
 
-def peak_memory(which: str, preset: str, precision: str, batch: int, steps: int = 3) -> dict:
+def peak_memory(which: str, preset: str, precision: str, batch: int, steps: int = 3, quick: bool = False) -> dict:
     """Run ``steps`` training steps of one loop in this (fresh) process and report peak memory."""
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = make_trainer(preset, precision, batch, workdir, dropout=None)
+        trainer = make_trainer(preset, precision, batch, workdir, dropout=None, demo_images=16 if quick else 256)
         if which == "diffusers":
             theirs, step = diffusers_step_fn(trainer, batch)
             del trainer.model, trainer.optimizer, trainer.ema  # only diffusers' copy stays
@@ -150,6 +156,7 @@ def main() -> None:
     p.add_argument("--steps-per-round", type=int, default=2)
     p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS), help="also time these resdiff options")
     p.add_argument("--memory", action="store_true", help="measure peak memory instead of throughput")
+    p.add_argument("--quick", action="store_true", help="check the plumbing: the matmul peak from one small product, 16 demo images")
     p.add_argument("--json", help="where to write the results (default bench/results/train_step.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -163,9 +170,11 @@ def main() -> None:
     rows, precisions = [], args.precisions or default_precisions()
     for preset in args.presets:
         for precision in precisions:
-            specs = ([dict(which=w, preset=preset, precision=precision, batch=args.batch_size) for w in ("resdiff", "diffusers")]
+            specs = ([dict(which=w, preset=preset, precision=precision, batch=args.batch_size, quick=args.quick)
+                      for w in ("resdiff", "diffusers")]
                      if args.memory else [dict(preset=preset, precision=precision, batch=args.batch_size, rounds=args.rounds,
-                                               steps_per_round=args.steps_per_round, variants=args.variants)])
+                                               steps_per_round=args.steps_per_round, variants=args.variants,
+                                               quick=args.quick)])
             for spec in specs:
                 out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
                 line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]

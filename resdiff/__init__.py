@@ -9,7 +9,8 @@ loop -> CLIs). Who owns what:
     nn.py          the blocks: time embedding, ResBlock (GroupNorm, time scale/shift, skip), attention, resampling
     unet.py        UNet: the blocks assembled, its initialisation and presets      convert.py  <-> diffusers UNet2DModel
     diffusion.py   DDPM: noise schedule, training target and loss, sampling loop; the sampler names
-    data.py        ImageFolder, demo shapes, ShardedBatches, flips               config.py   Config, YAML, overrides
+    data.py        file -> pixels, ImageFolder, demo shapes, flips               config.py   Config, YAML, overrides
+    batches.py     ShardedBatches: each process's batches   prepare.py  the prepared dataset: writer and reader
     build.py       build_trainer(cfg): checks, run directory, the parts          trainer.py  Trainer: loop and step
     ema.py         EMA weights                rundir.py  RunDir: layout, checkpoints, lock, log, export
     files.py       whole-file writes, temporary names, the cache folder          images.py   PNG, grids, npz
@@ -21,7 +22,7 @@ loop -> CLIs). Who owns what:
     hardware.py    devices, precisions, malloc errors.py  UsageError/TrainingError, the CLI parser
 
 From folder to loss (training):
-    image folder --data.ImageFolder (decode, channels, resize, crop; uint8 cache)--> data.ShardedBatches (this
+    image folder --data.ImageFolder (decode, channels, resize, crop; uint8 cache)--> batches.ShardedBatches (this
     process's micro-batches, flipped) --> trainer.Trainer.train_step: uint8 -> [-1, 1] (data.to_model_range)
     --> diffusion.DDPM.loss(unet.UNet, x0): timesteps, noise, add_noise, target, MSE --> backward, clip, AdamW,
     LR schedule, ema.EMA.update --> every N steps rundir.RunDir: log, preview grid, checkpoint, model/ export
@@ -36,7 +37,6 @@ From noise to PNG (sampling):
 from .errors import UsageError
 from .nn import (
     Attention,
-    BottleneckBlock,
     BottleneckResBlock,
     Downsample,
     ResBlock,
@@ -54,7 +54,6 @@ __all__ = [
     "PRESETS",
     "ResBlock",
     "BottleneckResBlock",
-    "BottleneckBlock",  # the old name of BottleneckResBlock
     "SqueezeExcite",
     "Attention",
     "Downsample",

@@ -28,12 +28,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 
+from .batches import ShardedBatches, loader_workers
 from .config import Config
-from .data import ImageFolder, PreparedImages, ShardedBatches, is_prepared, loader_workers, shape_name, write_demo_folder
+from .data import ImageFolder, shape_name, write_demo_folder
 from .diffusion import DDPM
 from .errors import UsageError
 from .files import cache_root
 from .hardware import precision_warning, reuse_freed_memory
+from .prepare import PreparedImages, is_prepared
 from .rundir import (
     RunDir, check_disk, check_same_model, checkpoint_problem, clear_run, complete_checkpoints, earlier_training,
     export_model, identity_changes, list_checkpoints, remove_leftovers, step_of, trim_log, write_config, write_identity,

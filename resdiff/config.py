@@ -38,7 +38,7 @@ class DataConfig:
     random_crop: bool = False
     cache: bool | str = "auto"  # keep decoded images in memory: true | false | "auto" (up to cache_limit_gb)
     cache_limit_gb: float = 2.0  # cache="auto" keeps the decoded images in memory up to this size
-    num_workers: int | str = "auto"  # DataLoader worker processes, or "auto" (see resdiff.data.loader_workers)
+    num_workers: int | str = "auto"  # DataLoader worker processes, or "auto" (see resdiff.batches.loader_workers)
     demo_images: int = 2000  # size of the built-in demo dataset
 
 
@@ -149,9 +149,6 @@ _CHOICES = {
     "train.mixed_precision": tuple(MIXED_PRECISIONS),
     "train.preview_sampler": tuple(SAMPLERS),
 }
-
-# Keys that were renamed: the old name still reads (saved config.yaml files use it), as the new one.
-_RENAMED = {"data.channels": "data.image_channels"}
 
 _ALIASES = {
     "diffusion.beta_schedule": {"cosine": "squaredcos_cap_v2"},
@@ -443,12 +440,10 @@ def load_config(
     if path is not None:
         source = f"in {path}"
         for name, value in _flatten_file(_read_yaml(path), source).items():
-            name = _RENAMED.get(name, name)
             _check_name(name, source, model_keys)
             given[name] = (value, source)
     for item in overrides:
         name, value = _parse_override(item)
-        name = _RENAMED.get(name, name)
         source = f"from override {item!r}"
         _check_name(name, source, model_keys)
         given[name] = (value, source)

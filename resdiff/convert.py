@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from .nn import BLOCK_ALIASES, BLOCKS, ResBlock
+from .nn import BLOCKS, ResBlock
 from .unet import UNet, level_resolutions, resblock_resamplers
 
 __all__ = ["from_diffusers", "to_diffusers"]
@@ -105,7 +105,7 @@ def _unet_config(cfg: Any) -> dict[str, Any]:
 
 def _diffusers_config(cfg: Any) -> dict[str, Any]:
     """diffusers UNet2DModel keyword arguments equivalent to a resdiff UNet config."""
-    if BLOCKS[BLOCK_ALIASES.get(cfg.block, cfg.block)] is not ResBlock or cfg.cardinality != 1 or cfg.squeeze_excite:
+    if BLOCKS[cfg.block] is not ResBlock or cfg.cardinality != 1 or cfg.squeeze_excite:
         raise _unsupported("diffusers has no bottleneck, grouped or squeeze-excite ResBlocks")
     scale_shift = cfg.time_injection == "scale_shift"
     if not cfg.mid_attention_norm and not scale_shift:

@@ -1,5 +1,5 @@
-"""Image data: a recursive image folder dataset, a procedurally drawn demo dataset, and the
-deterministic sharded batches the trainer draws from them.
+"""Where training images live: a recursive image folder dataset and a procedurally drawn demo dataset
+(the prepared, memory-mapped dataset is ``resdiff.prepare``). What each process draws from them at each step is ``resdiff.batches``.
 
 Images leave this module as uint8 tensors (C, H, W); `to_model_range` maps them to the [-1, 1]
 floats the model works in, and `to_uint8` maps model output back.
@@ -15,24 +15,22 @@ per item), packed into one flat uint8 buffer. `cache="auto"` keeps them when the
 `cache_limit` bytes (`CACHE_LIMIT_BYTES` by default); `True` always keeps them; `False` decodes per
 item. A folder that does not fit is read from disk per batch, holding only the batches in flight.
 
-`PreparedImages` reads a dataset that `python -m resdiff.prepare` decoded once into NumPy .npy
-files: memory-mapped, so the processes of one machine share one copy through the page cache.
+A prepared dataset (decoded once into memory-mapped NumPy .npy files) is read and written in
+``resdiff.prepare``, its format in one place.
 """
 
 from __future__ import annotations
 
-import bisect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader
 
 from .errors import UsageError, one_line
 from .images import save_png
@@ -390,133 +388,6 @@ class ImageFolder(torch.utils.data.Dataset):
         return x.clone(memory_format=torch.contiguous_format), self.labels[i]  # (C, H, W)
 
 
-# ----------------------------------------------------------------------------- prepared datasets
-
-PREPARED_FORMAT = "resdiff-prepared"
-PREPARED_VERSION = 1
-PREPARED_INDEX = "index.json"
-
-
-def is_prepared(path: str | Path) -> bool:
-    """Whether ``path`` is a folder that `python -m resdiff.prepare` wrote (it holds index.json)."""
-    return (Path(path) / PREPARED_INDEX).is_file()
-
-
-def _damaged(path: Path, what: str) -> UsageError:
-    return UsageError(f"prepared dataset file {path} is {what}; prepare the dataset again "
-                      f"(python -m resdiff.prepare SOURCE {path.parent})")
-
-
-class PreparedImages(torch.utils.data.Dataset):
-    """A prepared dataset: uint8 (C, H, W) images memory-mapped from NumPy .npy shards, with their labels.
-
-    Layout (written by ``resdiff.prepare``): ``index.json`` (format, version, image_size [H, W], channels, classes,
-    the source folder, its files and the skipped ones, the shards with their counts), ``labels.npy`` int64 (N,),
-    and ``images-00000.npy``, ... uint8 (n_k, C, H, W), in the order of ``files``. Items are copies of rows of
-    the maps, so every process of a machine reads one copy of the data from the page cache; none is loaded
-    into private memory. Checked on opening: the index, each shard's header, shape and exact file size, the
-    labels. A damaged or truncated file is one UsageError line that names it.
-    """
-
-    def __init__(self, root: str | Path, image_size: int | Sequence[int] | None = None, channels: int | None = None,
-                 *, random_flip: bool = False) -> None:
-        import json
-
-        self.root = Path(root)
-        index_file = self.root / PREPARED_INDEX
-        try:
-            index = json.loads(index_file.read_text(encoding="utf-8"))
-            if index.get("format") != PREPARED_FORMAT:
-                raise ValueError("not a resdiff prepared-dataset index")
-            if index.get("version") != PREPARED_VERSION:
-                raise ValueError(f"version {index.get('version')!r}, this resdiff reads {PREPARED_VERSION}")
-            self.shape = image_shape(index["image_size"])
-            self.channels, self.classes = int(index["channels"]), list(index["classes"])
-            self.source = Path(index["source"])
-            rel_files, shards = list(index["files"]), list(index["shards"])
-            counts = [int(sh["count"]) for sh in shards]
-            self.skipped = [(self.source / f, why) for f, why in index.get("skipped", [])]
-        except FileNotFoundError:
-            raise UsageError(f"{index_file} is missing; {self.root} is not a prepared dataset") from None
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise _damaged(index_file, f"damaged ({one_line(err, 120)})") from None
-        if len(rel_files) != sum(counts):
-            raise _damaged(index_file, f"inconsistent: {len(rel_files)} files but {sum(counts)} images in its shards")
-        self.image_size = self.shape[0] if self.shape[0] == self.shape[1] else self.shape
-        if image_size is not None and image_shape(image_size) != self.shape:
-            raise UsageError(
-                f"{self.root} was prepared at {shape_name(self.shape)}, but data.image_size is {shape_name(image_size)}; "
-                f"set data.image_size={shape_name(self.shape)} or prepare again with --image-size {shape_name(image_size)}")
-        if channels is not None and channels != self.channels:
-            raise UsageError(
-                f"{self.root} was prepared with {self.channels} channel(s), but data.image_channels is {channels}; "
-                f"set data.image_channels={self.channels} or prepare again with --channels {channels}")
-        self.files = [self.source / f for f in rel_files]
-        self.random_flip, self.cached = random_flip, True  # nothing is decoded per item
-        self.mode = (f"prepared, memory-mapped from {self.root} ({self._nbytes(counts) / 2**30:.2f} GiB; the processes "
-                     "of this machine share one copy through the page cache)")
-        self._shard_files = [self.root / str(sh["file"]) for sh in shards]
-        self._starts = np.cumsum([0, *counts]).tolist()
-        labels_file = self.root / "labels.npy"
-        try:
-            labels = np.load(labels_file, allow_pickle=False)
-        except FileNotFoundError:
-            raise _damaged(labels_file, "missing") from None
-        except (OSError, ValueError, EOFError) as err:
-            raise _damaged(labels_file, f"damaged or truncated ({one_line(err, 120)})") from None
-        if labels.shape != (len(self.files),) or labels.dtype.kind not in "iu":
-            raise _damaged(labels_file, f"{labels.dtype} {labels.shape}, not {len(self.files)} integer labels")
-        self.labels = labels.astype(np.int64).tolist()
-        self._maps = self._open(counts)
-
-    def _nbytes(self, counts: Sequence[int]) -> int:
-        return sum(counts) * self.channels * self.shape[0] * self.shape[1]
-
-    def _open(self, counts: Sequence[int]) -> list[np.ndarray]:
-        """Memory-map every shard, checking its header, shape and size."""
-        maps = []
-        for path, n in zip(self._shard_files, counts):
-            want = (n, self.channels, *self.shape)
-            try:
-                with open(path, "rb") as f:
-                    major, _ = np.lib.format.read_magic(f)
-                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                    shape, fortran, dtype = read(f)
-                    offset = f.tell()
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise _damaged(path, "missing") from None
-            except (OSError, ValueError, EOFError, SyntaxError) as err:
-                raise _damaged(path, f"damaged ({one_line(err, 120)})") from None
-            if tuple(shape) != want or dtype != np.uint8 or fortran:
-                raise _damaged(path, f"{dtype} {tuple(shape)}, expected uint8 {want}")
-            if size != offset + int(np.prod(want)):
-                raise _damaged(path, f"{size} bytes, expected {offset + int(np.prod(want))} (truncated or damaged)")
-            maps.append(np.memmap(path, np.uint8, "r", offset=offset, shape=want) if n else np.zeros(want, np.uint8))
-        return maps
-
-    def __getstate__(self) -> dict:
-        """Loader workers started by spawn map the files again instead of receiving a pickled copy of the data."""
-        state = dict(self.__dict__)
-        state["_maps"] = None
-        return state
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        """Image i as a contiguous uint8 (C, H, W) tensor (a copy of its row of the map) and its class label."""
-        if self._maps is None:
-            self._maps = self._open([b - a for a, b in zip(self._starts, self._starts[1:])])
-        if not 0 <= i < len(self.files):
-            raise IndexError(f"image {i} of {len(self.files)}")
-        k = bisect.bisect_right(self._starts, i) - 1
-        x = torch.from_numpy(np.array(self._maps[k][i - self._starts[k]]))  # (C, H, W)
-        if self.random_flip:
-            x = random_flip(x[None])[0]
-        return x, self.labels[i]
-
-
 # ----------------------------------------------------------------------------- augmentation and value ranges
 
 
@@ -586,75 +457,3 @@ def write_demo_folder(root: str | Path, n: int = 2000, image_size: int | Sequenc
     for name, pixels in zip(names, images):
         save_png(Image.fromarray(pixels), root / name)  # atomic: a half-written file never has the final name
     return root
-
-
-def loader_workers(setting: int | str, cached: bool, device: torch.device | str, local_processes: int = 1,
-                   cpus: int | None = None) -> tuple[int, str]:
-    """How many DataLoader worker processes to use, and why (for the start-up summary).
-
-    An integer ``setting`` is used as it is. ``"auto"`` picks none when the decoded images are cached in
-    memory (a batch is then a few slices of one tensor: microseconds) or when the model computes on the
-    CPU (workers are processes that would take the cores the model's threads run on, and start again every
-    epoch). Otherwise, a GPU run decoding files per item gets one worker per
-    core this process may use, less the one its main thread needs, at most 8.
-    """
-    if setting != "auto":
-        return int(setting), "data.num_workers"
-    if cached:
-        return 0, "auto: the decoded images are cached in memory"
-    if torch.device(device).type == "cpu":
-        return 0, "auto: the model computes on the CPU, workers would take its cores"
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = max(cpus // max(local_processes, 1), 1)
-    return min(8, max(share - 1, 1)), f"auto: images are decoded per batch; {share} core(s) per process"
-
-
-class ShardedBatches:
-    """Endless, deterministic, resumable batches for one of ``world`` processes.
-
-    Epoch e is a permutation seeded by (seed, e), cut into global micro-batches of which each process
-    takes its own slice. The position is two integers, (epoch, index), so a resumed run sees exactly
-    the batches it would have seen. With ``flip``, each batch is mirrored by ``random_flip`` as it is
-    handed out, in the training process (never in a loader worker), so the flips follow the saved RNG too.
-    """
-
-    def __init__(
-        self, dataset: torch.utils.data.Dataset, per_process: int, rank: int, world: int, seed: int,
-        loader_kwargs: dict, flip: bool = False,
-    ):
-        self.dataset, self.per_process, self.rank, self.world, self.seed = dataset, per_process, rank, world, seed
-        self.loader_kwargs, self.flip = loader_kwargs, flip
-        self.epoch, self.index = 0, 0
-        self.per_epoch = len(dataset) // (per_process * world)
-        if self.per_epoch == 0:
-            raise UsageError(
-                f"the dataset has {len(dataset)} images, fewer than one batch of {per_process * world} "
-                f"({per_process} per process x {world} processes); add images or lower --batch-size"
-            )
-
-    @property
-    def position(self) -> tuple[int, int]:
-        """Where the batches are: (epoch, index of the next batch in it). Checkpoints save it."""
-        return self.epoch, self.index
-
-    def seek(self, epoch: int, index: int) -> None:
-        """Continue from ``position`` (epoch, index); the next iteration starts there."""
-        self.epoch, self.index = epoch, index
-
-    def _generator(self) -> torch.Generator:
-        """This epoch's generator. DataLoader draws worker seeds from it, not from the global RNG."""
-        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-
-    def _epoch_batches(self) -> list[list[int]]:
-        order = torch.randperm(len(self.dataset), generator=self._generator())
-        order = order[: self.per_epoch * self.per_process * self.world].view(self.per_epoch, self.world, self.per_process)
-        return order[:, self.rank].tolist()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            batches = self._epoch_batches()[self.index :]
-            for images, labels in DataLoader(self.dataset, batch_sampler=batches, generator=self._generator(), **self.loader_kwargs):
-                self.index += 1
-                yield (random_flip(images) if self.flip else images), labels
-            self.epoch, self.index = self.epoch + 1, 0

@@ -71,12 +71,10 @@ def reuse_freed_memory() -> bool:
     of that back to the kernel (blocks over its adaptive mmap threshold are unmapped on free, and the heap
     is trimmed whenever its free top passes twice that threshold), so every step page-faults it in again,
     zeroed by the kernel. Here no block is mmap'd on its own (all come from the heap, where freed blocks
-    are reused) and the heap is trimmed only when over 2 GB at its top are free. On the 2-core
-    AVX512-BF16 EPYC (bench/allocator.py, ddpm-cifar10, bf16), a step at batch 16 went from 86,000 page
-    faults and 0.19 s of kernel time to about 1,000 and 0.004 s, and ran 1.06x faster; at the config's
-    batch 128, from 2.1 million faults and 5.5 s of kernel time per step to none, 1.34x faster. The
-    process keeps its peak memory instead of returning it between steps: peak RSS was unchanged at batch
-    16 and 12% higher at batch 128. GPU runs are unaffected (CUDA has its own caching allocator).
+    are reused) and the heap is trimmed only when over 2 GB at its top are free: the page faults and the
+    kernel time they cost go, and the process keeps its peak memory instead of returning it between steps
+    (bench/allocator.py measures both; figures in the README's Benchmarks). GPU runs are unaffected (CUDA
+    has its own caching allocator).
 
     Process-wide and idempotent; returns whether it applied: False off glibc (e.g. macOS or musl) and where
     ``RESDIFF_KEEP_FREED_MEMORY=0`` is set (for a process that must give memory back between steps).

@@ -30,25 +30,14 @@ from .errors import UsageError, one_line
 from .hardware import default_device
 from .files import checksum_problem
 from .rundir import file_problem, latest_checkpoint
-from .unet import UNet
+from .convert import from_diffusers
+from .unet import UNet, no_safetensors
 
-__all__ = ["find_model_folder", "load_model", "no_safetensors", "PIPELINE_FILES"]
+__all__ = ["find_model_folder", "load_model", "PIPELINE_FILES"]
 
 # What a pipeline folder must hold besides the weights.
 PIPELINE_FILES = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json")
-_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _UNET_CLASSES = {("resdiff.unet", "UNet"): UNet, ("resdiff", "UNet"): UNet, ("diffusers", "UNet2DModel"): UNet2DModel}
-
-
-def no_safetensors(folder: Path) -> str | None:
-    """Why ``folder``'s weights cannot be loaded (it has no .safetensors file, and which pickle files it has
-    instead: those can run code when loaded and are never opened), or None when it has safetensors weights.
-    The one place both ``UNet.from_pretrained`` and ``load_model`` refuse pickles."""
-    if any(folder.glob("*.safetensors")):
-        return None
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLES) if folder.is_dir() else []
-    found = f" (it has {', '.join(pickles)}: pickle files, which can run code and are never loaded)" if pickles else ""
-    return f"{folder} has no .safetensors weights{found}"
 
 
 def find_model_folder(path: str | Path) -> Path:
@@ -101,7 +90,7 @@ def load_model(
         raise UsageError(f"cannot load the model in {unet_dir}: {one_line(err)}") from None
     if cls is UNet2DModel:
         try:
-            model = UNet.from_diffusers(model)
+            model = from_diffusers(model)
         except ValueError:  # an architecture the converter does not cover is used directly
             pass
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")

@@ -21,13 +21,11 @@ __all__ = [
     "TimestepEmbedding",
     "ResBlock",
     "BottleneckResBlock",
-    "BottleneckBlock",
     "SqueezeExcite",
     "Attention",
     "Downsample",
     "Upsample",
     "BLOCKS",
-    "BLOCK_ALIASES",
     "RES_BLOCKS",
     "Dropout",
     "group_norm",
@@ -63,11 +61,9 @@ class Dropout(nn.Dropout):
     keeps a float mask for backward. Here each value gets 16 bits of one 64-bit draw, so the serial random
     number generator does a quarter of the draws, and two multiplies replace ``torch.where``. A value is
     dropped with probability ``round(p * 65536) / 65536`` (within 2^-17 of ``p``; at least 1/65536) and
-    the kept are scaled by the inverse of the kept fraction, so the expectation is exactly the input. On
-    the AVX512-BF16 EPYC, the mask's forward and backward on a (16, 128, 32, 32) bf16 tensor took 5.2 ms
-    against 12.7 ms for ``torch.rand`` + ``torch.where`` (the previous version), and a ddpm-cifar10 bf16
-    training step ran about 4% faster. Other devices, and code under
-    ``torch.compile``, keep torch's own dropout.
+    the kept are scaled by the inverse of the kept fraction, so the expectation is exactly the input
+    (measured against ``torch.rand`` + ``torch.where``: the README's Benchmarks). Other devices, and code
+    under ``torch.compile``, keep torch's own dropout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,22 +194,10 @@ def check_cardinality(cardinality: int, *channels: int, what: str = "") -> None:
             raise ValueError(f"cardinality {cardinality} does not divide {what or f'{c} channels'}")
 
 
-def rename_old_keys(state_dict: dict, prefix: str, renamed: dict[str, str]) -> None:
-    """Rename, in place, the keys under ``prefix`` that a block saved under an older name (``renamed``: old -> new)."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix) :]
-        for old, new in renamed.items():
-            if rest.startswith(old):
-                state_dict[prefix + new + rest[len(old) :]] = state_dict.pop(key)
-                break
-
-
 class ResBlock(nn.Module):
     """Time-conditioned residual block of DDPM/ADM: two 3x3 convs, GroupNorm, the timestep, a skip connection."""
 
     branch_end = "conv2"  # the layer that ends the residual branch: UNet.initialize_weights zeroes it
-    # state_dict names used before 2026-11-27 (old prefix -> new); checkpoints and model folders saved then still load.
-    renamed_keys = {"time_norm.proj.": "time_proj.", "time_norm.norm.": "norm2."}
 
     def __init__(
         self,
@@ -254,18 +238,12 @@ class ResBlock(nn.Module):
         h = self.gate(self.conv2(self.dropout(h)))  # (N, out, H', W')
         return self.skip(self.resample(x)) + h  # (N, out, H', W')
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        rename_old_keys(state_dict, prefix, self.renamed_keys)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
 
 class BottleneckResBlock(nn.Module):
     """Time-conditioned bottleneck block (1x1 reduce, 3x3, 1x1 expand; He et al. 2016), not the classic resnet.Bottleneck."""
 
     reduction = 4
     branch_end = "expand"  # the layer that ends the residual branch: UNet.initialize_weights zeroes it
-    # state_dict names used before 2026-11-27 (old prefix -> new); checkpoints and model folders saved then still load.
-    renamed_keys = {"norm_mid.": "norm2.", "time_norm.proj.": "time_proj.", "time_norm.norm.": "norm3."}
 
     def __init__(
         self,
@@ -312,16 +290,9 @@ class BottleneckResBlock(nn.Module):
         h = self.gate(self.expand(self.dropout(h)))  # (N, out, H', W')
         return self.skip(self.resample(x)) + h  # (N, out, H', W')
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        rename_old_keys(state_dict, prefix, self.renamed_keys)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-BottleneckBlock = BottleneckResBlock  # its name before 2026-11-27
 
 # UNet(block=...) -> block class. Both share one interface: (in, out, emb_dim, **options), forward(x, emb).
 BLOCKS: dict[str, type[nn.Module]] = {"basic": ResBlock, "bottleneck": BottleneckResBlock}
-BLOCK_ALIASES = {"resnet": "basic"}  # names saved configs may hold: "basic" was called "resnet" before 2026-11-27
 RES_BLOCKS = tuple(BLOCKS.values())  # for isinstance: every time-conditioned residual block
 
 

@@ -3,7 +3,7 @@
     python -m resdiff.prepare DIR OUT --image-size 64x128 [--channels 3] [--class-cond] [--config FILE]
 
 OUT holds NumPy .npy files (uint8 (n, C, H, W) shards, int64 labels) and an index.json (see
-``resdiff.data.PreparedImages``). Images go through exactly what training does to a folder (decode, convert
+``PreparedImages`` below, its reader). Images go through exactly what training does to a folder (decode, convert
 to the channels, resize to cover, centre crop), so a prepared dataset gives the same batches as its folder.
 Unreadable files are skipped with one warning line each, as training skips them. Memory holds one chunk of
 decoded images at a time, whatever the size of the folder; OUT appears only when it is complete.
@@ -15,6 +15,7 @@ maps it, any tool reads it, and a mapped file is shared by every process of a ma
 from __future__ import annotations
 
 import argparse
+import bisect
 import errno
 import json
 import os
@@ -26,19 +27,150 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .data import (
-    IMAGE_EXTENSIONS, PREPARED_FORMAT, PREPARED_INDEX, PREPARED_VERSION, PreparedImages, why_unusable,
-    find_images, is_image_size, class_labels, fit_image, image_shape, open_image, shape_name,
+    IMAGE_EXTENSIONS, why_unusable, find_images, is_image_size, class_labels, fit_image, image_shape, open_image, random_flip,
+    shape_name,
 )
-from .errors import ArgumentParser, UsageError, run_cli
+from .errors import ArgumentParser, UsageError, one_line, run_cli
 from .files import human_size, write_problem
 
-__all__ = ["prepare", "main"]
+__all__ = ["PreparedImages", "is_prepared", "prepare", "main"]
 
 SHARD_BYTES = 1024**3  # images per shard file: as many as fit in about 1 GiB
 _CHUNK = 256  # images decoded per round of thread-pool work (bounds memory)
+
+
+# ----------------------------------------------------------------------------- the format, and its reader
+
+PREPARED_FORMAT = "resdiff-prepared"
+PREPARED_VERSION = 1
+PREPARED_INDEX = "index.json"
+
+
+def is_prepared(path: str | Path) -> bool:
+    """Whether ``path`` is a folder that `python -m resdiff.prepare` wrote (it holds index.json)."""
+    return (Path(path) / PREPARED_INDEX).is_file()
+
+
+def _damaged(path: Path, what: str) -> UsageError:
+    return UsageError(f"prepared dataset file {path} is {what}; prepare the dataset again "
+                      f"(python -m resdiff.prepare SOURCE {path.parent})")
+
+
+class PreparedImages(torch.utils.data.Dataset):
+    """A prepared dataset: uint8 (C, H, W) images memory-mapped from NumPy .npy shards, with their labels.
+
+    Layout (written by ``resdiff.prepare``): ``index.json`` (format, version, image_size [H, W], channels, classes,
+    the source folder, its files and the skipped ones, the shards with their counts), ``labels.npy`` int64 (N,),
+    and ``images-00000.npy``, ... uint8 (n_k, C, H, W), in the order of ``files``. Items are copies of rows of
+    the maps, so every process of a machine reads one copy of the data from the page cache; none is loaded
+    into private memory. Checked on opening: the index, each shard's header, shape and exact file size, the
+    labels. A damaged or truncated file is one UsageError line that names it.
+    """
+
+    def __init__(self, root: str | Path, image_size: int | Sequence[int] | None = None, channels: int | None = None,
+                 *, random_flip: bool = False) -> None:
+        import json
+
+        self.root = Path(root)
+        index_file = self.root / PREPARED_INDEX
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+            if index.get("format") != PREPARED_FORMAT:
+                raise ValueError("not a resdiff prepared-dataset index")
+            if index.get("version") != PREPARED_VERSION:
+                raise ValueError(f"version {index.get('version')!r}, this resdiff reads {PREPARED_VERSION}")
+            self.shape = image_shape(index["image_size"])
+            self.channels, self.classes = int(index["channels"]), list(index["classes"])
+            self.source = Path(index["source"])
+            rel_files, shards = list(index["files"]), list(index["shards"])
+            counts = [int(sh["count"]) for sh in shards]
+            self.skipped = [(self.source / f, why) for f, why in index.get("skipped", [])]
+        except FileNotFoundError:
+            raise UsageError(f"{index_file} is missing; {self.root} is not a prepared dataset") from None
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise _damaged(index_file, f"damaged ({one_line(err, 120)})") from None
+        if len(rel_files) != sum(counts):
+            raise _damaged(index_file, f"inconsistent: {len(rel_files)} files but {sum(counts)} images in its shards")
+        self.image_size = self.shape[0] if self.shape[0] == self.shape[1] else self.shape
+        if image_size is not None and image_shape(image_size) != self.shape:
+            raise UsageError(
+                f"{self.root} was prepared at {shape_name(self.shape)}, but data.image_size is {shape_name(image_size)}; "
+                f"set data.image_size={shape_name(self.shape)} or prepare again with --image-size {shape_name(image_size)}")
+        if channels is not None and channels != self.channels:
+            raise UsageError(
+                f"{self.root} was prepared with {self.channels} channel(s), but data.image_channels is {channels}; "
+                f"set data.image_channels={self.channels} or prepare again with --channels {channels}")
+        self.files = [self.source / f for f in rel_files]
+        self.random_flip, self.cached = random_flip, True  # nothing is decoded per item
+        self.mode = (f"prepared, memory-mapped from {self.root} ({self._nbytes(counts) / 2**30:.2f} GiB; the processes "
+                     "of this machine share one copy through the page cache)")
+        self._shard_files = [self.root / str(sh["file"]) for sh in shards]
+        self._starts = np.cumsum([0, *counts]).tolist()
+        labels_file = self.root / "labels.npy"
+        try:
+            labels = np.load(labels_file, allow_pickle=False)
+        except FileNotFoundError:
+            raise _damaged(labels_file, "missing") from None
+        except (OSError, ValueError, EOFError) as err:
+            raise _damaged(labels_file, f"damaged or truncated ({one_line(err, 120)})") from None
+        if labels.shape != (len(self.files),) or labels.dtype.kind not in "iu":
+            raise _damaged(labels_file, f"{labels.dtype} {labels.shape}, not {len(self.files)} integer labels")
+        self.labels = labels.astype(np.int64).tolist()
+        self._maps = self._open(counts)
+
+    def _nbytes(self, counts: Sequence[int]) -> int:
+        return sum(counts) * self.channels * self.shape[0] * self.shape[1]
+
+    def _open(self, counts: Sequence[int]) -> list[np.ndarray]:
+        """Memory-map every shard, checking its header, shape and size."""
+        maps = []
+        for path, n in zip(self._shard_files, counts):
+            want = (n, self.channels, *self.shape)
+            try:
+                with open(path, "rb") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = read(f)
+                    offset = f.tell()
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise _damaged(path, "missing") from None
+            except (OSError, ValueError, EOFError, SyntaxError) as err:
+                raise _damaged(path, f"damaged ({one_line(err, 120)})") from None
+            if tuple(shape) != want or dtype != np.uint8 or fortran:
+                raise _damaged(path, f"{dtype} {tuple(shape)}, expected uint8 {want}")
+            if size != offset + int(np.prod(want)):
+                raise _damaged(path, f"{size} bytes, expected {offset + int(np.prod(want))} (truncated or damaged)")
+            maps.append(np.memmap(path, np.uint8, "r", offset=offset, shape=want) if n else np.zeros(want, np.uint8))
+        return maps
+
+    def __getstate__(self) -> dict:
+        """Loader workers started by spawn map the files again instead of receiving a pickled copy of the data."""
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image i as a contiguous uint8 (C, H, W) tensor (a copy of its row of the map) and its class label."""
+        if self._maps is None:
+            self._maps = self._open([b - a for a, b in zip(self._starts, self._starts[1:])])
+        if not 0 <= i < len(self.files):
+            raise IndexError(f"image {i} of {len(self.files)}")
+        k = bisect.bisect_right(self._starts, i) - 1
+        x = torch.from_numpy(np.array(self._maps[k][i - self._starts[k]]))  # (C, H, W)
+        if self.random_flip:
+            x = random_flip(x[None])[0]
+        return x, self.labels[i]
+
+
+# ----------------------------------------------------------------------------- the writer
 
 
 def _finish_shard(path: Path, count: int, item: tuple[int, int, int]) -> None:

@@ -7,7 +7,9 @@ taking the matching encoder activation as a skip connection.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -16,9 +18,23 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .nn import BLOCK_ALIASES, BLOCKS, RES_BLOCKS, Attention, Downsample, TimestepEmbedding, Upsample, group_norm, rename_old_keys
+from .nn import BLOCKS, RES_BLOCKS, Attention, Downsample, TimestepEmbedding, Upsample, group_norm
 
 __all__ = ["UNet", "UNetOutput", "PRESETS", "sample_shape"]
+
+
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def no_safetensors(folder: Path) -> str | None:
+    """Why ``folder``'s weights cannot be loaded (it has no .safetensors file, and which pickle files it has
+    instead: those can run code when loaded and are never opened), or None when it has safetensors weights.
+    The one place both ``UNet.from_pretrained`` and ``model_folder.load_model`` refuse pickles."""
+    if any(folder.glob("*.safetensors")):
+        return None
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLES) if folder.is_dir() else []
+    found = f" (it has {', '.join(pickles)}: pickle files, which can run code and are never loaded)" if pickles else ""
+    return f"{folder} has no .safetensors weights{found}"
 
 
 def sample_shape(sample_size: int | Sequence[int]) -> tuple[int, int]:
@@ -94,7 +110,7 @@ class UNet(ModelMixin, ConfigMixin):
         num_classes: class-conditional when set; label ``num_classes`` is the null class used for
             classifier-free guidance and when no labels are given.
         block / cardinality / squeeze_excite: ResBlock variant ("basic": nn.ResBlock, "bottleneck":
-            nn.BottleneckResBlock; "resnet", the old name of "basic", is still accepted), grouped 3x3 convs
+            nn.BottleneckResBlock), grouped 3x3 convs
             (ResNeXt) and a squeeze-and-excitation gate.
         mid_attention_norm: GroupNorm before the middle attention (diffusers omits it for scale_shift models).
     """
@@ -130,7 +146,7 @@ class UNet(ModelMixin, ConfigMixin):
         super().__init__()
         out_channels = out_channels or in_channels
         levels = len(channel_mult)
-        Block = BLOCKS.get(BLOCK_ALIASES.get(block, block))
+        Block = BLOCKS.get(block)
         if Block is None:
             raise ValueError(f"unknown block {block!r}; choose one of {sorted(BLOCKS)}")
         hgt, wid = sample_shape(sample_size)
@@ -240,11 +256,6 @@ class UNet(ModelMixin, ConfigMixin):
         A pickled ``diffusion_pytorch_model.bin`` can run arbitrary code when loaded, so it is never opened:
         ``use_safetensors=False`` is refused, and a local folder that has no .safetensors weights is an error
         naming the pickle files it holds instead."""
-        import os
-        from pathlib import Path
-
-        from .model_folder import no_safetensors
-
         if kwargs.get("use_safetensors") is False:
             raise ValueError("UNet.from_pretrained reads safetensors weights only; use_safetensors=False is not supported")
         kwargs["use_safetensors"] = True
@@ -255,27 +266,6 @@ class UNet(ModelMixin, ConfigMixin):
             if problem:
                 raise FileNotFoundError(f"{problem}; re-save the model with safetensors")
         return super().from_pretrained(*args, **kwargs)
-
-    def _fix_state_dict_keys_on_load(self, state_dict: dict) -> None:
-        """diffusers' step before from_pretrained loads a (single-file) state_dict: also rename the block keys saved
-        under their old names (``renamed_keys`` of each block class), as ``load_state_dict`` does."""
-        super()._fix_state_dict_keys_on_load(state_dict)
-        for name, m in self.named_modules():
-            if isinstance(m, RES_BLOCKS):
-                rename_old_keys(state_dict, f"{name}.", m.renamed_keys)
-
-    @classmethod
-    def from_diffusers(cls, model: nn.Module) -> "UNet":
-        """Convert a diffusers ``UNet2DModel`` (weights included); outputs match the original."""
-        from .convert import from_diffusers
-
-        return from_diffusers(model)
-
-    def to_diffusers(self) -> nn.Module:
-        """The equivalent diffusers ``UNet2DModel``, weights included."""
-        from .convert import to_diffusers
-
-        return to_diffusers(self)
 
     def compile_blocks(self, **kwargs: Any) -> "UNet":
         """torch.compile each ResBlock and attention block in place (regional compilation).

@@ -24,9 +24,8 @@ def bench(script: str, *args: str, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
-def test_train_step_times_both_loops_at_one_architecture(tmp_path):
-    result = bench("train_step", "--presets", "tiny", "--precisions", "no", "--rounds", "1", "--steps-per-round", "1",
-                   "--batch-size", "4", tmp_path=tmp_path)
+def check_train_step(result: dict) -> None:
+    """bench/train_step.py times both loops at one architecture (run by gpu_check.sh's CPU smoke below)."""
     assert result["machine"] and result["date"]
     (row,) = result["rows"]
     assert row["preset"] == "tiny" and row["parameters"] > 0 and row["gflop_per_image"] > 0
@@ -35,10 +34,16 @@ def test_train_step_times_both_loops_at_one_architecture(tmp_path):
     assert row["ratio"] == pytest.approx(row["resdiff"]["images_per_s"] / row["diffusers"]["images_per_s"], rel=0.01)
 
 
+def check_sample(result: dict) -> None:
+    """bench/sample.py compares with the diffusers pipeline (run by gpu_check.sh's CPU smoke below)."""
+    (row,) = result["rows"]
+    assert row["resdiff img/s"] > 0 and row["diffusers img/s"] > 0 and row["steps"] == 2
+
+
 def test_a_bf16_step_casts_and_copies_no_more_than_diffusers(tmp_path):
     """Which ops a bf16 step runs, and in which dtype, does not depend on the CPU: counted on any machine."""
     (row,) = bench("train_step", "--presets", "tiny", "--precisions", "bf16", "--rounds", "1", "--steps-per-round", "1",
-                   "--batch-size", "2", tmp_path=tmp_path)["rows"]
+                   "--batch-size", "2", "--quick", tmp_path=tmp_path)["rows"]
     ours, theirs = row["resdiff"]["ops_per_step"], row["diffusers"]["ops_per_step"]
     assert ours["aten::copy_"] > 0 and ours["aten::_to_copy"] > 0  # the profiler saw the step
     for op in ("aten::copy_", "aten::_to_copy"):
@@ -46,7 +51,8 @@ def test_a_bf16_step_casts_and_copies_no_more_than_diffusers(tmp_path):
 
 
 def test_train_step_memory_measures_each_loop_in_its_own_process(tmp_path):
-    result = bench("train_step", "--memory", "--presets", "tiny", "--precisions", "no", "--batch-size", "4", tmp_path=tmp_path)
+    result = bench("train_step", "--memory", "--presets", "tiny", "--precisions", "no", "--batch-size", "4", "--quick",
+                   tmp_path=tmp_path)
     assert [r["which"] for r in result["rows"]] == ["resdiff", "diffusers"]
     assert all(r["peak_mb"] > 50 for r in result["rows"])  # a Python process with torch loaded
 
@@ -59,13 +65,6 @@ def test_allocator_times_each_loop_and_malloc_setting_in_its_own_process(tmp_pat
     runs = result["runs"]
     assert [r["applied"] for r in runs["resdiff/default"] + runs["resdiff/reuse"]] == [False, True]  # the setting took
     assert all(len(r["seconds"]) == 2 and r["step_s"] > 0 and r["peak_rss_mb"] > 50 for rs in runs.values() for r in rs)
-
-
-def test_sample_compares_with_the_diffusers_pipeline(tmp_path):
-    result = bench("sample", "--preset", "tiny", "--num-images", "2", "--steps", "2", "--rounds", "1", "--precisions", "no",
-                   tmp_path=tmp_path)
-    (row,) = result["rows"]
-    assert row["resdiff img/s"] > 0 and row["diffusers img/s"] > 0 and row["steps"] == 2
 
 
 def test_train_e2e_compares_train_py_with_the_bare_step(tmp_path):
@@ -84,13 +83,14 @@ def test_evaluate_times_sampling_features_and_the_whole_evaluation(tmp_path):
 
 
 def test_data_pipeline_measures_memory_and_speed_of_each_source(tmp_path):
-    result = bench("data_pipeline", "--images", "256", "--rounds", "1", "--presets", "tiny", "--workdir", str(tmp_path / "w"),
-                   tmp_path=tmp_path)
+    result = bench("data_pipeline", "--images", "32", "--size", "16", "--source-size", "24", "--batch-size", "8", "--batches", "1",
+                   "--rounds", "1", "--presets", "tiny", "--sources", "prepared", "folder, read per batch",
+                   "--workdir", str(tmp_path / "w"), tmp_path=tmp_path)
     assert result["decoded_mib"] == 2 * result["cache_limit_mib"]  # a dataset twice the cache limit
     memory = {m["source"]: m["raw"] for m in result["memory"]}
-    assert {"prepared", "folder, read per batch"} <= set(memory)
+    assert {"prepared", "folder, read per batch"} == set(memory)  # the sources asked for (each a 2-process torchrun)
     for runs in memory.values():  # two processes, each read its half of one epoch
-        assert [r["images"] for r in runs] == [128, 128] and all(r["after"]["VmHWM"] > 0 for r in runs)
+        assert [r["images"] for r in runs] == [16, 16] and all(r["after"]["VmHWM"] > 0 for r in runs)
     assert "memory-mapped" in memory["prepared"][0]["mode"] and "per batch" in memory["folder, read per batch"][0]["mode"]
     speed = {s["what"]: float(s["images/s"]) for s in result["speed"]}
     assert speed["prepared (memory-mapped)"] > 0 and len(speed) >= 2
@@ -103,7 +103,10 @@ def test_blocks_counts_each_variant_against_the_plain_resblock(tmp_path):
 
 
 def test_gpu_check_cpu_smoke_runs_every_part_and_writes_the_summary(tmp_path):
-    """bench/gpu_check.sh, the script for a borrowed GPU machine, runs its whole plumbing on the CPU with --cpu-smoke."""
+    """bench/gpu_check.sh, the script for a borrowed GPU machine, runs its whole plumbing on the CPU with --cpu-smoke.
+
+    Its parts run bench/train_step.py and bench/sample.py at the tiniest settings, so their results are checked
+    here too, rather than paying for those runs again in tests of their own."""
     import torch
 
     out = tmp_path / "out"
@@ -118,6 +121,8 @@ def test_gpu_check_cpu_smoke_runs_every_part_and_writes_the_summary(tmp_path):
     assert cells[1] == "no" and float(cells[2]) > 0 and float(cells[3]) > 0, row  # resdiff and diffusers img/s
     assert "problems: none" in summary
     assert (out / "e2e" / "log.jsonl").is_file() and (out / "e2e" / "grid.png").is_file()
+    check_train_step(json.loads((out / "train_step-no.json").read_text()))  # bench/train_step.py --quick, tiny, 1 step
+    check_sample(json.loads((out / "sample-no-n4.json").read_text()))  # bench/sample.py, tiny, DDIM-2
 
     if not torch.cuda.is_available():  # without --cpu-smoke, a CUDA-less machine is refused at once
         env["OUT"] = str(tmp_path / "out-gpu")
@@ -144,7 +149,7 @@ def test_learning_measure_ranks_real_below_blurred_below_noise():
 
 
 def test_kernel_floor_replays_each_kernel_of_both_steps(tmp_path):
-    (row,) = bench("kernel_floor", "--presets", "tiny", "--precisions", "no", "--rounds", "1", "--batch-size", "2",
+    (row,) = bench("kernel_floor", "--presets", "tiny", "--precisions", "no", "--rounds", "1", "--batch-size", "2", "--quick",
                    tmp_path=tmp_path)["rows"]
     for who in ("resdiff", "diffusers"):
         w = row[who]

@@ -296,7 +296,7 @@ def test_out_of_range(override, expected):
 
 
 def test_boundary_values_are_accepted():
-    cfg = load_config(overrides=["train.ema_decay=0", "diffusion.label_dropout=0", "data.channels=1",
+    cfg = load_config(overrides=["train.ema_decay=0", "diffusion.label_dropout=0", "data.image_channels=1",
                                  "train.warmup_steps=0", "data.num_workers=0"])  # fmt: skip
     assert cfg.train.ema_decay == 0.0 and cfg.data.image_channels == 1
 
@@ -385,14 +385,11 @@ def test_config_diff():
         config_diff(a, b, "nope")
 
 
-def test_the_old_name_data_channels_still_reads_as_data_image_channels(tmp_path):
-    """Saved config.yaml files of earlier runs say data.channels; it is the image channel count, now image_channels."""
-    path = tmp_path / "old.yaml"
-    path.write_text("data:\n  channels: 1\n")
-    assert load_config(path).data.image_channels == 1
-    assert load_config(None, ["data.channels=1"]).data.image_channels == 1
+def test_the_old_name_data_channels_points_to_data_image_channels():
+    """data.channels was renamed on 2026-11-27; the key is refused with the new name to use."""
+    assert "did you mean 'data.image_channels'?" in usage_error(overrides=["data.channels=1"])
     with pytest.raises(UsageError, match="data.image_channels must be 1 .* got 2"):
-        load_config(None, ["data.channels=2"])
+        load_config(None, ["data.image_channels=2"])
 
 
 # ----------------------------------------------------------------------------- image shapes

@@ -5,6 +5,7 @@ import torch
 from diffusers import UNet2DModel
 
 from resdiff import UNet
+from resdiff.convert import from_diffusers, to_diffusers
 
 # google/ddpm-cifar10-32's architecture (its config.json), built locally: no download.
 DDPM_CIFAR10 = dict(
@@ -79,11 +80,11 @@ def outputs(model, config):
 @pytest.mark.parametrize("config", [DDPM_CIFAR10, SCALE_SHIFT, GRAY], ids=["ddpm-cifar10", "scale-shift-multihead-resnet-updown", "one-channel"])
 def test_from_diffusers_and_back_match(config):
     theirs = randomized(config)
-    ours = UNet.from_diffusers(theirs)
+    ours = from_diffusers(theirs)
     ref = outputs(theirs, config)
     assert ref.abs().mean() > 1e-3  # a real signal, not zeros
     assert (outputs(ours, config) - ref).abs().max() <= 1e-4
-    back = ours.to_diffusers()
+    back = to_diffusers(ours)
     assert (outputs(back, config) - ref).abs().max() <= 1e-4
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
@@ -92,17 +93,17 @@ def test_from_diffusers_and_back_match(config):
 def test_mixed_resampling_kinds_convert_both_ways(name):
     config, resblock_updown = MIXED[name]
     theirs = randomized(config)
-    ours = UNet.from_diffusers(theirs)
+    ours = from_diffusers(theirs)
     assert tuple(ours.config.resblock_updown) == resblock_updown
     ref = outputs(theirs, config)
     assert ref.abs().mean() > 1e-3
     # Float rounding only (resdiff fuses q, k and v into one matmul): about 1e-7 of the outputs' size.
     assert (outputs(ours, config) - ref).abs().max() <= 1e-6
-    back = ours.to_diffusers()
+    back = to_diffusers(ours)
     assert back.state_dict().keys() == theirs.state_dict().keys()
     assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in back.state_dict().items())
     assert torch.equal(outputs(back, config), ref)  # the same diffusers computation: bit for bit
-    assert tuple(UNet.from_diffusers(back).config.resblock_updown) == resblock_updown
+    assert tuple(from_diffusers(back).config.resblock_updown) == resblock_updown
 
 
 def test_resdiff_per_resampler_resblock_updown_to_diffusers_and_back():
@@ -112,7 +113,7 @@ def test_resdiff_per_resampler_resblock_updown_to_diffusers_and_back():
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.05)
-    theirs = ours.to_diffusers().eval()
+    theirs = to_diffusers(ours).eval()
     config = dict(in_channels=3, sample_size=16)
     ref = outputs(ours, config)
     assert ref.abs().mean() > 1e-3
@@ -120,14 +121,14 @@ def test_resdiff_per_resampler_resblock_updown_to_diffusers_and_back():
     assert theirs.config.down_block_types == ("ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D")
     assert theirs.config.up_block_types == ("ResnetUpsampleBlock2D", "AttnUpBlock2D", "UpBlock2D")
     assert theirs.config.downsample_type == "conv" and theirs.config.upsample_type == "conv"
-    again = UNet.from_diffusers(theirs).eval()
+    again = from_diffusers(theirs).eval()
     assert tuple(again.config.resblock_updown) == (True, False, True, False)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
     assert torch.equal(outputs(again, config), ref)  # the same resdiff computation: bit for bit
 
 
 def test_ddpm_cifar10_conversion_equals_the_preset_layout():
-    ours = UNet.from_diffusers(UNet2DModel(**DDPM_CIFAR10))
+    ours = from_diffusers(UNet2DModel(**DDPM_CIFAR10))
     preset = UNet.from_preset("ddpm-cifar10")
     assert [p.shape for p in ours.parameters()] == [p.shape for p in preset.parameters()]
     assert ours.config.attention_resolutions in ((16,), [16])
@@ -136,7 +137,7 @@ def test_ddpm_cifar10_conversion_equals_the_preset_layout():
 
 def test_resdiff_preset_to_diffusers_matches():
     ours = UNet.from_preset("tiny", sample_size=16, zero_init_last=False).eval()
-    theirs = ours.to_diffusers().eval()
+    theirs = to_diffusers(ours).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert (ours(x, torch.tensor([3, 900])).sample - theirs(x, torch.tensor([3, 900])).sample).abs().max() <= 1e-4
@@ -144,23 +145,15 @@ def test_resdiff_preset_to_diffusers_matches():
 
 def test_unsupported_architectures_are_refused_clearly():
     with pytest.raises(ValueError, match="cannot convert: time_embedding_type='fourier'"):
-        UNet.from_diffusers(UNet2DModel(sample_size=16, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "DownBlock2D"),
+        from_diffusers(UNet2DModel(sample_size=16, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "DownBlock2D"),
                                         up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8, time_embedding_type="fourier"))
     with pytest.raises(ValueError, match="diffusers has no bottleneck"):
-        UNet.from_preset("tiny", block="bottleneck").to_diffusers()
+        to_diffusers(UNet.from_preset("tiny", block="bottleneck"))
     # diffusers gives all AttnDownBlock2D one downsample_type: attention levels resampling both ways cannot be written.
     two_attn = UNet(sample_size=16, channels=16, channel_mult=(1, 1, 1), num_res_blocks=1, attention_resolutions=(16, 8),
                     norm_groups=8, resblock_updown=(True, False, False, False))
     with pytest.raises(ValueError, match="cannot convert: AttnDownBlock2D levels that resample with both kinds"):
-        two_attn.to_diffusers()
-
-
-def test_block_resnet_the_old_name_of_basic_still_converts():
-    ours = UNet.from_preset("tiny", sample_size=16, block="resnet", zero_init_last=False).eval()
-    theirs = ours.to_diffusers().eval()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert (ours(x, torch.tensor([3, 900])).sample - theirs(x, torch.tensor([3, 900])).sample).abs().max() <= 1e-4
+        to_diffusers(two_attn)
 
 
 # ----------------------------------------------------------------------------- non-square models
@@ -177,7 +170,7 @@ WIDE = dict(
 def test_non_square_models_convert_both_ways_exactly(size):
     config = dict(WIDE, sample_size=size)
     theirs = randomized(config)
-    ours = UNet.from_diffusers(theirs)
+    ours = from_diffusers(theirs)
     assert tuple(ours.config.sample_size) == size and tuple(ours.config.attention_resolutions) == (8,)
     hgt, wid = size
     x = torch.randn(3, 3, hgt, wid, generator=torch.Generator().manual_seed(1))
@@ -186,7 +179,7 @@ def test_non_square_models_convert_both_ways_exactly(size):
         ref, got = theirs(x, t).sample, ours.eval()(x, t).sample
     assert ref.shape == (3, 3, hgt, wid) and ref.abs().mean() > 1e-3
     assert (got - ref).abs().max() <= 1e-6  # float rounding only (the fused qkv)
-    back = ours.to_diffusers().eval()
+    back = to_diffusers(ours).eval()
     assert tuple(back.config.sample_size) == size
     assert back.config.down_block_types == WIDE["down_block_types"]
     assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in back.state_dict().items())
@@ -195,5 +188,5 @@ def test_non_square_models_convert_both_ways_exactly(size):
 
 
 def test_a_square_pair_converts_to_one_number():
-    ours = UNet.from_diffusers(UNet2DModel(**dict(WIDE, sample_size=(16, 16))))
+    ours = from_diffusers(UNet2DModel(**dict(WIDE, sample_size=(16, 16))))
     assert ours.config.sample_size == 16

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from resdiff.batches import loader_workers
 from resdiff.data import (
-    IMAGE_EXTENSIONS, ImageFolder, demo_shapes, find_images, is_image_size, loader_workers, to_model_range, to_uint8,
+    IMAGE_EXTENSIONS, ImageFolder, demo_shapes, find_images, is_image_size, to_model_range, to_uint8,
     why_unusable, write_demo_folder,
 )
 from resdiff.errors import UsageError

@@ -156,7 +156,8 @@ def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(data, w
     from accelerate import Accelerator
 
     from resdiff.config import TrainConfig
-    from resdiff.data import ImageFolder, ShardedBatches
+    from resdiff.batches import ShardedBatches
+    from resdiff.data import ImageFolder
     from resdiff.diffusion import DDPM
     from resdiff.evaluation import TrainingEvaluator
     from resdiff.inception import load_inception

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from resdiff import UNet
 from resdiff.diffusion import DDPM
 from resdiff.nn import (
-    BLOCK_ALIASES,
     BLOCKS,
     RES_BLOCKS,
     Attention,
@@ -191,15 +190,7 @@ def test_variant_options_build_the_layers_they_name():
     assert isinstance(block.gate, SqueezeExcite)
     assert isinstance(make_block("basic").gate, torch.nn.Identity)
     assert BLOCKS == {"basic": ResBlock, "bottleneck": BottleneckResBlock}
-    assert BLOCK_ALIASES == {"resnet": "basic"} and set(RES_BLOCKS) == {ResBlock, BottleneckResBlock}
-
-
-def test_old_names_still_import():
-    import resdiff
-    from resdiff.nn import BottleneckBlock
-
-    assert BottleneckBlock is BottleneckResBlock and resdiff.BottleneckBlock is BottleneckResBlock
-    assert resdiff.BottleneckResBlock is BottleneckResBlock
+    assert set(RES_BLOCKS) == {ResBlock, BottleneckResBlock}
 
 
 def test_the_unet_and_the_classic_resnet_have_distinct_bottlenecks():

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from resdiff.data import ImageFolder, PreparedImages, ShardedBatches
+from resdiff.batches import ShardedBatches
+from resdiff.data import ImageFolder
 from resdiff.errors import UsageError
-from resdiff.prepare import main as prepare_main, prepare
+from resdiff.prepare import PreparedImages, main as prepare_main, prepare
 from launch import free_port, launch_env, launcher, run_watched
 from tiny_runs import ROOT, TINY, fit, write_pngs
 

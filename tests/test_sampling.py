@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
-from resdiff import UNet, UNetOutput
+from resdiff import UNet, UNetOutput, UsageError
 from resdiff.images import make_grid, read_images, to_pil
 from resdiff.model_folder import load_model
 from resdiff.sampling import ImageGenerator, SamplingSettings, generate
@@ -345,9 +345,9 @@ def test_the_script_as_a_process_reports_a_mistake_in_one_line(script_run_with_a
     assert err == f"error: {missing} does not exist; pass a run directory or a pipeline folder (with model_index.json)\n"
 
 
-def test_a_pipeline_saved_with_the_old_block_key_names_still_loads(tmp_path):
-    """Models saved before the blocks' layers were renamed (time_norm.proj -> time_proj, time_norm.norm -> norm2)
-    pass the folder checks and load with the same weights."""
+def test_a_pipeline_saved_with_the_old_block_key_names_is_refused_by_the_folder_check(tmp_path):
+    """Models saved before 2026-11-27, when the blocks' layers were renamed (time_norm.proj -> time_proj,
+    time_norm.norm -> norm2), no longer load: the folder check names the file and a tensor it lacks."""
     from safetensors.torch import load_file, save_file
 
     unet = small_unet(3)
@@ -357,6 +357,6 @@ def test_a_pipeline_saved_with_the_old_block_key_names_still_loads(tmp_path):
            for k, v in load_file(weights).items()}
     assert any(".time_norm.proj." in k for k in old)
     save_file(old, weights)
-    model, _ = load_model(folder, device="cpu")
-    for key, value in unet.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(UsageError, match=r"diffusion_pytorch_model.safetensors does not match .*config.json: \d+ tensor\(s\) "
+                                         r"missing \(e.g. .*\.(time_proj|norm2)\..*unexpected tensor\(s\) \(e.g. .*time_norm"):
+        load_model(folder, device="cpu")

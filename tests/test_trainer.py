@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from resdiff.config import load_config
 from resdiff.errors import run_cli
-from resdiff.data import ShardedBatches
+from resdiff.batches import ShardedBatches
 from resdiff.build import build_trainer, model_keys
 from launch import free_port, launch_env, launcher, run_watched, workers
 from tiny_runs import ROOT, TINY, config, fit, load_script, read_log, write_pngs

@@ -1,0 +1,33 @@
+"""The module map's rules, read from the source (bench/import_graph.py): no import circles in resdiff/, lazy
+imports included, and a U-Net that depends on its layers and nothing else of resdiff."""
+
+import sys
+
+from tiny_runs import ROOT
+
+sys.path.insert(0, str(ROOT))
+from bench.import_graph import cycles, import_graph, imports_of  # noqa: E402
+
+
+def test_resdiff_has_no_import_circles():
+    graph = import_graph()
+    assert {"unet", "nn", "config", "trainer", "model_folder"} <= set(graph)  # it read the package
+    assert cycles(graph) == []
+
+
+def test_unet_imports_only_its_layers():
+    """Other pipelines import the U-Net: it must not bring conversion, loading, config or training code along."""
+    assert import_graph()["unet"] == {"nn"}
+
+
+def test_the_graph_sees_lazy_imports_and_finds_circles(tmp_path):
+    tmp_path = tmp_path / "pkg"  # the package's name, as absolute imports spell it
+    tmp_path.mkdir()
+    (tmp_path / "a.py").write_text("from . import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from .c import x\n    import pkg.a\n")  # lazy, absolute
+    (tmp_path / "c.py").write_text("import os\n")
+    assert imports_of(tmp_path / "b.py", "pkg") == {"a", "c"}
+    graph = import_graph(tmp_path)
+    assert graph == {"a": {"b"}, "b": {"a", "c"}, "c": set()}
+    assert cycles(graph) == [["a", "b"]]
+    assert cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z"]]
