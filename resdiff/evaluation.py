@@ -29,10 +29,10 @@ from .files import write_atomic
 from .hardware import check_device
 from .metrics import (
     FeatureStats, Memorisation, extract_features, fid_from_stats, image_dataset, kid, memorisation, nearest_pairs_image,
-    precision_recall, reference_features,
+    precision_recall, reference_features, reference_images,
 )
 
-__all__ = ["evaluate", "default_eval_dir"]
+__all__ = ["evaluate", "default_eval_dir", "TrainingEvaluator", "quality_picture", "QUALITY_PICTURE"]
 
 NEAREST_PAIRS = 32  # pairs in nearest.png
 
@@ -99,10 +99,10 @@ def evaluate(
     else:
         source, get_images, n, size, channels, settings = _samples_source(samples)
     say(f"evaluate: {n} samples of {source} ({_describe(settings)}) against {ref}, {world} process(es), device {dev}")
-    # The main process reads the reference first (cached after the first time), so a bad one fails in
-    # seconds, not after hours of sampling; its error stops every process.
-    reference = _on_main(main, world, lambda: reference_features(ref, net, size, channels, batch_size=batch_size,
-                                                                  device=dev, log=say), share=False)
+    # The reference first (cached after the first time), so a bad one fails in seconds, not after hours of
+    # sampling; every process extracts its share of a folder, so none waits long in a collective.
+    reference = reference_features(ref, net, size, channels, batch_size=batch_size, device=dev, log=say)
+    reference = reference if main else None  # the figures are computed on the main process
     stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=progress and main)
     rate = n / max(time.perf_counter() - started, 1e-9)
 
@@ -117,8 +117,8 @@ def evaluate(
         folder = Path(out) if out is not None else default_eval_dir(model, samples)
         if mem is not None:  # the closest pairs, side by side: does the model copy its training images?
             top = mem.order[:NEAREST_PAIRS].tolist()
-            nearest = nearest_pairs_image(get_images(top), image_dataset(ref, size, channels), _restricted(mem, top),
-                                          folder / "nearest.png")
+            nearest = nearest_pairs_image(get_images(top), reference_images(ref, reference[1], size, channels),
+                                          _restricted(mem, top), folder / "nearest.png")
             result["memorisation"]["picture"] = str(nearest)
         file = folder / f"{_result_name(settings, n)}.json"
         folder.mkdir(parents=True, exist_ok=True)
@@ -297,15 +297,19 @@ class TrainingEvaluator:
     Every process generates and extracts its share of the samples (as previews do); the main process, which
     holds the reference features (``reference_features`` of the training data, cached), computes the figures.
     They are labelled with n (``fid@2000``): FID falls as n grows, so only figures of the same n compare.
-    The trainer calls it every ``every`` steps and at the end.
+    The trainer calls it every ``every`` steps and at the end. With ``run_dir``, the main process redraws
+    ``run_dir/quality.png`` (FID and loss against step, from log.jsonl) at each call; the figures of this call
+    are placed at the log's last step, which is this step when ``every`` is a multiple of ``log_every`` or the
+    checkpoint interval (``auto``), since the trainer logs the loss there just before it evaluates.
     """
 
     def __init__(
         self, net: torch.nn.Module, reference: tuple[torch.Tensor | None, FeatureStats] | None, *, every: int,
         num_images: int, sampler: str, steps: int, seed: int, mixed_precision: str, device: torch.device,
-        batch_size: int = 64, kid_subsets: int = 10,
+        batch_size: int = 64, kid_subsets: int = 10, run_dir: str | Path | None = None,
     ):
         self.net, self.reference, self.every, self.num_images = net, reference, every, num_images
+        self.picture = Path(run_dir) / QUALITY_PICTURE if run_dir is not None else None
         self.sampler, self.steps, self.seed, self.mixed_precision = sampler, steps, seed, mixed_precision
         self.device, self.batch_size, self.kid_subsets = device, batch_size, kid_subsets
 
@@ -328,8 +332,71 @@ class TrainingEvaluator:
             if ref_features is not None:
                 mean, std = kid(gen, ref_features, subsets=self.kid_subsets, subset_size=min(1000, n, len(ref_features)))
                 figures.update({f"kid@{n}": mean, f"kid_std@{n}": std})
+            if self.picture is not None:
+                records = _read_records(self.picture.parent / "log.jsonl")
+                step = max((int(r["step"]) for r in records if "step" in r), default=0)
+                quality_picture([*records, {"step": step, **figures}], f"fid@{n}", self.picture)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             box = [figures]
             torch.distributed.broadcast_object_list(box, src=0)
             figures = box[0]
         return figures
+
+
+# ----------------------------------------------------------------------------- the training curve picture
+
+QUALITY_PICTURE = "quality.png"  # RUN/quality.png: FID and loss against step, redrawn at each evaluation
+
+
+def _read_records(log_file: Path) -> list[dict]:
+    """The JSON records of a run's log.jsonl (an unreadable line, e.g. one cut off by a crash, is skipped)."""
+    records = []
+    for line in log_file.read_text().splitlines() if log_file.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def _panel(draw, box: tuple[int, int, int, int], points: list[tuple[int, float]], title: str, colour: tuple,
+           steps: tuple[int, int]) -> None:
+    """One line chart in ``box`` (left, top, right, bottom): the title with the last value, min/max labels, the line."""
+    left, top, right, bottom = box
+    draw.rectangle(box, outline=(160, 160, 160))
+    last = f"{points[-1][1]:.4g} at step {points[-1][0]}" if points else "no value yet"
+    draw.text((left, top - 14), f"{title}: {last}", fill=(0, 0, 0))
+    if not points:
+        return
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    span, width = (hi - lo) or 1.0, max(steps[1] - steps[0], 1)
+    xy = [(left + 4 + (right - left - 8) * (s - steps[0]) / width, bottom - 4 - (bottom - top - 8) * (v - lo) / span)
+          for s, v in points]
+    draw.text((right + 4, top), f"{hi:.4g}", fill=(90, 90, 90))
+    draw.text((right + 4, bottom - 12), f"{lo:.4g}", fill=(90, 90, 90))
+    if len(xy) > 1:
+        draw.line(xy, fill=colour, width=2)
+    for x, y in xy:
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+
+
+def quality_picture(records: list[dict], key: str, path: str | Path) -> Path:
+    """Draw ``key`` (e.g. fid@2000) and the training loss of a run's log records against step as a PNG.
+
+    Pillow, which resdiff already needs for images, draws it: a plotting library would be a heavy dependency
+    for two lines. Written whole or not at all, so a viewer never sees half a picture."""
+    from PIL import Image, ImageDraw
+
+    fid = [(int(r["step"]), float(r[key])) for r in records if key in r]
+    loss = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r]
+    all_steps = [s for s, _ in fid + loss] or [0]
+    steps = (min(all_steps), max(all_steps))
+    image = Image.new("RGB", (720, 430), "white")
+    draw = ImageDraw.Draw(image)
+    _panel(draw, (40, 30, 640, 210), fid, f"{key} (lower is better; compare only at the same n)", (200, 40, 40), steps)
+    _panel(draw, (40, 250, 640, 400), loss, "training loss", (40, 90, 200), steps)
+    draw.text((40, 406), f"step {steps[0]}", fill=(90, 90, 90))
+    draw.text((590, 406), f"step {steps[1]}", fill=(90, 90, 90))
+    path = Path(path)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path

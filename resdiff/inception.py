@@ -494,3 +494,17 @@ def synthetic_weights(net: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
             v = (2 * u - 1) * np.sqrt(6.0 / fan_in)
         out[key] = torch.from_numpy(v.astype(np.float32)).reshape(t.shape)
     return out
+
+
+def _main() -> None:
+    """`python -m resdiff.inception`: put the FID weights in the cache (converting the package's file) and say where."""
+    net = load_inception()
+    print(f"FID Inception weights: {converted_path() if net.weights_sha256 == PACKAGE_SHA256 else weights_path()}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .errors import run_cli
+
+    sys.exit(run_cli(_main))

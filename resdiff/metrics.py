@@ -38,7 +38,7 @@ from .images import load_npz
 __all__ = [
     "FeatureStats", "extract_features", "frechet_distance", "fid_from_stats", "kid", "precision_recall",
     "Memorisation", "memorisation", "nearest_pairs_image", "image_dataset", "load_images", "iter_images",
-    "reference_stats", "reference_features", "network_id",
+    "reference_stats", "reference_features", "reference_images", "network_id",
 ]
 
 STATS_VERSION = 1  # part of the reference-statistics cache key: bump when the preparation changes
@@ -140,6 +140,7 @@ class FeatureStats:
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
         self._fixed: tuple[np.ndarray, np.ndarray] | None = None  # (mu, sigma) of a file without sums
         self._loaded: tuple[np.ndarray, np.ndarray] | None = None  # (mu, sigma) as read, until an update
+        self.rows: list[str] | None = None  # a folder's reference: the file (relative name) of each feature row
 
     @classmethod
     def from_features(cls, features) -> FeatureStats:
@@ -235,6 +236,7 @@ class FeatureStats:
                     raise UsageError(f"{path} has no mu and sigma arrays (it has {', '.join(data.files) or 'nothing'})")
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
                 count = int(data["count"]) if "count" in data else None
+                rows = [str(r) for r in data["rows"]] if "rows" in data else None
         except UsageError:
             raise
         except _NPZ_ERRORS as err:
@@ -243,6 +245,7 @@ class FeatureStats:
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise UsageError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
         stats = cls(mu.shape[0])
+        stats.rows = rows
         if count is None:
             stats._fixed = (mu, sigma)
             return stats
@@ -589,17 +592,53 @@ def reference_stats(source: str | Path, net: nn.Module, image_size: int | Sequen
     return reference_features(source, net, image_size, channels, batch_size, device, cache)[1]
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, (0, 1) without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _on_main(work):
+    """``work()`` on the main process, and its result or its UsageError on every process (one broadcast)."""
+    rank, world = _world()
+    value, error = None, None
+    if rank == 0:
+        try:
+            value = work()
+        except UsageError as err:
+            error = str(err)
+    if world > 1:
+        box = [(value, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value, error = box[0]
+    if error is not None:
+        raise UsageError(error)
+    return value
+
+
+def _spread(count: int, limit: int | None) -> list[int]:
+    """``limit`` indices spread evenly over range(count) (all of them without a limit): a folder sorted by class
+    gives every class its share."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    return [i * count // limit for i in range(limit)]
+
+
 def reference_features(
     source: str | Path, net: nn.Module, image_size: int | Sequence[int] | None = None, channels: int = 3, batch_size: int = 50,
-    device: torch.device | str | None = None, cache: bool = True, log=None,
+    device: torch.device | str | None = None, cache: bool = True, log=None, max_images: int | None = None,
 ) -> tuple[torch.Tensor | None, FeatureStats]:
     """Features (float32 (N, D)) and statistics of a data set: an image folder, an .npz of images, or a statistics
     .npz (mu, sigma), which gives (None, its statistics): FID can use it, KID and precision/recall cannot.
 
-    Folders are prepared as training prepares them (see iter_images). The result is cached in
-    $RESDIFF_CACHE/fid-stats/ under a key made of the files' names, sizes and modification times, the
-    image size and channels, and the network's identity (`network_id`), so a changed, added or removed
-    file, another preparation or other weights compute them anew. ``log`` hears one line when they are.
+    Folders are prepared as training prepares them (see iter_images); ``max_images`` takes that many, spread
+    evenly through the sorted files. Under torch.distributed every process must call it: each extracts its
+    share of the images and all get the result, so no process waits for one doing it all. The result is
+    cached in $RESDIFF_CACHE/fid-stats/ under a key made of the files' names, sizes and modification times,
+    the image size, channels and max_images, and the network's identity (`network_id`), so a changed, added
+    or removed file, another preparation or other weights compute them anew; a damaged cache file is
+    computed again. ``log`` hears one line when they are.
     """
     path, kind = _source(source)
     if kind == "npz" and _read_npz(path, _is_statistics):
@@ -609,24 +648,85 @@ def reference_features(
         size = image_size
         if kind == "folder" and size is None:
             size = _folder_size(path, [f for f in _image_files(path) if not _is_sample_grid(f, path)])
-        text = json.dumps({"version": STATS_VERSION, "kind": kind, "files": _listing(path, kind),
-                           "image_size": size, "channels": channels, "network": network_id(net)})
+        text = json.dumps({"version": STATS_VERSION, "kind": kind, "files": _listing(path, kind), "image_size": size,
+                           "channels": channels, "network": network_id(net),
+                           **({"max_images": max_images} if max_images is not None else {})})
         return hashlib.sha256(text.encode()).hexdigest()
 
-    before = key() if cache else None
+    rank, world = _world()
+    before = _on_main(key) if cache else None
     cached = cache_root() / "fid-stats" / f"{before[:40]}.npz" if cache else None
-    if cached is not None and cached.is_file():
-        try:
-            with np.load(cached, allow_pickle=False) as data:
-                features = torch.from_numpy(data["features"])
-            return features, FeatureStats.load(cached)
-        except (UsageError, *_NPZ_ERRORS):
-            pass  # a damaged cache file, or one without features: compute again (and replace it)
-    count, batches = iter_images(path, image_size, channels, batch_size)
+    if cached is not None and _on_main(cached.is_file):  # the main process decides, so all take one path
+        found = _read_cache(cached)
+        if _on_main(lambda: found is not None):  # a damaged file (as the main process reads it): computed again
+            return found if found is not None else _read_cache(cached)
+    images = image_dataset(path, image_size, channels)
+    chosen = _spread(len(images), max_images)
     if log is not None:
-        log(f"reference: extracting the features of {count} images of {path} (cached for the next time)")
-    features = extract_features(batches, net, batch_size, device, channels_last=True)  # faster, same to float32 rounding
+        log(f"reference: extracting the features of {len(chosen)} images of {path} on {world} process(es) "
+            f"(cached for the next time)")
+    mine = chosen[rank::world]
+    batches = (_stacked(images, mine[s:s + batch_size]) for s in range(0, len(mine), batch_size))
+    local = extract_features(batches, net, batch_size, device, channels_last=True) if mine else torch.zeros(0, 0)
+    features = _gather(local, len(chosen))
     stats = FeatureStats.from_features(features)
-    if cached is not None and key() == before:  # files changed while reading: keep the result, not the cache
-        stats.save(cached, features=features.numpy())
+    rows = {} if isinstance(images, torch.Tensor) else {"rows": np.array([str(images.files[i].relative_to(path)) for i in chosen])}
+    stats.rows = list(rows["rows"]) if rows else None
+    if cached is not None and rank == 0 and key() == before:  # files changed while reading: keep the result, not the cache
+        stats.save(cached, features=features.numpy(), **rows)
     return features, stats
+
+
+class _FolderRows:
+    """A folder's reference images by feature row, each decoded and prepared (as ImageFolder does, centre crop) only
+    when asked for: the nearest-pairs picture reads the 32 it shows, not the whole folder."""
+
+    def __init__(self, root: Path, rows: list[str], image_size: int | Sequence[int], channels: int) -> None:
+        self.root, self.rows, self.image_size, self.channels = root, rows, image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from .data import fit_image, open_image
+
+        return fit_image(open_image(self.root / self.rows[i]), self.image_size, self.channels)  # (C, H, W)
+
+
+def reference_images(source: str | Path, stats: FeatureStats, image_size: int | Sequence[int] | None = None,
+                     channels: int = 3):
+    """The reference images behind `reference_features`' rows, indexable by row (for `nearest_pairs_image`): a folder's
+    are decoded one by one when asked for, an .npz's are its array."""
+    path, kind = _source(source)
+    if kind == "folder" and stats.rows is not None and image_size is not None:
+        return _FolderRows(path, stats.rows, image_size, channels)
+    return image_dataset(path, image_size, channels)
+
+
+def _stacked(images, indices: list[int]) -> torch.Tensor:
+    """uint8 (B, C, H, W) of the items ``indices`` of a tensor or an image dataset."""
+    if isinstance(images, torch.Tensor):
+        return images[indices]
+    return torch.stack([images[i][0] for i in indices])
+
+
+def _gather(local: torch.Tensor, n: int) -> torch.Tensor:
+    """All n features in order on every process, from each one's share range(n)[rank::world]."""
+    if _world()[1] == 1:
+        return local
+    from .sampling import gather_shares
+
+    dim = _on_main(lambda: local.shape[1])  # the main process always has a share
+    return gather_shares(local if len(local) else torch.zeros(0, dim), n)
+
+
+def _read_cache(cached: Path) -> tuple[torch.Tensor, FeatureStats] | None:
+    """Cached (features, statistics), or None when absent or damaged (they are then computed again)."""
+    if not cached.is_file():
+        return None
+    try:
+        with np.load(cached, allow_pickle=False) as data:
+            features = torch.from_numpy(data["features"])
+        return features, FeatureStats.load(cached)
+    except (UsageError, *_NPZ_ERRORS):
+        return None

@@ -450,3 +450,33 @@ def test_kid_needs_a_subset():
     with pytest.raises(UsageError, match="at least 1 subset") as excinfo:
         kid(f, f, subsets=0)
     _one_line(excinfo)
+
+
+# ----------------------------------------------------------------------------- reference rows and their pictures
+
+
+def test_max_images_spreads_the_reference_through_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
+    folder = _write_pngs(tmp_path / "data", 6, size=(9, 9))
+    features, stats = metrics.reference_features(folder, TinyNet(), 9, max_images=3)
+    assert stats.rows == ["00000.png", "00002.png", "00004.png"] and features.shape == (3, 32)
+    full, _ = metrics.reference_features(folder, TinyNet(), 9)
+    assert torch.equal(features, full[[0, 2, 4]])
+    again = metrics.reference_features(folder, TinyNet(), 9, max_images=3)  # cached, rows and all
+    assert again[1].rows == stats.rows and torch.equal(again[0], features)
+
+
+def test_reference_images_decode_only_the_rows_asked_for(tmp_path, monkeypatch):
+    """nearest.png's training images: the rows it shows are read, the rest of the folder is not touched."""
+    from resdiff.data import ImageFolder
+
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
+    folder = _write_pngs(tmp_path / "data", 6, size=(14, 11))
+    _, stats = metrics.reference_features(folder, TinyNet(), 8)
+    prepared = ImageFolder(folder, 8, 3, random_flip=False, cache=False)
+    for name in ("00000.png", "00001.png", "00003.png", "00005.png"):
+        (folder / name).write_bytes(b"not an image any more")  # reading any of these would fail
+    rows = metrics.reference_images(folder, stats, 8, 3)
+    assert len(rows) == 6
+    for i in (2, 4):
+        assert torch.equal(rows[i], prepared[i][0])
