@@ -299,13 +299,12 @@ def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], 
     from .metrics import reference_features
 
     net = load_inception(device=acc.device)
-    # Every process extracts its share of eval_images training images (spread through the folder, cached); the
-    # figures are computed on the main process.
+    # Every process extracts its share of eval_images training images (spread through the folder, cached) and
+    # gets them all: the evaluations share out their work too.
     reference = reference_features(data, net, d.image_size, d.image_channels, device=acc.device,
                                    log=echo if acc.is_main_process else None,
                                    max_images=t.eval_images)
     reference_count = reference[1].count
-    reference = reference if acc.is_main_process else None
     evaluator = TrainingEvaluator(
         net, reference, every=every, num_images=t.eval_images, sampler=t.preview_sampler, steps=t.preview_steps,
         seed=t.seed, mixed_precision=t.mixed_precision, device=acc.device, run_dir=cfg.out,

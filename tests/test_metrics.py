@@ -480,3 +480,32 @@ def test_reference_images_decode_only_the_rows_asked_for(tmp_path, monkeypatch):
     assert len(rows) == 6
     for i in (2, 4):
         assert torch.equal(rows[i], prepared[i][0])
+
+
+def _split_worker(rank: int, world: int, init: str, real, fake, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        figures = {"kid": kid(fake, real, subsets=7, subset_size=20, split=True),
+                   "pr": precision_recall(real, fake, k=3, batch_size=8, split=True)}
+        mem = memorisation(real, fake, batch_size=8, split=True)
+        if rank == 0:
+            np.savez(out, kid=figures["kid"], pr=figures["pr"], nearest=mem.nearest.numpy(), distance=mem.distance.numpy(),
+                     threshold=mem.threshold)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_kid_precision_recall_and_memorisation_shared_by_two_processes_equal_one(tmp_path):
+    """Each process takes its share of KID's subsets and of the nearest-neighbour rows (chunks of 8): same figures."""
+    rng = np.random.default_rng(5)
+    real, fake = rng.standard_normal((45, 6)), rng.standard_normal((37, 6)) + 0.3
+    out = tmp_path / "split.npz"
+    torch.multiprocessing.start_processes(_split_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", real, fake, str(out)),
+                                          nprocs=2, join=True, start_method="spawn")
+    one = memorisation(real, fake)
+    with np.load(out) as split:
+        np.testing.assert_allclose(split["kid"], kid(fake, real, subsets=7, subset_size=20), rtol=1e-12)
+        assert tuple(split["pr"]) == precision_recall(real, fake, k=3)
+        assert np.array_equal(split["nearest"], one.nearest.numpy()) and float(split["threshold"]) == one.threshold
+        np.testing.assert_allclose(split["distance"], one.distance.numpy(), rtol=1e-12)
