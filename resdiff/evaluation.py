@@ -121,6 +121,9 @@ def evaluate(
             nearest = nearest_pairs_image(get_images(top), reference_images(ref, reference[1], size, channels),
                                           _restricted(mem, top), folder / "nearest.png")
             result["memorisation"]["picture"] = str(nearest)
+        curve = default_eval_dir(model, None).parent / QUALITY_PICTURE if model is not None else None
+        if curve is not None and curve.is_file():  # the run's in-training FID curve, beside this figure
+            result["training_curve"] = str(curve)
         file = folder / f"{_result_name(settings, n)}.json"
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
@@ -286,6 +289,8 @@ def table(result: dict) -> str:
         lines.append("  KID, precision/recall, memorisation: need reference images, not a statistics file")
     if not result.get("inception_verified", True):
         lines.append("  note: Inception weights with another checksum: these figures are not comparable with published ones")
+    if result.get("training_curve"):
+        lines.append(f"  training:     FID and loss against step in {result['training_curve']}")
     lines.append(f"  written:      {result.get('json')}")
     return "\n".join(lines)
 

@@ -61,11 +61,13 @@ def cli(argv, capsys) -> tuple[int, str, str]:
 
 
 def test_model_against_a_folder_prints_every_figure_and_writes_json_and_nearest_png(run, data, weights, capsys):
+    Image.new("RGB", (8, 8)).save(run / "quality.png")  # as in-training evaluation leaves it
     code, out, err = cli(["--model", run, "--ref", data, "-n", 6, "--steps", 3, "--batch-size", 3,
                           "--inception", weights, "--inception-unverified", "--kid-subsets", 5], capsys)
     assert code == 0, err
     for line in ("6 samples (ddim, 3 steps, seed 0)", "FID:", "(n=6;", "KID:", "(5 subsets of 6)", "precision:",
-                 "recall:", "(k=3)", "memorisation:", "not comparable"):
+                 "recall:", "(k=3)", "memorisation:", "not comparable", f"against step in {run / 'quality.png'}",
+                 f"written:      {run / 'eval' / 'ddim-3-n6-seed0.json'}", str(run / "eval" / "nearest.png")):
         assert line in out, line
     result = json.loads((run / "eval" / "ddim-3-n6-seed0.json").read_text())
     assert result["samples"] == 6 and result["settings"]["sampler"] == "ddim" and result["settings"]["seed"] == 0
