@@ -42,7 +42,7 @@ def main() -> None:
     from resdiff import UNet
     from resdiff.data import demo_shapes
     from resdiff.evaluation import _score, evaluate
-    from resdiff.inception import FIDInceptionV3, load_inception, packaged_weights, synthetic_weights
+    from resdiff.inception import FIDInceptionV3, converted_path, load_inception, packaged_weights, synthetic_weights
     from resdiff.metrics import FeatureStats, extract_features, reference_features
     from resdiff.sampling import generate
 
@@ -52,7 +52,8 @@ def main() -> None:
         tmp = Path(tmp)
         real = packaged_weights() is not None
         if real:
-            net, weights = load_inception(), {}  # the user's cache: converted once
+            net = load_inception()  # from the user's cache: converted once
+            weights = {"inception": converted_path()}  # read from there, not converted again in the temporary cache
         else:
             torch.save(synthetic_weights(FIDInceptionV3()), tmp / "inception.pth")
             net, weights = load_inception(tmp / "inception.pth", sha256=None), {"inception": tmp / "inception.pth",
