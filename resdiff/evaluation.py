@@ -30,12 +30,13 @@ from .files import write_atomic
 from .hardware import check_device
 from .metrics import (
     FeatureStats, Memorisation, extract_features, fid_from_stats, image_dataset, kid, memorisation, nearest_pairs_image,
-    precision_recall, reference_features,
+    precision_recall, reference_features, reference_images,
 )
 from .processes import gather_shares, join, on_main, share
 from .sampling import ImageGenerator, SamplingSettings
 
-__all__ = ["evaluate", "Scoring", "default_eval_dir", "sample_features", "TrainingEvaluator"]
+__all__ = ["evaluate", "Scoring", "default_eval_dir", "sample_features", "TrainingEvaluator", "quality_picture",
+           "QUALITY_PICTURE"]
 
 NEAREST_PAIRS = 32  # pairs in nearest.png
 
@@ -90,15 +91,16 @@ def evaluate(
         source, get_images, n, size, channels, described = _samples_source(samples)
     batch_size = settings.batch_size
     say(f"evaluate: {n} samples of {source} ({_describe(described)}) against {ref}, {world} process(es), device {dev}")
-    # The main process reads the reference first (cached after the first time), so a bad one fails in
-    # seconds, not after hours of sampling; its error stops every process.
-    reference = on_main(lambda: reference_features(ref, net, size, channels, batch_size=batch_size, device=dev, log=say),
-                        share_result=False)
+    # The reference first (cached after the first time), so a bad one fails in seconds, not after hours of
+    # sampling; every process extracts its share of a folder, so none waits long in a collective.
+    reference = reference_features(ref, net, size, channels, batch_size=batch_size, device=dev, log=say)
     stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=log is not None and main)
     rate = n / max(time.perf_counter() - started, 1e-9)
+    # every process takes its share of KID's subsets and of the nearest-neighbour rows; the main process writes
+    scored = _score(stats, gen, reference, dev, scoring.kid_subsets, scoring.kid_subset_size, scoring.k)
 
     def report() -> dict:
-        result, mem = _score(stats, gen, reference, dev, scoring.kid_subsets, scoring.kid_subset_size, scoring.k)
+        result, mem = scored
         result.update(
             samples=n, source=str(source), reference=str(ref), settings=described, images_per_s=round(rate, 2),
             processes=world, device=str(dev), inception=getattr(net, "weights_sha256", None),
@@ -108,9 +110,12 @@ def evaluate(
         folder = Path(out) if out is not None else default_eval_dir(model, samples)
         if mem is not None:  # the closest pairs, side by side: does the model copy its training images?
             top = mem.order[:NEAREST_PAIRS].tolist()
-            nearest = nearest_pairs_image(get_images(top), image_dataset(ref, size, channels), _restricted(mem, top),
-                                          folder / "nearest.png")
+            nearest = nearest_pairs_image(get_images(top), reference_images(ref, reference[1], size, channels),
+                                          _restricted(mem, top), folder / "nearest.png")
             result["memorisation"]["picture"] = str(nearest)
+        curve = default_eval_dir(model, None).parent / QUALITY_PICTURE if model is not None else None
+        if curve is not None and curve.is_file():  # the run's in-training FID curve, beside this figure
+            result["training_curve"] = str(curve)
         file = folder / f"{_result_name(described, n)}.json"
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
@@ -197,18 +202,19 @@ def _score(
     stats: FeatureStats, gen: torch.Tensor, reference: tuple[torch.Tensor | None, FeatureStats], device: torch.device,
     kid_subsets: int, kid_subset_size: int, k: int,
 ) -> tuple[dict, Memorisation | None]:
-    """FID, KID, precision/recall and memorisation of the generated features against the reference's."""
+    """FID, KID, precision/recall and memorisation of the generated features against the reference's, computed by
+    every process together (each its share of the work; all get the figures)."""
     ref_features, ref_stats = reference
     result: dict = {"fid": fid_from_stats(stats, ref_stats), "reference_images": ref_stats.count or None,
                     "kid": None, "precision": None, "recall": None, "memorisation": None}
     if ref_features is None:
         return result, None  # a statistics file: FID only
     subset = min(kid_subset_size, len(gen), len(ref_features))
-    mean, std = kid(gen, ref_features, subsets=kid_subsets, subset_size=subset)
+    mean, std = kid(gen, ref_features, subsets=kid_subsets, subset_size=subset, device=device, split=True)
     result["kid"] = {"mean": mean, "std": std, "subsets": kid_subsets, "subset_size": subset}
-    result["precision"], result["recall"] = precision_recall(ref_features, gen, k=k, device=device)
+    result["precision"], result["recall"] = precision_recall(ref_features, gen, k=k, device=device, split=True)
     result["k"] = k
-    mem = memorisation(ref_features, gen, device=device)
+    mem = memorisation(ref_features, gen, device=device, split=True)
     result["memorisation"] = mem.summary()
     return result, mem
 
@@ -244,6 +250,8 @@ def table(result: dict) -> str:
         lines.append("  KID, precision/recall, memorisation: need reference images, not a statistics file")
     if not result.get("inception_verified", True):
         lines.append("  note: Inception weights with another checksum: these figures are not comparable with published ones")
+    if result.get("training_curve"):
+        lines.append(f"  training:     FID and loss against step in {result['training_curve']}")
     lines.append(f"  written:      {result.get('json')}")
     return "\n".join(lines)
 
@@ -254,18 +262,23 @@ def table(result: dict) -> str:
 class TrainingEvaluator:
     """FID and KID of ``num_images`` EMA samples against the training data, for ``train.eval_every``.
 
-    Every process generates and extracts its share of the samples (as previews do); the main process, which
-    holds the reference features (``reference_features`` of the training data, cached), computes the figures.
+    Every process generates and extracts its share of the samples (as previews do) and holds the reference
+    (``reference_features`` of the training data, cached); FID is computed by each from the summed statistics,
+    KID's subsets are shared out, so all get the same figures.
     They are labelled with n (``fid@2000``): FID falls as n grows, so only figures of the same n compare.
-    The trainer calls it every ``every`` steps and at the end.
+    The trainer calls it every ``every`` steps and at the end. With ``run_dir``, the main process redraws
+    ``run_dir/quality.png`` (FID and loss against step, from log.jsonl) at each call; the figures of this call
+    are placed at the log's last step, which is this step when ``every`` is a multiple of ``log_every`` or the
+    checkpoint interval (``auto``), since the trainer logs the loss there just before it evaluates.
     """
 
     def __init__(
-        self, net: torch.nn.Module, reference: tuple[torch.Tensor | None, FeatureStats] | None, *, every: int,
+        self, net: torch.nn.Module, reference: tuple[torch.Tensor | None, FeatureStats], *, every: int,
         num_images: int, sampler: str, steps: int, seed: int, mixed_precision: str, device: torch.device,
-        batch_size: int = 64, kid_subsets: int = 10,
+        batch_size: int = 64, kid_subsets: int = 10, run_dir: str | Path | None = None,
     ):
         self.net, self.reference, self.every, self.num_images = net, reference, every, num_images
+        self.picture = Path(run_dir) / QUALITY_PICTURE if run_dir is not None else None
         self.sampler, self.steps, self.seed, self.mixed_precision = sampler, steps, seed, mixed_precision
         self.device, self.batch_size, self.kid_subsets = device, batch_size, kid_subsets
 
@@ -277,15 +290,74 @@ class TrainingEvaluator:
         generator = ImageGenerator(model, settings, scheduler_config)
         with generator.ready():  # eval mode and channels_last once, not once per batch
             stats, gen = sample_features(generator.images, n, self.net, batch_size=self.batch_size, device=self.device)
-        figures = None
-        if self.reference is not None:  # the main process
-            ref_features, ref_stats = self.reference
-            figures = {f"fid@{n}": fid_from_stats(stats, ref_stats)}
-            if ref_features is not None:
-                mean, std = kid(gen, ref_features, subsets=self.kid_subsets, subset_size=min(1000, n, len(ref_features)))
-                figures.update({f"kid@{n}": mean, f"kid_std@{n}": std})
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            box = [figures]
-            torch.distributed.broadcast_object_list(box, src=0)
-            figures = box[0]
+        ref_features, ref_stats = self.reference  # every process holds them (it extracted its share)
+        figures = {f"fid@{n}": fid_from_stats(stats, ref_stats)}
+        if ref_features is not None:  # each process computes its share of KID's subsets
+            mean, std = kid(gen, ref_features, subsets=self.kid_subsets, subset_size=min(1000, n, len(ref_features)),
+                            device=self.device, split=True)
+            figures.update({f"kid@{n}": mean, f"kid_std@{n}": std})
+        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if self.picture is not None and main:
+            records = _read_records(self.picture.parent / "log.jsonl")
+            step = max((int(r["step"]) for r in records if "step" in r), default=0)
+            quality_picture([*records, {"step": step, **figures}], f"fid@{n}", self.picture)
         return figures
+
+
+# ----------------------------------------------------------------------------- the training curve picture
+
+QUALITY_PICTURE = "quality.png"  # RUN/quality.png: FID and loss against step, redrawn at each evaluation
+
+
+def _read_records(log_file: Path) -> list[dict]:
+    """The JSON records of a run's log.jsonl (an unreadable line, e.g. one cut off by a crash, is skipped)."""
+    records = []
+    for line in log_file.read_text().splitlines() if log_file.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def _panel(draw, box: tuple[int, int, int, int], points: list[tuple[int, float]], title: str, colour: tuple,
+           steps: tuple[int, int]) -> None:
+    """One line chart in ``box`` (left, top, right, bottom): the title with the last value, min/max labels, the line."""
+    left, top, right, bottom = box
+    draw.rectangle(box, outline=(160, 160, 160))
+    last = f"{points[-1][1]:.4g} at step {points[-1][0]}" if points else "no value yet"
+    draw.text((left, top - 14), f"{title}: {last}", fill=(0, 0, 0))
+    if not points:
+        return
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    span, width = (hi - lo) or 1.0, max(steps[1] - steps[0], 1)
+    xy = [(left + 4 + (right - left - 8) * (s - steps[0]) / width, bottom - 4 - (bottom - top - 8) * (v - lo) / span)
+          for s, v in points]
+    draw.text((right + 4, top), f"{hi:.4g}", fill=(90, 90, 90))
+    draw.text((right + 4, bottom - 12), f"{lo:.4g}", fill=(90, 90, 90))
+    if len(xy) > 1:
+        draw.line(xy, fill=colour, width=2)
+    for x, y in xy:
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+
+
+def quality_picture(records: list[dict], key: str, path: str | Path) -> Path:
+    """Draw ``key`` (e.g. fid@2000) and the training loss of a run's log records against step as a PNG.
+
+    Pillow, which resdiff already needs for images, draws it: a plotting library would be a heavy dependency
+    for two lines. Written whole or not at all, so a viewer never sees half a picture."""
+    from PIL import Image, ImageDraw
+
+    fid = [(int(r["step"]), float(r[key])) for r in records if key in r]
+    loss = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r]
+    all_steps = [s for s, _ in fid + loss] or [0]
+    steps = (min(all_steps), max(all_steps))
+    image = Image.new("RGB", (720, 430), "white")
+    draw = ImageDraw.Draw(image)
+    _panel(draw, (40, 30, 640, 210), fid, f"{key} (lower is better; compare only at the same n)", (200, 40, 40), steps)
+    _panel(draw, (40, 250, 640, 400), loss, "training loss", (40, 90, 200), steps)
+    draw.text((40, 406), f"step {steps[0]}", fill=(90, 90, 90))
+    draw.text((590, 406), f"step {steps[1]}", fill=(90, 90, 90))
+    path = Path(path)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path

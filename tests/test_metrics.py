@@ -385,3 +385,127 @@ def test_network_id():
     assert network_id(a) == network_id(TinyNet(0)) != network_id(b)
     a.weights_sha256 = "ab" * 32
     assert network_id(a) == "ab" * 32
+
+
+# ----------------------------------------------------------------------------- damaged files and folders (issue #27)
+
+
+def _damaged(path, how: str):
+    """The file cut in half, or one bit flipped in its last array's data (np.savez stores arrays uncompressed)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) - 200] ^= 0x10  # inside the last member's bytes, before the zip directory
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_damaged_npz_is_one_line_naming_it(tmp_path, how):
+    rng = np.random.default_rng(0)
+    images = _damaged(_save_npz(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)), how)
+    stats = FeatureStats.from_features(rng.standard_normal((40, 32))).save(tmp_path / "stats.npz")
+    _damaged(stats, how)
+    for path, read in ((images, image_dataset), (stats, FeatureStats.load),
+                       (stats, lambda p: reference_stats(p, TinyNet())), (images, lambda p: reference_stats(p, TinyNet()))):
+        with pytest.raises(UsageError) as excinfo:
+            read(path)
+        text = _one_line(excinfo)
+        assert str(path) in text and "damaged" in text, text
+
+
+def _save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_damaged_statistics_cache_is_computed_again(tmp_path, monkeypatch, how):
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
+    folder = _write_pngs(tmp_path / "data", 5, size=(9, 9))
+    first = reference_stats(folder, TinyNet(), image_size=9)
+    (cached,) = (tmp_path / "cache" / "fid-stats").glob("*.npz")
+    _damaged(cached, how)
+    again = reference_stats(folder, TinyNet(), image_size=9)
+    np.testing.assert_allclose(again.sigma, first.sigma, rtol=1e-12)
+    assert FeatureStats.load(cached).count == 5  # and the cache was written whole again
+
+
+def test_symlink_loops_are_walked_once(tmp_path):
+    """A folder linking to itself and to its parent: each image is listed once, as ImageFolder lists it."""
+    folder = _write_pngs(tmp_path / "data", 3, size=(8, 8))
+    (folder / "sub").mkdir()
+    _write_pngs(folder / "sub", 2, size=(8, 8), seed=1)
+    (folder / "sub" / "loop").symlink_to(folder / "sub", target_is_directory=True)
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)
+    (folder / "again").symlink_to(folder, target_is_directory=True)
+    files = metrics._image_files(folder)
+    assert len(files) == 5 and len({f.resolve() for f in files}) == 5
+    assert len(image_dataset(folder)) == 5
+
+
+def test_kid_needs_a_subset():
+    f = torch.randn(10, 4)
+    with pytest.raises(UsageError, match="at least 1 subset") as excinfo:
+        kid(f, f, subsets=0)
+    _one_line(excinfo)
+
+
+# ----------------------------------------------------------------------------- reference rows and their pictures
+
+
+def test_max_images_spreads_the_reference_through_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
+    folder = _write_pngs(tmp_path / "data", 6, size=(9, 9))
+    features, stats = metrics.reference_features(folder, TinyNet(), 9, max_images=3)
+    assert stats.rows == ["00000.png", "00002.png", "00004.png"] and features.shape == (3, 32)
+    full, _ = metrics.reference_features(folder, TinyNet(), 9)
+    assert torch.equal(features, full[[0, 2, 4]])
+    again = metrics.reference_features(folder, TinyNet(), 9, max_images=3)  # cached, rows and all
+    assert again[1].rows == stats.rows and torch.equal(again[0], features)
+
+
+def test_reference_images_decode_only_the_rows_asked_for(tmp_path, monkeypatch):
+    """nearest.png's training images: the rows it shows are read, the rest of the folder is not touched."""
+    from resdiff.data import ImageFolder
+
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
+    folder = _write_pngs(tmp_path / "data", 6, size=(14, 11))
+    _, stats = metrics.reference_features(folder, TinyNet(), 8)
+    prepared = ImageFolder(folder, 8, 3, random_flip=False, cache=False)
+    for name in ("00000.png", "00001.png", "00003.png", "00005.png"):
+        (folder / name).write_bytes(b"not an image any more")  # reading any of these would fail
+    rows = metrics.reference_images(folder, stats, 8, 3)
+    assert len(rows) == 6
+    for i in (2, 4):
+        assert torch.equal(rows[i], prepared[i][0])
+
+
+def _split_worker(rank: int, world: int, init: str, real, fake, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        figures = {"kid": kid(fake, real, subsets=7, subset_size=20, split=True),
+                   "pr": precision_recall(real, fake, k=3, batch_size=8, split=True)}
+        mem = memorisation(real, fake, batch_size=8, split=True)
+        if rank == 0:
+            np.savez(out, kid=figures["kid"], pr=figures["pr"], nearest=mem.nearest.numpy(), distance=mem.distance.numpy(),
+                     threshold=mem.threshold)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_kid_precision_recall_and_memorisation_shared_by_two_processes_equal_one(tmp_path):
+    """Each process takes its share of KID's subsets and of the nearest-neighbour rows (chunks of 8): same figures."""
+    rng = np.random.default_rng(5)
+    real, fake = rng.standard_normal((45, 6)), rng.standard_normal((37, 6)) + 0.3
+    out = tmp_path / "split.npz"
+    torch.multiprocessing.start_processes(_split_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", real, fake, str(out)),
+                                          nprocs=2, join=True, start_method="spawn")
+    one = memorisation(real, fake)
+    with np.load(out) as split:
+        np.testing.assert_allclose(split["kid"], kid(fake, real, subsets=7, subset_size=20), rtol=1e-12)
+        assert tuple(split["pr"]) == precision_recall(real, fake, k=3)
+        assert np.array_equal(split["nearest"], one.nearest.numpy()) and float(split["threshold"]) == one.threshold
+        np.testing.assert_allclose(split["distance"], one.distance.numpy(), rtol=1e-12)
