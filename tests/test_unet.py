@@ -258,7 +258,7 @@ def test_compile_blocks_compiles_every_block_past_dynamos_default_recompile_limi
 
 @pytest.mark.slow
 def test_compiled_blocks_match_and_still_learn():
-    from resdiff.diffusion import DDPM
+    from resdiff.diffusion import GaussianDiffusion
 
     def one_level() -> UNet:  # few blocks to compile: the test is about equality, not size
         return UNet(sample_size=16, channels=16, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
@@ -271,12 +271,12 @@ def test_compiled_blocks_match_and_still_learn():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 600])
     torch.testing.assert_close(model(x, t).sample, plain(x, t).sample, rtol=1e-4, atol=1e-5)
 
-    ddpm = DDPM.from_config(num_train_timesteps=100)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=100)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = torch.linspace(-1, 1, 16).view(1, 1, 1, 16).expand(8, 3, 16, 16)  # one smooth image, learnable
     losses = []
     for _ in range(25):
-        loss = ddpm.loss(model, data)
+        loss = diffusion.loss(model, data)
         opt.zero_grad()
         loss.backward()
         opt.step()
