@@ -37,14 +37,47 @@ From noise to PNG (sampling):
     --> data.to_uint8 --> images.save_images: 00000.png ... (sample_to_folder: each process its share, processes.share)
 """
 
-
 import importlib
+import importlib.util
+import sys
+import types
 
 __version__ = "0.1.0"
 
-# Public name -> the module that holds it. Imported on first use (PEP 562), so that ``import resdiff.config``
-# (or errors, choices) loads no torch and no diffusers; ``from resdiff import UNet`` and diffusers resolving
-# a saved pipeline's ["resdiff", "UNet"] import the U-Net then.
+
+class _RunOnFirstUse(types.ModuleType):
+    """A module whose code runs when one of its own names is first asked for. Its dunders (``__file__``,
+    ``__spec__``, ...) are there from the start, so tools that walk sys.modules do not set it off, as they
+    would importlib.util.LazyLoader's modules (which run on any attribute, inside torch's own import)."""
+
+    def __getattr__(self, name: str):  # only for names the module does not have: its code has not run yet
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self.__class__ = types.ModuleType  # a plain module from here on
+        try:
+            self.__spec__.loader.exec_module(self)
+        except BaseException:  # as a failed import does: no half-run module left behind
+            sys.modules.pop(self.__name__, None)
+            raise
+        return getattr(self, name)
+
+
+def _registered_lazily(name: str) -> types.ModuleType:
+    """``resdiff.<name>`` in sys.modules now; its code (and what it imports) runs on first use."""
+    full = f"{__name__}.{name}"
+    if full not in sys.modules:
+        module = importlib.util.module_from_spec(importlib.util.find_spec(full))
+        module.__class__ = _RunOnFirstUse
+        sys.modules[full] = module
+    return sys.modules[full]
+
+
+# A saved pipeline's model_index.json names the U-Net ["resdiff.unet", "UNet"], and diffusers takes that module
+# only from sys.modules: ``import resdiff`` puts it there, and it (with torch and diffusers) loads when the class is
+# first asked for. So ``import resdiff.config`` stays light and ``import resdiff`` is enough for from_pretrained.
+unet = _registered_lazily("unet")
+
+# Public name -> the module that holds it, imported on first use (PEP 562).
 _HOMES = {
     "UNet": "unet", "UNetOutput": "unet", "PRESETS": "unet",
     "ResBlock": "nn", "BottleneckResBlock": "nn", "SqueezeExcite": "nn", "Attention": "nn", "Downsample": "nn",
