@@ -222,12 +222,12 @@ def train(name: str, data: torch.Tensor, checkpoints: list[int], score: Callable
     """Train one contender, scoring its EMA model at each of ``checkpoints`` (optimizer steps)."""
     from diffusers.training_utils import EMAModel
 
-    from resdiff.diffusion import DDPM
+    from resdiff.diffusion import GaussianDiffusion
 
     build, recipe_name = CONTENDERS[name]
     recipe = RECIPES[recipe_name]
     model = build(seed)
-    ddpm = DDPM.from_config(**{k: v for k, v in scheduler_config(recipe).items() if k != "clip_sample"})
+    diffusion = GaussianDiffusion.from_config(**{k: v for k, v in scheduler_config(recipe).items() if k != "clip_sample"})
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) if recipe.warmup else 1.0)
     ema = EMAModel(model.parameters(), decay=recipe.ema, use_ema_warmup=False, min_decay=0.0)  # decay (1+n)/(10+n) up to `ema`
@@ -241,7 +241,7 @@ def train(name: str, data: torch.Tensor, checkpoints: list[int], score: Callable
         while step < target:
             idx = torch.randint(0, len(data), (batch,), generator=g)
             x0 = to_model(data[idx])
-            loss = ddpm.loss(model, x0)
+            loss = diffusion.loss(model, x0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,6 +1,7 @@
 """A training run from a Config: check it, prepare the run directory, build the parts, hand them to a Trainer.
 
-    build_trainer(cfg)  ->  Trainer(model=UNet, ddpm=DDPM, batches=ShardedBatches, accelerator, run=RunDir, ...)
+    build_trainer(cfg)  ->  Trainer(model=UNet, diffusion=GaussianDiffusion, batches=ShardedBatches, accelerator,
+                                    run=RunDir, ...)
 
 Everything that can be checked is checked before anything is written: the model the config describes
 (built on the meta device, so a huge one costs nothing), the settings that depend on each other, the
@@ -26,19 +27,21 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from .batches import ShardedBatches, loader_workers
 from .config import Config
 from .data import ImageFolder, shape_name, write_demo_folder
-from .diffusion import DDPM
+from .diffusion import GaussianDiffusion
 from .errors import UsageError
 from .files import cache_root
 from .hardware import precision_warning, reuse_freed_memory
 from .prepare import PreparedImages, is_prepared
+from .processes import on_main
 from .rundir import (
-    RunDir, check_disk, check_same_model, checkpoint_problem, clear_run, complete_checkpoints, earlier_training,
-    export_model, identity_changes, list_checkpoints, remove_leftovers, step_of, trim_log, write_config, write_identity,
+    CHECKPOINTS, EMA, QUALITY_PICTURE, RunDir, check_disk, check_same_model, checkpoint_problem, clear_run,
+    complete_checkpoints, earlier_training, export_model, identity_changes, list_checkpoints, remove_leftovers, step_of,
+    trim_log, write_config, write_identity,
 )
 from .trainer import Trainer
 from .unet import UNet
@@ -101,9 +104,9 @@ def build_trainer(
     run = RunDir(cfg.out, warn=echo)
     parameters = _check_model_and_settings(cfg)
     explicit = _check_resume(run.path, resume)
-    dataset = _load_data(cfg, acc, echo if main else (lambda _msg: None))
+    dataset = _load_data(cfg, echo if main else (lambda _msg: None))
     choice = _Choice(resume, explicit, resume_anyway, start_over)
-    candidates = _prepare_run_dir(run, cfg, choice, dataset, parameters, acc, echo)  # the first write
+    candidates = _prepare_run_dir(run, cfg, choice, dataset, parameters, echo)  # the first write
     try:
         set_seed(t.seed)  # identical initial weights on every process
         unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None)
@@ -119,8 +122,8 @@ def build_trainer(
         )
         evaluator, evaluation = _evaluator(cfg, acc, getattr(dataset, "source", dataset.root), echo)
         trainer = Trainer(
-            model=unet, ddpm=DDPM.from_config(**vars(cfg.diffusion)), batches=batches, accelerator=acc, run=run,
-            settings=t, hparams=_flat(cfg.to_dict()), evaluator=evaluator, echo=echo,
+            model=unet, diffusion=GaussianDiffusion.from_config(cfg.diffusion), batches=batches, accelerator=acc,
+            run=run, settings=t, hparams=_flat(cfg.to_dict()), evaluator=evaluator, echo=echo,
         )
         set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
         resumed = trainer.resume(candidates, fallback=explicit is None)
@@ -131,7 +134,7 @@ def build_trainer(
                 echo(f"note: {run.log_file}: dropped {dropped} record(s) past step {trainer.step}, "
                      f"from training that an interruption lost (it is redone now)")
             if resumed and not run.has_model():
-                export_model(run.path, resumed / "ema")  # an interrupted export left no model/: redo it
+                export_model(run.path, resumed / EMA)  # an interrupted export left no model/: redo it
         trainer.about = _summary(cfg, trainer, dataset, workers, why, resumed, evaluation)
         return trainer
     except BaseException:
@@ -189,7 +192,7 @@ def _check_resume(run_dir: Path, resume: str) -> Path | None:
         step_of(path)
     except ValueError:
         raise UsageError(f"--resume {resume}: not a checkpoint folder (expected .../checkpoints/step-NNNNNNN)") from None
-    own = (run_dir / "checkpoints").resolve()
+    own = (run_dir / CHECKPOINTS).resolve()
     if path.resolve().parent != own:
         # Optimizer and RNG state are torch files; they are read only from this run's own checkpoints.
         raise UsageError(f"--resume {resume}: not a checkpoint of this run ({own}); a run resumes only its own checkpoints")
@@ -201,7 +204,7 @@ def _check_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def _load_data(cfg: Config, acc: Accelerator, warn: Callable[[str], None]) -> ImageFolder | PreparedImages:
+def _load_data(cfg: Config, warn: Callable[[str], None]) -> ImageFolder | PreparedImages:
     """The training images: a prepared dataset (``resdiff.prepare``), an image folder, or the demo shapes."""
     d = cfg.data
     if d.path is not None and is_prepared(d.path):
@@ -215,14 +218,21 @@ def _load_data(cfg: Config, acc: Accelerator, warn: Callable[[str], None]) -> Im
         return data
     if d.path is None:
         root = demo_data_dir(d.image_size, d.demo_images)
-        if acc.is_main_process:
-            write_demo_folder(root, d.demo_images, d.image_size, seed=0)
-        acc.wait_for_everyone()
+        # one process writes them; its error stops every process
+        on_main(lambda: _write_demo(root, d.demo_images, d.image_size), share_result=False)
     else:
         root = Path(d.path)
     # Flips are drawn per batch by ShardedBatches in the training process, from the RNG a checkpoint saves.
     return ImageFolder(root, d.image_size, d.image_channels, class_cond=d.class_cond, random_flip=False,
                        random_crop=d.random_crop, cache=d.cache, warn=warn, cache_limit=int(d.cache_limit_gb * 2**30))
+
+
+def _write_demo(root: Path, n: int, image_size: int | tuple[int, int]) -> None:
+    try:
+        write_demo_folder(root, n, image_size, seed=0)
+    except OSError as err:
+        raise UsageError(f"cannot write the demo images to {root} ({err.strerror or err}); set RESDIFF_CACHE to a "
+                         f"writable folder, or train on your own images (data.path)") from None
 
 
 @dataclass
@@ -270,25 +280,15 @@ def _size(file: Path) -> int:
 
 def _prepare_run_dir(
     run: RunDir, cfg: Config, choice: _Choice, dataset: ImageFolder | PreparedImages, parameters: int,
-    acc: Accelerator, echo: Callable[[str], None],
+    echo: Callable[[str], None],
 ) -> list[Path]:
     """The main process prepares the run directory (see the module docstring) and picks the checkpoints to try,
     newest first; every process gets the outcome, so an error stops all of them alike."""
-    outcome: tuple[str | None, list[str]] = (None, [])
-    if acc.is_main_process:
-        try:
-            identity = run_identity(cfg, dataset)
-            outcome = (None, [str(p) for p in _prepare_run_dir_main(run, cfg, choice, identity, parameters, echo)])
-        except UsageError as err:
-            outcome = (str(err), [])
-    if acc.num_processes > 1:
-        box = [outcome]
-        broadcast_object_list(box, from_process=0)
-        outcome = box[0]
-    error, candidates = outcome
-    if error is not None:
-        raise UsageError(error)
-    return [Path(p) for p in candidates]
+    def prepare() -> list[str]:
+        identity = run_identity(cfg, dataset)
+        return [str(p) for p in _prepare_run_dir_main(run, cfg, choice, identity, parameters, echo)]
+
+    return [Path(p) for p in on_main(prepare)]
 
 
 def _check_continuity(path: Path, cfg: Config, choice: _Choice, identity: dict, resuming: bool, echo: Callable[[str], None]) -> None:
@@ -320,11 +320,7 @@ def _prepare_run_dir_main(
         raise UsageError(f"run directory {path} is a file, not a folder; choose another --out")
     existed = path.exists()
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create run directory {path}: {err.strerror}") from None
-    try:
-        run.lock.acquire()
+        run.open()  # the folder and its lock
         removed = remove_leftovers(path)
         if removed:
             echo(f"warning: removed what an interrupted run left half-written in {path}: {', '.join(removed)}")
@@ -341,7 +337,7 @@ def _prepare_run_dir_main(
             damaged = list_checkpoints(path)
             if damaged and not candidates:
                 raise UsageError(
-                    f"{path / 'checkpoints'} holds {len(damaged)} checkpoint folder(s) but none is complete "
+                    f"{path / CHECKPOINTS} holds {len(damaged)} checkpoint folder(s) but none is complete "
                     f"({damaged[-1].name}: {checkpoint_problem(damaged[-1])}); move the damaged folders away "
                     f"to start over, or choose a new --out"
                 )
@@ -381,21 +377,21 @@ def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], 
     from .evaluation import TrainingEvaluator
     from .inception import load_inception
     from .metrics import reference_features
+    from .sampling import SamplingSettings
 
     net = load_inception(device=acc.device)
     # Every process extracts its share of eval_images training images (spread through the folder, cached) and
     # gets them all: the evaluations share out their work too.
-    reference = reference_features(data, net, d.image_size, d.image_channels, device=acc.device,
-                                   log=echo if acc.is_main_process else None,
-                                   max_images=t.eval_images)
+    reference = reference_features(data, net, d.image_size, d.image_channels,  # net is on acc.device
+                                   log=echo if acc.is_main_process else None, max_images=t.eval_images)
     reference_count = reference[1].count
-    evaluator = TrainingEvaluator(
-        net, reference, every=every, num_images=t.eval_images, sampler=t.preview_sampler, steps=t.preview_steps,
-        seed=t.seed, mixed_precision=t.mixed_precision, device=acc.device, run_dir=cfg.out,
-    )
+    settings = SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
+                                mixed_precision=t.mixed_precision, device=acc.device)
+    evaluator = TrainingEvaluator(net, reference, every=every, num_images=t.eval_images, settings=settings,
+                                  run_dir=cfg.out)
     return evaluator, (f"every {every} steps and at the end: FID and KID of {t.eval_images} EMA samples "
                        f"({t.preview_sampler}, {t.preview_steps} steps) against {reference_count} training "
-                       f"images, drawn in {Path(cfg.out) / 'quality.png'}")
+                       f"images, drawn in {Path(cfg.out) / QUALITY_PICTURE}")
 
 
 def _summary(

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from .diffusion import SAMPLERS
+from .choices import IMAGE_CHANNELS, PRECISIONS, SAMPLERS
 from .errors import UsageError
-from .hardware import MIXED_PRECISIONS
 
 
 @dataclass
@@ -69,14 +68,14 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
-    mixed_precision: str = "no"  # one of resdiff.hardware.MIXED_PRECISIONS: no | fp16 | bf16
+    mixed_precision: str = "no"  # one of resdiff.choices.PRECISIONS: no | fp16 | bf16
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     preview_every: int = 1000
     preview_images: int = 16
-    preview_sampler: str = "ddim"  # one of resdiff.diffusion.SAMPLERS: ddpm | ddim | dpm++ | euler | heun
+    preview_sampler: str = "ddim"  # one of resdiff.choices.SAMPLERS: ddpm | ddim | dpm++ | euler | heun
     preview_steps: int = 50
     trackers: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
     compile: bool = False
@@ -113,7 +112,7 @@ _FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 _RULES = {
     "data.image_size": (lambda v: all(s > 0 for s in ((v,) if isinstance(v, int) else v)), "must be > 0"),
-    "data.image_channels": (lambda v: v in (1, 3), "must be 1 (grayscale) or 3 (RGB)"),
+    "data.image_channels": (lambda v: v in IMAGE_CHANNELS, "must be 1 (grayscale) or 3 (RGB)"),
     "data.cache": (lambda v: v in (True, False, "auto"), "must be true, false or auto"),
     "data.num_workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0), "must be auto or an integer >= 0"),
     "data.demo_images": _POSITIVE,
@@ -147,7 +146,7 @@ _RULES = {
 _CHOICES = {
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
-    "train.mixed_precision": tuple(MIXED_PRECISIONS),
+    "train.mixed_precision": tuple(PRECISIONS),
     "train.preview_sampler": tuple(SAMPLERS),
 }
 

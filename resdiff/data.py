@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .choices import IMAGE_CHANNELS
 from .errors import UsageError, one_line
 from .images import save_png
 
@@ -249,7 +250,7 @@ class ImageFolder(torch.utils.data.Dataset):
     ) -> None:
         if not is_image_size(image_size):
             raise UsageError(f"image_size must be a positive integer or a (height, width) pair, got {image_size!r}")
-        if channels not in (1, 3):
+        if channels not in IMAGE_CHANNELS:
             raise UsageError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         if cache not in (True, False, "auto"):
             raise UsageError(f"cache must be True, False or 'auto', got {cache!r}")
@@ -415,7 +416,7 @@ def demo_shapes(n: int, image_size: int | Sequence[int] = 32, channels: int = 3,
     """`n` seeded images of one bright circle or square on a dark plain background: uint8 (n, C, H, W).
 
     `image_size` is one side or (H, W); a shape's size follows the shorter side, its place the whole image."""
-    if n < 0 or not is_image_size(image_size) or min(image_shape(image_size)) < 4 or channels not in (1, 3):
+    if n < 0 or not is_image_size(image_size) or min(image_shape(image_size)) < 4 or channels not in IMAGE_CHANNELS:
         raise UsageError(
             f"demo_shapes needs n >= 0, image sides >= 4 and channels 1 or 3; got {n}, {image_size}, {channels}"
         )

@@ -1,4 +1,4 @@
-"""DDPM: the training objective and the sampling loop around diffusers' schedulers.
+"""GaussianDiffusion: the training objective and the sampling loop around diffusers' schedulers.
 
 The noise schedule math is diffusers' (``DDPMScheduler.add_noise``, ``get_velocity``, each
 scheduler's ``step``); this module chooses the target, weights the loss and runs the loop.
@@ -7,40 +7,28 @@ Like improved-diffusion, the network is passed in, so a DDP-wrapped model works 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-)
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-__all__ = ["DDPM", "SAMPLERS", "make_sampler", "sampler_step_kwargs", "image_generators", "image_noise"]
+from .choices import SAMPLERS
+from .config import DiffusionConfig
 
-# Samplers by name: the diffusers scheduler, its default step count and fixed settings.
-SAMPLERS: dict[str, tuple[type[SchedulerMixin], int, dict]] = {
-    "ddpm": (DDPMScheduler, 1000, {}),  # ancestral sampling of Ho et al.
-    "ddim": (DDIMScheduler, 50, {}),  # Song et al.; eta=0 is deterministic
-    "dpm++": (DPMSolverMultistepScheduler, 20, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    # Probability-flow ODE solvers: a ResNet block's residual update is a forward-Euler step of an ODE,
-    # and these integrate the diffusion's ODE the same way (Euler) or with a second-order correction (Heun).
-    "euler": (EulerDiscreteScheduler, 50, {}),
-    "heun": (HeunDiscreteScheduler, 50, {}),
-}
+__all__ = ["GaussianDiffusion", "Guidance", "make_sampler", "sampler_step_kwargs", "image_generators", "image_noise"]
 
 
 def make_sampler(name: str, train_config: dict) -> tuple[SchedulerMixin, int]:
     """A fresh diffusers scheduler for sampler ``name`` sharing the training noise schedule, and its default steps."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    cls, steps, extra = SAMPLERS[name]
-    return cls.from_config(dict(train_config), **extra), steps
+    class_name, steps, extra = SAMPLERS[name]  # resdiff.choices: the one list of samplers
+    return getattr(diffusers, class_name).from_config(dict(train_config), **extra), steps
 
 
 def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -55,15 +43,43 @@ def image_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> 
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
 
 
-class DDPM:
-    """Denoising diffusion (Ho et al. 2020) over a diffusers ``DDPMScheduler``.
+@dataclass
+class Guidance:
+    """The class labels (B,) of a batch (None: unconditional) and classifier-free guidance: with ``scale`` != 1
+    the model also predicts for the ``null_label`` class and the two mix as uncond + scale * (cond - uncond)."""
+
+    labels: torch.Tensor | None = None
+    scale: float = 1.0
+    null_label: int | None = None
+
+    @property
+    def guided(self) -> bool:
+        return self.labels is not None and self.scale != 1.0
+
+    def predict(self, model: Callable, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's output for ``x`` at ``t``, guided when ``guided``: (B, C', H, W)."""
+        if not self.guided:
+            return model(x, t, self.labels).sample
+        if self.null_label is None:
+            raise ValueError("classifier-free guidance needs the model's null label")
+        labels = torch.cat([self.labels, torch.full_like(self.labels, self.null_label)])
+        cond, uncond = model(torch.cat([x, x]), t, labels).sample.chunk(2)  # (B, C', H, W) each
+        return uncond + self.scale * (cond - uncond)
+
+
+class GaussianDiffusion:
+    """Gaussian denoising diffusion (Ho et al. 2020) over a diffusers ``DDPMScheduler``: it trains with any
+    target and runs every sampler of ``SAMPLERS``.
 
     ``loss`` is the training objective: noise the data at uniform random timesteps and regress the
     model's prediction onto the target (epsilon, v or x0), optionally min-SNR-gamma weighted
     (Hang et al. 2023). ``sample`` runs any diffusers scheduler from noise to images.
     """
 
-    def __init__(self, scheduler: DDPMScheduler, *, min_snr_gamma: float | None = None, label_dropout: float = 0.0):
+    def __init__(
+        self, scheduler: DDPMScheduler, *, min_snr_gamma: float | None = DiffusionConfig.min_snr_gamma,
+        label_dropout: float = DiffusionConfig.label_dropout,
+    ):
         self.scheduler = scheduler
         self.min_snr_gamma = min_snr_gamma
         self.label_dropout = label_dropout
@@ -71,17 +87,15 @@ class DDPM:
         self.snr = alphas / (1 - alphas)  # (T,) signal-to-noise ratio of each timestep
 
     @classmethod
-    def from_config(
-        cls, num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-        beta_end: float = 0.02, prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
-        label_dropout: float = 0.0,
-    ) -> "DDPM":
-        """Build the scheduler from plain settings (the ``diffusion`` section of a resdiff config)."""
+    def from_config(cls, settings: DiffusionConfig | None = None, **changes) -> "GaussianDiffusion":
+        """The diffusion a config's ``diffusion`` section describes (default: ``DiffusionConfig()``, the one
+        place its defaults are written), with ``changes`` naming its fields (``from_config(prediction_type="sample")``)."""
+        d = replace(settings or DiffusionConfig(), **changes)
         scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
-            beta_end=beta_end, prediction_type=prediction_type, clip_sample=True,
+            num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, beta_start=d.beta_start,
+            beta_end=d.beta_end, prediction_type=d.prediction_type, clip_sample=True,
         )
-        return cls(scheduler, min_snr_gamma=min_snr_gamma, label_dropout=label_dropout)
+        return cls(scheduler, min_snr_gamma=d.min_snr_gamma, label_dropout=d.label_dropout)
 
     @property
     def prediction_type(self) -> str:
@@ -128,18 +142,12 @@ class DDPM:
 
     def denoise_step(
         self, model: Callable, scheduler: SchedulerMixin, x: torch.Tensor, t: torch.Tensor, step_kwargs: dict,
-        class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0, null_label: int | None = None,
+        guidance: Guidance | None = None,
     ) -> torch.Tensor:
         """One step of ``scheduler`` from ``x`` at timestep ``t`` to the next (less noisy) level: the model's
-        prediction, guided when ``class_labels`` are given and ``guidance_scale`` != 1, then ``scheduler.step``.
+        prediction (for ``guidance``'s labels, guided as it says), then ``scheduler.step``.
         The loop of ``sample``; editing (resdiff.editing) runs it from its own starting points."""
-        inp = scheduler.scale_model_input(x, t)
-        if class_labels is not None and guidance_scale != 1.0:
-            labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
-            cond, uncond = model(torch.cat([inp, inp]), t, labels).sample.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        else:
-            out = model(inp, t, class_labels).sample
+        out = (guidance or Guidance()).predict(model, scheduler.scale_model_input(x, t), t)
         return scheduler.step(out[:, : x.shape[1]].float(), t, x, **step_kwargs).prev_sample
 
     @torch.inference_mode()  # cheaper than no_grad: no version counters or view tracking
@@ -151,29 +159,26 @@ class DDPM:
         sampler: str = "ddim",
         steps: int | None = None,
         generators: Sequence[torch.Generator] | None = None,
-        class_labels: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        null_label: int | None = None,
+        guidance: Guidance | None = None,
         eta: float = 0.0,
         progress: Callable | None = None,
     ) -> torch.Tensor:
         """Denoise ``noise`` (N, C, H, W) into images in [-1, 1] with sampler ``sampler`` (see SAMPLERS) in ``steps``
-        steps (None: the sampler's own count), over this DDPM's noise schedule.
+        steps (None: the sampler's own count), over this diffusion's noise schedule.
 
         ``generators`` (one per image) draw any per-step noise, so an image does not depend on its batch.
-        ``eta`` is DDIM's (0: deterministic). With ``class_labels`` and ``guidance_scale`` != 1, classifier-free guidance mixes the conditional
-        and the null-class predictions: uncond + scale * (cond - uncond).
+        ``eta`` is DDIM's (0: deterministic). ``guidance``: the class labels, and classifier-free guidance.
         """
         scheduler, default_steps = make_sampler(sampler, self.scheduler.config)  # fresh: schedulers keep per-run state
         scheduler.set_timesteps(steps or default_steps, device=noise.device)
         x = noise * scheduler.init_noise_sigma
-        guided = class_labels is not None and guidance_scale != 1.0
-        if guided and null_label is None:
+        guidance = guidance or Guidance()
+        if guidance.guided and guidance.null_label is None:
             raise ValueError("classifier-free guidance needs the model's null label")
         step_kwargs = sampler_step_kwargs(scheduler, generators, eta)
         timesteps = scheduler.timesteps
         for t in progress(timesteps) if progress else timesteps:
-            x = self.denoise_step(model, scheduler, x, t, step_kwargs, class_labels, guidance_scale, null_label)
+            x = self.denoise_step(model, scheduler, x, t, step_kwargs, guidance)
         return x.clamp(-1, 1)
 
 

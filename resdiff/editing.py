@@ -2,7 +2,7 @@
 
 Each use is a small class with one interface, an *edit* (``resdiff.sampling.Edit``): ``check`` the sampling
 settings before anything loads, ``prepare`` its input images for the model's image shape, ``run`` a batch from
-its noise (what ``ImageGenerator`` calls where plain sampling would call ``DDPM.sample``), and ``save_files``
+its noise (what ``ImageGenerator`` calls where plain sampling would call ``GaussianDiffusion.sample``), and ``save_files``
 beside the images of an output folder. So editing inherits sampling's guarantees unchanged: image ``i`` draws
 every random number from ``image_generators(seed, [i])``, whatever the batch or the number of processes, and
 ``sample_to_folder(..., edit=...)`` writes its folder across processes exactly as for plain sampling.
@@ -36,8 +36,9 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from .choices import IMAGE_CHANNELS, SAMPLERS
 from .data import fit_image, has_alpha, open_image, to_model_range
-from .diffusion import SAMPLERS, image_generators, image_noise
+from .diffusion import image_generators, image_noise
 from .errors import UsageError, one_line
 from .files import write_atomic
 from .images import make_grid, save_png, to_pil
@@ -68,7 +69,7 @@ def _open(source, what: str) -> Image.Image:
         return source
     if isinstance(source, torch.Tensor):
         t = source if source.ndim == 3 else source[None]
-        if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[0] not in (1, 3):
+        if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[0] not in IMAGE_CHANNELS:
             raise UsageError(f"the {what} tensor must be uint8 (1 or 3, H, W) or (H, W), got {source.dtype} {tuple(source.shape)}")
         return to_pil(t[None])[0]
     path = Path(source)

@@ -32,11 +32,11 @@ from .metrics import (
     FeatureStats, Memorisation, extract_features, fid_from_stats, image_dataset, kid, memorisation, nearest_pairs_image,
     precision_recall, reference_features, reference_images,
 )
-from .processes import gather_shares, join, on_main, share
+from .processes import gather_shares, join, on_main, rank_world, share
+from .rundir import LOG, MODEL_INDEX, QUALITY_PICTURE
 from .sampling import ImageGenerator, SamplingSettings
 
-__all__ = ["evaluate", "Scoring", "default_eval_dir", "sample_features", "TrainingEvaluator", "quality_picture",
-           "QUALITY_PICTURE"]
+__all__ = ["evaluate", "Scoring", "default_eval_dir", "sample_features", "TrainingEvaluator", "quality_picture"]
 
 NEAREST_PAIRS = 32  # pairs in nearest.png
 
@@ -45,7 +45,7 @@ def default_eval_dir(model: str | Path | None, samples: str | Path | None) -> Pa
     """RUN/eval for a run directory (or a pipeline folder's parent); SAMPLES/eval, or beside an .npz."""
     if model is not None:
         path = Path(model)
-        return (path.parent if (path / "model_index.json").is_file() else path) / "eval"
+        return (path.parent if (path / MODEL_INDEX).is_file() else path) / "eval"
     path = Path(samples)
     return (path if path.is_dir() else path.parent) / "eval"
 
@@ -72,8 +72,7 @@ def evaluate(
     an .npz of images, or a statistics .npz), on every launched process. Returns the result (also written as
     JSON into ``out``, default ``default_eval_dir``) on every process.
 
-    ``settings`` are sample.py's (default ``SamplingSettings()``); ``settings.batch_size`` is also the feature
-    batch. ``log`` None is quiet: no messages and no progress bars."""
+    ``settings``: sample.py's (default ``SamplingSettings()``). ``log`` None is quiet: no messages, no progress bars."""
     from .inception import load_inception
 
     settings, scoring = settings or SamplingSettings(), scoring or Scoring()
@@ -84,16 +83,15 @@ def evaluate(
     dev = procs.device if settings.device is None else torch.device(settings.device)
     net = load_inception(scoring.inception, device=dev, **({} if scoring.verify_inception else {"sha256": None}))
     started = time.perf_counter()
-
     if model is not None:
         source, get_images, n, size, channels, described = _model_source(model, num_images, replace(settings, device=dev))
     else:
         source, get_images, n, size, channels, described = _samples_source(samples)
-    batch_size = settings.batch_size
+    batch_size = settings.batch_size  # the feature batch too
     say(f"evaluate: {n} samples of {source} ({_describe(described)}) against {ref}, {world} process(es), device {dev}")
     # The reference first (cached after the first time), so a bad one fails in seconds, not after hours of
     # sampling; every process extracts its share of a folder, so none waits long in a collective.
-    reference = reference_features(ref, net, size, channels, batch_size=batch_size, device=dev, log=say)
+    reference = reference_features(ref, net, size, channels, batch_size=batch_size, log=say)  # net is on dev
     stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=log is not None and main)
     rate = n / max(time.perf_counter() - started, 1e-9)
     # every process takes its share of KID's subsets and of the nearest-neighbour rows; the main process writes
@@ -110,12 +108,10 @@ def evaluate(
         folder = Path(out) if out is not None else default_eval_dir(model, samples)
         if mem is not None:  # the closest pairs, side by side: does the model copy its training images?
             top = mem.order[:NEAREST_PAIRS].tolist()
-            nearest = nearest_pairs_image(get_images(top), reference_images(ref, reference[1], size, channels),
-                                          _restricted(mem, top), folder / "nearest.png")
-            result["memorisation"]["picture"] = str(nearest)
-        curve = default_eval_dir(model, None).parent / QUALITY_PICTURE if model is not None else None
-        if curve is not None and curve.is_file():  # the run's in-training FID curve, beside this figure
-            result["training_curve"] = str(curve)
+            result["memorisation"]["picture"] = str(nearest_pairs_image(
+                get_images(top), reference_images(ref, reference[1], size, channels), _restricted(mem, top),
+                folder / "nearest.png"))
+        result.update(_training_curve(model))
         file = folder / f"{_result_name(described, n)}.json"
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
@@ -127,6 +123,12 @@ def evaluate(
     procs.barrier()
     procs.leave()
     return result
+
+
+def _training_curve(model: str | Path | None) -> dict:
+    """{"training_curve": path} of the run's in-training FID curve, when ``model`` is a run that has one."""
+    curve = default_eval_dir(model, None).parent / QUALITY_PICTURE if model is not None else None
+    return {"training_curve": str(curve)} if curve is not None and curve.is_file() else {}
 
 
 # ----------------------------------------------------------------------------- features of samples, across processes
@@ -266,6 +268,7 @@ class TrainingEvaluator:
     (``reference_features`` of the training data, cached); FID is computed by each from the summed statistics,
     KID's subsets are shared out, so all get the same figures.
     They are labelled with n (``fid@2000``): FID falls as n grows, so only figures of the same n compare.
+    ``settings`` say how the samples are drawn (its ``batch_size`` is also the feature batch).
     The trainer calls it every ``every`` steps and at the end. With ``run_dir``, the main process redraws
     ``run_dir/quality.png`` (FID and loss against step, from log.jsonl) at each call; the figures of this call
     are placed at the log's last step, which is this step when ``every`` is a multiple of ``log_every`` or the
@@ -274,39 +277,35 @@ class TrainingEvaluator:
 
     def __init__(
         self, net: torch.nn.Module, reference: tuple[torch.Tensor | None, FeatureStats], *, every: int,
-        num_images: int, sampler: str, steps: int, seed: int, mixed_precision: str, device: torch.device,
-        batch_size: int = 64, kid_subsets: int = 10, run_dir: str | Path | None = None,
+        num_images: int, settings: SamplingSettings, kid_subsets: int = 10, run_dir: str | Path | None = None,
     ):
         self.net, self.reference, self.every, self.num_images = net, reference, every, num_images
+        self.settings, self.kid_subsets = settings, kid_subsets
+        # where the features are computed: the settings' device, else where the network is
+        self.device = torch.device(settings.device or next(net.parameters(), torch.empty(0)).device)
         self.picture = Path(run_dir) / QUALITY_PICTURE if run_dir is not None else None
-        self.sampler, self.steps, self.seed, self.mixed_precision = sampler, steps, seed, mixed_precision
-        self.device, self.batch_size, self.kid_subsets = device, batch_size, kid_subsets
 
     def __call__(self, model: torch.nn.Module, scheduler_config: dict) -> dict[str, float]:
         """The figures of ``model`` now, on every process (one broadcast from the main process)."""
         n = self.num_images
-        settings = SamplingSettings(sampler=self.sampler, steps=self.steps, seed=self.seed, batch_size=self.batch_size,
-                                    mixed_precision=self.mixed_precision)
-        generator = ImageGenerator(model, settings, scheduler_config)
+        generator = ImageGenerator(model, self.settings, scheduler_config)
         with generator.ready():  # eval mode and channels_last once, not once per batch
-            stats, gen = sample_features(generator.images, n, self.net, batch_size=self.batch_size, device=self.device)
+            stats, gen = sample_features(generator.images, n, self.net, batch_size=self.settings.batch_size,
+                                         device=self.device)
         ref_features, ref_stats = self.reference  # every process holds them (it extracted its share)
         figures = {f"fid@{n}": fid_from_stats(stats, ref_stats)}
         if ref_features is not None:  # each process computes its share of KID's subsets
             mean, std = kid(gen, ref_features, subsets=self.kid_subsets, subset_size=min(1000, n, len(ref_features)),
                             device=self.device, split=True)
             figures.update({f"kid@{n}": mean, f"kid_std@{n}": std})
-        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if self.picture is not None and main:
-            records = _read_records(self.picture.parent / "log.jsonl")
+        if self.picture is not None and rank_world()[0] == 0:
+            records = _read_records(self.picture.parent / LOG)
             step = max((int(r["step"]) for r in records if "step" in r), default=0)
             quality_picture([*records, {"step": step, **figures}], f"fid@{n}", self.picture)
         return figures
 
 
 # ----------------------------------------------------------------------------- the training curve picture
-
-QUALITY_PICTURE = "quality.png"  # RUN/quality.png: FID and loss against step, redrawn at each evaluation
 
 
 def _read_records(log_file: Path) -> list[dict]:

@@ -9,12 +9,14 @@ import sys
 
 import torch
 
+from .choices import PRECISIONS
 from .errors import UsageError
 
 __all__ = ["MIXED_PRECISIONS", "bf16_is_native", "precision_warning", "default_device", "check_device", "reuse_freed_memory"]
 
-# The autocast precisions a user can choose (--mixed-precision, train.mixed_precision): name -> dtype.
-MIXED_PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The autocast precisions a user can choose (--mixed-precision, train.mixed_precision; named in resdiff.choices):
+# name -> torch dtype (None: no autocast).
+MIXED_PRECISIONS = {name: getattr(torch, dtype) if dtype else None for name, dtype in PRECISIONS.items()}
 
 
 def bf16_is_native(device: torch.device | str) -> bool:

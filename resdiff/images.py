@@ -15,15 +15,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .choices import IMAGE_CHANNELS
 from .errors import UsageError, one_line
 from .files import write_atomic
 
-__all__ = ["to_pil", "grid_columns", "make_grid", "image_name", "save_png", "save_images", "read_images", "save_npz", "load_npz"]
+__all__ = [
+    "GRID_NAME", "NPZ_NAME", "to_pil", "grid_columns", "make_grid", "image_name", "save_png", "save_images", "read_images",
+    "save_npz", "load_npz",
+]
+
+# A folder of samples: image_name(i) for image i, the overview grid.png of the first ones, all of them as samples.npz.
+GRID_NAME, NPZ_NAME = "grid.png", "samples.npz"
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """uint8 (N, C, H, W) -> pillow images: mode L for one channel, RGB for three."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in IMAGE_CHANNELS:
         raise ValueError(f"expected uint8 (N, 1 or 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
     arrays = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     return [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in arrays]
@@ -108,6 +115,6 @@ def load_npz(path: str | Path) -> torch.Tensor:
         raise UsageError(f"cannot read {path}: {one_line(err, 120)}") from None
     if a.ndim == 3:
         a = a[..., None]  # (N, H, W) grayscale
-    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] not in (1, 3) or len(a) == 0:
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] not in IMAGE_CHANNELS or len(a) == 0:
         raise UsageError(f"{path}: arr_0 is {a.dtype} {a.shape}; expected uint8 (N, H, W, 1 or 3) with N >= 1")
     return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)

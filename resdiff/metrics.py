@@ -23,7 +23,7 @@ import json
 import math
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import IMAGE_CHANNELS
+from .data import image_shape
 from .errors import UsageError, one_line
 from .files import cache_root, write_atomic
-from .images import load_npz
+from .images import GRID_NAME, image_name, load_npz
+from .processes import gather_shares, on_main, rank_world
 
 __all__ = [
     "FeatureStats", "extract_features", "frechet_distance", "fid_from_stats", "kid", "precision_recall",
@@ -45,7 +48,6 @@ STATS_VERSION = 1  # part of the reference-statistics cache key: bump when the p
 # What reading a damaged .npz raises: numpy's ValueError/OSError, zipfile's BadZipFile (also a failed CRC-32 check,
 # so a flipped bit in an uncompressed array is caught), EOFError for a cut-off member, zlib.error, a lost member.
 _NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
-_SAMPLE_GRID = "grid.png"  # sample.py writes this overview beside the samples; it is not a sample
 
 
 # ----------------------------------------------------------------------------- features
@@ -93,7 +95,7 @@ def extract_features(
     out = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         for batch in _batches(images, batch_size):
-            if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] not in (1, 3):
+            if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] not in IMAGE_CHANNELS:
                 raise UsageError(f"expected uint8 (N, 1 or 3, H, W) images in 0..255, got {batch.dtype} "
                                  f"{tuple(batch.shape)}; convert model outputs with resdiff.data.to_uint8")
             x = batch.to(device, non_blocking=True).float().div(255)  # (B, C, H, W) in [0, 1]
@@ -314,13 +316,13 @@ def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int
     if a.shape[1] != b.shape[1]:
         raise UsageError(f"feature dimensions differ: {a.shape[1]} and {b.shape[1]}")
     g = torch.Generator().manual_seed(seed)
-    rank, world = _world() if split else (0, 1)
+    rank, world = rank_world() if split else (0, 1)
     values = []
     for i in range(subsets):
         pick_a, pick_b = torch.randperm(len(a), generator=g)[:m], torch.randperm(len(b), generator=g)[:m]  # every process draws all
         if i % world == rank:
             values.append(_polynomial_mmd(a[pick_a.to(a.device)], b[pick_b.to(b.device)]))
-    values = _gather(torch.tensor(values, dtype=torch.float64)[:, None], subsets)[:, 0].numpy() if world > 1 else values
+    values = gather_shares(torch.tensor(values, dtype=torch.float64)[:, None], subsets)[:, 0].numpy() if world > 1 else values
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -341,11 +343,11 @@ def _prepare(feats, device, dtype) -> torch.Tensor:
 def _by_rows(rows: torch.Tensor, compute, batch_size: int, split: bool) -> torch.Tensor:
     """``compute(chunk)`` (B, D) -> (B, ...) over ``rows`` in chunks of ``batch_size`` (bounded memory), all rows in
     order; with ``split`` each process of torch.distributed takes rows rank::world and all get every row."""
-    rank, world = _world() if split else (0, 1)
+    rank, world = rank_world() if split else (0, 1)
     mine = rows[rank::world]
     parts = [compute(mine[s:s + batch_size]).cpu() for s in range(0, len(mine), batch_size)]
     local = torch.cat(parts) if parts else torch.zeros(0)
-    return _gather(local, len(rows)).to(rows.device) if world > 1 else local.to(rows.device)
+    return gather_shares(local, len(rows)).to(rows.device) if world > 1 else local.to(rows.device)
 
 
 def _kth_radii(x: torch.Tensor, k: int, batch_size: int, split: bool = False) -> torch.Tensor:
@@ -484,7 +486,7 @@ def _image_files(root: Path) -> list[Path]:
 
 def _is_sample_grid(path: Path, root: Path) -> bool:
     """sample.py's overview grid beside its numbered samples: not an image to score."""
-    return path.parent == root and path.name == _SAMPLE_GRID and (root / "00000.png").exists()
+    return path.parent == root and path.name == GRID_NAME and (root / image_name(0)).exists()
 
 
 def _folder_size(root: Path, files: list[Path]) -> int | tuple[int, int]:
@@ -520,11 +522,6 @@ def _source(source: str | Path) -> tuple[Path, str]:
     raise UsageError(f"{path} is neither a folder nor an .npz file; pass an image folder or an .npz of images")
 
 
-def _shape(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """One side or (height, width) -> (height, width)."""
-    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
-
-
 def image_dataset(source: str | Path, image_size: int | Sequence[int] | None = None, channels: int = 3):
     """The images of a folder or an .npz, indexable by position: uint8 (C, H, W) each (a folder's items are (image, label)).
 
@@ -537,8 +534,8 @@ def image_dataset(source: str | Path, image_size: int | Sequence[int] | None = N
     path, kind = _source(source)
     if kind == "npz":
         x = _read_npz(path, load_npz)
-        if image_size is not None and tuple(x.shape[2:]) != _shape(image_size):
-            hgt, wid = _shape(image_size)
+        if image_size is not None and tuple(x.shape[2:]) != image_shape(image_size):
+            hgt, wid = image_shape(image_size)
             raise UsageError(f"{path} holds {x.shape[2]}x{x.shape[3]} images (height x width), expected {hgt}x{wid}")
         return x
     from .data import ImageFolder
@@ -600,35 +597,10 @@ def _listing(path: Path, kind: str) -> list:
 
 
 def reference_stats(source: str | Path, net: nn.Module, image_size: int | Sequence[int] | None = None, channels: int = 3,
-                    batch_size: int = 50, device: torch.device | str | None = None, cache: bool = True) -> FeatureStats:
+                    batch_size: int = 50, cache: bool = True) -> FeatureStats:
     """Feature statistics of a data set: an image folder, an .npz of images, or a statistics .npz (mu, sigma).
     See `reference_features`, which this is the second half of."""
-    return reference_features(source, net, image_size, channels, batch_size, device, cache)[1]
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed, (0, 1) without a process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _on_main(work):
-    """``work()`` on the main process, and its result or its UsageError on every process (one broadcast)."""
-    rank, world = _world()
-    value, error = None, None
-    if rank == 0:
-        try:
-            value = work()
-        except UsageError as err:
-            error = str(err)
-    if world > 1:
-        box = [(value, error)]
-        torch.distributed.broadcast_object_list(box, src=0)
-        value, error = box[0]
-    if error is not None:
-        raise UsageError(error)
-    return value
+    return reference_features(source, net, image_size, channels, batch_size, cache)[1]
 
 
 def _spread(count: int, limit: int | None) -> list[int]:
@@ -640,8 +612,8 @@ def _spread(count: int, limit: int | None) -> list[int]:
 
 
 def reference_features(
-    source: str | Path, net: nn.Module, image_size: int | Sequence[int] | None = None, channels: int = 3, batch_size: int = 50,
-    device: torch.device | str | None = None, cache: bool = True, log=None, max_images: int | None = None,
+    source: str | Path, net: nn.Module, image_size: int | Sequence[int] | None = None, channels: int = 3,
+    batch_size: int = 50, cache: bool = True, log: Callable[[str], None] | None = None, max_images: int | None = None,
 ) -> tuple[torch.Tensor | None, FeatureStats]:
     """Features (float32 (N, D)) and statistics of a data set: an image folder, an .npz of images, or a statistics
     .npz (mu, sigma), which gives (None, its statistics): FID can use it, KID and precision/recall cannot.
@@ -652,7 +624,7 @@ def reference_features(
     cached in $RESDIFF_CACHE/fid-stats/ under a key made of the files' names, sizes and modification times,
     the image size, channels and max_images, and the network's identity (`network_id`), so a changed, added
     or removed file, another preparation or other weights compute them anew; a damaged cache file is
-    computed again. ``log`` hears one line when they are.
+    computed again. ``log`` hears one line when they are. The network runs where its weights are.
     """
     path, kind = _source(source)
     if kind == "npz" and _read_npz(path, _is_statistics):
@@ -667,12 +639,12 @@ def reference_features(
                            **({"max_images": max_images} if max_images is not None else {})})
         return hashlib.sha256(text.encode()).hexdigest()
 
-    rank, world = _world()
-    before = _on_main(key) if cache else None
+    rank, world = rank_world()
+    before = on_main(key) if cache else None
     cached = cache_root() / "fid-stats" / f"{before[:40]}.npz" if cache else None
-    if cached is not None and _on_main(cached.is_file):  # the main process decides, so all take one path
+    if cached is not None and on_main(cached.is_file):  # the main process decides, so all take one path
         found = _read_cache(cached)
-        if _on_main(lambda: found is not None):  # a damaged file (as the main process reads it): computed again
+        if on_main(lambda: found is not None):  # a damaged file (as the main process reads it): computed again
             return found if found is not None else _read_cache(cached)
     images = image_dataset(path, image_size, channels)
     chosen = _spread(len(images), max_images)
@@ -681,8 +653,8 @@ def reference_features(
             f"(cached for the next time)")
     mine = chosen[rank::world]
     batches = (_stacked(images, mine[s:s + batch_size]) for s in range(0, len(mine), batch_size))
-    local = extract_features(batches, net, batch_size, device, channels_last=True) if mine else torch.zeros(0, 0)
-    features = _gather(local, len(chosen))
+    local = extract_features(batches, net, batch_size, channels_last=True) if mine else torch.zeros(0, 0)
+    features = gather_shares(local, len(chosen))
     stats = FeatureStats.from_features(features)
     rows = {} if isinstance(images, torch.Tensor) else {"rows": np.array([str(images.files[i].relative_to(path)) for i in chosen])}
     stats.rows = list(rows["rows"]) if rows else None
@@ -722,24 +694,6 @@ def _stacked(images, indices: list[int]) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images[indices]
     return torch.stack([images[i][0] for i in indices])
-
-
-def _gather(local: torch.Tensor, n: int) -> torch.Tensor:
-    """All n rows in order on every process (CPU), from each one's share range(n)[rank::world] (one all-gather of the
-    shares padded to one length). The main process's share, never empty, sets the row shape and dtype."""
-    rank, world = _world()
-    if world == 1:
-        return local.cpu()
-    shape, dtype = _on_main(lambda: (tuple(local.shape[1:]), local.dtype))
-    nccl = torch.distributed.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    per_rank = -(-n // world)
-    padded = torch.zeros((per_rank, *shape), dtype=dtype, device=device)
-    padded[: len(local)] = local.to(device, dtype).reshape(len(local), *shape)
-    shares = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(shares, padded)
-    # item i is share i % world, row i // world
-    return torch.stack(shares).cpu().transpose(0, 1).reshape(world * per_rank, *shape)[:n]
 
 
 def _read_cache(cached: Path) -> tuple[torch.Tensor, FeatureStats] | None:

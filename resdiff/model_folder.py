@@ -29,14 +29,14 @@ from .config import describe, fits
 from .errors import UsageError, one_line
 from .hardware import default_device
 from .files import checksum_problem
-from .rundir import file_problem, latest_checkpoint
+from .rundir import (
+    EMA, MODEL, MODEL_INDEX, PIPELINE_CONFIGS, SCHEDULER_CONFIG, UNET_CONFIG, file_problem, latest_checkpoint,
+)
 from .convert import from_diffusers
 from .unet import UNet, no_safetensors
 
-__all__ = ["find_model_folder", "load_model", "PIPELINE_FILES"]
+__all__ = ["find_model_folder", "load_model"]
 
-# What a pipeline folder must hold besides the weights.
-PIPELINE_FILES = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json")
 _UNET_CLASSES = {("resdiff.unet", "UNet"): UNet, ("resdiff", "UNet"): UNet, ("diffusers", "UNet2DModel"): UNet2DModel}
 
 
@@ -47,18 +47,18 @@ def find_model_folder(path: str | Path) -> Path:
         raise UsageError(f"{path} does not exist; pass a run directory or a pipeline folder (with model_index.json)")
     if not path.is_dir():
         raise UsageError(f"{path} is not a folder; pass a run directory or a pipeline folder (with model_index.json)")
-    if (path / "model_index.json").is_file():
+    if (path / MODEL_INDEX).is_file():
         folder = path
-    elif (path / "model").is_dir():
-        folder = path / "model"
+    elif (path / MODEL).is_dir():
+        folder = path / MODEL
     elif (ckpt := latest_checkpoint(path, ema_only=True)) is not None:  # damaged checkpoints are passed over
-        folder = ckpt / "ema"
+        folder = ckpt / EMA
     else:
         raise UsageError(
             f"{path} is not a model: it has no model_index.json, no model/ and no checkpoints/step-*/ema/; "
             "pass a run directory or a pipeline folder"
         )
-    for needed in PIPELINE_FILES:
+    for needed in PIPELINE_CONFIGS:  # the weights are checked when they are read
         if not (folder / needed).is_file():
             raise UsageError(f"{folder} is not a complete pipeline folder: {needed} is missing; pass a saved DDPMPipeline folder")
     return folder
@@ -77,12 +77,12 @@ def load_model(
     damaged = checksum_problem(folder)
     if damaged:
         raise UsageError(f"{folder}/{damaged}; re-export the model or copy it again")
-    unet_dir = folder / "unet"
-    cls = _unet_class(folder / "model_index.json")
+    unet_dir = (folder / UNET_CONFIG).parent
+    cls = _unet_class(folder / MODEL_INDEX)
     problem = no_safetensors(unet_dir)
     if problem:
         raise UsageError(f"{problem}; resdiff loads safetensors only, so re-save the model with them")
-    _check_weights(unet_dir, cls, _check_config(unet_dir / "config.json", cls))
+    _check_weights(unet_dir, cls, _check_config(folder / UNET_CONFIG, cls))
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
         model = cls.from_pretrained(unet_dir, use_safetensors=True, **kwargs)
@@ -93,7 +93,7 @@ def load_model(
             model = from_diffusers(model)
         except ValueError:  # an architecture the converter does not cover is used directly
             pass
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
     return model.to(default_device() if device is None else device).eval(), scheduler_config
 
 

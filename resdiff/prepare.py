@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .choices import IMAGE_CHANNELS
 from .data import (
     IMAGE_EXTENSIONS, why_unusable, find_images, is_image_size, class_labels, fit_image, image_shape, open_image, random_flip,
     shape_name,
@@ -221,18 +222,67 @@ def _reserve(path: Path) -> None:
         os.close(fd)
 
 
-def prepare(
-    source: str | Path, out: str | Path, image_size: int | Sequence[int] = 32, channels: int = 3, *,
-    class_cond: bool = False, background: tuple[int, int, int] = (255, 255, 255), shard_bytes: int = SHARD_BYTES,
-    warn: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
-) -> PreparedImages:
-    """Decode every image below ``source`` into a prepared dataset in ``out`` (which must not exist yet, or be an
-    empty folder); returns it opened."""
-    warn = warn or (lambda m: print(m, file=sys.stderr))
-    source, out = Path(source), Path(out)
+class _Shards:
+    """The shard files of a dataset being written into ``folder``: images-00000.npy, ... of at most ``per_shard``
+    images each, every one reserved on disk when it opens (``_reserve``) and cut to its count when it closes."""
+
+    def __init__(self, folder: Path, item: tuple[int, int, int], per_shard: int):
+        self.folder, self.item, self.per_shard = folder, item, per_shard
+        self.written: list[dict] = []  # {"file", "count"} of each closed shard: the index's "shards"
+        self.shard, self.path, self.filled = None, None, 0
+
+    def add(self, pixels: np.ndarray, left: int) -> None:
+        """One image (C, H, W); ``left`` images (this one included) are still to come, the size of a last shard."""
+        if self.shard is None or self.filled == self.shard.shape[0]:
+            self.close()
+            self.path = self.folder / f"images-{len(self.written):05d}.npy"
+            capacity = min(self.per_shard, left)
+            self.shard = np.lib.format.open_memmap(self.path, "w+", np.uint8, (capacity, *self.item))
+            _reserve(self.path)
+            self.filled = 0
+        self.shard[self.filled] = pixels
+        self.filled += 1
+
+    def close(self) -> None:
+        if self.shard is None:
+            return
+        self.shard.flush()
+        self.shard = None
+        _finish_shard(self.path, self.filled, self.item)
+        self.written.append({"file": self.path.name, "count": self.filled})
+
+
+def _decode_into(
+    shards: _Shards, candidates: list[Path], source: Path, decode: Callable[[Path], np.ndarray | str],
+    warn: Callable[[str], None],
+) -> tuple[list[int], list[str], list[tuple[str, str]]]:
+    """Decode ``candidates`` on a thread pool, a chunk at a time (so memory stays bounded), into ``shards``.
+    Returns the indices of the candidates kept, their names below ``source``, and (name, why) of each skipped."""
+    kept: list[int] = []
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for start in range(0, len(candidates), _CHUNK):
+            chunk = candidates[start:start + _CHUNK]
+            for k, result in enumerate(pool.map(decode, chunk)):
+                name = chunk[k].relative_to(source).as_posix()
+                if isinstance(result, str):
+                    skipped.append((name, result))
+                    warn(f"skipping {chunk[k]}: {result}")
+                    continue
+                shards.add(result, len(candidates) - start - k)
+                kept.append(start + k)
+                files.append(name)
+        shards.close()
+    return kept, files, skipped
+
+
+def _check_request(source: Path, out: Path, image_size: int | Sequence[int], channels: int) -> None:
+    """What ``prepare`` is asked for, before anything is read or written."""
     if not is_image_size(image_size):
         raise UsageError(f"image size must be a positive integer or a (height, width) pair, got {image_size!r}")
-    if channels not in (1, 3):
+    if channels not in IMAGE_CHANNELS:
         raise UsageError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     if not source.is_dir():
         raise UsageError(f"image folder {source} does not exist or is not a folder; pass a folder that holds images")
@@ -240,33 +290,31 @@ def prepare(
         raise UsageError(f"{out} already exists; choose a new folder for the prepared dataset, or remove it")
     if out.resolve().is_relative_to(source.resolve()):
         raise UsageError(f"{out} is inside the image folder {source}; put the prepared dataset elsewhere")
+
+
+def prepare(
+    source: str | Path, out: str | Path, image_size: int | Sequence[int] = 32, channels: int = 3, *,
+    class_cond: bool = False, background: tuple[int, int, int] = (255, 255, 255), shard_bytes: int = SHARD_BYTES,
+    warn: Callable[[str], None] | None = None,
+) -> PreparedImages:
+    """Decode every image below ``source`` into a prepared dataset in ``out`` (which must not exist yet, or be an
+    empty folder); returns it opened. ``warn`` hears each file skipped (default: stderr)."""
+    warn = warn or (lambda m: print(m, file=sys.stderr))
+    source, out = Path(source), Path(out)
+    _check_request(source, out, image_size, channels)
     shape = image_shape(image_size)
     item = (channels, *shape)
     candidates = find_images(source, warn)
     if not candidates:
         raise UsageError(f"no image files in {source} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     labels_in, classes = class_labels(source, candidates, class_cond)
-    per_shard = max(1, shard_bytes // int(np.prod(item)))
     _check_space(out, len(candidates), item)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        files: list[str] = []
-        labels: list[int] = []
-        skipped: list[tuple[str, str]] = []
-        shards: list[dict] = []
-        shard, shard_path, filled = None, None, 0
-
-        def close_shard() -> None:
-            nonlocal shard
-            if shard is None:
-                return
-            shard.flush()
-            shard = None
-            _finish_shard(shard_path, filled, item)
-            shards.append({"file": shard_path.name, "count": filled})
+        shards = _Shards(tmp, item, max(1, shard_bytes // int(np.prod(item))))
 
         def decode(path: Path):
             try:
@@ -274,30 +322,8 @@ def prepare(
             except Exception as err:  # any decoder failure means: skip this file, as training does
                 return why_unusable(path, err)
 
-        with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            for start in range(0, len(candidates), _CHUNK):
-                chunk = candidates[start:start + _CHUNK]
-                for k, result in enumerate(pool.map(decode, chunk)):
-                    path = chunk[k]
-                    if isinstance(result, str):
-                        skipped.append((path.relative_to(source).as_posix(), result))
-                        warn(f"skipping {path}: {result}")
-                        continue
-                    if shard is None or filled == shard.shape[0]:
-                        close_shard()
-                        capacity = min(per_shard, len(candidates) - start - k)
-                        shard_path = tmp / f"images-{len(shards):05d}.npy"
-                        shard = np.lib.format.open_memmap(shard_path, "w+", np.uint8, (capacity, *item))
-                        _reserve(shard_path)
-                        filled = 0
-                    shard[filled] = result
-                    filled += 1
-                    files.append(path.relative_to(source).as_posix())
-                    labels.append(labels_in[start + k])
-                if log is not None:
-                    log(f"prepared {min(start + _CHUNK, len(candidates))} of {len(candidates)} files")
-            close_shard()
+        kept, files, skipped = _decode_into(shards, candidates, source, decode, warn)
+        labels = [labels_in[i] for i in kept]
         if skipped:
             warn(f"skipped {len(skipped)} of {len(candidates)} files in {source}")
         if not files:
@@ -307,7 +333,7 @@ def prepare(
         index = {
             "format": PREPARED_FORMAT, "version": PREPARED_VERSION, "image_size": list(shape), "channels": channels,
             "crop": "center", "class_cond": class_cond, "classes": classes, "background": list(background),
-            "source": str(source.resolve()), "files": files, "skipped": skipped, "shards": shards,
+            "source": str(source.resolve()), "files": files, "skipped": skipped, "shards": shards.written,
         }
         (tmp / PREPARED_INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
         if out.exists():
@@ -337,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [f"data.{k}={v}" for k, v in (("image_size", args.image_size), ("image_channels", args.channels),
                                                 ("class_cond", args.class_cond)) if v is not None]
     d = load_config(args.config, overrides).data
-    data = prepare(args.source, args.out, d.image_size, d.image_channels, class_cond=d.class_cond, log=None)
+    data = prepare(args.source, args.out, d.image_size, d.image_channels, class_cond=d.class_cond)
     skipped = f", {len(data.skipped)} skipped" if data.skipped else ""
     print(f"prepared {len(data)} images{skipped} at {shape_name(data.shape)}, {data.channels} channel(s), "
           f"into {args.out}; train with: python train.py --data {args.out} data.image_size={shape_name(data.shape)}")

@@ -41,24 +41,30 @@ def share(n: int, rank: int | None = None, world: int | None = None) -> list[int
 
 def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
     """Items 0..n-1 in order, on every process, from each process's ``share(n)`` (``local``, (len(share), ...), in
-    that order): one all-gather of the shares padded to one length. On the CPU."""
-    from accelerate import PartialState
-    from accelerate.utils import gather
-
-    state = PartialState()
-    world = state.num_processes
+    that order): one all-gather of the shares padded to one length. On the CPU. The main process's share, never
+    empty, sets the item shape and dtype, so an empty share may be any tensor (``torch.zeros(0, 0)``)."""
+    _, world = rank_world()
     if world == 1:
         return local.cpu()
+    shape, dtype = on_main(lambda: (tuple(local.shape[1:]), local.dtype))
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL gathers CUDA tensors only; gloo CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     per_rank = -(-n // world)
-    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype)
-    padded[: len(local)] = local
-    shares = gather(padded.to(state.device)).cpu().view(world, per_rank, *local.shape[1:])
-    return shares.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[:n]  # item i: share i % world, row i // world
+    padded = torch.zeros((per_rank, *shape), dtype=dtype, device=device)
+    padded[: len(local)] = local.to(device, dtype).reshape(len(local), *shape)
+    shares = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(shares, padded)
+    # item i is share i % world, row i // world
+    return torch.stack(shares).cpu().transpose(0, 1).reshape(world * per_rank, *shape)[:n]
 
 
-def on_main(work: Callable[[], T], *, errors: tuple[type[Exception], ...] = (UsageError,), share_result: bool = True) -> T | None:
+def on_main(
+    work: Callable[[], T], *, errors: tuple[type[Exception], ...] = (UsageError,), share_result: bool = True,
+    elsewhere: str | None = None,
+) -> T | None:
     """``work()`` on the main process only. An error of ``errors`` there is raised on every process (same type,
-    same message); the result is returned on every process (``share_result``) or on the main one (None elsewhere).
+    same message, or ``elsewhere`` on the other processes: the cause is then printed once, by the main one);
+    the result is returned on every process (``share_result``) or on the main one (None elsewhere).
     Every process must call it at the same point: with several, it is one broadcast."""
     rank, world = rank_world()
     value, error = None, None
@@ -73,7 +79,7 @@ def on_main(work: Callable[[], T], *, errors: tuple[type[Exception], ...] = (Usa
         value, error = box[0] if rank != 0 else (value, box[0][1])
     if error is not None:
         kind, message = error
-        raise kind(message)
+        raise kind(message if rank == 0 or elsewhere is None else elsewhere)
     return value
 
 

@@ -59,16 +59,22 @@ __all__ = [
     "RunDir", "TrainState", "RunLock", "checkpoint_dir", "step_of", "list_checkpoints", "complete_checkpoints",
     "latest_checkpoint", "checkpoint_problem", "file_problem", "rotate_checkpoints", "remove_leftovers",
     "check_same_model", "check_disk", "checkpoint_bytes", "trim_log", "write_config", "export_model", "PIPELINE_FILES",
+    "PIPELINE_CONFIGS", "MODEL", "EMA", "CHECKPOINTS", "LOG", "QUALITY_PICTURE", "MODEL_INDEX", "UNET_CONFIG",
+    "SCHEDULER_CONFIG",
     "human_size", "write_problem", "identity_changes", "write_identity", "earlier_training", "clear_run",
 ]
 
 # The layout: every name in a run directory, here and nowhere else.
 CONFIG, LOG, MODEL, SAMPLES, CHECKPOINTS, LOCK = "config.yaml", "log.jsonl", "model", "samples", "checkpoints", ".lock"
 IDENTITY = "identity.json"
+QUALITY_PICTURE = "quality.png"  # FID and loss against step (resdiff.evaluation draws it at each evaluation)
 STATE, WEIGHTS, OPTIMIZER, EMA = "state.json", "model.safetensors", "optimizer.pt", "ema"
-# A pipeline folder as DDPMPipeline.save_pretrained writes it: what sampling needs.
+# A pipeline folder as DDPMPipeline.save_pretrained writes it: what sampling needs (its configs, and the weights,
+# which a diffusers folder may hold under another name: model_folder checks those itself).
+MODEL_INDEX, UNET_CONFIG, SCHEDULER_CONFIG = "model_index.json", "unet/config.json", "scheduler/scheduler_config.json"
 PIPELINE_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-PIPELINE_FILES = ("model_index.json", "unet/config.json", PIPELINE_WEIGHTS, "scheduler/scheduler_config.json")
+PIPELINE_CONFIGS = (MODEL_INDEX, UNET_CONFIG, SCHEDULER_CONFIG)
+PIPELINE_FILES = (MODEL_INDEX, UNET_CONFIG, PIPELINE_WEIGHTS, SCHEDULER_CONFIG)
 EMA_FILES = tuple(f"{EMA}/{name}" for name in PIPELINE_FILES)
 # Everything resuming needs (rng-<rank>.pt files are optional: without them a resume reseeds).
 CHECKPOINT_FILES = (STATE, WEIGHTS, OPTIMIZER, *EMA_FILES)

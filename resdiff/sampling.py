@@ -30,21 +30,21 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import to_uint8
-from .diffusion import DDPM, SAMPLERS, image_generators, image_noise, make_sampler, sampler_step_kwargs
+from .data import image_shape, to_uint8
+from .choices import SAMPLERS
+from .diffusion import GaussianDiffusion, Guidance, image_generators, image_noise, make_sampler, sampler_step_kwargs
 from .errors import UsageError
 from .hardware import MIXED_PRECISIONS, check_device, precision_warning
-from .images import make_grid, read_images, save_images, save_npz, save_png
+from .images import GRID_NAME, NPZ_NAME, make_grid, read_images, save_images, save_npz, save_png
 from .model_folder import find_model_folder, load_model
-from .processes import gather_shares, join  # noqa: F401  gather_shares: trainer.py's import, until it takes it from resdiff.processes
+from .processes import join
 
 __all__ = [
     "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "sample_to_folder",
-    "default_out_dir", "check_sampler", "check_positive", "GRID_LIMIT", "GRID_NAME", "NPZ_NAME",
+    "default_out_dir", "check_sampler", "check_positive", "GRID_LIMIT",
 ]
 
 GRID_LIMIT = 256  # grid.png shows at most this many images (the first ones)
-NPZ_NAME, GRID_NAME = "samples.npz", "grid.png"
 
 
 # ----------------------------------------------------------------------------- the settings
@@ -64,7 +64,7 @@ def check_positive(name: str, value: int | None) -> None:
 class SamplingSettings:
     """How to sample: the one place these choices and their defaults are written.
 
-    ``steps`` None is the sampler's own count (``diffusion.SAMPLERS``), at most the training timesteps.
+    ``steps`` None is the sampler's own count (``choices.SAMPLERS``), at most the training timesteps.
     ``class_labels``: one label for every image or a list cycled over image indices (image i gets
     labels[i % len]); None on a class-conditional model cycles over all classes. ``guidance_scale`` != 1 is
     classifier-free guidance with the null class. ``mixed_precision`` "fp16"/"bf16" runs the model under
@@ -150,12 +150,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             raise TypeError(f"{type(model).__name__} has no config; pass a resdiff UNet or a diffusers UNet2DModel")
         model = inner
     return model
-
-
-def _image_shape(config) -> tuple[int, int, int]:
-    size = config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return config.in_channels, h, w
 
 
 def _classes(config) -> tuple[int | None, int | None]:
@@ -269,8 +263,8 @@ class ImageGenerator:
                                  "(drop --guidance-scale)")
             if self.null_label is None:
                 raise UsageError(f"{where} has no null class, so it cannot use classifier-free guidance; drop --guidance-scale")
-        self.shape = _image_shape(self.config)  # (C, H, W)
-        self.ddpm = DDPM(DDPMScheduler.from_config(scheduler_config))
+        self.shape = (self.config.in_channels, *image_shape(self.config.sample_size))  # (C, H, W)
+        self.diffusion = GaussianDiffusion(DDPMScheduler.from_config(scheduler_config))
         if settings.compile:
             net = _unwrap(self.model)
             if not hasattr(net, "compile_blocks"):
@@ -333,16 +327,19 @@ class ImageGenerator:
     def sample(self, batch: Batch, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Plain sampling: the batch's noise (or ``noise``) denoised by the settings' sampler; in [-1, 1]."""
         s = self.settings
-        return self.ddpm.sample(
+        return self.diffusion.sample(
             self._net, batch.noise if noise is None else noise, sampler=s.sampler, steps=self.steps,
-            generators=batch.generators, class_labels=batch.labels, guidance_scale=float(s.guidance_scale),
-            null_label=self.null_label, eta=float(s.eta), progress=batch.progress,
+            generators=batch.generators, guidance=self.guidance(batch), eta=float(s.eta), progress=batch.progress,
         )
+
+    def guidance(self, batch: Batch) -> Guidance:
+        """The batch's labels and the settings' classifier-free guidance."""
+        return Guidance(batch.labels, float(self.settings.guidance_scale), self.null_label)
 
     # what an edit's own loop needs: a fresh scheduler, its step arguments, and one guided step
     def scheduler(self, device: torch.device) -> SchedulerMixin:
         """A fresh scheduler of the settings' sampler over the training schedule, its ``steps`` timesteps set."""
-        scheduler, _ = make_sampler(self.settings.sampler, self.ddpm.scheduler.config)
+        scheduler, _ = make_sampler(self.settings.sampler, self.diffusion.scheduler.config)
         scheduler.set_timesteps(self.steps, device=device)
         return scheduler
 
@@ -351,8 +348,7 @@ class ImageGenerator:
 
     def denoise(self, scheduler: SchedulerMixin, x: torch.Tensor, t, batch: Batch, step_kwargs: dict) -> torch.Tensor:
         """One step of ``scheduler`` from ``x`` at ``t``, guided as the settings say."""
-        return self.ddpm.denoise_step(self._net, scheduler, x, t, step_kwargs, batch.labels,
-                                      float(self.settings.guidance_scale), self.null_label)
+        return self.diffusion.denoise_step(self._net, scheduler, x, t, step_kwargs, self.guidance(batch))
 
 
 def generate(

@@ -1,4 +1,5 @@
-"""The training loop: it receives a model, a DDPM, batches, an accelerator and a run directory, and trains.
+"""The training loop: it receives a model, a GaussianDiffusion, batches, an accelerator and a run directory,
+and trains.
 
 Like improved-diffusion's ``TrainLoop``, the loop is handed its parts, so another model or dataset needs
 no change here; ``resdiff.build.build_trainer`` makes the parts a Config describes. accelerate supplies the
@@ -26,23 +27,24 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .data import to_model_range
-from .diffusion import DDPM
+from .diffusion import GaussianDiffusion
 from .ema import EMA
 from .errors import TrainingError, UsageError, one_line
 from .hardware import reuse_freed_memory
+from .processes import gather_shares, on_main, share
 from .rundir import RunDir, TrainState
 
 __all__ = ["Trainer"]
 
 
 class Trainer:
-    """Trains ``model`` as a DDPM on ``batches`` (an endless iterable of uint8 (N, C, H, W) images and labels),
-    for ``settings.steps`` optimizer steps, writing logs, previews and checkpoints to ``run``.
+    """Trains ``model`` with the ``diffusion``'s objective on ``batches`` (an endless iterable of uint8
+    (N, C, H, W) images and labels), for ``settings.steps`` optimizer steps, writing logs, previews and checkpoints to ``run``.
 
     ``batches`` yields this process's micro-batches; if it has ``position`` and ``seek(epoch, index)``
     (``resdiff.data.ShardedBatches``), checkpoints record where it is and a resumed run continues there.
     A class-conditional model (``model.config.num_classes``) gets its labels, dropped to the null class with
-    the DDPM's ``label_dropout`` for classifier-free guidance. ``about`` is printed when training starts;
+    the diffusion's ``label_dropout`` for classifier-free guidance. ``about`` is printed when training starts;
     ``hparams`` go to the experiment trackers (default: ``settings``). ``evaluator(ema_model, scheduler_config)``
     (e.g. ``resdiff.evaluation.TrainingEvaluator``) scores the EMA model every ``evaluator.every`` steps and at
     the end; its figures go to the log, the trackers and the progress bar. On a CPU it makes this process's
@@ -53,7 +55,7 @@ class Trainer:
         self,
         *,
         model: torch.nn.Module,
-        ddpm: DDPM,
+        diffusion: GaussianDiffusion,
         batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         accelerator: Accelerator,
         run: RunDir,
@@ -64,7 +66,7 @@ class Trainer:
         echo: Callable[[str], None] = print,
     ):
         t = settings
-        self.ddpm, self.batches, self.accelerator, self.run, self.settings = ddpm, batches, accelerator, run, t
+        self.diffusion, self.batches, self.accelerator, self.run, self.settings = diffusion, batches, accelerator, run, t
         self.about, self.echo, self.evaluator = about, echo, evaluator
         self.hparams = hparams or {f"train.{k}": v for k, v in vars(t).items()}
         acc = accelerator
@@ -89,10 +91,6 @@ class Trainer:
         self._votes = None
         if self.world > 1 and torch.distributed.get_backend() != "gloo":
             self._votes = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=t.timeout_s))
-
-    def summary(self) -> str:
-        """What is about to happen, in a few lines."""
-        return self.about
 
     # ------------------------------------------------------------------------------- training
     def fit(self) -> Path:
@@ -196,12 +194,12 @@ class Trainer:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         class_labels = None
         if self.null_label is not None:  # classifier-free guidance learns the null class from dropped labels
-            class_labels = self.ddpm.drop_labels(labels.to(acc.device), null_label=self.null_label)
+            class_labels = self.diffusion.drop_labels(labels.to(acc.device), null_label=self.null_label)
         # accumulate() skips DDP's gradient all-reduce and makes optimizer.step() / zero_grad() no-ops on
         # every micro-batch but the last of a step (sync_gradients is True only there).
         with acc.accumulate(self.model):
             with acc.autocast():
-                loss = self.ddpm.loss(self.model, x0, class_labels)
+                loss = self.diffusion.loss(self.model, x0, class_labels)
             acc.backward(loss)  # the loss divided by grad_accum, so the step sees the mean gradient
             if acc.sync_gradients and t.grad_clip:
                 acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -232,7 +230,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The evaluator's figures of the EMA model now (every process takes part), logged on their own line."""
-        figures = self.evaluator(self.ema.model, dict(self.ddpm.scheduler.config))
+        figures = self.evaluator(self.ema.model, dict(self.diffusion.scheduler.config))
         record = {"step": self.step, **{k: round(v, 6) for k, v in figures.items()}, "time": round(time.time(), 3)}
         if self.settings.trackers:
             self.accelerator.log(figures, step=self.step)
@@ -241,36 +239,31 @@ class Trainer:
 
     def pipeline(self) -> DDPMPipeline:
         """The EMA model with the training noise schedule, as a diffusers pipeline."""
-        return DDPMPipeline(unet=self.ema.model, scheduler=self.ddpm.scheduler)
+        return DDPMPipeline(unet=self.ema.model, scheduler=self.diffusion.scheduler)
 
     def preview(self) -> None:
         """A grid of EMA samples; every process draws its share of the images, the main process writes the grid."""
         from .images import make_grid
-        from .sampling import gather_shares, generate
+        from .sampling import SamplingSettings, generate
 
-        t, acc = self.settings, self.accelerator
+        t = self.settings
         n = t.preview_images
-        mine = list(range(self.rank, n, self.world))
-        images = generate(
-            self.ema.model, n, sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed, indices=mine,
-            device=acc.device, mixed_precision=t.mixed_precision, progress=False,
-            scheduler_config=dict(self.ddpm.scheduler.config), batch_size=max(len(mine), 1),
-        )
+        mine = share(n, self.rank, self.world)
+        settings = SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
+                                    batch_size=max(len(mine), 1), mixed_precision=t.mixed_precision,
+                                    device=self.accelerator.device)
+        images = generate(self.ema.model, n, settings, indices=mine, progress=False,
+                          scheduler_config=dict(self.diffusion.scheduler.config))
         ordered = gather_shares(images, n)  # (n, C, H, W) in image order
         self._on_main(lambda: self.run.save_preview(self.step, lambda tmp: make_grid(ordered).save(tmp, format="PNG")),
                       f"the preview of step {self.step}")
 
     def _on_main(self, write: Callable[[], object], what: str) -> None:
-        """Run a write only the main process does. If it fails, every process stops with a one-line error
-        (one small all-reduce), instead of the others dying in their next collective with a traceback."""
-        error = None
-        if self.is_main:
-            try:
-                write()
-            except TrainingError as err:
-                error = err
-        if not self.all_ok(error is None):
-            raise error or TrainingError(f"stopped at step {self.step}: the main process could not write {what} (its error says why)")
+        """Run a write only the main process does. If it fails, every process stops with a one-line error (the
+        main one with its cause, the others pointing to it), instead of the others dying in their next collective
+        with a traceback."""
+        on_main(write, errors=(TrainingError,), share_result=False,
+                elsewhere=f"stopped at step {self.step}: the main process could not write {what} (its error says why)")
 
     def all_ok(self, ok: bool) -> bool:
         """Whether every process's ``ok`` is True (one all-reduce when there are several)."""

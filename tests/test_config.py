@@ -492,3 +492,26 @@ def test_hostile_config_files_through_train_py(case, tmp_path):
     text = err.read_text()
     assert text.count("\n") == 1 and text.startswith(f"error: config file '{path}' is not valid YAML ("), text
     assert not run.exists() and not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_config_imports_without_torch_or_diffusers():
+    """Reading and checking a config (a CLI's first step, a notebook's `from resdiff.config import ...`) loads
+    neither torch nor diffusers: the package imports its public names on first use, and the choices the config
+    checks against live in resdiff.choices. The package's names still resolve (diffusers finds a saved
+    pipeline's ["resdiff", "UNet"] this way) and an unknown one is an AttributeError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, resdiff.config\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "import resdiff\n"
+        "assert 'UNet' in dir(resdiff) and not hasattr(resdiff, 'NoSuchName')\n"
+        "assert 'torch' not in sys.modules\n"
+        "from resdiff import UNet\n"
+        "assert resdiff.UNet is UNet and UNet.__module__ == 'resdiff.unet' and 'diffusers' in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

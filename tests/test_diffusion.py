@@ -1,4 +1,4 @@
-"""DDPM (resdiff/diffusion.py): noise schedules, training targets and loss, label dropout, and the sampling
+"""GaussianDiffusion (resdiff/diffusion.py): noise schedules, training targets and loss, label dropout, and the sampling
 loop over every named sampler, with per-image randomness and classifier-free guidance.
 
 Everything runs on tiny real U-Nets at 16x16; the expected values are the closed forms of the papers,
@@ -12,7 +12,9 @@ import torch
 
 from resdiff import UNet
 from resdiff.config import load_config
-from resdiff.diffusion import DDPM, SAMPLERS, image_generators, image_noise, make_sampler
+from resdiff.choices import SAMPLERS
+from resdiff.config import DiffusionConfig
+from resdiff.diffusion import GaussianDiffusion, Guidance, image_generators, image_noise, make_sampler
 
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
 FEW = {"ddpm": 20, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3}  # sampling steps per sampler here
@@ -54,38 +56,38 @@ class Recorder(torch.nn.Module):
 
 
 def test_linear_schedule_from_config():
-    ddpm = DDPM.from_config(num_train_timesteps=100, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=100, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     betas = torch.linspace(1e-4, 0.02, 100, dtype=torch.float64)
-    torch.testing.assert_close(ddpm.scheduler.betas.double(), betas, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(ddpm.scheduler.alphas_cumprod.double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=1e-7)
-    assert ddpm.scheduler.config.num_train_timesteps == 100
-    assert ddpm.prediction_type == "epsilon" and ddpm.min_snr_gamma is None
+    torch.testing.assert_close(diffusion.scheduler.betas.double(), betas, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(diffusion.scheduler.alphas_cumprod.double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=1e-7)
+    assert diffusion.scheduler.config.num_train_timesteps == 100
+    assert diffusion.prediction_type == "epsilon" and diffusion.min_snr_gamma is None
 
 
 def test_cosine_schedule_through_the_config_alias():
     """`cosine` in a config is squaredcos_cap_v2: Nichol & Dhariwal's alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2)."""
     cfg = load_config(None, ["diffusion.beta_schedule=cosine", "diffusion.num_train_timesteps=50"])
     assert cfg.diffusion.beta_schedule == "squaredcos_cap_v2"
-    ddpm = DDPM.from_config(**vars(cfg.diffusion))
+    diffusion = GaussianDiffusion.from_config(**vars(cfg.diffusion))
     T, s = 50, 0.008
 
     def abar(t):
         return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
 
     betas = torch.tensor([min(1 - abar(i + 1) / abar(i), 0.999) for i in range(T)], dtype=torch.float64)
-    torch.testing.assert_close(ddpm.scheduler.betas.double(), betas, rtol=1e-5, atol=1e-7)
-    assert ddpm.scheduler.config.beta_schedule == "squaredcos_cap_v2"
-    assert ddpm.label_dropout == cfg.diffusion.label_dropout
+    torch.testing.assert_close(diffusion.scheduler.betas.double(), betas, rtol=1e-5, atol=1e-7)
+    assert diffusion.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert diffusion.label_dropout == cfg.diffusion.label_dropout
     # At DDPM's 1000 steps the cosine schedule keeps far more signal halfway than the linear one.
-    cosine, linear = DDPM.from_config(beta_schedule="squaredcos_cap_v2"), DDPM.from_config(beta_schedule="linear")
+    cosine, linear = GaussianDiffusion.from_config(beta_schedule="squaredcos_cap_v2"), GaussianDiffusion.from_config(beta_schedule="linear")
     assert cosine.scheduler.alphas_cumprod[500] > 0.4 > 0.1 > linear.scheduler.alphas_cumprod[500]
 
 
 def test_snr_is_alpha_bar_over_one_minus_alpha_bar():
-    ddpm = DDPM.from_config(num_train_timesteps=100)
-    ab = ddpm.scheduler.alphas_cumprod.double()
-    torch.testing.assert_close(ddpm.snr.double(), ab / (1 - ab), rtol=1e-5, atol=0)
-    assert bool((ddpm.snr[1:] < ddpm.snr[:-1]).all())  # noisier with every step
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=100)
+    ab = diffusion.scheduler.alphas_cumprod.double()
+    torch.testing.assert_close(diffusion.snr.double(), ab / (1 - ab), rtol=1e-5, atol=0)
+    assert bool((diffusion.snr[1:] < diffusion.snr[:-1]).all())  # noisier with every step
 
 
 # ----------------------------------------------------------------------------- targets and loss
@@ -93,49 +95,49 @@ def test_snr_is_alpha_bar_over_one_minus_alpha_bar():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_target_is_the_closed_form(prediction_type):
-    ddpm = DDPM.from_config(num_train_timesteps=100, prediction_type=prediction_type)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=100, prediction_type=prediction_type)
     x0, noise = images(), torch.randn(4, 3, 16, 16)
     t = torch.tensor([0, 10, 50, 99])
-    ab = ddpm.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    ab = diffusion.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     expected = {
         "epsilon": noise,
         "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0,  # Salimans & Ho 2022
         "sample": x0,
     }[prediction_type]
-    torch.testing.assert_close(ddpm.target(x0, noise, t), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(diffusion.target(x0, noise, t), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_config_aliases_reach_the_target():
     cfg = load_config(None, ["diffusion.prediction_type=v"])
-    assert DDPM.from_config(**vars(cfg.diffusion)).prediction_type == "v_prediction"
+    assert GaussianDiffusion.from_config(**vars(cfg.diffusion)).prediction_type == "v_prediction"
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_loss_is_the_mse_to_the_target_of_the_noised_images(prediction_type):
     """Recover t and the noise from what the model was fed (x_t = sqrt(ab) x0 + sqrt(1-ab) eps) and recompute."""
-    ddpm = DDPM.from_config(num_train_timesteps=100, prediction_type=prediction_type)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=100, prediction_type=prediction_type)
     model, x0 = Recorder(small_unet()), images(8)
-    loss = ddpm.loss(model, x0)
+    loss = diffusion.loss(model, x0)
     (xt, t, pred), = model.calls
     assert t.shape == (8,) and t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < 100
-    ab = ddpm.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    ab = diffusion.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     noise = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
     target = {"epsilon": noise, "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0, "sample": x0}[prediction_type]
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_loss_is_float32_under_bf16_autocast():
-    ddpm = DDPM.from_config(num_train_timesteps=100)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=100)
     model = Recorder(small_unet())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ddpm.loss(model, images())
+        loss = diffusion.loss(model, images())
     assert model.calls[0][2].dtype == torch.bfloat16  # the network itself did run in bf16
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 def test_loss_backpropagates_to_every_parameter():
     model = small_unet().train()
-    DDPM.from_config(num_train_timesteps=100).loss(model, images()).backward()
+    GaussianDiffusion.from_config(num_train_timesteps=100).loss(model, images()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
@@ -143,28 +145,28 @@ def test_loss_backpropagates_to_every_parameter():
 def test_min_snr_weights(prediction_type):
     """Hang et al. 2023: weight min(snr, gamma)/snr for epsilon, min(snr, gamma)/(snr + 1) for v, min(snr, gamma) for x0."""
     gamma = 5.0
-    ddpm = DDPM.from_config(num_train_timesteps=100, prediction_type=prediction_type, min_snr_gamma=gamma)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=100, prediction_type=prediction_type, min_snr_gamma=gamma)
     t = torch.arange(100)
-    ab = ddpm.scheduler.alphas_cumprod.double()
+    ab = diffusion.scheduler.alphas_cumprod.double()
     snr = ab / (1 - ab)
     clipped = snr.clamp(max=gamma)
     expected = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
-    torch.testing.assert_close(ddpm.loss_weight(t).double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(diffusion.loss_weight(t).double(), expected, rtol=1e-5, atol=1e-7)
     if prediction_type == "epsilon":  # low-noise steps (snr > gamma) are down-weighted, the rest kept
-        w = ddpm.loss_weight(t)
+        w = diffusion.loss_weight(t)
         assert float(w[0]) < 0.01 and bool((w[snr < gamma] == 1).all())
-    assert DDPM.from_config(num_train_timesteps=100).loss_weight(t) is None
+    assert GaussianDiffusion.from_config(num_train_timesteps=100).loss_weight(t) is None
 
 
 def test_min_snr_weighting_changes_the_loss_as_the_weights_say():
-    plain = DDPM.from_config(num_train_timesteps=100)
-    weighted = DDPM.from_config(num_train_timesteps=100, min_snr_gamma=5.0)
+    plain = GaussianDiffusion.from_config(num_train_timesteps=100)
+    weighted = GaussianDiffusion.from_config(num_train_timesteps=100, min_snr_gamma=5.0)
     x0 = images(8)
     losses = {}
-    for name, ddpm in (("plain", plain), ("weighted", weighted)):
+    for name, diffusion in (("plain", plain), ("weighted", weighted)):
         model = Recorder(small_unet())
         torch.manual_seed(3)  # the same timesteps and noise for both
-        losses[name] = ddpm.loss(model, x0).detach()
+        losses[name] = diffusion.loss(model, x0).detach()
         (xt, t, pred), = model.calls
     ab = plain.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     per_image = ((pred - (xt - ab.sqrt() * x0) / (1 - ab).sqrt()) ** 2).mean((1, 2, 3))
@@ -177,9 +179,9 @@ def test_min_snr_weighting_changes_the_loss_as_the_weights_say():
 
 
 def test_drop_labels_at_the_given_rate():
-    ddpm = DDPM.from_config(label_dropout=0.3)
+    diffusion = GaussianDiffusion.from_config(label_dropout=0.3)
     labels = torch.arange(20000) % 5
-    dropped = ddpm.drop_labels(labels, null_label=5)
+    dropped = diffusion.drop_labels(labels, null_label=5)
     is_null = dropped == 5
     assert abs(is_null.float().mean().item() - 0.3) < 0.02  # 20000 draws: the std is 0.0032
     assert torch.equal(dropped[~is_null], labels[~is_null])  # the rest are untouched
@@ -188,7 +190,7 @@ def test_drop_labels_at_the_given_rate():
 
 def test_no_dropout_keeps_every_label():
     labels = torch.arange(100) % 5
-    assert torch.equal(DDPM.from_config(label_dropout=0.0).drop_labels(labels, null_label=5), labels)
+    assert torch.equal(GaussianDiffusion.from_config(label_dropout=0.0).drop_labels(labels, null_label=5), labels)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -196,9 +198,9 @@ def test_no_dropout_keeps_every_label():
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_gives_images_in_range(sampler):
-    ddpm = DDPM.from_config(num_train_timesteps=20)  # few training steps: ddpm samples all 20
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=20)  # few training steps: ddpm samples all 20
     gens = image_generators(0, range(2))
-    out = ddpm.sample(small_unet(), image_noise(gens, (3, 16, 16)), sampler=sampler, steps=FEW[sampler], generators=gens)
+    out = diffusion.sample(small_unet(), image_noise(gens, (3, 16, 16)), sampler=sampler, steps=FEW[sampler], generators=gens)
     assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float32
     assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
     assert out.std() > 0.01  # not collapsed to a constant
@@ -206,24 +208,24 @@ def test_every_sampler_gives_images_in_range(sampler):
 
 def test_unknown_sampler_is_named():
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
-        make_sampler("plms", DDPM.from_config().scheduler.config)
+        make_sampler("plms", GaussianDiffusion.from_config().scheduler.config)
 
 
 def test_image_randomness_is_independent_of_the_batch():
     """ddpm draws fresh noise every step; with one generator per image, image 1 comes out the same alone or in a batch."""
-    ddpm = DDPM.from_config(num_train_timesteps=10)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=10)
     model = small_unet()
 
     def run(indices):
         gens = image_generators(7, indices)
-        return ddpm.sample(model, image_noise(gens, (3, 16, 16)), sampler="ddpm", steps=10, generators=gens)
+        return diffusion.sample(model, image_noise(gens, (3, 16, 16)), sampler="ddpm", steps=10, generators=gens)
 
     together, alone = run([0, 1, 2]), run([1])
     torch.testing.assert_close(together[1], alone[0], rtol=0, atol=1e-5)
     assert (together[0] - together[1]).abs().max() > 0.1  # different images differ
     # The per-step noise matters: another seed for image 1's generator gives another image.
     gens = image_generators(8, [1])
-    other_steps = ddpm.sample(model, image_noise(image_generators(7, [1]), (3, 16, 16)), sampler="ddpm", steps=10, generators=gens)
+    other_steps = diffusion.sample(model, image_noise(image_generators(7, [1]), (3, 16, 16)), sampler="ddpm", steps=10, generators=gens)
     assert (other_steps[0] - alone[0]).abs().max() > 0.01
 
 
@@ -236,13 +238,14 @@ def test_image_generators_depend_on_seed_and_index_only():
 
 def test_classifier_free_guidance():
     """guidance mixes uncond + scale * (cond - uncond): scale 0 is the null-class sample, other scales move it."""
-    ddpm = DDPM.from_config(num_train_timesteps=50)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=50)
     model = small_unet(num_classes=3)
     noise = image_noise(image_generators(0, range(3)), (3, 16, 16))
     labels = torch.tensor([0, 1, 2])
 
-    def run(scale, class_labels=labels, **kw):
-        return ddpm.sample(model, noise, sampler="ddim", steps=3, class_labels=class_labels, guidance_scale=scale, **kw)
+    def run(scale, class_labels=labels, null_label=None):
+        guidance = Guidance(class_labels, scale, null_label)
+        return diffusion.sample(model, noise, sampler="ddim", steps=3, guidance=guidance)
 
     plain, guided, strong = run(1.0), run(3.0, null_label=3), run(6.0, null_label=3)
     for out in (plain, guided, strong):
@@ -251,3 +254,14 @@ def test_classifier_free_guidance():
     torch.testing.assert_close(run(0.0, null_label=3), run(1.0, torch.full((3,), 3)), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="null label"):
         run(3.0)
+
+
+def test_the_defaults_are_the_configs():
+    """One source for the diffusion's defaults: GaussianDiffusion.from_config() is DiffusionConfig() (the
+    label dropout included), and a config section with changes is that section changed."""
+    plain, defaults = GaussianDiffusion.from_config(), DiffusionConfig()
+    assert plain.label_dropout == defaults.label_dropout and plain.min_snr_gamma == defaults.min_snr_gamma
+    for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"):
+        assert plain.scheduler.config[key] == getattr(defaults, key), key
+    changed = GaussianDiffusion.from_config(DiffusionConfig(num_train_timesteps=50), label_dropout=0.0)
+    assert changed.scheduler.config.num_train_timesteps == 50 and changed.label_dropout == 0.0

@@ -170,20 +170,21 @@ def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(data, w
     from resdiff.config import TrainConfig
     from resdiff.batches import ShardedBatches
     from resdiff.data import ImageFolder
-    from resdiff.diffusion import DDPM
+    from resdiff.diffusion import GaussianDiffusion
     from resdiff.evaluation import TrainingEvaluator
     from resdiff.inception import load_inception
     from resdiff.metrics import reference_features
     from resdiff.rundir import RunDir
+    from resdiff.sampling import SamplingSettings
     from resdiff.trainer import Trainer
 
     net = load_inception(weights, sha256=None)
-    evaluator = TrainingEvaluator(net, reference_features(data, net, 16, 3), every=2, num_images=4, sampler="ddim",
-                                  steps=2, seed=0, mixed_precision="no", device=torch.device("cpu"),
+    evaluator = TrainingEvaluator(net, reference_features(data, net, 16, 3), every=2, num_images=4,
+                                  settings=SamplingSettings(sampler="ddim", steps=2, seed=0, device="cpu"),
                                   run_dir=tmp_path / "run")
     dataset = ImageFolder(data, 16, 3, random_flip=False, cache=True)
     torch.manual_seed(0)
-    trainer = Trainer(model=UNet(**SMALL), ddpm=DDPM.from_config(num_train_timesteps=50),
+    trainer = Trainer(model=UNet(**SMALL), diffusion=GaussianDiffusion.from_config(num_train_timesteps=50),
                       batches=ShardedBatches(dataset, 4, 0, 1, 0, {}), accelerator=Accelerator(cpu=True),
                       run=RunDir(tmp_path / "run"), settings=TrainConfig(steps=3, batch_size=4, preview_steps=2),
                       evaluator=evaluator, echo=lambda _m: None)
@@ -228,8 +229,8 @@ def test_auto_turns_training_evaluation_on_once_the_weights_are_in_the_cache(tmp
     trainer = build_trainer(cfg, echo=lambda _m: None)
     try:
         assert trainer.evaluator is not None and trainer.evaluator.every == 7 and trainer.evaluator.num_images == 4
-        assert "every 7 steps and at the end: FID and KID of 4 EMA samples" in trainer.summary()
-        assert "against 4 training images" in trainer.summary() and "quality.png" in trainer.summary()
+        assert "every 7 steps and at the end: FID and KID of 4 EMA samples" in trainer.about
+        assert "against 4 training images" in trainer.about and "quality.png" in trainer.about
     finally:
         trainer.close()
 
@@ -243,7 +244,7 @@ def test_training_evaluation_is_off_without_weights_and_says_so(tmp_path):
     trainer = build_trainer(cfg, echo=lambda _m: None)
     try:
         assert trainer.evaluator is None
-        assert "eval:      off (auto: no FID Inception weights at" in trainer.summary()
+        assert "eval:      off (auto: no FID Inception weights at" in trainer.about
     finally:
         trainer.close()
 

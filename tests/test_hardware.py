@@ -15,6 +15,8 @@ FAULTS = """
 import resource, sys, torch
 setup = sys.argv[1]
 if setup == "reuse":
+    import resdiff.unet  # the model's code loaded, as in any resdiff process (before the package was lazy, the
+    resdiff.unet.UNet    # import below did this): with torch alone, glibc still faults blocks in (open question)
     from resdiff.hardware import reuse_freed_memory
     print(reuse_freed_memory())
 elif setup == "trainer":

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from resdiff import UNet
-from resdiff.diffusion import DDPM
+from resdiff.diffusion import GaussianDiffusion
 from resdiff.nn import (
     BLOCKS,
     RES_BLOCKS,
@@ -463,7 +463,7 @@ def test_unet_variant_learns_and_roundtrips(variant, tmp_path):
     blocks = [m for m in model.modules() if isinstance(m, RES_BLOCKS)]
     assert blocks and all(type(m) is block_cls for m in blocks)
 
-    ddpm = DDPM.from_config(num_train_timesteps=100)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=100)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     x0 = smooth_images()
     losses = []
@@ -471,7 +471,7 @@ def test_unet_variant_learns_and_roundtrips(variant, tmp_path):
         # The timesteps and noise cycle through `window` fixed draws, so the first and the last
         # `window` steps score the model on exactly the same noisy images (8 timesteps each).
         torch.manual_seed(step % window)
-        loss = ddpm.loss(model, x0)
+        loss = diffusion.loss(model, x0)
         opt.zero_grad()
         loss.backward()
         opt.step()

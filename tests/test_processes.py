@@ -28,6 +28,10 @@ try:
     on_main(fail, errors=(TrainingError,))
 except TrainingError as err:
     print(f"rank {procs.rank} of {procs.world}: share {mine}, caught {err}", flush=True)
+try:
+    on_main(fail, errors=(TrainingError,), elsewhere="stopped: the main process says why")
+except TrainingError as err:
+    print(f"rank {procs.rank} then caught {err}", flush=True)
 procs.leave()
 '''
 
@@ -45,6 +49,8 @@ def test_one_process_gathers_its_own_share_and_raises_the_main_error():
     assert torch.equal(gather_shares(local, 5), local)
     with pytest.raises(UsageError, match="bad folder"):
         on_main(lambda: (_ for _ in ()).throw(UsageError("bad folder")))
+    with pytest.raises(UsageError, match="bad folder"):  # the main process itself says the cause
+        on_main(lambda: (_ for _ in ()).throw(UsageError("bad folder")), elsewhere="see the main process")
     with pytest.raises(ValueError):  # an error not listed is not caught: it is a bug, with its traceback
         on_main(lambda: int("x"), errors=(TrainingError,))
 
@@ -58,3 +64,6 @@ def test_two_processes_gather_in_order_and_both_raise_the_main_error(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rank 0 of 2: share [0, 2, 4, 6], caught the disk is full" in proc.stdout
     assert "rank 1 of 2: share [1, 3, 5], caught the disk is full" in proc.stdout
+    # with ``elsewhere``, the cause is said once: by the main process; the others say where to look
+    assert "rank 0 then caught the disk is full" in proc.stdout
+    assert "rank 1 then caught stopped: the main process says why" in proc.stdout

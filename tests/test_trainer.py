@@ -129,8 +129,8 @@ def test_summary_lines(finished_run, pngs):
 def test_summary_says_how_many_loader_workers_and_why(tmp_path, pngs, overrides, line):
     trainer = build_trainer(config(tmp_path / "run", f"data.path={pngs}", *overrides), echo=lambda _m: None)
     try:
-        assert line in trainer.summary()
-        said = next(x for x in trainer.summary().splitlines() if x.strip().startswith("loader:")).split()[1]
+        assert line in trainer.about
+        said = next(x for x in trainer.about.splitlines() if x.strip().startswith("loader:")).split()[1]
         assert trainer.batches.loader_kwargs["num_workers"] == int(said)
     finally:
         trainer.close()
@@ -172,7 +172,7 @@ def test_training_learns_a_flat_colour(tmp_path, fast, fresh_accelerate_state):
 
     def mean_colour(model) -> torch.Tensor:
         images = generate(model, 8, sampler="ddim", steps=20, seed=1, progress=False,
-                          scheduler_config=dict(trainer.ddpm.scheduler.config))
+                          scheduler_config=dict(trainer.diffusion.scheduler.config))
         return images.float().mean((0, 2, 3))
 
     untrained = mean_colour(trainer.ema.model)
@@ -257,13 +257,13 @@ def test_a_signal_finishes_the_step_checkpoints_and_stops(tmp_path, pngs):
 
 
 def test_the_trainer_trains_parts_it_is_given_without_a_config(tmp_path):
-    """Trainer(model=, ddpm=, batches=, accelerator=, run=, settings=): a model, a schedule and an endless
+    """Trainer(model=, diffusion=, batches=, accelerator=, run=, settings=): a model, a schedule and an endless
     iterable of uint8 batches of one's own, no Config, no image folder; it writes a run directory all the same."""
     from accelerate import Accelerator
 
     from resdiff import UNet
     from resdiff.config import TrainConfig
-    from resdiff.diffusion import DDPM
+    from resdiff.diffusion import GaussianDiffusion
     from resdiff.rundir import RunDir, complete_checkpoints
     from resdiff.trainer import Trainer
 
@@ -275,7 +275,7 @@ def test_the_trainer_trains_parts_it_is_given_without_a_config(tmp_path):
     torch.manual_seed(0)
     unet = UNet.from_preset("tiny", sample_size=16, in_channels=1, channels=16, norm_groups=4)
     settings = TrainConfig(steps=3, batch_size=4, warmup_steps=0, log_every=1, preview_images=2, preview_steps=2)
-    trainer = Trainer(model=unet, ddpm=DDPM.from_config(num_train_timesteps=50), batches=batches(),
+    trainer = Trainer(model=unet, diffusion=GaussianDiffusion.from_config(num_train_timesteps=50), batches=batches(),
                       accelerator=Accelerator(cpu=True), run=RunDir(tmp_path / "mine"), settings=settings,
                       echo=lambda _m: None)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
@@ -306,7 +306,7 @@ def test_gradient_accumulation_matches_one_full_batch(tmp_path, pngs):
                   "diffusion.num_train_timesteps=1", "diffusion.beta_start=1e-12", "diffusion.prediction_type=sample",
                   "data.random_flip=false"]
     trainer = build_trainer(config(tmp_path / "check", *degenerate), echo=lambda _: None)
-    assert float(trainer.ddpm.scheduler.alphas_cumprod[0]) == 1.0
+    assert float(trainer.diffusion.scheduler.alphas_cumprod[0]) == 1.0
     initial = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
 
     results = {}
@@ -627,7 +627,7 @@ def test_non_square_training_learns_samples_and_resumes_only_at_its_shape(tmp_pa
                  "train.ema_decay=0.9", "train.log_every=5", "train.preview_every=40", "diffusion.prediction_type=sample")
     printed = []
     trainer = build_trainer(cfg, echo=printed.append)
-    assert "images:    16x32, 3 channel(s), cached in memory" in trainer.summary()
+    assert "images:    16x32, 3 channel(s), cached in memory" in trainer.about
     model = trainer.fit()
     losses = [r["loss"] for r in read_log(tmp_path / "run")]
     assert len(losses) == 8 and losses[-1] < 0.1 * losses[0], losses
@@ -652,6 +652,19 @@ def test_the_demo_data_draws_non_square_shapes(tmp_path):
     try:
         images, _ = next(iter(trainer.batches))
         assert images.shape == (8, 3, 16, 24)
-        assert "demo-shapes-16x24px-64" in trainer.summary()
+        assert "demo-shapes-16x24px-64" in trainer.about
     finally:
         trainer.close()
+
+
+def test_an_unwritable_demo_folder_is_one_line_before_the_run_directory(tmp_path, monkeypatch):
+    """The main process writes the demo images (every process learns whether it could): a cache that is a file
+    stops the run with one line naming the folder and what to do, before the run directory is made."""
+    from resdiff.errors import UsageError
+
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("RESDIFF_CACHE", str(blocker))
+    with pytest.raises(UsageError, match=r"cannot write the demo images to .*cache/demo-shapes-16px-64 .*RESDIFF_CACHE"):
+        build_trainer(config(tmp_path / "run", "train.steps=1"), echo=lambda _m: None)
+    assert not (tmp_path / "run").exists()

@@ -158,6 +158,30 @@ def test_pipeline_save_and_from_pretrained_roundtrip(tmp_path):
     np.testing.assert_allclose(run(pipe), run(loaded), atol=1e-5)
 
 
+def test_import_resdiff_is_enough_for_from_pretrained_in_a_fresh_process(tmp_path):
+    """model_index.json names ["resdiff.unet", "UNet"], and diffusers takes that module only from sys.modules: a
+    new process that runs `import resdiff` (as the README says) loads the pipeline, though the package imports the
+    U-Net's code (torch, diffusers) only when it is first used."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    DDPMPipeline(unet=tiny().eval(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["unet"] == ["resdiff.unet", "UNet"]
+    code = (
+        "import sys, resdiff\n"
+        "assert 'diffusers' not in sys.modules and 'torch' not in sys.modules\n"
+        "from diffusers import DDPMPipeline\n"
+        f"pipe = DDPMPipeline.from_pretrained({str(tmp_path)!r})\n"
+        "assert type(pipe.unet) is resdiff.UNet, type(pipe.unet)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_indivisible_input_size_names_the_numbers():
     with pytest.raises(ValueError, match=r"input size 18x16 is not divisible by 4"):
         tiny()(torch.randn(1, 3, 18, 16), 1)
@@ -258,7 +282,7 @@ def test_compile_blocks_compiles_every_block_past_dynamos_default_recompile_limi
 
 @pytest.mark.slow
 def test_compiled_blocks_match_and_still_learn():
-    from resdiff.diffusion import DDPM
+    from resdiff.diffusion import GaussianDiffusion
 
     def one_level() -> UNet:  # few blocks to compile: the test is about equality, not size
         return UNet(sample_size=16, channels=16, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
@@ -271,12 +295,12 @@ def test_compiled_blocks_match_and_still_learn():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 600])
     torch.testing.assert_close(model(x, t).sample, plain(x, t).sample, rtol=1e-4, atol=1e-5)
 
-    ddpm = DDPM.from_config(num_train_timesteps=100)
+    diffusion = GaussianDiffusion.from_config(num_train_timesteps=100)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = torch.linspace(-1, 1, 16).view(1, 1, 1, 16).expand(8, 3, 16, 16)  # one smooth image, learnable
     losses = []
     for _ in range(25):
-        loss = ddpm.loss(model, data)
+        loss = diffusion.loss(model, data)
         opt.zero_grad()
         loss.backward()
         opt.step()

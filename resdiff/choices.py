@@ -1,0 +1,25 @@
+"""The named choices a user picks from: samplers, autocast precisions, image channels; each written here only.
+
+A module with no imports, so that ``resdiff.config`` (which checks a config's choices against these names)
+loads without torch or diffusers. The things the names stand for live where they are used:
+``resdiff.diffusion.make_sampler`` builds the scheduler, ``resdiff.hardware.MIXED_PRECISIONS`` holds the dtypes.
+"""
+
+__all__ = ["SAMPLERS", "PRECISIONS", "IMAGE_CHANNELS"]
+
+# Samplers by name: the diffusers scheduler's class name, its default step count and fixed settings.
+SAMPLERS: dict[str, tuple[str, int, dict]] = {
+    "ddpm": ("DDPMScheduler", 1000, {}),  # ancestral sampling of Ho et al.
+    "ddim": ("DDIMScheduler", 50, {}),  # Song et al.; eta=0 is deterministic
+    "dpm++": ("DPMSolverMultistepScheduler", 20, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    # Probability-flow ODE solvers: a ResNet block's residual update is a forward-Euler step of an ODE,
+    # and these integrate the diffusion's ODE the same way (Euler) or with a second-order correction (Heun).
+    "euler": ("EulerDiscreteScheduler", 50, {}),
+    "heun": ("HeunDiscreteScheduler", 50, {}),
+}
+
+# The autocast precisions (--mixed-precision, train.mixed_precision): name -> torch dtype name (None: fp32).
+PRECISIONS: dict[str, str | None] = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
+
+# The channel counts of the images resdiff reads, trains on and writes: grayscale or RGB.
+IMAGE_CHANNELS = (1, 3)
