@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,6 +84,7 @@ def evaluate(
     dev = procs.device if settings.device is None else torch.device(settings.device)
     net = load_inception(scoring.inception, device=dev, **({} if scoring.verify_inception else {"sha256": None}))
     started = time.perf_counter()
+    seconds: dict[str, float] = {}  # where the time went, on this process: the JSON and the table say
     if model is not None:
         source, get_images, n, size, channels, described = _model_source(model, num_images, replace(settings, device=dev))
     else:
@@ -91,11 +93,14 @@ def evaluate(
     say(f"evaluate: {n} samples of {source} ({_describe(described)}) against {ref}, {world} process(es), device {dev}")
     # The reference first (cached after the first time), so a bad one fails in seconds, not after hours of
     # sampling; every process extracts its share of a folder, so none waits long in a collective.
-    reference = reference_features(ref, net, size, channels, batch_size=batch_size, log=say)  # net is on dev
-    stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=log is not None and main)
+    with _timed(seconds, "reference", dev):
+        reference = reference_features(ref, net, size, channels, batch_size=batch_size, log=say)  # net is on dev
+    stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=log is not None and main,
+                                 seconds=seconds)
     rate = n / max(time.perf_counter() - started, 1e-9)
     # every process takes its share of KID's subsets and of the nearest-neighbour rows; the main process writes
-    scored = _score(stats, gen, reference, dev, scoring.kid_subsets, scoring.kid_subset_size, scoring.k)
+    with _timed(seconds, "metrics", dev):
+        scored = _score(stats, gen, reference, dev, scoring.kid_subsets, scoring.kid_subset_size, scoring.k)
 
     def report() -> dict:
         result, mem = scored
@@ -112,6 +117,8 @@ def evaluate(
                 get_images(top), reference_images(ref, reference[1], size, channels), _restricted(mem, top),
                 folder / "nearest.png"))
         result.update(_training_curve(model))
+        result["seconds"] = {**{k: round(v, 2) for k, v in seconds.items()},
+                             "total": round(time.perf_counter() - started, 2)}
         file = folder / f"{_result_name(described, n)}.json"
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
@@ -136,18 +143,23 @@ def _training_curve(model: str | Path | None) -> dict:
 
 def sample_features(
     get_images: Callable[[list[int]], torch.Tensor], n: int, net: torch.nn.Module, *, batch_size: int,
-    device: torch.device, progress: bool = False,
+    device: torch.device, progress: bool = False, seconds: dict[str, float] | None = None,
 ) -> tuple[FeatureStats, torch.Tensor]:
     """Features of images 0..n-1, each process extracting its share ``range(n)[rank::world]`` (``get_images(indices)``
     gives uint8 (B, C, H, W)): the float64 statistics of all n, summed across processes, and all n features in
-    image order, gathered on every process."""
+    image order, gathered on every process. ``seconds`` gathers this process's time in "generation" (``get_images``)
+    and "inception" (the features)."""
     mine = share(n)
     stats, features = FeatureStats(), []
+    seconds = {} if seconds is None else seconds
     bar = tqdm(total=len(mine), unit="img", disable=not progress, desc="samples -> features", leave=False)
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
+        with _timed(seconds, "generation", device):
+            images = get_images(batch)
         # channels_last: 1.4x faster on CPU, the same features to float32 rounding (bench/inception_precision.py)
-        f = extract_features(get_images(batch), net, batch_size=batch_size, device=device, channels_last=True)  # (B, 2048)
+        with _timed(seconds, "inception", device):
+            f = extract_features(images, net, batch_size=batch_size, device=device, channels_last=True)  # (B, 2048)
         stats.update(f)
         features.append(f)
         bar.update(len(batch))
@@ -155,6 +167,16 @@ def sample_features(
     stats.all_reduce()  # float64 sums of every process: the statistics of all n samples
     local = torch.cat(features) if features else torch.zeros(0, stats.dim)
     return stats, gather_shares(local, n)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], part: str, device: torch.device):
+    """Add the wall time of the block to ``seconds[part]`` (after the device's queued work is done)."""
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- where the samples come from
@@ -254,6 +276,11 @@ def table(result: dict) -> str:
         lines.append("  note: Inception weights with another checksum: these figures are not comparable with published ones")
     if result.get("training_curve"):
         lines.append(f"  training:     FID and loss against step in {result['training_curve']}")
+    if result.get("seconds"):
+        t = result["seconds"]
+        parts = ", ".join(f"{name} {t[name]:.1f} s" for name in ("reference", "generation", "inception", "metrics")
+                          if name in t)
+        lines.append(f"  time:         {t['total']:.1f} s ({parts}; the main process)")
     lines.append(f"  written:      {result.get('json')}")
     return "\n".join(lines)
 

@@ -75,6 +75,10 @@ def test_model_against_a_folder_prints_every_figure_and_writes_json_and_nearest_
     assert result["reference_images"] == 10 and result["inception_verified"] is False
     picture = Image.open(run / "eval" / "nearest.png")
     assert picture.size[0] > 16 * 2 and result["memorisation"]["picture"].endswith("nearest.png")
+    t = result["seconds"]  # where the time went: each part measured, the parts inside the total
+    assert set(t) == {"reference", "generation", "inception", "metrics", "total"} and min(t.values()) > 0
+    assert t["reference"] + t["generation"] + t["inception"] + t["metrics"] <= t["total"] + 0.05
+    assert f"time:         {t['total']:.1f} s (reference" in out
 
 
 def test_scoring_the_training_images_themselves_gives_fid_near_zero_and_full_memorisation(data, weights, capsys,
