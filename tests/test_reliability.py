@@ -29,7 +29,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 
 from resdiff import UNet
-from resdiff.rundir import checkpoint_problem, complete_checkpoints, latest_checkpoint, list_checkpoints
+from resdiff.checkpoint import checkpoint_problem, complete_checkpoints, latest_checkpoint, list_checkpoints
 from resdiff.errors import TrainingError, UsageError, run_cli
 from resdiff.files import write_checksums
 from resdiff.build import build_trainer
@@ -194,7 +194,7 @@ def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(run_copy, pngs):
     pid or another host is still refused); a file no process holds a lock on is taken over with a warning."""
     cfg = config(run_copy, *common(pngs, "train.steps=4"))
     lock = run_copy / ".lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from resdiff.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from resdiff.runlock import RunLock; "
                                "lock = RunLock(sys.argv[1]); lock.acquire(); print(flush=True); time.sleep(60)", str(run_copy)],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
