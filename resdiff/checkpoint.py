@@ -265,7 +265,7 @@ def read_checkpoint(
     if counters["world_size"] == world and (path / rng_file(rank)).is_file():
         rng = torch.load(io.BytesIO(read(rng_file(rank))), weights_only=True)
     for folder, prefix in ((path, ""), (path / EMA, f"{EMA}/")):
-        problem = checksum_problem(folder, checked[prefix])  # the configs, the other processes' RNG states
+        problem = checksum_problem(folder, checked[prefix], sums[prefix])  # the configs, other processes' RNG states
         if problem:
             raise ValueError(f"{prefix}{problem}")
     state = TrainState(

@@ -8,12 +8,9 @@ Every value is then coerced to the type its field declares and range-checked; an
 `UsageError` line that names the key, the value, where it came from, and what to do.
 """
 
-import collections.abc
 import dataclasses
 import difflib
-import math
 import re
-import types
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field

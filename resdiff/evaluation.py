@@ -86,10 +86,7 @@ def evaluate(
     from .inception import load_inception
 
     settings, scoring = settings or SamplingSettings(), scoring or Scoring()
-    if (model is None) == (samples is None):
-        raise UsageError("pass either --model (generate samples) or --samples (score existing images), not both")
-    settings.check()  # the batch size is the feature batch too, with --samples
-    scoring.check()
+    _check(model, samples, settings, scoring)
     procs = join(check_device(settings.device), settings.timeout_s)
     world, main, say = procs.world, procs.is_main, procs.say(log)
     dev = procs.device if settings.device is None else torch.device(settings.device)
@@ -135,6 +132,14 @@ def evaluate(
     procs.barrier()
     procs.leave()
     return result
+
+
+def _check(model: str | Path | None, samples: str | Path | None, settings: SamplingSettings, scoring: Scoring) -> None:
+    """evaluate()'s arguments, checked before any weights load: the CLI and the Python API give the same lines."""
+    if (model is None) == (samples is None):
+        raise UsageError("pass either --model (generate samples) or --samples (score existing images), not both")
+    settings.check()  # with --samples too: the batch size is the feature batch
+    scoring.check()
 
 
 def _training_curve(model: str | Path | None) -> dict:

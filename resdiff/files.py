@@ -158,14 +158,15 @@ def checked_bytes(folder: Path, name: str, sums: dict[str, str]) -> bytes:
     return data
 
 
-def checksum_problem(folder: Path, checked: Collection[str] = ()) -> str | None:
+def checksum_problem(folder: Path, checked: Collection[str] = (), sums: dict[str, str] | None = None) -> str | None:
     """The first file of ``folder`` that does not match ``folder/SHA256SUMS`` (``"model.safetensors does not
     match its SHA-256 in SHA256SUMS: the file is damaged"``), or None when all match or the folder has no sums
     (written before resdiff kept them, or by another tool). ``checked``: names already read with
-    ``checked_bytes``, not read again."""
-    sums, problem = read_checksums(folder)
-    if problem:
-        return problem
+    ``checked_bytes``, not read again; ``sums``: the folder's ``read_checksums``, when the caller has them."""
+    if sums is None:
+        sums, problem = read_checksums(folder)
+        if problem:
+            return problem
     for name, digest in sums.items():
         if name in checked:
             continue
