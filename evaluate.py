@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from resdiff.errors import ArgumentParser, UsageError, run_cli
+from resdiff.errors import ArgumentParser, run_cli
 from resdiff.sampling import SamplingSettings, add_arguments
 
 
@@ -44,10 +44,6 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         args = build_parser().parse_args(argv)
-        for flag, value, least in (("--batch-size", args.batch_size, 1), ("--kid-subsets", args.kid_subsets, 1),
-                                   ("--kid-subset-size", args.kid_subset_size, 2)):
-            if value < least:
-                raise UsageError(f"{flag} must be at least {least}, got {value} (see python evaluate.py --help)")
         from resdiff.evaluation import Scoring, evaluate
 
         scoring = Scoring(inception=args.inception, verify_inception=not args.inception_unverified,

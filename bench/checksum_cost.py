@@ -6,13 +6,21 @@ times, alternating round by round: the whole ``RunDir.save_checkpoint`` (write, 
 export of model/, rotation) and ``write_checksums`` alone on the folder just written, and reports the
 medians and the share of the checkpoint the sums take.
 
+Then what a resume pays to read it: ``RunDir.load_checkpoint`` (each file read once, its bytes hashed and then
+parsed) against the two-pass way resdiff read it before (hash every file for SHA256SUMS, then let safetensors
+and torch.load read the files again), alternating. ``--cold`` evicts the checkpoint's files from the page cache
+before every load (posix_fadvise DONTNEED, no root needed), as for a resume after a reboot or on another node.
+
     python bench/checksum_cost.py                       # ddpm-cifar10, 5 rounds, in a temporary folder
     python bench/checksum_cost.py --dir /scratch/x      # on the disk the runs use
+    python bench/checksum_cost.py --cold                # loads from disk, not from the page cache
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import sys
 import tempfile
@@ -25,8 +33,9 @@ from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
 
 from bench.common import interleaved, median, table, write_json  # noqa: E402
 from resdiff import UNet  # noqa: E402
-from resdiff.files import write_checksums  # noqa: E402
-from resdiff.rundir import EMA, RunDir, TrainState  # noqa: E402
+from resdiff.checkpoint import EMA, OPTIMIZER, PIPELINE_WEIGHTS, STATE, WEIGHTS, TrainState  # noqa: E402
+from resdiff.files import checksum_problem, write_checksums  # noqa: E402
+from resdiff.rundir import RunDir  # noqa: E402
 
 
 def state_of(model: torch.nn.Module, step: int) -> TrainState:
@@ -39,11 +48,36 @@ def state_of(model: torch.nn.Module, step: int) -> TrainState:
                       optimizer=optimizer.state_dict(), lr_schedule={}, rng={"cpu": torch.get_rng_state()})
 
 
+def evict(folder: Path) -> None:
+    """Drop a folder's files from the page cache (they are written back already: the checkpoint was fsynced)."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def load_two_reads(path: Path) -> None:
+    """How a resume read a checkpoint before each file was read once: every file hashed against SHA256SUMS, then
+    the weights, the EMA weights and the optimizer read again by their loaders."""
+    from safetensors.torch import load_file
+
+    for folder in (path, path / EMA):
+        assert checksum_problem(folder) is None
+    json.loads((path / STATE).read_text())
+    load_file(path / WEIGHTS, device="cpu"), load_file(path / EMA / PIPELINE_WEIGHTS, device="cpu")
+    torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    torch.load(path / "rng-0.pt", weights_only=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="ddpm-cifar10")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dir", help="where to write the checkpoints (default: a temporary folder)")
+    p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each load")
     p.add_argument("--json", help="where to write results (default bench/results/checksum_cost.json)")
     args = p.parse_args()
 
@@ -66,6 +100,15 @@ def main() -> None:
 
         times = interleaved({"checkpoint": checkpoint, "checksums": sums}, args.rounds)
         size = sum(f.stat().st_size for f in saved[-1].rglob("*") if f.is_file())
+        last, cpu = saved[-1], torch.device("cpu")
+
+        def prepared(load):
+            return lambda: (evict(last) if args.cold else None, load())
+
+        times.update(interleaved({
+            "load_once": prepared(lambda: run.load_checkpoint(last, rank=0, world=1, device=cpu)),
+            "load_two_reads": prepared(lambda: load_two_reads(last)),
+        }, args.rounds))
         shutil.rmtree(run.path)
     row = {
         "preset": args.preset, "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
@@ -73,6 +116,8 @@ def main() -> None:
         "checksums_s": round(median(times["checksums"]), 3),
         "checksum_share": round(median(times["checksums"]) / median(times["checkpoint"]), 3),
         "hash_MB_per_s": round(size / 1e6 / median(times["checksums"]), 1),
+        "cold": args.cold, "load_once_s": round(median(times["load_once"]), 3),
+        "load_two_reads_s": round(median(times["load_two_reads"]), 3),
     }
     print(table([row], list(row)))
     out = write_json("checksum_cost", {"rows": [row], "seconds": times}, args.json)

@@ -41,7 +41,7 @@ def main() -> None:
     from resdiff.data import demo_shapes
     from resdiff.evaluation import Scoring, evaluate
     from resdiff.inception import FIDInceptionV3, load_inception, synthetic_weights
-    from resdiff.metrics import extract_features
+    from resdiff.features import extract_features
     from resdiff.sampling import SamplingSettings, generate
 
     print(machine())

@@ -42,8 +42,10 @@ def main() -> None:
     from resdiff import UNet
     from resdiff.data import demo_shapes
     from resdiff.evaluation import _score, evaluate
-    from resdiff.inception import FIDInceptionV3, converted_path, load_inception, packaged_weights, synthetic_weights
-    from resdiff.metrics import FeatureStats, extract_features, reference_features
+    from resdiff.inception import FIDInceptionV3, load_inception, synthetic_weights
+    from resdiff.inception_weights import converted_path, packaged_weights
+    from resdiff.features import FeatureStats, extract_features
+    from resdiff.reference import reference_features
     from resdiff.sampling import generate
 
     print(machine())

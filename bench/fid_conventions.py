@@ -86,7 +86,8 @@ def main() -> None:
 
     from resdiff.data import demo_shapes
     from resdiff.inception import load_inception
-    from resdiff.metrics import FeatureStats, extract_features, fid_from_stats
+    from resdiff.features import FeatureStats, extract_features
+    from resdiff.metrics import fid_from_stats
 
     net = load_inception()
     print(f"weights: {net.weights_sha256}")

@@ -15,7 +15,7 @@ resdiff's Fréchet distance with pytorch-fid's (scipy.linalg.sqrtm), and with --
 pytorch-fid's features of three small inputs in tests/data/inception_expected.npz for the test suite.
 
 resdiff is imported without its package __init__ (which needs diffusers): a stub package points at
-the source folder, and resdiff.inception and resdiff.metrics need only torch, numpy and pillow.
+the source folder, and resdiff.inception, resdiff.features and resdiff.metrics need only torch, numpy and pillow.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ FIXTURE_DIMS = 16
 
 
 def import_resdiff():
-    """resdiff.inception and resdiff.metrics without resdiff/__init__.py (no diffusers here)."""
+    """resdiff.inception, resdiff.features and resdiff.metrics without resdiff/__init__.py (no diffusers here)."""
     if "resdiff" not in sys.modules:
         stub = types.ModuleType("resdiff")
         stub.__path__ = [str(ROOT / "resdiff")]
@@ -142,6 +142,7 @@ def main() -> None:
 
     # resdiff's Fréchet distance against pytorch-fid's (scipy.linalg.sqrtm) on features of both networks
     from pytorch_fid.fid_score import calculate_frechet_distance
+    import resdiff.features as features
     import resdiff.metrics as metrics
 
     with torch.inference_mode():
@@ -149,7 +150,7 @@ def main() -> None:
         fa, fb = ours(xa).double().numpy(), ours(xb).double().numpy()
         ra, rb = ref(xa)[0].flatten(1).double().numpy(), ref(xb)[0].flatten(1).double().numpy()
     theirs = calculate_frechet_distance(ra.mean(0), np.cov(ra, rowvar=False), rb.mean(0), np.cov(rb, rowvar=False))
-    sa, sb = metrics.FeatureStats(2048), metrics.FeatureStats(2048)
+    sa, sb = features.FeatureStats(2048), features.FeatureStats(2048)
     sa.update(torch.from_numpy(fa)), sb.update(torch.from_numpy(fb))
     mine = metrics.fid_from_stats(sa, sb)
     print(f"FID of 24 vs 24 images: pytorch-fid {theirs:.6f}, resdiff {mine:.6f}, relative diff {abs(mine - theirs) / theirs:.2e}")

@@ -22,7 +22,8 @@ from bench.common import RESULTS, machine  # noqa: E402
 from resdiff.data import demo_shapes  # noqa: E402
 from resdiff.hardware import bf16_is_native  # noqa: E402
 from resdiff.inception import FIDInceptionV3, synthetic_weights  # noqa: E402
-from resdiff.metrics import FeatureStats, extract_features, fid_from_stats  # noqa: E402
+from resdiff.features import FeatureStats, extract_features  # noqa: E402
+from resdiff.metrics import fid_from_stats  # noqa: E402
 
 MODES = {  # name: (channels_last, bf16)
     "float32": (False, False),

@@ -12,15 +12,21 @@ loop -> CLIs). Who owns what:
     diffusion.py   GaussianDiffusion: noise schedule, training target and loss, sampling loop; Guidance (labels, CFG)
     choices.py     the names users choose from: samplers, precisions (no imports: config.py reads them)
     data.py        file -> pixels, ImageFolder, demo shapes, flips               config.py   Config, YAML, overrides
+    hints.py       values against type hints (describe, coerce, fits): config.py's and model_folder.py's checks
     batches.py     ShardedBatches: each process's batches   prepare.py  the prepared dataset: writer and reader
     build.py       build_trainer(cfg): checks, run directory, the parts          trainer.py  Trainer: loop and step
-    ema.py         EMA weights                rundir.py  RunDir: layout, checkpoints, lock, log, export
-    files.py       whole-file writes, temporary names, the cache folder          images.py   PNG, grids, npz
+    ema.py         EMA weights                rundir.py  RunDir: layout, log, previews, writing checkpoints, export
+    checkpoint.py  a checkpoint folder: names, TrainState, checks, listing, rotation, its files written and read
+    runlock.py     RunLock: one process writes a run directory at a time
+    files.py       whole-file writes, temporary names, the cache folder, SHA256SUMS   images.py   PNG, grids, npz
     model_folder.py  loading run/pipeline/diffusers folders safely
     sampling.py    SamplingSettings (every sampling choice, one check), ImageGenerator (a model readied once, then
                    batches), generate, sample_to_folder (the folder writer of sampling and edits)
     processes.py   who am I, my share range(n)[rank::world], gather, the main process acts for all, leave
-    inception.py, metrics.py, evaluation.py   FID Inception features, FID/KID/PR/memorisation, evaluate.py's job
+    inception.py, inception_weights.py  the FID Inception network; where its weights come from, checked
+    features.py    a network's features of images and their float64 statistics
+    metrics.py, reference.py   FID/KID/PR/memorisation; images to score and cached reference features
+    evaluation.py  evaluate.py's job
     hardware.py    devices, precisions, malloc errors.py  UsageError/TrainingError, the CLI parser
 
 From folder to loss (training):

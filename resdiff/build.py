@@ -38,10 +38,10 @@ from .files import cache_root
 from .hardware import precision_warning, reuse_freed_memory
 from .prepare import PreparedImages, is_prepared
 from .processes import on_main
+from .checkpoint import CHECKPOINTS, EMA, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
 from .rundir import (
-    CHECKPOINTS, EMA, QUALITY_PICTURE, RunDir, check_disk, check_same_model, checkpoint_problem, clear_run,
-    complete_checkpoints, earlier_training, export_model, identity_changes, list_checkpoints, remove_leftovers, step_of,
-    trim_log, write_config, write_identity,
+    QUALITY_PICTURE, RunDir, check_disk, check_same_model, clear_run, earlier_training, export_model, identity_changes,
+    remove_leftovers, trim_log, write_config, write_identity,
 )
 from .trainer import Trainer
 from .unet import UNet
@@ -361,7 +361,7 @@ def _prepare_run_dir_main(
 
 def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], None]) -> tuple[object | None, str]:
     """The TrainingEvaluator train.eval_every asks for (None when off), and a line saying what it does."""
-    from .inception import converted_path, weights_available
+    from .inception_weights import converted_path, weights_available
 
     t, d = cfg.train, cfg.data
     every = t.eval_every
@@ -376,7 +376,7 @@ def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], 
         return None, f"off (the folder {data} that the prepared dataset was made from is gone: no reference images)"
     from .evaluation import TrainingEvaluator
     from .inception import load_inception
-    from .metrics import reference_features
+    from .reference import reference_features
     from .sampling import SamplingSettings
 
     net = load_inception(device=acc.device)

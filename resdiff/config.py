@@ -8,12 +8,9 @@ Every value is then coerced to the type its field declares and range-checked; an
 `UsageError` line that names the key, the value, where it came from, and what to do.
 """
 
-import collections.abc
 import dataclasses
 import difflib
-import math
 import re
-import types
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +20,7 @@ import yaml
 
 from .choices import IMAGE_CHANNELS, PRECISIONS, SAMPLERS
 from .errors import UsageError
+from .hints import coerce, describe, plain
 
 
 @dataclass
@@ -100,7 +98,7 @@ class Config:
 
     def to_dict(self) -> dict:
         """The config as plain YAML-ready values (tuples become lists)."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,82 +239,9 @@ def _parse_override(item: str) -> tuple[str, object]:
     return name, value
 
 
+
 # ---------------------------------------------------------------------------------------------
-# Coercing a value to the type a field declares.
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-_PLURAL_NAMES = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
-
-
-def describe(hint) -> str:
-    """What a type hint asks for, in words: 'a number or null', 'a list of strings'."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe(a) for a in args)
-    if origin is list:
-        return f"a list of {_PLURAL_NAMES.get(args[0], 'values')}"
-    if origin is tuple:
-        return f"a list of {len(args)} {_PLURAL_NAMES.get(args[0], 'values')}"
-    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _as_number(value) -> int | float | None:
-    """value as an int or a finite float if it is a number or a numeric string (not a bool), else None."""
-    if isinstance(value, str):
-        for parse in (int, float):
-            try:
-                value = parse(value.strip())
-                break
-            except ValueError:
-                pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _coerce(value, hint):
-    """value converted to the type `hint` names (int -> float, list -> tuple, '1e-4' -> 0.0001).
-
-    Raises TypeError when it can't be: a bool is not an int, None only fits an Optional field.
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    number = _as_number(value)
-    if hint is typing.Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                pass
-    elif hint is type(None) and value is None:
-        return None
-    elif hint is bool and isinstance(value, bool):
-        return value
-    elif hint is int and (isinstance(number, int) or isinstance(number, float) and number.is_integer()):
-        return int(number)
-    elif hint is float and number is not None:
-        return float(number)
-    elif hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    elif origin in (list, collections.abc.Sequence) and isinstance(value, (list, tuple)):
-        return [_coerce(v, args[0]) for v in value] if args else list(value)
-    elif origin is tuple and isinstance(value, (list, tuple)) and len(args) == 2 and args[1] is Ellipsis:
-        return tuple(_coerce(v, args[0]) for v in value)
-    elif origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    raise TypeError(f"{value!r} is not {describe(hint)}")
-
-
-def fits(value, hint) -> bool:
-    """Whether ``value`` already is of the type ``hint`` names (no conversion needed: "16" is no int, a list
-    fits a tuple). Checks JSON configs of saved models against their constructor's annotations."""
-    if typing.get_origin(hint) is None and hint is not typing.Any and hint not in _TYPE_NAMES:
-        return True  # an annotation of a kind this does not judge
-    try:
-        return _plain(_coerce(value, hint)) == _plain(value)
-    except TypeError:
-        return False
+# One value: coerced to its field's type (resdiff.hints), canonicalised and range-checked.
 
 
 def _checked(name: str, value, hint, source: str):
@@ -328,7 +253,7 @@ def _checked(name: str, value, hint, source: str):
         value = str(value).strip().lower()
         value = _ALIASES.get(name, {}).get(value, value)
     try:
-        value = _coerce(value, hint)
+        value = coerce(value, hint)
     except TypeError:
         raise UsageError(f"{name} must be {describe(hint)}, got {value!r} ({source})") from None
     if choices and value not in choices:
@@ -497,12 +422,3 @@ _UNSET = object()
 def _show(value) -> str:
     """A value for a diff line; keys that one side doesn't set show as 'unset'."""
     return "unset" if value is _UNSET else repr(value)
-
-
-def _plain(value):
-    """Nested dicts, lists and tuples as dicts and lists only, ready for YAML or JSON."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

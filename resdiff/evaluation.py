@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .files import write_atomic
 from .hardware import check_device
-from .metrics import (
-    FeatureStats, Memorisation, extract_features, fid_from_stats, image_dataset, kid, memorisation, nearest_pairs_image,
-    precision_recall, reference_features, reference_images,
-)
+from .features import FeatureStats, extract_features
+from .metrics import Memorisation, fid_from_stats, kid, memorisation, nearest_pairs_image, precision_recall
 from .processes import gather_shares, join, on_main, rank_world, share
-from .rundir import LOG, MODEL_INDEX, QUALITY_PICTURE
+from .reference import image_dataset, reference_features, reference_images
+from .checkpoint import MODEL_INDEX
+from .rundir import LOG, QUALITY_PICTURE
 from .sampling import ImageGenerator, SamplingSettings
 
 __all__ = ["evaluate", "Scoring", "default_eval_dir", "sample_features", "TrainingEvaluator", "quality_picture"]
@@ -63,6 +63,16 @@ class Scoring:
     kid_subset_size: int = 1000
     k: int = 3
 
+    def check(self) -> None:
+        """The limits of KID and precision/recall that need no features; a mistake is one UsageError line naming
+        the setting and its flag (a subset needs 2 features for the unbiased MMD, a k-th neighbour needs k >= 1)."""
+        for name, flag, value, least in (("KID subsets", "--kid-subsets", self.kid_subsets, 1),
+                                         ("KID subset size", "--kid-subset-size", self.kid_subset_size, 2),
+                                         ("precision/recall k", None, self.k, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                where = f" ({flag})" if flag else ""
+                raise UsageError(f"{name}{where} must be an integer of at least {least}, got {value!r}")
+
 
 def evaluate(
     *, ref: str | Path, model: str | Path | None = None, samples: str | Path | None = None, num_images: int = 50000,
@@ -77,8 +87,7 @@ def evaluate(
     from .inception import load_inception
 
     settings, scoring = settings or SamplingSettings(), scoring or Scoring()
-    if (model is None) == (samples is None):
-        raise UsageError("pass either --model (generate samples) or --samples (score existing images), not both")
+    _check(model, samples, settings, scoring)
     procs = join(check_device(settings.device), settings.timeout_s)
     world, main, say = procs.world, procs.is_main, procs.say(log)
     dev = procs.device if settings.device is None else torch.device(settings.device)
@@ -130,6 +139,14 @@ def evaluate(
     procs.barrier()
     procs.leave()
     return result
+
+
+def _check(model: str | Path | None, samples: str | Path | None, settings: SamplingSettings, scoring: Scoring) -> None:
+    """evaluate()'s arguments, checked before any weights load: the CLI and the Python API give the same lines."""
+    if (model is None) == (samples is None):
+        raise UsageError("pass either --model (generate samples) or --samples (score existing images), not both")
+    settings.check()  # with --samples too: the batch size is the feature batch
+    scoring.check()
 
 
 def _training_curve(model: str | Path | None) -> dict:

@@ -25,13 +25,14 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from .config import describe, fits
+from .hints import describe, fits
 from .errors import UsageError, one_line
 from .hardware import default_device
 from .files import checksum_problem
-from .rundir import (
-    EMA, MODEL, MODEL_INDEX, PIPELINE_CONFIGS, SCHEDULER_CONFIG, UNET_CONFIG, file_problem, latest_checkpoint,
+from .checkpoint import (
+    EMA, MODEL_INDEX, PIPELINE_CONFIGS, SCHEDULER_CONFIG, UNET_CONFIG, file_problem, latest_checkpoint,
 )
+from .rundir import MODEL
 from .convert import from_diffusers
 from .unet import UNet, no_safetensors
 

@@ -1,217 +1,57 @@
-"""The run directory: the one owner of its file layout, its checkpoint format and how it stays whole.
+"""The run directory: its file layout, and its life from start to export (config, identity, log, previews, the
+model; disk space and leftovers checked, checkpoints written by every process together).
 
     RUN/config.yaml        the resolved config               RUN/log.jsonl   one JSON line per logged step
     RUN/identity.json      what the run learns from (data, diffusion, batch, seed), checked on resume
     RUN/samples/           preview grids, step-NNNNNNN.png   RUN/model/      the EMA model, a DDPMPipeline folder
-    RUN/checkpoints/step-NNNNNNN/   resumable state:
-        state.json (step, data position, EMA updates, world size)   model.safetensors (the trained weights)
-        optimizer.pt (optimizer, LR schedule, fp16 loss scale)   rng-<rank>.pt (each process's RNG)
-        ema/ (a pipeline folder)   SHA256SUMS (digests of all but ema/, which has its own)
-    RUN/.lock              names the process that owns the run, which holds a kernel lock on it (``RunLock``)
+    RUN/checkpoints/step-NNNNNNN/   resumable state, in the format of ``resdiff.checkpoint``
+    RUN/.lock              names the process that owns the run, which holds a kernel lock on it (``resdiff.runlock``)
 
 Every file is written under a temporary name and renamed into place (``resdiff.files``), so an interruption
 leaves the old version or the new one, never half of one; ``remove_leftovers`` deletes what an interrupted
-run left. A folder with a checkpoint's final name can still be damaged afterwards (a file deleted by hand,
-a disk that lost its tail), so nothing trusts the name alone: ``checkpoint_problem`` checks that every part
-is there and whole (JSON parses, safetensors headers match the file sizes, torch files are complete zip
-archives), and ``complete_checkpoints`` / ``latest_checkpoint`` list only folders that pass.
-
-Content is checked too: each checkpoint and its ``ema/`` folder (so also the exported ``model/``) get
-``SHA256SUMS`` when written, and ``load_checkpoint`` refuses a file that no longer matches (the trainer then
-falls back to the checkpoint before). ``RUN/identity.json`` records what the run learns from (the data's
-location and listing, the data and diffusion settings, batch size and seed); ``identity_changes`` names what a
-resume would change, and ``earlier_training`` what a start from step 0 would replace.
+run left. Each checkpoint and its ``ema/`` folder (so also the exported ``model/``) get ``SHA256SUMS`` when
+written. ``RUN/identity.json`` records what the run learns from (the data's location and listing, the data and
+diffusion settings, batch size and seed); ``identity_changes`` names what a resume would change, and
+``earlier_training`` what a start from step 0 would replace.
 
 ``RunDir`` is what the trainer holds: it saves and loads a ``TrainState`` and the EMA pipeline, writes the
-log, previews and the exported model, and never lets the trainer name a file. Weights are read through
-safetensors only, optimizer and RNG state through ``torch.load(weights_only=True)``, which refuses any
-pickle that is not plain tensors and containers.
+log, previews and the exported model, and never lets the trainer name a file.
 """
+
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import re
 import shutil
-import socket
-import struct
-import time
-import weakref
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from .checkpoint import (
+    CHECKPOINTS, EMA, PIPELINE_FILES, TrainState, checkpoint_bytes, checkpoint_dir, checkpoint_problem,
+    complete_checkpoints, list_checkpoints, read_checkpoint, rotate_checkpoints, write_checkpoint_files,
+)
 from .config import Config, config_diff, load_config, save_config
 from .errors import TrainingError, UsageError
 from .files import (
-    WRITE_ERRORS, checksum_problem, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic,
-    write_checksums, write_problem,
+    WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic, write_checksums,
+    write_problem,
 )
+from .runlock import LOCK, RunLock
 
 __all__ = [
-    "RunDir", "TrainState", "RunLock", "checkpoint_dir", "step_of", "list_checkpoints", "complete_checkpoints",
-    "latest_checkpoint", "checkpoint_problem", "file_problem", "rotate_checkpoints", "remove_leftovers",
-    "check_same_model", "check_disk", "checkpoint_bytes", "trim_log", "write_config", "export_model", "PIPELINE_FILES",
-    "PIPELINE_CONFIGS", "MODEL", "EMA", "CHECKPOINTS", "LOG", "QUALITY_PICTURE", "MODEL_INDEX", "UNET_CONFIG",
-    "SCHEDULER_CONFIG",
-    "human_size", "write_problem", "identity_changes", "write_identity", "earlier_training", "clear_run",
+    "RunDir", "check_same_model", "check_disk", "remove_leftovers", "trim_log", "write_config", "export_model",
+    "MODEL", "LOG", "QUALITY_PICTURE", "human_size", "write_problem", "identity_changes", "write_identity",
+    "earlier_training", "clear_run",
 ]
 
-# The layout: every name in a run directory, here and nowhere else.
-CONFIG, LOG, MODEL, SAMPLES, CHECKPOINTS, LOCK = "config.yaml", "log.jsonl", "model", "samples", "checkpoints", ".lock"
+# The run directory's names, here and nowhere else (a checkpoint folder's are in resdiff.checkpoint, the lock's in
+# resdiff.runlock).
+CONFIG, LOG, MODEL, SAMPLES = "config.yaml", "log.jsonl", "model", "samples"
 IDENTITY = "identity.json"
 QUALITY_PICTURE = "quality.png"  # FID and loss against step (resdiff.evaluation draws it at each evaluation)
-STATE, WEIGHTS, OPTIMIZER, EMA = "state.json", "model.safetensors", "optimizer.pt", "ema"
-# A pipeline folder as DDPMPipeline.save_pretrained writes it: what sampling needs (its configs, and the weights,
-# which a diffusers folder may hold under another name: model_folder checks those itself).
-MODEL_INDEX, UNET_CONFIG, SCHEDULER_CONFIG = "model_index.json", "unet/config.json", "scheduler/scheduler_config.json"
-PIPELINE_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-PIPELINE_CONFIGS = (MODEL_INDEX, UNET_CONFIG, SCHEDULER_CONFIG)
-PIPELINE_FILES = (MODEL_INDEX, UNET_CONFIG, PIPELINE_WEIGHTS, SCHEDULER_CONFIG)
-EMA_FILES = tuple(f"{EMA}/{name}" for name in PIPELINE_FILES)
-# Everything resuming needs (rng-<rank>.pt files are optional: without them a resume reseeds).
-CHECKPOINT_FILES = (STATE, WEIGHTS, OPTIMIZER, *EMA_FILES)
-_STATE_KEYS = ("step", "epoch", "batch", "ema_step", "world_size")
-_NAME = re.compile(r"^step-(\d+)$")
-
-
-def rng_file(rank: int) -> str:
-    return f"rng-{rank}.pt"
-
-
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    """The folder of the checkpoint taken after ``step`` optimizer steps."""
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
-
-
-def step_of(path: str | Path) -> int:
-    """The step a checkpoint folder was taken at."""
-    m = _NAME.match(Path(path).name)
-    if not m:
-        raise ValueError(f"{path} is not a checkpoint folder (step-NNNNNNN)")
-    return int(m.group(1))
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Every folder named like a checkpoint (``checkpoints/step-N``), complete or not, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
-    return sorted(found, key=step_of)
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    """Whether a safetensors file is whole: its header parses and its tensors end exactly at the end of the file."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "truncated (no header)"
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100_000_000):
-                return "truncated or not a safetensors file (header larger than the file)"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as err:
-        return f"unreadable ({' '.join(str(err).split())})"
-    if not isinstance(header, dict):
-        return "not a safetensors file"
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    expected = 8 + n + max(ends, default=0)
-    if expected != size:
-        return f"truncated ({size} bytes, expected {expected})"
-    return None
-
-
-def file_problem(file: str | Path) -> str | None:
-    """Why one file of a checkpoint or pipeline folder is unusable (``"is missing"``, ``"is truncated ..."``), or None."""
-    file = Path(file)
-    if not file.is_file():
-        return "is missing"
-    if file.suffix == ".safetensors":
-        problem = _safetensors_problem(file)
-        return f"is {problem}" if problem else None
-    if file.suffix == ".pt":  # torch.save writes zip archives; a cut-off one lacks its central directory
-        return None if zipfile.is_zipfile(file) else "is truncated or not a torch checkpoint file"
-    if file.suffix == ".json":
-        try:
-            json.loads(file.read_text())
-        except (OSError, ValueError) as err:
-            return f"is unreadable ({' '.join(str(err).split())})"
-    return None
-
-
-def checkpoint_problem(path: str | Path, *, ema_only: bool = False) -> str | None:
-    """Why a checkpoint folder cannot be used (``"optimizer.pt is missing"``), or None when it is complete.
-
-    ``ema_only`` checks just the exported EMA pipeline (what sampling reads), not the training state.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return "is not a folder"
-    if not ema_only:
-        try:
-            state = json.loads((path / STATE).read_text())
-        except FileNotFoundError:
-            return f"{STATE} is missing"
-        except (OSError, ValueError) as err:
-            return f"{STATE} is unreadable ({' '.join(str(err).split())})"
-        if not isinstance(state, dict) or any(not isinstance(state.get(k), int) for k in _STATE_KEYS):
-            return f"{STATE} lacks one of {', '.join(_STATE_KEYS)}"
-        if _NAME.match(path.name) and state["step"] != step_of(path):
-            return f"{STATE} is for step {state['step']}, not {step_of(path)}"
-    for name in EMA_FILES if ema_only else CHECKPOINT_FILES[1:]:
-        problem = file_problem(path / name)
-        if problem:
-            return f"{name} {problem}"
-    return None
-
-
-def complete_checkpoints(
-    run_dir: str | Path, warn: Callable[[str], None] | None = None, *, ema_only: bool = False
-) -> list[Path]:
-    """The complete checkpoints of a run, oldest first; ``warn`` hears one line per damaged one skipped."""
-    found = []
-    for path in list_checkpoints(run_dir):
-        problem = checkpoint_problem(path, ema_only=ema_only)
-        if problem is None:
-            found.append(path)
-        elif warn is not None:
-            warn(f"warning: skipping checkpoint {path}: {problem}")
-    return found
-
-
-def latest_checkpoint(
-    run_dir: str | Path, warn: Callable[[str], None] | None = None, *, ema_only: bool = False
-) -> Path | None:
-    """The newest complete checkpoint, or None. Damaged ones are passed over (``warn`` hears why)."""
-    found = complete_checkpoints(run_dir, warn, ema_only=ema_only)
-    return found[-1] if found else None
-
-
-def rotate_checkpoints(saved: Path, keep: int) -> list[Path]:
-    """Once the checkpoint ``saved`` is complete, delete the oldest complete checkpoints taken before it
-    until ``keep`` complete ones at or below its step remain; returns the deleted folders.
-
-    So the checkpoint a run resumed from is deleted only after a newer one is complete; the newest complete
-    one (the one just saved) never is; and neither are checkpoints of later steps (left from before a resume
-    fell back past them; the run overwrites them when it gets there) nor damaged folders, which
-    ``complete_checkpoints`` warns about and which are left for a person to look at."""
-    if checkpoint_problem(saved) is not None:
-        return []
-    older = [p for p in complete_checkpoints(saved.parent.parent) if step_of(p) < step_of(saved)]
-    doomed = older[: max(0, len(older) + 1 - keep)]
-    for old in doomed:
-        shutil.rmtree(old, ignore_errors=True)
-    return doomed
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
@@ -334,12 +174,6 @@ def clear_run(run_dir: Path) -> list[str]:
     return removed
 
 
-def checkpoint_bytes(parameters: int) -> tuple[int, int]:
-    """About how many bytes (one checkpoint, the exported model) a model of ``parameters`` parameters takes. All
-    in float32 whatever the precision of the run: a checkpoint holds the weights (model.safetensors), the EMA
-    weights (its ema/ pipeline) and Adam's two moments (optimizer.pt), 16 bytes a parameter; the exported
-    model/ is the EMA weights again, 4 bytes. state.json, the RNG states and the configs are a few KB."""
-    return parameters * 4 * 4, parameters * 4
 
 
 def check_disk(run_dir: Path, parameters: int, keep: int = 3) -> None:
@@ -392,146 +226,8 @@ def trim_log(run_dir: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
-# ----------------------------------------------------------------------------- the run lock
-
-_OPEN: set[int] = set()  # the lock files' descriptors this process holds
-
-
-def _close_in_child() -> None:
-    """In a forked child (a DataLoader worker), close the inherited lock descriptors: the kernel lock then
-    belongs to the process that took it alone, and goes the moment that process dies, not with its last child."""
-    for fd in _OPEN:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _OPEN.clear()
-
-
-os.register_at_fork(after_in_child=_close_in_child)
-
-
-def _read(fd: int) -> str:
-    try:
-        return os.pread(fd, 4096, 0).decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _owner(text: str) -> str:
-    """Who a lock file's text names ("pid 123 on host"), or "another process" when it names no one readable."""
-    try:
-        owner = json.loads(text)
-        return f"pid {int(owner['pid'])} on {owner['host']}"
-    except (ValueError, KeyError, TypeError):
-        return "another process"
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether ``path`` still names the file open as ``fd`` (its owner may have removed it while we opened it)."""
-    try:
-        a, b = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _release(path: Path, fd: int, pid: int) -> None:
-    """Remove the lock file and let go of its kernel lock (at exit, on errors, or when the RunLock is collected).
-    Only the process that took it does: a forked child has closed its copy, and its descriptor number means
-    something else there."""
-    if os.getpid() != pid or fd not in _OPEN:
-        return
-    _OPEN.discard(fd)
-    if _same_file(fd, path):  # removed first, so that nobody can lock the file on its way out
-        with contextlib.suppress(OSError):
-            path.unlink()
-    os.close(fd)  # this drops the kernel lock
-
-
-class RunLock:
-    """``RUN/.lock``: one process writes a run directory at a time.
-
-    Ownership is a kernel lock (``flock``) on the file, held while the run lives: the kernel lets one open
-    file hold it and drops it when its process ends, however it ends (SIGKILL, a crash, an elastic restart),
-    so no process ID is ever judged. PIDs and host names mislead across PID namespaces (two containers
-    with one host name) and across machines; the lock does not, on a local disk and on network filesystems
-    with working locks (NFS). The file also names the holder, for the message a second run gets:
-    a one-line UsageError. A file left by a dead run is taken over with a warning. ``release`` (also run at
-    interpreter exit and when the object is collected) removes the file and lets go of the lock.
-    """
-
-    def __init__(self, run_dir: str | Path, warn: Callable[[str], None] = print):
-        self.run_dir, self.path, self.warn = Path(run_dir), Path(run_dir) / LOCK, warn
-        self._finalizer: weakref.finalize | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._finalizer is not None and self._finalizer.alive
-
-    def acquire(self) -> None:
-        if self.held:
-            return
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as err:
-                raise UsageError(f"cannot write to run directory {self.run_dir}: {err.strerror}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                owner = _owner(_read(fd))
-                os.close(fd)
-                if isinstance(err, BlockingIOError):
-                    raise UsageError(
-                        f"{self.run_dir} is in use by {owner}, which holds the lock on {self.path}; "
-                        f"wait for that run to end or stop it"
-                    ) from None
-                raise UsageError(f"cannot lock {self.path} ({err.strerror}); put the run directory on a filesystem "
-                                 f"with file locks") from None
-            if not _same_file(fd, self.path):  # its owner removed it on the way out: lock the file there now
-                os.close(fd)
-                continue
-            left = _read(fd)
-            token = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": round(time.time())})
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, token.encode(), 0)
-            except OSError as err:
-                os.close(fd)
-                raise UsageError(f"cannot write to run directory {self.run_dir}: {err.strerror}") from None
-            _OPEN.add(fd)
-            self._finalizer = weakref.finalize(self, _release, self.path, fd, os.getpid())  # runs at exit too
-            if left.strip():
-                self.warn(f"warning: {self.path} was left by {_owner(left)}, which is no longer running; taking it over")
-            return
-        raise UsageError(f"cannot take {self.path}: other processes keep creating it; is another run starting on {self.run_dir}?")
-
-    def release(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()  # calls _release once, and not again at exit
-        self._finalizer = None
-
 
 # ----------------------------------------------------------------------------- what the trainer holds
-
-
-@dataclass
-class TrainState:
-    """Everything a run resumes from besides the EMA model: what a checkpoint's state.json, model.safetensors,
-    optimizer.pt and rng-<rank>.pt hold. ``rng`` is this process's (None: the checkpoint has none for it);
-    ``scaler`` is the fp16 GradScaler's state (None without one); ``micro_batch`` is the images one micro-batch
-    of all processes together takes, which places ``batch`` in the epoch's order (0: not recorded)."""
-
-    step: int
-    epoch: int
-    batch: int
-    ema_updates: int
-    world_size: int
-    model: dict[str, torch.Tensor]
-    optimizer: dict
-    lr_schedule: dict
-    rng: dict | None
-    scaler: dict | None = None
-    micro_batch: int = 0
 
 
 class RunDir:
@@ -620,16 +316,7 @@ class RunDir:
         ok = agree(error is None)  # also the barrier: no process writes before the folder exists
         if ok:
             try:
-                torch.save(state.rng, tmp / rng_file(rank))
-                if main:
-                    save_file({k: v.contiguous() for k, v in state.model.items()}, tmp / WEIGHTS)  # channels_last is strided
-                    ema.save_pretrained(tmp / EMA)
-                    torch.save({"optimizer": state.optimizer, "lr_schedule": state.lr_schedule, "scaler": state.scaler},
-                               tmp / OPTIMIZER)
-                    counters = {"step": state.step, "epoch": state.epoch, "batch": state.batch,
-                                "ema_step": state.ema_updates, "world_size": state.world_size,
-                                "micro_batch": state.micro_batch}
-                    (tmp / STATE).write_text(json.dumps(counters, indent=1))
+                write_checkpoint_files(tmp, state, ema, rank)
             except WRITE_ERRORS as err:
                 error = err
             ok = agree(error is None)  # also: every process's rng file is written now
@@ -671,21 +358,4 @@ class RunDir:
     ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """A checkpoint read into memory on ``device``: the training state and the EMA weights. Nothing is
         applied, so a damaged file (any error raised here) leaves the trainer untouched."""
-        where = "cpu" if device.type == "cpu" else str(device)  # a multi-process CPU run's "cpu:0" is refused by both loaders
-        for folder, prefix in ((path, ""), (path / EMA, f"{EMA}/")):
-            problem = checksum_problem(folder)
-            if problem:  # the file changed after it was written whole: the trainer falls back past it
-                raise ValueError(f"{prefix}{problem}")
-        counters = json.loads((path / STATE).read_text())
-        model = load_file(path / WEIGHTS, device=where)
-        ema = load_file(path / EMA / PIPELINE_WEIGHTS, device=where)
-        opt = torch.load(path / OPTIMIZER, map_location=where, weights_only=True)
-        rng = None
-        if counters["world_size"] == world and (path / rng_file(rank)).is_file():
-            rng = torch.load(path / rng_file(rank), weights_only=True)
-        state = TrainState(
-            step=counters["step"], epoch=counters["epoch"], batch=counters["batch"], ema_updates=counters["ema_step"],
-            world_size=counters["world_size"], model=model, optimizer=opt["optimizer"], lr_schedule=opt["lr_schedule"],
-            rng=rng, scaler=opt.get("scaler"), micro_batch=int(counters.get("micro_batch", 0)),
-        )
-        return state, ema
+        return read_checkpoint(path, rank=rank, world=world, device=device)

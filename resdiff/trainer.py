@@ -32,7 +32,8 @@ from .ema import EMA
 from .errors import TrainingError, UsageError, one_line
 from .hardware import reuse_freed_memory
 from .processes import gather_shares, on_main, share
-from .rundir import RunDir, TrainState
+from .checkpoint import TrainState
+from .rundir import RunDir
 
 __all__ = ["Trainer"]
 

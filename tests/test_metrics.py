@@ -14,12 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from resdiff import metrics
+from resdiff import reference
 from resdiff.errors import UsageError
-from resdiff.metrics import (
-    FeatureStats, extract_features, fid_from_stats, frechet_distance, image_dataset, kid, load_images, memorisation,
-    nearest_pairs_image, network_id, precision_recall, reference_stats,
-)
+from resdiff.features import FeatureStats, extract_features, network_id
+from resdiff.metrics import fid_from_stats, frechet_distance, kid, memorisation, nearest_pairs_image, precision_recall
+from resdiff.reference import image_dataset, load_images, reference_stats
 
 
 class TinyNet(nn.Module):
@@ -344,8 +343,8 @@ def test_reference_stats_are_the_training_preparation(tmp_path, monkeypatch):
 def test_reference_stats_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
     calls = []
-    real = metrics.extract_features
-    monkeypatch.setattr(metrics, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = reference.extract_features
+    monkeypatch.setattr(reference, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     folder = _write_pngs(tmp_path / "data", 5, size=(9, 9))
     net = TinyNet()
     first = reference_stats(folder, net, image_size=9)
@@ -440,7 +439,7 @@ def test_symlink_loops_are_walked_once(tmp_path):
     (folder / "sub" / "loop").symlink_to(folder / "sub", target_is_directory=True)
     (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)
     (folder / "again").symlink_to(folder, target_is_directory=True)
-    files = metrics._image_files(folder)
+    files = reference._image_files(folder)
     assert len(files) == 5 and len({f.resolve() for f in files}) == 5
     assert len(image_dataset(folder)) == 5
 
@@ -458,11 +457,11 @@ def test_kid_needs_a_subset():
 def test_max_images_spreads_the_reference_through_the_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
     folder = _write_pngs(tmp_path / "data", 6, size=(9, 9))
-    features, stats = metrics.reference_features(folder, TinyNet(), 9, max_images=3)
+    features, stats = reference.reference_features(folder, TinyNet(), 9, max_images=3)
     assert stats.rows == ["00000.png", "00002.png", "00004.png"] and features.shape == (3, 32)
-    full, _ = metrics.reference_features(folder, TinyNet(), 9)
+    full, _ = reference.reference_features(folder, TinyNet(), 9)
     assert torch.equal(features, full[[0, 2, 4]])
-    again = metrics.reference_features(folder, TinyNet(), 9, max_images=3)  # cached, rows and all
+    again = reference.reference_features(folder, TinyNet(), 9, max_images=3)  # cached, rows and all
     assert again[1].rows == stats.rows and torch.equal(again[0], features)
 
 
@@ -472,11 +471,11 @@ def test_reference_images_decode_only_the_rows_asked_for(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
     folder = _write_pngs(tmp_path / "data", 6, size=(14, 11))
-    _, stats = metrics.reference_features(folder, TinyNet(), 8)
+    _, stats = reference.reference_features(folder, TinyNet(), 8)
     prepared = ImageFolder(folder, 8, 3, random_flip=False, cache=False)
     for name in ("00000.png", "00001.png", "00003.png", "00005.png"):
         (folder / name).write_bytes(b"not an image any more")  # reading any of these would fail
-    rows = metrics.reference_images(folder, stats, 8, 3)
+    rows = reference.reference_images(folder, stats, 8, 3)
     assert len(rows) == 6
     for i in (2, 4):
         assert torch.equal(rows[i], prepared[i][0])

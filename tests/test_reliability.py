@@ -29,7 +29,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 
 from resdiff import UNet
-from resdiff.rundir import checkpoint_problem, complete_checkpoints, latest_checkpoint, list_checkpoints
+from resdiff.checkpoint import checkpoint_problem, complete_checkpoints, latest_checkpoint, list_checkpoints
 from resdiff.errors import TrainingError, UsageError, run_cli
 from resdiff.files import write_checksums
 from resdiff.build import build_trainer
@@ -194,7 +194,7 @@ def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(run_copy, pngs):
     pid or another host is still refused); a file no process holds a lock on is taken over with a warning."""
     cfg = config(run_copy, *common(pngs, "train.steps=4"))
     lock = run_copy / ".lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from resdiff.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from resdiff.runlock import RunLock; "
                                "lock = RunLock(sys.argv[1]); lock.acquire(); print(flush=True); time.sleep(60)", str(run_copy)],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -835,3 +835,32 @@ def test_resume_on_another_number_of_processes_continues_the_same_data(tmp_path,
     positions = {s: json.loads((ckpt(run, s) / "state.json").read_text()) for s in (4, 6)}
     assert (positions[4]["epoch"], positions[4]["batch"], positions[4]["world_size"]) == (0, 4, 1)
     assert (positions[6]["epoch"], positions[6]["batch"], positions[6]["world_size"]) == (1, 2, 2)
+
+
+_OPENED: list[list[str]] = []  # while a test watches, the paths Python opens (the audit hook stays for the session)
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if _OPENED and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED[-1].append(os.fsdecode(args[0]))
+
+
+def test_a_resume_reads_each_checkpoint_file_once(base_run):
+    """Loading a checkpoint parses the bytes it hashed for SHA256SUMS: no file of it is opened twice (570 MB once,
+    not twice, for ddpm-cifar10), and every file is still checked."""
+    from resdiff.rundir import RunDir
+
+    path = ckpt(base_run, 4)
+    sys.addaudithook(_record_opens)
+    _OPENED.append([])
+    try:
+        state, ema = RunDir(base_run).load_checkpoint(path, rank=0, world=1, device=torch.device("cpu"))
+    finally:
+        opened = _OPENED.pop()
+    assert state.step == 4 and ema
+    mine = [Path(p).resolve().relative_to(path.resolve()).as_posix() for p in opened
+            if Path(p).resolve().is_relative_to(path.resolve()) and Path(p).is_file()]
+    twice = sorted({p for p in mine if mine.count(p) > 1})
+    assert twice == [], twice
+    files = {f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file()}
+    assert set(mine) == files  # each once: the sums themselves, what it loads, and what it only checks

@@ -17,10 +17,11 @@ import pytest
 
 from resdiff.config import load_config
 from resdiff.errors import UsageError
+from resdiff.checkpoint import checkpoint_bytes
 from resdiff.rundir import (
-    RunLock, check_disk, check_same_model, checkpoint_bytes, export_model, human_size, remove_leftovers, trim_log, write_config,
-    write_problem,
+    check_disk, check_same_model, export_model, human_size, remove_leftovers, trim_log, write_config, write_problem,
 )
+from resdiff.runlock import RunLock
 
 
 def test_remove_leftovers_deletes_only_temporary_names(tmp_path):
@@ -143,7 +144,7 @@ def test_check_disk_needs_room_for_the_kept_checkpoints_plus_the_one_being_writt
 # waits; it prints its pid and the child's.
 HOLDER = """
 import os, sys, time
-from resdiff.rundir import RunLock
+from resdiff.runlock import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 child = os.fork()

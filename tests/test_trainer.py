@@ -264,7 +264,8 @@ def test_the_trainer_trains_parts_it_is_given_without_a_config(tmp_path):
     from resdiff import UNet
     from resdiff.config import TrainConfig
     from resdiff.diffusion import GaussianDiffusion
-    from resdiff.rundir import RunDir, complete_checkpoints
+    from resdiff.checkpoint import complete_checkpoints
+    from resdiff.rundir import RunDir
     from resdiff.trainer import Trainer
 
     def batches():
