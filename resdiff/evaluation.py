@@ -92,12 +92,9 @@ def evaluate(
     world, main, say = procs.world, procs.is_main, procs.say(log)
     dev = procs.device if settings.device is None else torch.device(settings.device)
     net = load_inception(scoring.inception, device=dev, **({} if scoring.verify_inception else {"sha256": None}))
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}  # where the time went, on this process: the JSON and the table say
-    if model is not None:
-        source, get_images, n, size, channels, described = _model_source(model, num_images, replace(settings, device=dev))
-    else:
-        source, get_images, n, size, channels, described = _samples_source(samples)
+    started, seconds = time.perf_counter(), {}  # seconds: where the time went on this process (JSON and table)
+    source, get_images, n, size, channels, described = (
+        _model_source(model, num_images, replace(settings, device=dev)) if model is not None else _samples_source(samples))
     batch_size = settings.batch_size  # the feature batch too
     say(f"evaluate: {n} samples of {source} ({_describe(described)}) against {ref}, {world} process(es), device {dev}")
     # The reference first (cached after the first time), so a bad one fails in seconds, not after hours of
@@ -107,7 +104,6 @@ def evaluate(
     stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=log is not None and main,
                                  seconds=seconds)
     rate = n / max(time.perf_counter() - started, 1e-9)
-    # every process takes its share of KID's subsets and of the nearest-neighbour rows; the main process writes
     with _timed(seconds, "metrics", dev):
         scored = _score(stats, gen, reference, dev, scoring.kid_subsets, scoring.kid_subset_size, scoring.k)
 
@@ -125,9 +121,7 @@ def evaluate(
             result["memorisation"]["picture"] = str(nearest_pairs_image(
                 get_images(top), reference_images(ref, reference[1], size, channels), _restricted(mem, top),
                 folder / "nearest.png"))
-        result.update(_training_curve(model))
-        result["seconds"] = {**{k: round(v, 2) for k, v in seconds.items()},
-                             "total": round(time.perf_counter() - started, 2)}
+        result.update(_training_curve(model), seconds={**seconds, "total": time.perf_counter() - started})
         file = folder / f"{_result_name(described, n)}.json"
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(file, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
