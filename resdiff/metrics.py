@@ -70,13 +70,15 @@ def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int
 
     Each of `subsets` rounds draws min(subset_size, len(a), len(b)) features from each set without
     replacement, from a CPU generator seeded with `seed`, so the result is deterministic; the kernels
-    are computed in float64 on `device`, one subset at a time (memory: three subset_size^2 matrices, whatever n).
+    are computed in float64 on `device`, one subset at a time (memory: the features as given, plus three
+    subset_size^2 matrices).
     With ``split`` every process of torch.distributed must call it with the same features: each computes
     the subsets i with i % world == rank, and all get the same result as one process alone.
     """
     if subsets < 1:
         raise UsageError(f"KID needs at least 1 subset (--kid-subsets), got {subsets}")
-    a, b = as_float64(feats_a).to(device), as_float64(feats_b).to(device)
+    # the sets stay as given (float32 features: no float64 copy of all n); each subset is cast when it is drawn
+    a, b = (_prepare(f, device, None) for f in (feats_a, feats_b))
     m = min(subset_size, len(a), len(b))
     if m < 2:
         raise UsageError(f"KID needs at least 2 features in each set, got {len(a)} and {len(b)}")
@@ -88,7 +90,7 @@ def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int
     for i in range(subsets):
         pick_a, pick_b = torch.randperm(len(a), generator=g)[:m], torch.randperm(len(b), generator=g)[:m]  # every process draws all
         if i % world == rank:
-            values.append(_polynomial_mmd(a[pick_a.to(a.device)], b[pick_b.to(b.device)]))
+            values.append(_polynomial_mmd(a[pick_a.to(a.device)].double(), b[pick_b.to(b.device)].double()))
     values = gather_shares(torch.tensor(values, dtype=torch.float64)[:, None], subsets)[:, 0].numpy() if world > 1 else values
     return float(np.mean(values)), float(np.std(values))
 
