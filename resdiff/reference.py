@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import image_shape
 from .errors import UsageError, one_line
@@ -211,7 +212,7 @@ def reference_features(
         log(f"reference: extracting the features of {len(chosen)} images of {path} on {world} process(es) "
             f"(cached for the next time)")
     mine = chosen[rank::world]
-    batches = (_stacked(images, mine[s:s + batch_size]) for s in range(0, len(mine), batch_size))
+    batches = _batches(images, mine, batch_size, progress=log is not None and rank == 0)
     local = extract_features(batches, net, batch_size, channels_last=True) if mine else torch.zeros(0, 0)
     features = gather_shares(local, len(chosen))
     stats = FeatureStats.from_features(features)
@@ -246,6 +247,16 @@ def reference_images(source: str | Path, stats: FeatureStats, image_size: int | 
     if kind == "folder" and stats.rows is not None and image_size is not None:
         return _FolderRows(path, stats.rows, image_size, channels)
     return image_dataset(path, image_size, channels)
+
+
+def _batches(images, indices: list[int], batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+    """uint8 batches of the items ``indices``, counted on a progress bar when ``progress``: a folder of a few thousand
+    images takes minutes on a CPU."""
+    with tqdm(total=len(indices), unit="img", desc="reference -> features", disable=not progress, leave=False) as bar:
+        for start in range(0, len(indices), batch_size):
+            batch = _stacked(images, indices[start:start + batch_size])
+            yield batch
+            bar.update(len(batch))  # once the batch's features are done: the next batch is asked for after them
 
 
 def _stacked(images, indices: list[int]) -> torch.Tensor:

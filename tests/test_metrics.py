@@ -478,6 +478,17 @@ def test_max_images_spreads_the_reference_through_the_folder(tmp_path, monkeypat
     assert again[1].rows == stats.rows and torch.equal(again[0], features)
 
 
+def test_extracting_a_reference_shows_a_progress_bar_only_when_it_speaks(tmp_path, monkeypatch, capsys):
+    """A few thousand reference images take minutes on a CPU: evaluate.py (log given) counts them on the terminal."""
+    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
+    folder = _write_pngs(tmp_path / "data", 5, size=(9, 9))
+    reference.reference_features(folder, TinyNet(), 9, batch_size=2, cache=False)  # quiet: no log, no bar
+    assert "reference -> features" not in capsys.readouterr().err
+    reference.reference_features(folder, TinyNet(), 9, batch_size=2, cache=False, log=print)
+    out, err = capsys.readouterr()
+    assert "extracting the features of 5 images" in out and "reference -> features" in err and "0/5 [" in err
+
+
 def test_reference_images_decode_only_the_rows_asked_for(tmp_path, monkeypatch):
     """nearest.png's training images: the rows it shows are read, the rest of the folder is not touched."""
     from resdiff.data import ImageFolder
