@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # GPU users: install the torch build for your CUDA into $(VENV) first (it is kept), or run `make test TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench bench-data clean
+.PHONY: install test test-fast demo bench bench-data bench-contenders clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,13 @@ bench-data: install
 	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || (apt-get update && apt-get install -y fonts-noto-color-emoji)
 	$(BIN)/python bench/emoji.py openmoji data/openmoji
 	$(BIN)/python bench/emoji.py noto data/noto
+
+# Issue #25 (README, "Real images against diffusers"): FID against training minutes on both sets, resdiff's
+# recipes vs diffusers' example. Hours of CPU; resumable: run it again after an interruption.
+bench-contenders: bench-data
+	$(BIN)/python -m resdiff.inception
+	$(BIN)/python bench/contenders.py --data data/openmoji
+	$(BIN)/python bench/contenders.py --data data/noto
 
 # Wheels for bench/gpu_check.sh on a GPU machine without network (CPython 3.12, manylinux x86_64): diffusers with
 # all its dependencies, plus pyyaml and tqdm. Carry bench/wheels there; the script installs from it with --no-index.

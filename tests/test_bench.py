@@ -161,3 +161,18 @@ def test_kernel_floor_replays_each_kernel_of_both_steps(tmp_path):
         assert w["floor_mfu"] == pytest.approx(w["mfu"] / w["floor_share"], rel=0.02)
     # the same architecture does the same convolutions in both loops
     assert row["resdiff"]["calls_by_kind"]["convolution"] == row["diffusers"]["calls_by_kind"]["convolution"]
+
+
+def test_contenders_resume_skips_scored_budgets_and_counts_nfe_as_model_evaluations():
+    """bench/contenders.py (issue #25): a restarted run trains only the budgets without a result, and the sampler
+    sweep gives a second-order sampler fewer steps for the same number of model evaluations."""
+    sys.path.insert(0, str(ROOT))
+    from bench.contenders import budget_key, pending, steps_for_nfe
+
+    results = {"budgets": {budget_key("ddpm", 5): {}, budget_key("ddpm", 20): {}, budget_key("defaults", 10): {}}}
+    assert pending(results, "ddpm", [20, 10, 5, 40]) == [10, 40]
+    assert pending({}, "defaults", [0.6, 0.3]) == [0.3, 0.6]
+    config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
+    assert steps_for_nfe("ddim", 20, config) == (20, 20)
+    assert steps_for_nfe("dpm++", 10, config) == (10, 10)
+    assert steps_for_nfe("heun", 20, config) == (10, 19)  # 2 * steps - 1 evaluations

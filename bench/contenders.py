@@ -1,0 +1,488 @@
+"""Real images against diffusers (issue #25): FID against training wall clock, three contenders, one image folder.
+
+Contenders, each trained on DIR (32x32 RGB, transparency composited on white as resdiff's training does):
+    diffusers   diffusers' unconditional example (examples/unconditional_image_generation/train_unconditional.py)
+                as a plain loop: UNet2DModel, DDPMScheduler (linear, 1000 steps), epsilon MSE, AdamW 1e-4
+                (betas 0.95/0.999, weight decay 1e-6), cosine LR with 500 warm-up steps over the example's
+                100 epochs, EMAModel (inv_gamma 1, power 3/4, max 0.9999), grad clip 1, batch 16, random flips
+    ddpm        resdiff's Trainer at the DDPM paper's recipe (epsilon, linear betas, lr 2e-4, EMA 0.999 for
+                short runs, as bench/learning.py), on the U-Net that `python train.py --data DIR` trains
+    defaults    exactly what `python train.py --data DIR` runs (configs/demo.yaml), continued past its 600 steps
+                (its LR schedule is constant after warm-up, so a longer run is the same recipe)
+Each trains until the clock reaches each budget (minutes of training: the steps, data included), then
+checkpoints and is scored; scoring is not counted. Every score samples --fid-images images with DDIM-50
+(resdiff's ImageGenerator: the same per-image noise for every model) and computes FID with the 2015 Inception
+network against the whole folder (its statistics are cached after the first time).
+Then the sampler sweep: FID of the last model of each resdiff contender at 10, 20 and 50 model evaluations
+(NFE) for every sampler in resdiff.choices.SAMPLERS (a second-order sampler runs fewer steps for the same NFE).
+
+Resumable: every result goes into OUT/results.json as soon as it exists and is skipped when present, and a
+contender killed mid-way continues from its checkpoint at the last budget it reached.
+
+    python bench/contenders.py --data data/openmoji --out bench/results/contenders-openmoji   # 5/10/20/40 min
+    python bench/contenders.py --data /tmp/small --budgets 0.3 0.6 --fid-images 64 --threads 1 --out /tmp/c
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import machine, table  # noqa: E402
+
+CONTENDERS = ("diffusers", "ddpm", "defaults")
+DEMO = ROOT / "configs" / "demo.yaml"
+# resdiff at the DDPM paper's recipe: its objective, schedule and lr, with an EMA short runs can use.
+DDPM_RECIPE = ["diffusion.prediction_type=epsilon", "diffusion.beta_schedule=linear", "train.lr=2e-4",
+               "train.ema_decay=0.999"]
+# Both resdiff contenders run as train.py would, minus what the benchmark does itself: in-training FID,
+# and the 600-step stop (budgets end the runs). Checkpoints are the benchmark's, one kept.
+RESDIFF_COMMON = ["train.eval_every=0", "train.steps=1000000000", "train.keep_checkpoints=1"]
+# diffusers' contender: the example's UNet2DModel (diffusers' blocks and default norm groups, self-attention in one
+# low-resolution block) at the size of resdiff's tiny preset: its widths, levels and one ResNet layer per block
+# (1,113,955 parameters against the tiny preset's 1,192,387; the example's two layers per block would be 1,624,323).
+DIFFUSERS_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+EXAMPLE = dict(lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8, warmup=500, epochs=100, batch=16,
+               ema_max=0.9999, ema_inv_gamma=1.0, ema_power=0.75, clip=1.0)
+NFES = (10, 20, 50)
+GRID_IMAGES = 64
+
+
+@dataclass
+class Progress:
+    """Where a contender's training stands: its clock (training seconds only), optimizer steps and images."""
+
+    seconds: float = 0.0
+    steps: int = 0
+    images: int = 0
+
+
+def budget_key(contender: str, minutes: float) -> str:
+    return f"{contender}@{minutes:g}min"
+
+
+def pending(results: dict, contender: str, budgets: list[float]) -> list[float]:
+    """The budgets of ``contender`` without a result yet, in increasing order."""
+    return [b for b in sorted(budgets) if budget_key(contender, b) not in results.get("budgets", {})]
+
+
+def steps_for_nfe(sampler: str, nfe: int, train_config: dict) -> tuple[int, int]:
+    """(steps, model evaluations): the most steps of ``sampler`` whose model evaluations stay within ``nfe``.
+
+    The sampling loop calls the model once per scheduler timestep, so a second-order sampler (Heun:
+    2 * steps - 1 timesteps) gets about half the steps of a first-order one at the same NFE."""
+    from resdiff.diffusion import make_sampler
+
+    best = (0, 0)
+    for steps in range(1, nfe + 1):
+        scheduler, _ = make_sampler(sampler, train_config)
+        scheduler.set_timesteps(steps)
+        evaluations = len(scheduler.timesteps)
+        if evaluations <= nfe:
+            best = (steps, evaluations)
+    return best
+
+
+def parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------- the contenders
+
+
+class ResdiffContender:
+    """resdiff's own Trainer (built by build_trainer from configs/demo.yaml plus ``overrides``), stepped by the
+    benchmark's clock: each step is Trainer.train_step, the step train.py runs."""
+
+    def __init__(self, name: str, data: Path, run_dir: Path, overrides: list[str], seed: int):
+        from resdiff.build import build_trainer, model_keys
+        from resdiff.config import load_config
+
+        self.name, self.run_dir, self.clock_file = name, run_dir, run_dir / "bench-clock.json"
+        self.overrides = [f"data.path={data}", f"out={run_dir}", f"train.seed={seed}", *RESDIFF_COMMON, *overrides]
+        cfg = load_config(DEMO, self.overrides, model_keys=model_keys())
+        self.trainer = build_trainer(cfg, resume="auto", echo=print)
+        if self.trainer.step and self._clock().get(str(self.trainer.step)) is None:  # no clock for its checkpoint
+            self.trainer.close()
+            self.clock_file.unlink(missing_ok=True)
+            self.trainer = build_trainer(cfg, resume="auto", start_over=True, echo=print)
+        self.batch = cfg.train.batch_size
+        self.data = iter(self.trainer.batches)
+        self.trainer.model.train()
+
+    def _clock(self) -> dict:
+        """{step: Progress fields} of every checkpoint the benchmark saved in this run."""
+        return json.loads(self.clock_file.read_text()) if self.clock_file.is_file() else {}
+
+    def restore(self) -> Progress:
+        return Progress(**self._clock()[str(self.trainer.step)]) if self.trainer.step else Progress()
+
+    def step(self) -> int:
+        images, labels = next(self.data)
+        self.trainer.train_step(images, labels)
+        self.trainer.step += 1
+        return len(images)
+
+    def save(self, progress: Progress) -> None:
+        """The clock at this step first, then the checkpoint (a checkpoint without its clock is never left)."""
+        self.clock_file.write_text(json.dumps({**self._clock(), str(progress.steps): asdict(progress)}))
+        self.trainer.save_checkpoint()
+
+    def ema_model(self) -> torch.nn.Module:
+        return self.trainer.ema.model
+
+    def scheduler_config(self) -> dict:
+        return dict(self.trainer.diffusion.scheduler.config)
+
+    def describe(self) -> dict:
+        return {"parameters": parameters(self.trainer.ema.model), "batch": self.batch, "recipe": self.overrides[3:],
+                "config": str(DEMO.relative_to(ROOT))}
+
+    def close(self) -> None:
+        self.trainer.close()
+
+
+class DiffusersContender:
+    """diffusers' unconditional training example as a plain loop (its defaults, batch 16), on images prepared as
+    resdiff prepares them. Shuffled epochs and random flips as its DataLoader and transforms give them."""
+
+    def __init__(self, name: str, data: Path, run_dir: Path, seed: int):
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler, UNet2DModel
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        from resdiff.metrics import load_images
+
+        e = EXAMPLE
+        self.name, self.file = name, run_dir / "checkpoint.pt"
+        self.images = load_images(data, 32, 3)  # uint8 (N, 3, 32, 32), composited on white
+        self.per_epoch = math.ceil(len(self.images) / e["batch"])
+        torch.manual_seed(seed)
+        model = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, **DIFFUSERS_UNET)
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=e["lr"], betas=e["betas"], weight_decay=e["weight_decay"],
+                                      eps=e["eps"])
+        lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=e["warmup"],
+                                     num_training_steps=self.per_epoch * e["epochs"])
+        self.ema = EMAModel(model.parameters(), decay=e["ema_max"], use_ema_warmup=True, inv_gamma=e["ema_inv_gamma"],
+                            power=e["ema_power"], model_cls=UNet2DModel, model_config=model.config)
+        self.averaged = copy.deepcopy(model).eval().requires_grad_(False)  # the EMA weights, for sampling
+        self.acc = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+        self.model, self.optimizer, self.lr_scheduler = self.acc.prepare(model, optimizer, lr_scheduler)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.epoch, self.position, self.order = 0, 0, torch.randperm(len(self.images), generator=self.generator)
+
+    def _batch(self) -> torch.Tensor:
+        """The next batch of the shuffled epoch (the last one of an epoch may be smaller), flipped at random."""
+        if self.position >= len(self.order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self.order = torch.randperm(len(self.images), generator=self.generator)
+        idx = self.order[self.position:self.position + EXAMPLE["batch"]]
+        self.position += len(idx)
+        x = self.images[idx]
+        flip = torch.rand(len(x), generator=self.generator) < 0.5
+        x[flip] = x[flip].flip(-1)
+        return x.float() / 127.5 - 1  # the example's Normalize([0.5], [0.5]) of ToTensor's [0, 1]
+
+    def step(self) -> int:
+        """One step of the example: noise, a random timestep per image, epsilon MSE, clip, AdamW, LR, EMA."""
+        import torch.nn.functional as F
+
+        clean = self._batch().to(self.acc.device)
+        noise = torch.randn(clean.shape, device=clean.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(clean),), device=clean.device)
+        noisy = self.noise_scheduler.add_noise(clean, noise, t)
+        with self.acc.accumulate(self.model):
+            loss = F.mse_loss(self.model(noisy, t).sample.float(), noise.float())
+            self.acc.backward(loss)
+            if self.acc.sync_gradients:
+                self.acc.clip_grad_norm_(self.model.parameters(), EXAMPLE["clip"])
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad()
+        if self.acc.sync_gradients:
+            self.ema.step(self.model.parameters())
+        return len(clean)
+
+    def save(self, progress: Progress) -> None:
+        """Everything a restart needs, in one file written whole (tensors, numbers and lists: weights_only loads it)."""
+        state = {"model": self.acc.unwrap_model(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "ema": self.ema.state_dict(), "epoch": self.epoch,
+                 "position": self.position, "order": self.order, "generator": self.generator.get_state(),
+                 "rng": torch.get_rng_state(), "progress": asdict(progress)}
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.file)
+
+    def restore(self) -> Progress:
+        if not self.file.is_file():
+            return Progress()
+        state = torch.load(self.file, weights_only=True)
+        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.ema.load_state_dict(state["ema"])
+        self.epoch, self.position, self.order = state["epoch"], state["position"], state["order"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        return Progress(**state["progress"])
+
+    def ema_model(self) -> torch.nn.Module:
+        self.ema.copy_to(self.averaged.parameters())
+        return self.averaged
+
+    def scheduler_config(self) -> dict:
+        return dict(self.noise_scheduler.config)
+
+    def describe(self) -> dict:
+        e = EXAMPLE
+        return {"parameters": parameters(self.averaged), "batch": e["batch"], "unet": {k: list(v) if isinstance(v, tuple)
+                else v for k, v in DIFFUSERS_UNET.items()}, "recipe": {k: list(v) if isinstance(v, tuple) else v
+                for k, v in e.items()}, "cosine_steps": self.per_epoch * e["epochs"]}
+
+    def close(self) -> None:
+        pass
+
+
+def make_contender(name: str, data: Path, out: Path, seed: int):
+    run_dir = out / "runs" / name
+    if name == "diffusers":
+        return DiffusersContender(name, data, run_dir, seed)
+    return ResdiffContender(name, data, run_dir, DDPM_RECIPE if name == "ddpm" else [], seed)
+
+
+# ----------------------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """FID of n samples of a model against the whole folder: the 2015 Inception network, reference cached."""
+
+    def __init__(self, data: Path, n: int, batch_size: int, seed: int):
+        from resdiff.inception import load_inception
+        from resdiff.metrics import reference_features
+
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.net = load_inception(device="cpu")
+        self.reference = reference_features(data, self.net, 32, 3, batch_size=batch_size, log=print)[1]
+
+    def __call__(self, model: torch.nn.Module | str, scheduler_config: dict | None, sampler: str = "ddim",
+                 steps: int = 50) -> tuple[float, torch.Tensor]:
+        """(FID, the uint8 samples) of ``model`` (in memory with its training scheduler config, or a folder)."""
+        from resdiff.metrics import FeatureStats, extract_features, fid_from_stats
+        from resdiff.sampling import ImageGenerator, SamplingSettings
+
+        settings = SamplingSettings(sampler=sampler, steps=steps, seed=self.seed, batch_size=self.batch_size, device="cpu")
+        images = ImageGenerator(model, settings, scheduler_config).images(range(self.n), progress=True)
+        features = extract_features(images, self.net, batch_size=self.batch_size, device="cpu", channels_last=True)
+        return fid_from_stats(FeatureStats().update(features), self.reference), images
+
+
+def save_grid(images: torch.Tensor, path: Path) -> str:
+    from resdiff.images import make_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images[:GRID_IMAGES]).save(path)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------ the runs
+
+
+class Results:
+    """OUT/results.json, rewritten whole after every new figure so that a killed run loses none."""
+
+    def __init__(self, out: Path, header: dict):
+        self.file = out / "results.json"
+        self.data = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        for key, value in header.items():
+            if self.data.get(key, value) != value:  # figures of another n or set must never share a table
+                raise SystemExit(f"{self.file} holds results for {key}={self.data[key]}, not {value}; "
+                                 f"pass the same settings to continue it, or another --out")
+        self.data.update(header)
+        self.data.setdefault("contenders", {})
+        self.data.setdefault("budgets", {})
+        self.data.setdefault("sweep", {})
+
+    def put(self, section: str, key: str, value: dict) -> None:
+        self.data[section][key] = value
+        out = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), **self.data}
+        tmp = self.file.with_suffix(".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(out, indent=1))
+        tmp.replace(self.file)
+
+
+def train_to(contender, progress: Progress, seconds: float) -> Progress:
+    """Step ``contender`` until its training clock reaches ``seconds``; only the steps count."""
+    bar = tqdm(total=round(seconds), initial=min(round(progress.seconds), round(seconds)), unit="s",
+               desc=f"train {contender.name}", dynamic_ncols=True)
+    while progress.seconds < seconds:
+        start = time.perf_counter()
+        images = contender.step()
+        progress.seconds += time.perf_counter() - start
+        progress.steps += 1
+        progress.images += images
+        bar.n = min(round(progress.seconds), round(seconds))
+        bar.set_postfix(steps=progress.steps, refresh=False)
+        bar.update(0)
+    bar.close()
+    return progress
+
+
+def run_contender(name: str, args: argparse.Namespace, results: Results, scorer: Scorer) -> None:
+    """Train ``name`` through every budget without a result, scoring (DDIM-50) and checkpointing at each."""
+    todo = pending(results.data, name, args.budgets)
+    if not todo:
+        print(f"{name}: every budget has its result; skipped")
+        return
+    contender = make_contender(name, args.data, args.out, args.seed)
+    try:
+        results.put("contenders", name, contender.describe())
+        progress = contender.restore()
+        for minutes in todo:
+            if progress.seconds < minutes * 60:
+                progress = train_to(contender, progress, minutes * 60)
+                contender.save(progress)
+            fid, images = scorer(contender.ema_model(), contender.scheduler_config())
+            key = budget_key(name, minutes)
+            row = {"contender": name, "budget_min": minutes, "fid": round(fid, 2), "train_s": round(progress.seconds, 1),
+                   "steps": progress.steps, "images": progress.images,
+                   "images_per_s": round(progress.images / max(progress.seconds, 1e-9), 1),
+                   "grid": save_grid(images, args.out / "grids" / f"{key}.png")}
+            results.put("budgets", key, row)
+            print(json.dumps(row), flush=True)
+    finally:
+        contender.close()
+
+
+def run_sweep(name: str, args: argparse.Namespace, results: Results, scorer: Scorer) -> None:
+    """FID of ``name``'s last model (its run directory's export) for every resdiff sampler at each NFE."""
+    from resdiff.choices import SAMPLERS
+    from resdiff.model_folder import load_model
+
+    model_dir = args.out / "runs" / name / "model"
+    last = budget_key(name, max(args.budgets))
+    if last not in results.data["budgets"] or not model_dir.is_dir():
+        print(f"sweep: {name} has no model at its last budget yet; skipped")
+        return
+    model, scheduler_config = load_model(model_dir, torch.device("cpu"))
+    for sampler in SAMPLERS:
+        for nfe in args.nfe:
+            key = f"{last}/{sampler}@{nfe}"  # the model of the largest budget: a longer run is swept anew
+            if key in results.data["sweep"]:
+                continue
+            steps, evaluations = steps_for_nfe(sampler, nfe, scheduler_config)
+            fid, _ = scorer(model, scheduler_config, sampler, steps)
+            row = {"contender": name, "budget_min": max(args.budgets), "sampler": sampler, "nfe": evaluations,
+                   "steps": steps, "fid": round(fid, 2)}
+            results.put("sweep", key, row)
+            print(json.dumps(row), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+COLOURS = {"diffusers": (200, 40, 40), "ddpm": (40, 90, 200), "defaults": (30, 150, 60)}
+
+
+def budget_table(results: dict, contenders: list[str]) -> str:
+    """Markdown: one row per budget, FID and training images/s of each contender."""
+    rows = list(results["budgets"].values())
+    budgets = sorted({r["budget_min"] for r in rows})
+    by = {(r["contender"], r["budget_min"]): r for r in rows}
+    head = ["budget (min)", *(f"FID {c}" for c in contenders), *(f"img/s {c}" for c in contenders)]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---:"] * len(head)) + " |"]
+    for b in budgets:
+        cells = [f"{b:g}", *(str(by[(c, b)]["fid"]) if (c, b) in by else "" for c in contenders),
+                 *(str(by[(c, b)]["images_per_s"]) if (c, b) in by else "" for c in contenders)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: dict) -> str:
+    rows = sorted(results["sweep"].values(), key=lambda r: (r["contender"], r["sampler"], r["nfe"]))
+    return table(rows, ["contender", "sampler", "nfe", "steps", "fid"]) if rows else "(no sweep yet)"
+
+
+def fid_picture(results: dict, path: Path) -> Path:
+    """FID against training minutes, one line per contender, drawn with Pillow (as resdiff's quality.png is;
+    its single-series panel does not fit several contenders on one scale)."""
+    from PIL import Image, ImageDraw
+
+    rows = list(results["budgets"].values())
+    image = Image.new("RGB", (720, 440), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 60, 40, 600, 390
+    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+    draw.text((left, 12), f"FID@{results.get('fid_images', '?')} (DDIM-50) against training minutes; lower is better",
+              fill=(0, 0, 0))
+    if rows:
+        x_hi = max(r["budget_min"] for r in rows)
+        y_lo, y_hi = min(r["fid"] for r in rows), max(r["fid"] for r in rows)
+        span = (y_hi - y_lo) or 1.0
+        at = lambda m, f: (left + 8 + (right - left - 16) * m / x_hi, bottom - 8 - (bottom - top - 16) * (f - y_lo) / span)  # noqa: E731
+        draw.text((left - 50, top), f"{y_hi:.4g}", fill=(90, 90, 90))
+        draw.text((left - 50, bottom - 12), f"{y_lo:.4g}", fill=(90, 90, 90))
+        draw.text((left, bottom + 6), "0 min", fill=(90, 90, 90))
+        draw.text((right - 50, bottom + 6), f"{x_hi:g} min", fill=(90, 90, 90))
+        for k, name in enumerate(sorted({r["contender"] for r in rows})):
+            colour = COLOURS.get(name, (0, 0, 0))
+            xy = [at(r["budget_min"], r["fid"]) for r in sorted(rows, key=lambda r: r["budget_min"]) if r["contender"] == name]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for x, y in xy:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+            draw.text((right + 12, top + 16 * k), name, fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def report(results: Results, contenders: list[str], out: Path) -> None:
+    budgets, sweep = budget_table(results.data, contenders), sweep_table(results.data)
+    picture = fid_picture(results.data, out / "fid_vs_time.png")
+    (out / "table.md").write_text(f"{budgets}\n\nSampler sweep (last model of each resdiff contender):\n\n{sweep}\n")
+    print(f"machine: {machine()}\n{budgets}\n\n{sweep}\nwrote {results.file}, {out / 'table.md'}, {picture}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="image folder (one set per invocation)")
+    p.add_argument("--out", type=Path, help="output folder (default bench/results/contenders-<data folder name>)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 20, 40], help="minutes of training")
+    p.add_argument("--fid-images", type=int, default=1000, help="samples per FID, equal for every contender")
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--nfe", type=int, nargs="*", default=list(NFES), help="model evaluations of the sampler sweep")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    p.add_argument("--batch-size", type=int, default=100, help="sampling and Inception batch")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out = args.out or ROOT / "bench" / "results" / f"contenders-{args.data.resolve().name}"
+    results = Results(args.out, {"data": str(args.data.resolve()), "fid_images": args.fid_images, "sampler": "ddim", "steps": 50})
+    print(f"machine: {machine()}; data {args.data}; budgets {args.budgets} min; FID@{args.fid_images}", flush=True)
+    scorer = Scorer(args.data, args.fid_images, args.batch_size, args.seed)
+    for name in args.contenders:
+        run_contender(name, args, results, scorer)
+    for name in [c for c in args.contenders if c != "diffusers"]:
+        run_sweep(name, args, results, scorer)
+    report(results, args.contenders, args.out)
+
+
+if __name__ == "__main__":
+    main()
