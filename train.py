@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from resdiff.errors import ArgumentParser, run_cli
-from resdiff.hardware import MIXED_PRECISIONS
+from resdiff.choices import PRECISIONS  # torch-free: --help and flag errors answer without importing torch
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="total optimizer steps of the run (a resumed run continues up to it)")
     p.add_argument("--batch-size", type=int, help="global batch size, over all processes and accumulation steps")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--mixed-precision", choices=list(MIXED_PRECISIONS), help="autocast precision (bf16 works on CPUs too)")
+    p.add_argument("--mixed-precision", choices=list(PRECISIONS), help="autocast precision (bf16 works on CPUs too)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint in the run directory, if any), never, or a checkpoint folder")
     p.add_argument("--resume-anyway", action="store_true",
