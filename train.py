@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from resdiff.choices import PRECISIONS
 from resdiff.errors import ArgumentParser, run_cli
-from resdiff.choices import PRECISIONS  # torch-free: --help and flag errors answer without importing torch
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
