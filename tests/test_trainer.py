@@ -514,6 +514,25 @@ def test_no_flag_is_a_prefix_of_a_launcher_option():
         assert args.training_script_args == [flag, "1"], flag
 
 
+def test_train_py_help_and_flag_errors_answer_without_importing_torch():
+    """`python train.py --help` (and a mistyped flag) answer at once: only a run imports torch, diffusers and
+    accelerate, which costs seconds on a small CPU (and in every test that starts train.py)."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['train.py', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_path('train.py', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    heavy = sorted(m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules)\n"
+        "    print('exit', stop.code, 'heavy', heavy)\n"
+    )
+    for argv, status in ((["--help"], 0), (["--mixed-precision", "fp8"], 2)):
+        done = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert f"exit {status} heavy []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "--mixed-precision" in done.stderr and "fp16" in done.stderr and "bf16" in done.stderr, done.stderr  # the choices
+
+
 def test_overrides_may_come_anywhere_among_the_flags():
     args = cli.parse_args(["model.channels=16", "--steps", "3", "train.lr=1e-3", "--out", "x", "data.image_size=16"])
     assert args.overrides == ["model.channels=16", "train.lr=1e-3", "data.image_size=16"]
