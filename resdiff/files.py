@@ -18,7 +18,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Callable
 
 from safetensors import SafetensorError
 
@@ -27,7 +27,7 @@ from .errors import one_line
 __all__ = [
     "cache_root", "WRITE_ERRORS", "write_problem", "human_size", "temporary", "replaced", "write_atomic", "replace_folder",
     "fsync_tree", "leftovers", "CHECKSUMS", "file_digest", "write_checksums", "checksum_problem",
-    "read_checksums", "checked_bytes",
+    "read_checksums",
 ]
 
 CHECKSUMS = "SHA256SUMS"  # the name coreutils' sha256sum -c expects by habit
@@ -145,31 +145,14 @@ def read_checksums(folder: Path) -> tuple[dict[str, str], str | None]:
     return {name: digest for digest, name in entries}, None
 
 
-def checked_bytes(folder: Path, name: str, sums: dict[str, str]) -> bytes:
-    """The content of ``folder/name``, read once and checked against its SHA-256 in ``sums`` (``read_checksums``)
-    where it is listed there: a loader then parses these bytes instead of reading the file a second time. A
-    missing or changed file is a ValueError that says so, as ``checksum_problem`` words it."""
-    path = folder / name
-    if name in sums and not path.is_file():
-        raise ValueError(f"{name} is missing (listed in {CHECKSUMS})")
-    data = path.read_bytes()
-    if name in sums and hashlib.sha256(data).hexdigest() != sums[name]:
-        raise ValueError(f"{name} does not match its SHA-256 in {CHECKSUMS}: the file is damaged")
-    return data
-
-
-def checksum_problem(folder: Path, checked: Collection[str] = (), sums: dict[str, str] | None = None) -> str | None:
+def checksum_problem(folder: Path) -> str | None:
     """The first file of ``folder`` that does not match ``folder/SHA256SUMS`` (``"model.safetensors does not
     match its SHA-256 in SHA256SUMS: the file is damaged"``), or None when all match or the folder has no sums
-    (written before resdiff kept them, or by another tool). ``checked``: names already read with
-    ``checked_bytes``, not read again; ``sums``: the folder's ``read_checksums``, when the caller has them."""
-    if sums is None:
-        sums, problem = read_checksums(folder)
-        if problem:
-            return problem
+    (written before resdiff kept them, or by another tool)."""
+    sums, problem = read_checksums(folder)
+    if problem:
+        return problem
     for name, digest in sums.items():
-        if name in checked:
-            continue
         path = folder / name
         if not path.is_file():
             return f"{name} is missing (listed in {CHECKSUMS})"
