@@ -165,7 +165,7 @@ class DiffusersContender:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        from resdiff.metrics import load_images
+        from resdiff.reference import load_images
 
         e = EXAMPLE
         self.name, self.file = name, run_dir / "checkpoint.pt"
@@ -274,7 +274,7 @@ class Scorer:
 
     def __init__(self, data: Path, n: int, batch_size: int, seed: int):
         from resdiff.inception import load_inception
-        from resdiff.metrics import reference_features
+        from resdiff.reference import reference_features
 
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.net = load_inception(device="cpu")
@@ -283,7 +283,8 @@ class Scorer:
     def __call__(self, model: torch.nn.Module | str, scheduler_config: dict | None, sampler: str = "ddim",
                  steps: int = 50) -> tuple[float, torch.Tensor]:
         """(FID, the uint8 samples) of ``model`` (in memory with its training scheduler config, or a folder)."""
-        from resdiff.metrics import FeatureStats, extract_features, fid_from_stats
+        from resdiff.features import FeatureStats, extract_features
+        from resdiff.metrics import fid_from_stats
         from resdiff.sampling import ImageGenerator, SamplingSettings
 
         settings = SamplingSettings(sampler=sampler, steps=steps, seed=self.seed, batch_size=self.batch_size, device="cpu")
