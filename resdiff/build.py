@@ -415,11 +415,16 @@ def _summary(
         f"  batch:     {t.batch_size} global = {micro} per process x {world} process(es) x {t.grad_accum} accumulation",
         f"  world:     {world} process(es), device {acc.device}, precision {t.mixed_precision}",
         *([f"  memory:    {_malloc_mode()}"] if acc.device.type == "cpu" else []),
-        f"  steps:     {trainer.step} -> {t.steps}, lr {t.lr:g}, EMA {t.ema_decay}",
+        f"  steps:     {trainer.step} -> {t.steps}, lr {t.lr:g}, EMA {_ema(t)}",
         f"  eval:      {evaluation}",
         f"  run dir:   {cfg.out} ({f'resumed from {resumed} (step {trainer.step})' if resumed else 'new run'})",
         *([warning] if warning else []),
     ])
+
+
+def _ema(t) -> str:
+    """The EMA as the summary names it: a fixed decay, or EDM2's power function by its relative width."""
+    return f"{t.ema_decay}" if t.ema_sigma_rel is None else f"power function, sigma_rel {t.ema_sigma_rel:g}"
 
 
 def _malloc_mode() -> str:

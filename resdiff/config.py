@@ -66,6 +66,7 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
+    ema_sigma_rel: float | None = None  # EDM2's power-function EMA of this relative width instead of ema_decay
     mixed_precision: str = "no"  # one of resdiff.choices.PRECISIONS: no | fp16 | bf16
     seed: int = 0
     log_every: int = 50
@@ -90,7 +91,7 @@ class TrainConfig:
 class Config:
     """A whole training run. `model` holds {"preset": name, **UNet keyword overrides}."""
 
-    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    model: dict = field(default_factory=lambda: {"preset": "auto"})
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -129,6 +130,7 @@ _RULES = {
     "train.grad_clip": _POSITIVE,
     "train.grad_accum": _POSITIVE,
     "train.ema_decay": _FRACTION,
+    "train.ema_sigma_rel": (lambda v: 0 < v <= 0.28, "must be in (0, 0.28] (EDM2 uses 0.05 to 0.10)"),
     "train.seed": _NON_NEGATIVE,
     "train.log_every": _POSITIVE,
     "train.checkpoint_every": _POSITIVE,

@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "power_gamma"]
+
+
+def power_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of EDM2's power-function EMA whose averaging profile has relative width ``sigma_rel``.
+
+    Karras et al. 2024 (EDM2), eq. 3: sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)); the largest real
+    root of that cubic (sigma_rel 0.05 -> gamma 16.97, 0.10 -> 6.94)."""
+    if not 0 < sigma_rel < 0.29:  # at gamma -> -1 sigma_rel is 1/sqrt(12) = 0.289; wider has no root
+        raise ValueError(f"sigma_rel {sigma_rel} must be in (0, 0.28]")
+    s2 = sigma_rel * sigma_rel
+    # s2 (g + 2)^2 (g + 3) - (g + 1) = s2 g^3 + 7 s2 g^2 + (16 s2 - 1) g + (12 s2 - 1)
+    roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
 
 
 class EMA:
@@ -21,17 +35,24 @@ class EMA:
     The decay is ``decay``, or with ``warmup`` ``min(decay, (1 + n) / (10 + n))`` after n updates, so the
     average does not stay stuck near the random initial weights in a short run. The first update copies.
     (The same schedule as diffusers' ``EMAModel(decay, min_decay=0)``, whose counter this ``updates`` is.)
+
+    With ``sigma_rel`` the average is EDM2's power-function EMA instead (Karras et al. 2024, eq. 2): the t-th
+    update decays by ``(1 - 1/t)^(gamma + 1)``, which weights step s by s^gamma, so the average always spans the
+    same fraction of the run, however long it grows; ``decay`` and ``warmup`` are then unused.
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, sigma_rel: float | None = None):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.gamma = None if sigma_rel is None else power_gamma(sigma_rel)
 
     def current_decay(self) -> float:
         """The decay the next ``update`` applies."""
         n = self.updates  # how many updates came before the next one
         if n == 0:
             return 0.0
+        if self.gamma is not None:
+            return (1 - 1 / (n + 1)) ** (self.gamma + 1)
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()

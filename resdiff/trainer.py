@@ -75,7 +75,8 @@ class Trainer:
         if acc.device.type == "cpu":
             reuse_freed_memory()  # no page faults re-allocating each step's activations
         self.null_label = getattr(model.config, "num_classes", None) or None
-        self.ema = EMA(model, t.ema_decay, warmup=t.ema_warmup).to(acc.device)  # before any layout change or compile
+        self.ema = EMA(model, t.ema_decay, warmup=t.ema_warmup,  # before any layout change or compile
+                       sigma_rel=t.ema_sigma_rel).to(acc.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if t.compile:

@@ -47,3 +47,32 @@ def test_ema_load_resumes_weights_and_count():
     ema.load(weights, updates=41)
     assert ema.updates == 41 and torch.equal(ema.model.weight, torch.ones(2, 2))
     assert ema.current_decay() == pytest.approx(42 / 51)  # warm-up: (1 + n) / (10 + n)
+
+
+def test_power_gamma_gives_edm2s_exponents_and_refuses_widths_without_one():
+    from resdiff.ema import power_gamma
+
+    assert power_gamma(0.05) == pytest.approx(16.97, abs=0.01)  # EDM2's table: sigma_rel 0.05 -> gamma 16.97
+    assert power_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    with pytest.raises(ValueError, match="sigma_rel"):
+        power_gamma(0.3)
+
+
+def test_power_function_ema_weights_step_s_by_its_share_of_s_to_the_gamma_plus_one():
+    """EDM2's power EMA after t updates is sum_s (s^(g+1) - (s-1)^(g+1)) / t^(g+1) * w_s: the average of the
+    whole run with weight rising as s^g, not a window of fixed length."""
+    from resdiff.ema import power_gamma
+
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5, warmup=True, sigma_rel=0.1)  # decay and warmup are unused
+    g, seen = power_gamma(0.1), []
+    for _ in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        seen.append(model.weight.detach().clone())
+        ema.update(model)
+    t = len(seen)
+    expected = sum((s ** (g + 1) - (s - 1) ** (g + 1)) / t ** (g + 1) * w for s, w in enumerate(seen, 1))
+    torch.testing.assert_close(ema.model.weight, expected, rtol=0, atol=1e-5)
