@@ -20,7 +20,7 @@ from torch import nn
 
 from .nn import BLOCKS, RES_BLOCKS, Attention, Downsample, TimestepEmbedding, Upsample, group_norm
 
-__all__ = ["UNet", "UNetOutput", "PRESETS", "sample_shape"]
+__all__ = ["UNet", "UNetOutput", "PRESETS", "sample_shape", "sized_preset"]
 
 
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -245,8 +245,11 @@ class UNet(ModelMixin, ConfigMixin):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "UNet":
         """A named configuration (see PRESETS), with any constructor argument overridden."""
+        if name == "auto":
+            levels = len(overrides["channel_mult"]) if "channel_mult" in overrides else None
+            return cls(**{**sized_preset(overrides.get("sample_size", 32), levels), **overrides})
         if name not in PRESETS:
-            raise ValueError(f"unknown UNet preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise ValueError(f"unknown UNet preset {name!r}; choose one of {sorted([*PRESETS, 'auto'])}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
@@ -370,3 +373,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         dropout=0.1, flip_sin_to_cos=True, freq_shift=0,
     ),
 }
+
+
+def sized_preset(sample_size: int | Sequence[int], levels: int | None = None) -> dict[str, Any]:
+    """The "auto" preset, what train.py builds unless told otherwise: the tiny preset's blocks and widths with
+    as many levels as the image needs to come down to about 8 pixels (32 -> 3 levels, as tiny; 64 -> 4;
+    128 -> 5; 28 -> 2, as far as halving stays exact), attention at the lowest level and, from 64 pixels up,
+    at 16 too (as ADM's 64x64 models). ``levels`` given (a channel_mult of the user's) only places the attention.
+    The widths were chosen on real 32x32 images (bench/tuning.py)."""
+    hgt, wid = sample_shape(sample_size)
+    short = min(hgt, wid)
+    if levels is None:
+        levels = 1
+        while short // 2**levels >= 8 and hgt % 2**levels == 0 and wid % 2**levels == 0:
+            levels += 1
+    resolutions = level_resolutions(sample_size, levels)
+    attention = {resolutions[-1]} | ({16} if short >= 64 and 16 in resolutions else set())
+    return {**PRESETS["tiny"], "sample_size": sample_size, "channel_mult": (1,) + (2,) * (levels - 1),
+            "attention_resolutions": tuple(sorted(attention, reverse=True))}

@@ -43,7 +43,7 @@ def usage_error(*args, **kwargs) -> str:
 def test_defaults():
     cfg = load_config()
     assert cfg == Config()
-    assert cfg.model == {"preset": "tiny"}
+    assert cfg.model == {"preset": "auto"}
     assert cfg.data == DataConfig() and cfg.data.path is None and cfg.data.cache == "auto"
     assert cfg.diffusion == DiffusionConfig() and cfg.diffusion.beta_start == 1e-4
     assert cfg.train == TrainConfig() and cfg.train.adam_betas == (0.9, 0.999) and cfg.train.trackers == []
@@ -54,7 +54,7 @@ def test_defaults_are_not_shared_between_instances():
     a, b = Config(), Config()
     a.model["channels"] = 8
     a.train.trackers.append("wandb")
-    assert b.model == {"preset": "tiny"} and b.train.trackers == []
+    assert b.model == {"preset": "auto"} and b.train.trackers == []
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -68,7 +68,7 @@ def test_presets_follow_their_papers():
     names = {p.name for p in CONFIGS.glob("*.yaml")}
     assert names >= {"demo.yaml", "cifar10.yaml", "celebahq256.yaml", "folder64.yaml"}
     demo = load_config(CONFIGS / "demo.yaml", model_keys=MODEL_KEYS)
-    assert demo.model["preset"] == "tiny" and demo.data.path is None and demo.data.num_workers == "auto"
+    assert demo.model["preset"] == "auto" and demo.data.path is None and demo.data.num_workers == "auto"
     assert demo.train.steps == 600 and demo.train.mixed_precision == "no"
 
     cifar = load_config(CONFIGS / "cifar10.yaml", model_keys=MODEL_KEYS)
@@ -98,7 +98,7 @@ def test_partial_yaml_keeps_the_other_defaults(tmp_path):
     cfg = load_config(path)
     assert cfg.train.steps == 10
     assert cfg.train.lr == TrainConfig().lr and cfg.data == DataConfig()
-    assert cfg.model == {"preset": "tiny", "channels": 32}
+    assert cfg.model == {"preset": "auto", "channels": 32}
     assert cfg.out == "runs/a"
 
 
@@ -130,6 +130,7 @@ def test_later_override_wins():
         ("train.lr=3", "train", "lr", 3.0),
         ("train.lr=0.5", "train", "lr", 0.5),
         ("train.ema_decay=0.999", "train", "ema_decay", 0.999),
+        ("train.ema_sigma_rel=0.1", "train", "ema_sigma_rel", 0.1),
         ("data.class_cond=true", "data", "class_cond", True),
         ("data.random_flip=false", "data", "random_flip", False),
         ("data.cache=false", "data", "cache", False),
@@ -282,6 +283,7 @@ def test_wrong_type_in_a_file_names_the_file(tmp_path):
         ("train.lr=0", "train.lr must be > 0, got 0.0"),
         ("train.ema_decay=1", "train.ema_decay must be in [0, 1), got 1.0"),
         ("train.ema_decay=-0.1", "train.ema_decay must be in [0, 1)"),
+        ("train.ema_sigma_rel=0.5", "train.ema_sigma_rel must be in (0, 0.28]"),
         ("diffusion.label_dropout=1.0", "diffusion.label_dropout must be in [0, 1)"),
         ("data.image_channels=2", "data.image_channels must be 1 (grayscale) or 3 (RGB), got 2"),
         ("data.cache=sometimes", "data.cache must be true, false or auto, got 'sometimes'"),
@@ -356,7 +358,7 @@ def test_model_preset_must_be_a_name():
 def test_to_dict_is_plain():
     d = Config().to_dict()
     assert d["train"]["adam_betas"] == [0.9, 0.999] and isinstance(d["train"]["adam_betas"], list)
-    assert d["model"] == {"preset": "tiny"} and d["out"] is None
+    assert d["model"] == {"preset": "auto"} and d["out"] is None
     assert set(d) == {"model", "data", "diffusion", "train", "out"}
 
 

@@ -1,6 +1,7 @@
 """The resdiff U-Net: shapes, presets, saving, diffusers pipelines, errors, gradients."""
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -11,6 +12,8 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 from resdiff import UNet
 from resdiff.nn import RES_BLOCKS, Attention, BottleneckResBlock, Downsample, ResBlock, Upsample
 from resdiff.unet import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -423,3 +426,34 @@ def test_grid_columns_follow_the_aspect_ratio():
     grid = make_grid(torch.zeros(16, 3, 32, 128, dtype=torch.uint8))  # 2 columns x 8 rows of 32x128
     assert grid.size == (2 + 2 * 130, 2 + 8 * 34)
     assert 0.5 < grid.size[0] / grid.size[1] < 2
+
+
+@pytest.mark.parametrize("size, levels, attention", [
+    (32, 3, (8,)), (64, 4, (16, 8)), (128, 5, (16, 8)), (28, 2, (14,)), ((64, 128), 4, (16, 8)), (16, 2, (8,)),
+])
+def test_auto_preset_lays_the_tiny_blocks_out_for_the_image_size(size, levels, attention):
+    """preset "auto" (train.py's default) halves down to about 8 pixels, exactly, with attention at the lowest
+    level and from 64 pixels up at 16 too; at 32x32 it is the tiny preset itself."""
+    unet = UNet.from_preset("auto", sample_size=size)
+    assert len(unet.config.channel_mult) == levels and tuple(unet.config.attention_resolutions) == attention
+    hgt, wid = (size, size) if isinstance(size, int) else size
+    assert unet(torch.randn(1, 3, hgt, wid), torch.tensor([10])).sample.shape == (1, 3, hgt, wid)
+    if size == 32:
+        tiny = UNet.from_preset("tiny")
+        assert dict(unet.config) == dict(tiny.config)
+
+
+def test_train_py_defaults_build_a_model_for_any_image_size():
+    """configs/demo.yaml names no size-bound model: data.image_size=64 alone gives a 64x64 U-Net (the tiny preset
+    there would have no 8x8 level for its attention)."""
+    from resdiff.build import build_unet, model_keys
+    from resdiff.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["data.image_size=64"], model_keys=model_keys())
+    assert cfg.model["preset"] == "auto"
+    unet = build_unet(cfg, None)
+    assert unet.config.sample_size == 64 and tuple(unet.config.attention_resolutions) == (16, 8)
+    with pytest.raises(ValueError, match="not resolutions"):
+        UNet.from_preset("tiny", sample_size=64)
+    fewer = UNet.from_preset("auto", channel_mult=(1, 2))  # the user's levels: the attention follows them
+    assert tuple(fewer.config.attention_resolutions) == (16,)
