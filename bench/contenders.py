@@ -13,7 +13,7 @@ Each trains until the clock reaches each budget (minutes of training: the steps,
 checkpoints and is scored; scoring is not counted. Every score samples --fid-images images with DDIM-50
 (resdiff's ImageGenerator: the same per-image noise for every model) and computes FID with the 2015 Inception
 network against the whole folder (its statistics are cached after the first time).
-Then the sampler sweep: FID of the last model of each resdiff contender at 10, 20 and 50 model evaluations
+Then the sampler sweep: FID of the last model of the defaults (--sweep) at 10, 20 and 50 model evaluations
 (NFE) for every sampler in resdiff.choices.SAMPLERS (a second-order sampler runs fewer steps for the same NFE).
 
 Resumable: every result goes into OUT/results.json as soon as it exists and is skipped when present, and a
@@ -259,11 +259,21 @@ class DiffusersContender:
         pass
 
 
-def make_contender(name: str, data: Path, out: Path, seed: int):
+def recipes(variants: list[list[str]] | None) -> dict[str, list[str]]:
+    """{resdiff contender: its overrides of configs/demo.yaml}: ddpm, defaults, and each ``--variant NAME KEY=VALUE...``."""
+    out = {"ddpm": DDPM_RECIPE, "defaults": []}
+    for name, *overrides in variants or []:
+        if name in CONTENDERS or name in out:
+            raise SystemExit(f"--variant {name}: the name is taken; choose another")
+        out[name] = overrides
+    return out
+
+
+def make_contender(name: str, data: Path, out: Path, seed: int, overrides: list[str] | None):
     run_dir = out / "runs" / name
     if name == "diffusers":
         return DiffusersContender(name, data, run_dir, seed)
-    return ResdiffContender(name, data, run_dir, DDPM_RECIPE if name == "ddpm" else [], seed)
+    return ResdiffContender(name, data, run_dir, overrides or [], seed)
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -328,8 +338,20 @@ class Results:
         tmp.replace(self.file)
 
 
-def train_to(contender, progress: Progress, seconds: float) -> Progress:
-    """Step ``contender`` until its training clock reaches ``seconds``; only the steps count."""
+def train_to(contender, progress: Progress, seconds: float, flag: Path | None = None) -> Progress:
+    """Step ``contender`` until its training clock reaches ``seconds``; only the steps count. ``flag``, when given,
+    exists while the clock runs, so that other jobs on the machine can wait for it (scoring is not timed)."""
+    if flag:
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.touch()
+    try:
+        return _train_to(contender, progress, seconds)
+    finally:
+        if flag:
+            flag.unlink(missing_ok=True)
+
+
+def _train_to(contender, progress: Progress, seconds: float) -> Progress:
     bar = tqdm(total=round(seconds), initial=min(round(progress.seconds), round(seconds)), unit="s",
                desc=f"train {contender.name}", dynamic_ncols=True)
     while progress.seconds < seconds:
@@ -346,20 +368,20 @@ def train_to(contender, progress: Progress, seconds: float) -> Progress:
 
 
 def run_contender(name: str, args: argparse.Namespace, results: Results, scorer: Scorer) -> None:
-    """Train ``name`` through every budget without a result, scoring (DDIM-50) and checkpointing at each."""
+    """Train ``name`` through every budget without a result, scoring (DDIM-50 unless told) and checkpointing at each."""
     todo = pending(results.data, name, args.budgets)
     if not todo:
         print(f"{name}: every budget has its result; skipped")
         return
-    contender = make_contender(name, args.data, args.out, args.seed)
+    contender = make_contender(name, args.data, args.out, args.seed, recipes(args.variant).get(name))
     try:
         results.put("contenders", name, contender.describe())
         progress = contender.restore()
         for minutes in todo:
             if progress.seconds < minutes * 60:
-                progress = train_to(contender, progress, minutes * 60)
+                progress = train_to(contender, progress, minutes * 60, args.training_flag)
                 contender.save(progress)
-            fid, images = scorer(contender.ema_model(), contender.scheduler_config())
+            fid, images = scorer(contender.ema_model(), contender.scheduler_config(), args.sampler, args.steps)
             key = budget_key(name, minutes)
             row = {"contender": name, "budget_min": minutes, "fid": round(fid, 2), "train_s": round(progress.seconds, 1),
                    "steps": progress.steps, "images": progress.images,
@@ -429,7 +451,8 @@ def fid_picture(results: dict, path: Path) -> Path:
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 60, 40, 600, 390
     draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
-    draw.text((left, 12), f"FID@{results.get('fid_images', '?')} (DDIM-50) against training minutes; lower is better",
+    sampler = f"{results.get('sampler', 'ddim').upper()}-{results.get('steps', 50)}"
+    draw.text((left, 12), f"FID@{results.get('fid_images', '?')} ({sampler}) against training minutes; lower is better",
               fill=(0, 0, 0))
     if rows:
         x_hi = max(r["budget_min"] for r in rows)
@@ -456,7 +479,7 @@ def fid_picture(results: dict, path: Path) -> Path:
 def report(results: Results, contenders: list[str], out: Path) -> None:
     budgets, sweep = budget_table(results.data, contenders), sweep_table(results.data)
     picture = fid_picture(results.data, out / "fid_vs_time.png")
-    (out / "table.md").write_text(f"{budgets}\n\nSampler sweep (last model of each resdiff contender):\n\n{sweep}\n")
+    (out / "table.md").write_text(f"{budgets}\n\nSampler sweep (the last model of each swept contender):\n\n{sweep}\n")
     print(f"machine: {machine()}\n{budgets}\n\n{sweep}\nwrote {results.file}, {out / 'table.md'}, {picture}")
 
 
@@ -466,21 +489,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="output folder (default bench/results/contenders-<data folder name>)")
     p.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 20, 40], help="minutes of training")
     p.add_argument("--fid-images", type=int, default=1000, help="samples per FID, equal for every contender")
-    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS),
+                   help=f"which to run, of {', '.join(CONTENDERS)} and the --variant names (default: the first three)")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="one more resdiff contender: configs/demo.yaml with these overrides, e.g. "
+                        "--variant lr2e-3 train.lr=2e-3 (repeatable; the defaults' tuning runs)")
+    p.add_argument("--sampler", default="ddim", help="sampler of the budget scores (equal for every contender)")
+    p.add_argument("--steps", type=int, default=50, help="its steps")
+    p.add_argument("--training-flag", type=Path, help="a file that exists while a contender's training clock runs")
     p.add_argument("--nfe", type=int, nargs="*", default=list(NFES), help="model evaluations of the sampler sweep")
+    p.add_argument("--sweep", nargs="*", default=["defaults"], help="the resdiff contenders whose last model is swept")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     p.add_argument("--batch-size", type=int, default=100, help="sampling and Inception batch")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    known = [*CONTENDERS, *recipes(args.variant)]
+    if unknown := [c for c in args.contenders if c not in known]:
+        p.error(f"unknown contender {unknown[0]!r}; choose from {', '.join(dict.fromkeys(known))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or ROOT / "bench" / "results" / f"contenders-{args.data.resolve().name}"
-    results = Results(args.out, {"data": str(args.data.resolve()), "fid_images": args.fid_images, "sampler": "ddim", "steps": 50})
+    results = Results(args.out, {"data": str(args.data.resolve()), "fid_images": args.fid_images, "sampler": args.sampler,
+                                   "steps": args.steps})
     print(f"machine: {machine()}; data {args.data}; budgets {args.budgets} min; FID@{args.fid_images}", flush=True)
     scorer = Scorer(args.data, args.fid_images, args.batch_size, args.seed)
     for name in args.contenders:
         run_contender(name, args, results, scorer)
-    for name in [c for c in args.contenders if c != "diffusers"]:
+    for name in [c for c in args.sweep if c in args.contenders]:
         run_sweep(name, args, results, scorer)
     report(results, args.contenders, args.out)
 

@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,24 @@ def test_contenders_resume_skips_scored_budgets_and_counts_nfe_as_model_evaluati
     assert steps_for_nfe("ddim", 20, config) == (20, 20)
     assert steps_for_nfe("dpm++", 10, config) == (10, 10)
     assert steps_for_nfe("heun", 20, config) == (10, 19)  # 2 * steps - 1 evaluations
+
+
+def test_contenders_variants_and_tuning_runs_keep_the_base_then_one_change():
+    """bench/contenders.py --variant adds resdiff contenders (never under a taken name), and each bench/tuning.py
+    run passes the settings before tuning first and its one change last, so the change is what wins."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT))
+    from bench.contenders import recipes
+    from bench.tuning import BASE, command
+
+    assert recipes([["lr2e-3", "train.lr=2e-3"]])["lr2e-3"] == ["train.lr=2e-3"]
+    assert recipes(None)["defaults"] == [] and "ddpm" in recipes(None)
+    for taken in ("diffusers", "ddpm", "defaults"):
+        with pytest.raises(SystemExit, match="taken"):
+            recipes([[taken, "train.lr=1"]])
+    args = argparse.Namespace(data=Path("d"), out=Path("o"), minutes=8.0, fid_images=1000, sampler="dpm++", steps=20)
+    cmd = command(args, "lr2e-3")
+    variant = cmd[cmd.index("--variant") + 1:]
+    assert variant == ["lr2e-3", *BASE, "train.lr=2e-3"] and "train.lr=1e-3" in BASE
+    assert cmd[cmd.index("--budgets") + 1] == "8" and cmd[cmd.index("--threads") + 1] == "1"
