@@ -408,7 +408,7 @@ def _summary(
     hgt, wid = dataset.shape
     mode = "cached in memory" if dataset.cached and isinstance(dataset, ImageFolder) else dataset.mode
     return "\n".join([
-        f"resdiff: training a DDPM, {params / 1e6:.2f}M parameters ({cfg.model.get('preset', 'custom')})",
+        f"resdiff: training a DDPM, {params / 1e6:.2f}M parameters ({_layout(cfg, trainer.model)})",
         f"  data:      {data}: {len(dataset)} images{f', {skipped} skipped' if skipped else ''}{classes}",
         f"  images:    {hgt}x{wid}, {cfg.data.image_channels} channel(s), {mode}",
         f"  loader:    {workers} worker process(es) ({why})",
@@ -420,6 +420,17 @@ def _summary(
         f"  run dir:   {cfg.out} ({f'resumed from {resumed} (step {trainer.step})' if resumed else 'new run'})",
         *([warning] if warning else []),
     ])
+
+
+def _layout(cfg: Config, model: torch.nn.Module) -> str:
+    """The preset's name; for "auto" also what it chose for this image size."""
+    preset = cfg.model.get("preset", "custom")
+    c = getattr(model, "config", None)
+    if preset != "auto" or c is None:
+        return preset
+    widths = ", ".join(str(c.channels * m) for m in c.channel_mult)
+    attention = ", ".join(map(str, c.attention_resolutions)) or "none"
+    return f"auto: widths {widths}, attention at {attention}"
 
 
 def _ema(t) -> str:

@@ -112,7 +112,7 @@ def test_exported_model_loads_as_a_diffusers_pipeline(finished_run):
 def test_summary_lines(finished_run, pngs):
     run, printed = finished_run
     summary = printed[0].splitlines()
-    assert summary[0].startswith("resdiff: training a DDPM, 0.") and "M parameters (tiny)" in summary[0]
+    assert summary[0].startswith("resdiff: training a DDPM, 0.") and "M parameters (auto: widths 16, 32" in summary[0]
     assert f"{pngs}: 32 images" in printed[0]
     assert "8 global = 8 per process x 1 process(es) x 1 accumulation" in printed[0]
     assert "1 process(es), device cpu, precision no" in printed[0]
@@ -554,6 +554,7 @@ def test_default_run_directory_names(tmp_path, pngs, monkeypatch, capsys):
     assert (tmp_path / run / "model" / "model_index.json").is_file()
     summary = out.splitlines()
     assert summary[0].startswith("resdiff: training a DDPM") and "M parameters" in summary[0]
+    assert summary[0].endswith("(auto: widths 16, 32, attention at 8)")  # what preset auto chose for 16x16
     for line in (f"{pngs}: 32 images", "images:    16x16, 3 channel(s)", "8 global = 8 per process x 1 process(es)",
                  "world:     1 process(es), device cpu, precision no", "memory:    freed blocks kept for the next step", f"run dir:   {run} (new run)", "steps:     0 -> 1"):
         assert line in out, line
@@ -587,7 +588,8 @@ BAD = {  # name: (argv after --data/--out, what the message says)
     "unreadable images": (["--data", "{bad}/broken"], "no readable images in"),
     "unknown key": (["train.ema_decy=0.9"], "unknown config key 'train.ema_decy' (from override 'train.ema_decy=0.9'); did you mean 'train.ema_decay'?"),
     "batch not divisible": (["train.batch_size=10", "train.grad_accum=3"], "train.batch_size 10 does not divide into 1 processes x 3"),
-    "image size the U-Net can't halve": (["data.image_size=18"], "sample_size 18 is not divisible by 2**2 = 4"),
+    "image size the U-Net can't halve": (["data.image_size=18", "model.channel_mult=[1,2,2]"],
+                                         "sample_size 18 is not divisible by 2**2 = 4"),
     "model size contradicts data": (["model.sample_size=32"], "model.sample_size=32 contradicts data (16)"),
     "missing config file": (["--config", "{bad}/nope.yaml"], "config file '{bad}/nope.yaml' does not exist"),
     "resume changes the model": (["--out", "{run}", "model.channels=32"], "the config changes the model (model.channels: 16 -> 32)"),
