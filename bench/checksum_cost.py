@@ -34,7 +34,7 @@ from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
 from bench.common import interleaved, median, table, write_json  # noqa: E402
 from resdiff import UNet  # noqa: E402
 from resdiff.checkpoint import EMA, OPTIMIZER, STATE, TrainState  # noqa: E402
-from resdiff.files import CHECKSUMS, write_checksums  # noqa: E402
+from resdiff.files import CHECKSUMS, read_checksums, write_checksums  # noqa: E402
 from resdiff.rundir import RunDir  # noqa: E402
 
 
@@ -68,7 +68,8 @@ def load_read_once(path: Path) -> None:
     from safetensors.torch import load
 
     for folder in (path, path / EMA):
-        sums = dict(reversed(line.split("  ", 1)) for line in (folder / CHECKSUMS).read_text().splitlines())
+        sums, problem = read_checksums(folder)  # the one reader of SHA256SUMS
+        assert problem is None and sums, f"{folder}: {problem or 'no ' + CHECKSUMS}"
         for name, digest in sums.items():
             data = (folder / name).read_bytes()
             assert hashlib.sha256(data).hexdigest() == digest

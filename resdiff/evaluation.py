@@ -162,7 +162,6 @@ def sample_features(
     and "inception" (the features)."""
     mine = share(n)
     stats, features = FeatureStats(), []
-    seconds = {} if seconds is None else seconds
     bar = tqdm(total=len(mine), unit="img", disable=not progress, desc="samples -> features", leave=False)
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
@@ -181,8 +180,12 @@ def sample_features(
 
 
 @contextmanager
-def _timed(seconds: dict[str, float], part: str, device: torch.device):
-    """Add the wall time of the block to ``seconds[part]`` (after the device's queued work is done)."""
+def _timed(seconds: dict[str, float] | None, part: str, device: torch.device):
+    """Add the wall time of the block to ``seconds[part]`` (after the device's queued work is done). ``seconds``
+    None times nothing, so training's evaluations do not wait for the GPU after every batch."""
+    if seconds is None:
+        yield
+        return
     start = time.perf_counter()
     yield
     if device.type == "cuda":
@@ -299,6 +302,18 @@ def table(result: dict) -> str:
 # ----------------------------------------------------------------------------- during training
 
 
+def kid_figures(gen: torch.Tensor, ref: torch.Tensor, subsets: int, device: torch.device) -> dict[str, float]:
+    """``kid@n`` and ``kid_std@n`` of n generated features against the reference, subsets of up to 1000.
+
+    When a subset holds both sets whole (training's default: 64 samples against 64 reference images), every
+    subset is the same pair of sets: one is computed and no spread is reported, since it would be 0 by
+    construction rather than a measured uncertainty."""
+    n, size = len(gen), min(1000, len(gen), len(ref))
+    whole = size == len(gen) == len(ref)
+    mean, std = kid(gen, ref, subsets=1 if whole else subsets, subset_size=size, device=device, split=True)
+    return {f"kid@{n}": mean} if whole else {f"kid@{n}": mean, f"kid_std@{n}": std}
+
+
 class TrainingEvaluator:
     """FID and KID of ``num_images`` EMA samples against the training data, for ``train.eval_every``.
 
@@ -333,9 +348,7 @@ class TrainingEvaluator:
         ref_features, ref_stats = self.reference  # every process holds them (it extracted its share)
         figures = {f"fid@{n}": fid_from_stats(stats, ref_stats)}
         if ref_features is not None:  # each process computes its share of KID's subsets
-            mean, std = kid(gen, ref_features, subsets=self.kid_subsets, subset_size=min(1000, n, len(ref_features)),
-                            device=self.device, split=True)
-            figures.update({f"kid@{n}": mean, f"kid_std@{n}": std})
+            figures.update(kid_figures(gen, ref_features, self.kid_subsets, self.device))
         if self.picture is not None and rank_world()[0] == 0:
             records = _read_records(self.picture.parent / LOG)
             step = max((int(r["step"]) for r in records if "step" in r), default=0)

@@ -327,3 +327,17 @@ def test_non_square_samples_are_scored_at_their_own_shape(data, weights, capsys,
     assert result["samples"] == 4 and np.isfinite(result["fid"])
     picture = Image.open(tmp_path / "eval" / "nearest.png")
     assert picture.size[1] % (16 + 4) == 4  # rows of 16-pixel-high pairs
+
+
+def test_training_kid_reports_a_spread_only_when_its_subsets_can_differ():
+    """Training scores 64 samples against 64 reference images: every KID subset is then both sets whole, so one
+    is computed and kid_std (0 by construction, logged as if measured before) is left out."""
+    from resdiff.evaluation import kid_figures
+    from resdiff.metrics import kid
+
+    g = torch.Generator().manual_seed(0)
+    gen, ref = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g) + 0.5
+    whole = kid_figures(gen, ref, subsets=10, device=torch.device("cpu"))
+    assert set(whole) == {"kid@64"} and whole["kid@64"] == pytest.approx(kid(gen, ref, subsets=1, subset_size=64)[0])
+    more = kid_figures(gen, torch.cat([ref, ref + 0.1]), subsets=10, device=torch.device("cpu"))
+    assert set(more) == {"kid@64", "kid_std@64"} and more["kid_std@64"] > 0
