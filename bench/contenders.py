@@ -5,9 +5,9 @@ Contenders, each trained on DIR (32x32 RGB, transparency composited on white as 
                 as a plain loop: UNet2DModel, DDPMScheduler (linear, 1000 steps), epsilon MSE, AdamW 1e-4
                 (betas 0.95/0.999, weight decay 1e-6), cosine LR with 500 warm-up steps over the example's
                 100 epochs, EMAModel (inv_gamma 1, power 3/4, max 0.9999), grad clip 1, batch 16, random flips
-    ddpm        resdiff's Trainer at the DDPM paper's recipe (epsilon, linear betas, lr 2e-4, EMA 0.999 for
-                short runs, as bench/learning.py), on the U-Net that `python train.py --data DIR` trains
-    defaults    exactly what `python train.py --data DIR` runs (configs/demo.yaml), continued past its 600 steps
+    ddpm        resdiff's Trainer at the DDPM paper's recipe (epsilon, linear betas, plain MSE, lr 2e-4, EMA 0.999
+                for short runs, as bench/learning.py), on the U-Net and batch `python train.py --data DIR` uses
+    defaults    exactly what `python train.py --data DIR` runs (configs/demo.yaml), continued past its 1,200 steps
                 (its LR schedule is constant after warm-up, so a longer run is the same recipe)
 Each trains until the clock reaches each budget (minutes of training: the steps, data included), then
 checkpoints and is scored; scoring is not counted. Every score samples --fid-images images with DDIM-50
@@ -44,10 +44,10 @@ from bench.common import machine, table  # noqa: E402
 CONTENDERS = ("diffusers", "ddpm", "defaults")
 DEMO = ROOT / "configs" / "demo.yaml"
 # resdiff at the DDPM paper's recipe: its objective, schedule and lr, with an EMA short runs can use.
-DDPM_RECIPE = ["diffusion.prediction_type=epsilon", "diffusion.beta_schedule=linear", "train.lr=2e-4",
-               "train.ema_decay=0.999"]
+DDPM_RECIPE = ["diffusion.prediction_type=epsilon", "diffusion.beta_schedule=linear", "diffusion.min_snr_gamma=null",
+               "train.lr=2e-4", "train.ema_decay=0.999"]
 # Both resdiff contenders run as train.py would, minus what the benchmark does itself: in-training FID,
-# and the 600-step stop (budgets end the runs). Checkpoints are the benchmark's, one kept.
+# and the 1,200-step stop (budgets end the runs). Checkpoints are the benchmark's, one kept.
 RESDIFF_COMMON = ["train.eval_every=0", "train.steps=1000000000", "train.keep_checkpoints=1"]
 # diffusers' contender: the example's UNet2DModel (diffusers' blocks and default norm groups, self-attention in one
 # low-resolution block) at the size of resdiff's tiny preset: its widths, levels and one ResNet layer per block

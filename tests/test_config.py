@@ -69,7 +69,8 @@ def test_presets_follow_their_papers():
     assert names >= {"demo.yaml", "cifar10.yaml", "celebahq256.yaml", "folder64.yaml"}
     demo = load_config(CONFIGS / "demo.yaml", model_keys=MODEL_KEYS)
     assert demo.model["preset"] == "auto" and demo.data.path is None and demo.data.num_workers == "auto"
-    assert demo.train.steps == 600 and demo.train.mixed_precision == "no"
+    assert demo.train.steps == 1200 and demo.train.mixed_precision == "no"
+    assert (demo.train.batch_size, demo.train.lr, demo.diffusion.min_snr_gamma) == (16, 1e-3, 5.0)  # bench/tuning.py
 
     cifar = load_config(CONFIGS / "cifar10.yaml", model_keys=MODEL_KEYS)
     assert cifar.model == {"preset": "ddpm-cifar10", "dropout": 0.1}
