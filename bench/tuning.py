@@ -8,8 +8,8 @@ variant, the baseline included, trains under the same condition (one core, a nei
 why these minutes buy fewer steps than the benchmark's. The figures rank the variants against each other; the
 benchmark (bench/contenders.py) then measures the chosen defaults against diffusers.
 
-    python bench/tuning.py --data data/openmoji --minutes 8 --only base lr2e-3 lr5e-4 batch16 batch64 wide48 \
-        deep2 ema-power0.10 min-snr5 eps-cosine                    # what ran for the README (8 minutes each)
+    python bench/tuning.py --data data/openmoji --minutes 7 --fid-images 500 --only base lr2e-3 lr5e-4 batch16 \
+        batch64 wide48 deep2 ema-power0.10 min-snr5 eps-cosine     # the README's first round (7 minutes each)
     python bench/tuning.py --data data/openmoji                     # every variant below, 5 minutes each
     python bench/tuning.py --data data/openmoji --only base lr2e-3  # some of them
     python bench/tuning.py --data data/openmoji --report            # the table of what has run
