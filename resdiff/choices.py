@@ -5,7 +5,7 @@ loads without torch or diffusers. The things the names stand for live where they
 ``resdiff.diffusion.make_sampler`` builds the scheduler, ``resdiff.hardware.MIXED_PRECISIONS`` holds the dtypes.
 """
 
-__all__ = ["SAMPLERS", "PRECISIONS", "IMAGE_CHANNELS"]
+__all__ = ["SAMPLERS", "PRECISIONS", "IMAGE_CHANNELS", "EMA_SIGMA_REL_MAX"]
 
 # Samplers by name: the diffusers scheduler's class name, its default step count and fixed settings.
 SAMPLERS: dict[str, tuple[str, int, dict]] = {
@@ -23,3 +23,7 @@ PRECISIONS: dict[str, str | None] = {"no": None, "fp16": "float16", "bf16": "bfl
 
 # The channel counts of the images resdiff reads, trains on and writes: grayscale or RGB.
 IMAGE_CHANNELS = (1, 3)
+
+# The widest power-function EMA (train.ema_sigma_rel, EDM2): gamma = 0, a uniform average of the whole run, has
+# sigma_rel 1/sqrt(12) = 0.289; anything wider needs gamma < 0, which weights the first steps the most.
+EMA_SIGMA_REL_MAX = 0.28

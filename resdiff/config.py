@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .choices import IMAGE_CHANNELS, PRECISIONS, SAMPLERS
+from .choices import EMA_SIGMA_REL_MAX, IMAGE_CHANNELS, PRECISIONS, SAMPLERS
 from .errors import UsageError
 from .hints import coerce, describe, plain
 
@@ -130,7 +130,8 @@ _RULES = {
     "train.grad_clip": _POSITIVE,
     "train.grad_accum": _POSITIVE,
     "train.ema_decay": _FRACTION,
-    "train.ema_sigma_rel": (lambda v: 0 < v <= 0.28, "must be in (0, 0.28] (EDM2 uses 0.05 to 0.10)"),
+    "train.ema_sigma_rel": (lambda v: 0 < v <= EMA_SIGMA_REL_MAX,
+                            f"must be in (0, {EMA_SIGMA_REL_MAX}] (EDM2 uses 0.05 to 0.10)"),
     "train.seed": _NON_NEGATIVE,
     "train.log_every": _POSITIVE,
     "train.checkpoint_every": _POSITIVE,

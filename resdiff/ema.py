@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import EMA_SIGMA_REL_MAX
+
 __all__ = ["EMA", "power_gamma"]
 
 
@@ -21,8 +23,8 @@ def power_gamma(sigma_rel: float) -> float:
 
     Karras et al. 2024 (EDM2), eq. 3: sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)); the largest real
     root of that cubic (sigma_rel 0.05 -> gamma 16.97, 0.10 -> 6.94)."""
-    if not 0 < sigma_rel < 0.29:  # at gamma -> -1 sigma_rel is 1/sqrt(12) = 0.289; wider has no root
-        raise ValueError(f"sigma_rel {sigma_rel} must be in (0, 0.28]")
+    if not 0 < sigma_rel <= EMA_SIGMA_REL_MAX:  # wider needs gamma < 0 (see resdiff.choices)
+        raise ValueError(f"sigma_rel {sigma_rel} must be in (0, {EMA_SIGMA_REL_MAX}]")
     s2 = sigma_rel * sigma_rel
     # s2 (g + 2)^2 (g + 3) - (g + 1) = s2 g^3 + 7 s2 g^2 + (16 s2 - 1) g + (12 s2 - 1)
     roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])

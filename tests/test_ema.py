@@ -54,8 +54,10 @@ def test_power_gamma_gives_edm2s_exponents_and_refuses_widths_without_one():
 
     assert power_gamma(0.05) == pytest.approx(16.97, abs=0.01)  # EDM2's table: sigma_rel 0.05 -> gamma 16.97
     assert power_gamma(0.10) == pytest.approx(6.94, abs=0.01)
-    with pytest.raises(ValueError, match="sigma_rel"):
-        power_gamma(0.3)
+    assert power_gamma(0.28) > 0  # the widest allowed still weights later steps more
+    for too_wide in (0.285, 0.3):  # 0.285 has roots, but only gamma < 0: the first steps would weigh the most
+        with pytest.raises(ValueError, match=r"sigma_rel .* must be in \(0, 0.28\]"):
+            power_gamma(too_wide)
 
 
 def test_power_function_ema_weights_step_s_by_its_share_of_s_to_the_gamma_plus_one():
