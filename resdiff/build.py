@@ -408,7 +408,7 @@ def _summary(
     hgt, wid = dataset.shape
     mode = "cached in memory" if dataset.cached and isinstance(dataset, ImageFolder) else dataset.mode
     return "\n".join([
-        f"resdiff: training a DDPM, {params / 1e6:.2f}M parameters ({_layout(cfg, trainer.model)})",
+        f"resdiff: training a DDPM, {params / 1e6:.2f}M parameters ({_layout(cfg, acc.unwrap_model(trainer.model))})",
         f"  data:      {data}: {len(dataset)} images{f', {skipped} skipped' if skipped else ''}{classes}",
         f"  images:    {hgt}x{wid}, {cfg.data.image_channels} channel(s), {mode}",
         f"  loader:    {workers} worker process(es) ({why})",
@@ -423,7 +423,7 @@ def _summary(
 
 
 def _layout(cfg: Config, model: torch.nn.Module) -> str:
-    """The preset's name; for "auto" also what it chose for this image size."""
+    """The preset's name; for "auto" also what it chose for this image size (``model`` unwrapped from DDP)."""
     preset = cfg.model.get("preset", "custom")
     c = getattr(model, "config", None)
     if preset != "auto" or c is None:

@@ -399,6 +399,7 @@ def test_two_processes(tmp_path, pngs):
     out = done["cli"].stdout
     assert out.count("resdiff: training a DDPM") == 1  # the summary comes from the main process only
     assert "8 global = 4 per process x 2 process(es) x 1 accumulation" in out
+    assert "(auto: widths 16, 32, attention at 8)" in out  # the layout is read through the DDP wrapper
 
     for run in (tmp_path / "cli", tmp_path / "run"):
         log = read_log(run)
