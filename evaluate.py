@@ -17,12 +17,10 @@ import argparse
 import sys
 
 from resdiff.errors import ArgumentParser, run_cli
-from resdiff.sampling import SamplingSettings, add_arguments
+from resdiff.settings import SamplingSettings, Scoring, add_arguments
 
 
 def build_parser() -> ArgumentParser:
-    from resdiff.evaluation import Scoring
-
     d = Scoring()
     p = ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
@@ -44,7 +42,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         args = build_parser().parse_args(argv)
-        from resdiff.evaluation import Scoring, evaluate
+        from resdiff.evaluation import evaluate
 
         scoring = Scoring(inception=args.inception, verify_inception=not args.inception_unverified,
                           kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import sys
 
-from resdiff.editing import DEFAULT_FRAMES, DEFAULT_IMAGES, DEFAULT_RESAMPLE, DEFAULT_STRENGTH, DETERMINISTIC_SAMPLERS, INPAINT_SAMPLERS
 from resdiff.errors import ArgumentParser, run_cli
-from resdiff.sampling import SamplingSettings, add_arguments
+from resdiff.settings import (DEFAULT_FRAMES, DEFAULT_IMAGES, DEFAULT_RESAMPLE, DEFAULT_STRENGTH, DETERMINISTIC_SAMPLERS,
+                              INPAINT_SAMPLERS, SamplingSettings, add_arguments)
 
 PLAIN_IMAGES = 64  # --num-images' default (editing: DEFAULT_IMAGES)
 

@@ -39,7 +39,8 @@ def main() -> None:
 
     from resdiff import UNet
     from resdiff.data import demo_shapes
-    from resdiff.evaluation import Scoring, evaluate
+    from resdiff.evaluation import evaluate
+    from resdiff.settings import Scoring
     from resdiff.inception import FIDInceptionV3, load_inception, synthetic_weights
     from resdiff.features import extract_features
     from resdiff.sampling import SamplingSettings, generate

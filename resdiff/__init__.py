@@ -10,7 +10,7 @@ loop -> CLIs). Who owns what:
     nn.py          the blocks: time embedding, ResBlock (GroupNorm, time scale/shift, skip), attention, resampling
     unet.py        UNet: the blocks assembled, its initialisation and presets      convert.py  <-> diffusers UNet2DModel
     diffusion.py   GaussianDiffusion: noise schedule, training target and loss, sampling loop; Guidance (labels, CFG)
-    choices.py     the names users choose from: samplers, precisions (no imports: config.py reads them)
+    choices.py     the names users choose from: samplers, precisions, limits (no imports: config.py reads them)
     data.py        file -> pixels, ImageFolder, demo shapes, flips               config.py   Config, YAML, overrides
     hints.py       values against type hints (describe, coerce, fits): config.py's and model_folder.py's checks
     batches.py     ShardedBatches: each process's batches   prepare.py  the prepared dataset: writer and reader
@@ -20,8 +20,10 @@ loop -> CLIs). Who owns what:
     runlock.py     RunLock: one process writes a run directory at a time
     files.py       whole-file writes, temporary names, the cache folder, SHA256SUMS   images.py   PNG, grids, npz
     model_folder.py  loading run/pipeline/diffusers folders safely
-    sampling.py    SamplingSettings (every sampling choice, one check), ImageGenerator (a model readied once, then
-                   batches), generate, sample_to_folder (the folder writer of sampling and edits)
+    settings.py    what the generating CLIs let users choose: SamplingSettings (one check), Scoring, editing
+                   defaults, the shared flags (no torch: --help answers at once)
+    sampling.py    ImageGenerator (a model readied once, then batches), generate, sample_to_folder (the folder
+                   writer of sampling and edits)
     processes.py   who am I, my share range(n)[rank::world], gather, the main process acts for all, leave
     inception.py, inception_weights.py  the FID Inception network; where its weights come from, checked
     features.py    a network's features of images and their float64 statistics

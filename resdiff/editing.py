@@ -36,13 +36,15 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .choices import IMAGE_CHANNELS, SAMPLERS
+from .choices import IMAGE_CHANNELS
 from .data import fit_image, has_alpha, open_image, to_model_range
 from .diffusion import image_generators, image_noise
 from .errors import UsageError, one_line
 from .files import write_atomic
 from .images import make_grid, save_png, to_pil
-from .sampling import Batch, ImageGenerator, SamplingSettings, check_positive, generate
+from .sampling import Batch, ImageGenerator, generate
+from .settings import (DEFAULT_FRAMES, DEFAULT_IMAGES, DEFAULT_RESAMPLE, DEFAULT_STRENGTH, DETERMINISTIC_SAMPLERS,
+                       INPAINT_SAMPLERS, SamplingSettings, check_positive)
 
 __all__ = [
     "Inpaint", "Img2Img", "Interpolate", "inpaint", "img2img", "interpolate", "prepare_image", "prepare_mask", "slerp",
@@ -50,12 +52,6 @@ __all__ = [
     "DEFAULT_IMAGES",
 ]
 
-INPAINT_SAMPLERS = ("ddpm", "ddim")  # RePaint jumps back between steps; these two samplers keep no state across steps
-DETERMINISTIC_SAMPLERS = tuple(s for s in SAMPLERS if s != "ddpm")  # ddim with eta 0
-DEFAULT_RESAMPLE = 5  # RePaint repeats per step; on the demo model 1 fills a hole with shapes of other colours, 5 continues the kept one
-DEFAULT_STRENGTH = 0.6  # SDEdit's noise level: enough to turn a drawing into the model's own shapes, keeping its layout
-DEFAULT_FRAMES = 8  # interpolation frames, both ends included
-DEFAULT_IMAGES = 8  # inpaintings or variations of one input
 STRIP_OUTPUTS = 7  # strip.png shows the input and this many outputs
 INPUT_NAME, MASK_NAME, STRIP_NAME, GIF_NAME = "input.png", "mask.png", "strip.png", "frames.gif"
 

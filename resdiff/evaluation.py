@@ -18,7 +18,7 @@ import json
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,7 +35,8 @@ from .processes import gather_shares, join, on_main, rank_world, share
 from .reference import image_dataset, reference_features, reference_images
 from .checkpoint import MODEL_INDEX
 from .rundir import LOG, QUALITY_PICTURE
-from .sampling import ImageGenerator, SamplingSettings
+from .sampling import ImageGenerator
+from .settings import SamplingSettings, Scoring
 
 __all__ = ["evaluate", "Scoring", "default_eval_dir", "sample_features", "TrainingEvaluator", "quality_picture"]
 
@@ -49,29 +50,6 @@ def default_eval_dir(model: str | Path | None, samples: str | Path | None) -> Pa
         return (path.parent if (path / MODEL_INDEX).is_file() else path) / "eval"
     path = Path(samples)
     return (path if path.is_dir() else path.parent) / "eval"
-
-
-@dataclass
-class Scoring:
-    """How to score: the FID Inception weights (``inception``: a path; None: the cached copy, downloaded on first
-    use; ``verify_inception=False`` accepts weights with another checksum, whose figures are then not comparable
-    with published ones), KID's subsets and the k of precision/recall."""
-
-    inception: str | Path | None = None
-    verify_inception: bool = True
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    k: int = 3
-
-    def check(self) -> None:
-        """The limits of KID and precision/recall that need no features; a mistake is one UsageError line naming
-        the setting and its flag (a subset needs 2 features for the unbiased MMD, a k-th neighbour needs k >= 1)."""
-        for name, flag, value, least in (("KID subsets", "--kid-subsets", self.kid_subsets, 1),
-                                         ("KID subset size", "--kid-subset-size", self.kid_subset_size, 2),
-                                         ("precision/recall k", None, self.k, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                where = f" ({flag})" if flag else ""
-                raise UsageError(f"{name}{where} must be an integer of at least {least}, got {value!r}")
 
 
 def evaluate(

@@ -1,8 +1,8 @@
 """Sampling: images from a trained model, reproducible from (seed, image index), split across processes.
 
-- ``SamplingSettings``: every sampling choice with its default, in one dataclass with one ``check``. The CLIs
-  build it from their flags (``add_arguments``, ``SamplingSettings.from_args``); editing and evaluation
-  receive it whole.
+- ``SamplingSettings`` (``resdiff.settings``): every sampling choice with its default, in one dataclass with
+  one ``check``. The CLIs build it from their flags (``add_arguments``, ``SamplingSettings.from_args``);
+  editing and evaluation receive it whole.
 - ``ImageGenerator``: a model made ready once (loaded and checked, steps and labels resolved, eval mode and
   channels_last), then ``batches(indices)`` as often as needed. Image ``i`` draws its initial noise and any
   per-step noise only from ``image_generators(seed, [i])``, so the same seed gives the same images whatever
@@ -16,10 +16,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -38,6 +36,7 @@ from .hardware import MIXED_PRECISIONS, check_device, precision_warning
 from .images import GRID_NAME, NPZ_NAME, make_grid, read_images, save_images, save_npz, save_png
 from .model_folder import find_model_folder, load_model
 from .processes import join
+from .settings import SamplingSettings, add_arguments, check_positive, check_sampler
 
 __all__ = [
     "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "sample_to_folder",
@@ -45,98 +44,6 @@ __all__ = [
 ]
 
 GRID_LIMIT = 256  # grid.png shows at most this many images (the first ones)
-
-
-# ----------------------------------------------------------------------------- the settings
-
-
-def check_sampler(sampler: str) -> None:
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-def check_positive(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
-
-
-@dataclass
-class SamplingSettings:
-    """How to sample: the one place these choices and their defaults are written.
-
-    ``steps`` None is the sampler's own count (``choices.SAMPLERS``), at most the training timesteps.
-    ``class_labels``: one label for every image or a list cycled over image indices (image i gets
-    labels[i % len]); None on a class-conditional model cycles over all classes. ``guidance_scale`` != 1 is
-    classifier-free guidance with the null class. ``mixed_precision`` "fp16"/"bf16" runs the model under
-    torch.autocast. ``device`` None: a model folder goes to this process's GPU, else the CPU; an in-memory
-    model stays where it is. ``batch_size`` is per process. ``compile`` torch.compiles a resdiff U-Net's
-    blocks first: minutes of start-up that pay off over many images. ``timeout_s``: with several processes,
-    how long one waits for the others at a barrier before it gives up (a peer that died).
-    """
-
-    sampler: str = "ddim"
-    steps: int | None = None
-    eta: float = 0.0
-    seed: int = 0
-    batch_size: int = 64
-    class_labels: int | Sequence[int] | None = None
-    guidance_scale: float = 1.0
-    mixed_precision: str = "no"
-    device: str | torch.device | None = None
-    compile: bool = False
-    timeout_s: float = 1800.0
-
-    def check(self) -> None:
-        """Every check that needs no model; a mistake is one UsageError line naming the flag."""
-        check_positive("steps (--steps)", self.steps)
-        check_positive("batch size (--batch-size)", self.batch_size)
-        check_sampler(self.sampler)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise UsageError(f"seed (--seed) must be a non-negative integer, got {self.seed!r}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise UsageError(f"unknown mixed precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISIONS)}")
-        if self.eta and self.sampler != "ddim":
-            raise UsageError(f"eta applies to the ddim sampler only; drop --eta or use --sampler ddim (not {self.sampler})")
-        if not math.isfinite(self.eta) or self.eta < 0 or not math.isfinite(self.guidance_scale):
-            raise UsageError(f"eta must be >= 0 and guidance scale finite, got eta={self.eta}, "
-                             f"guidance scale={self.guidance_scale}")
-        check_device(self.device)
-
-    @classmethod
-    def from_args(cls, args) -> "SamplingSettings":
-        """The settings of parsed command-line flags (``add_arguments``'s, and sample.py's --compile)."""
-        return cls(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                   class_labels=args.class_label, guidance_scale=args.guidance_scale,
-                   mixed_precision=args.mixed_precision, device=args.device, compile=getattr(args, "compile", False),
-                   timeout_s=args.timeout_s)
-
-    def changed(self, changes: dict) -> "SamplingSettings":
-        """These settings with some fields replaced (``generate(model, 8, steps=20)``); an unknown name is a TypeError."""
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise TypeError(f"unknown sampling setting(s) {', '.join(sorted(unknown))}; see SamplingSettings")
-        return replace(self, **changes) if changes else self
-
-
-def add_arguments(parser) -> None:
-    """The sampling flags that sample.py and evaluate.py share, with SamplingSettings' defaults."""
-    d = SamplingSettings()
-    p = parser.add_argument
-    p("--sampler", default=d.sampler, metavar="{" + ",".join(SAMPLERS) + "}", help=f"default {d.sampler}")
-    p("--steps", type=int, default=d.steps, help="sampling steps (default: the sampler's own: "
-      + ", ".join(f"{k} {v[1]}" for k, v in SAMPLERS.items()) + ")")
-    p("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 like DDPM (ddim only)")
-    p("--seed", type=int, default=d.seed, help=f"image i depends only on (seed, i) (default {d.seed})")
-    p("--batch-size", type=int, default=d.batch_size, help=f"images per batch on each process (default {d.batch_size})")
-    p("--class-label", type=int, nargs="+", default=d.class_labels, metavar="LABEL",
-      help="class-conditional models: one label for all images, or several cycled over the images")
-    p("--guidance-scale", type=float, default=d.guidance_scale,
-      help=f"classifier-free guidance scale (default {d.guidance_scale:g}: none)")
-    p("--mixed-precision", default=d.mixed_precision, metavar="{" + ",".join(MIXED_PRECISIONS) + "}",
-      help=f"run the model under autocast (default {d.mixed_precision})")
-    p("--device", default=d.device, help="e.g. cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
-    p("--timeout-s", type=float, default=d.timeout_s,
-      help=f"with several processes: how long one waits for the others before giving up (default {d.timeout_s:g})")
 
 
 # ----------------------------------------------------------------------------- what a model needs

@@ -148,7 +148,8 @@ def test_mistakes_are_one_line_and_exit_code_2(argv, message, run, data, weights
 def test_the_python_api_checks_the_settings_as_the_cli_does(settings, scoring, message, data, tmp_path):
     """evaluate() itself refuses impossible settings with the CLI's line, before loading any weights."""
     from resdiff.errors import UsageError
-    from resdiff.evaluation import Scoring, evaluate
+    from resdiff.evaluation import evaluate
+    from resdiff.settings import Scoring
     from resdiff.sampling import SamplingSettings
 
     with pytest.raises(UsageError) as excinfo:

@@ -3,6 +3,8 @@ imports included, and a U-Net that depends on its layers and nothing else of res
 
 import sys
 
+import pytest
+
 from tiny_runs import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -33,17 +35,22 @@ def test_the_graph_sees_lazy_imports_and_finds_circles(tmp_path):
     assert cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z"]]
 
 
-def test_train_help_and_usage_errors_import_no_torch():
-    """train.py's parser takes its precision names from resdiff.choices, not resdiff.hardware (which imports torch to
-    map them to dtypes), so `--help` and a mistyped flag answer at once."""
+@pytest.mark.parametrize("script, shown", [
+    ("train.py", "--mixed-precision {no,fp16,bf16}"),
+    ("sample.py", "--sampler {ddpm,ddim,dpm++,euler,heun}"),
+    ("evaluate.py", "--kid-subsets KID_SUBSETS"),
+])
+def test_cli_help_imports_no_torch(script, shown):
+    """The CLIs' parsers take their choices and defaults from light modules (resdiff.choices, resdiff.settings), not
+    from the modules that build the things (which import torch), so `--help` answers at once."""
     import os
     import subprocess
 
     code = (
         "import runpy, sys\n"
-        "sys.argv = ['train.py', '--help']\n"
+        f"sys.argv = [{script!r}, '--help']\n"
         "try:\n"
-        "    runpy.run_path('train.py', run_name='__main__')\n"
+        f"    runpy.run_path({script!r}, run_name='__main__')\n"
         "except SystemExit:\n"
         "    pass\n"
         "heavy = sorted(m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules)\n"
@@ -52,4 +59,4 @@ def test_train_help_and_usage_errors_import_no_torch():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "--mixed-precision {no,fp16,bf16}" in done.stdout
+    assert shown in done.stdout
