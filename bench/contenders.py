@@ -26,6 +26,7 @@ contender killed mid-way continues from its checkpoint at the last budget it rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -293,14 +294,23 @@ class Scorer:
     def __call__(self, model: torch.nn.Module | str, scheduler_config: dict | None, sampler: str = "ddim",
                  steps: int = 50) -> tuple[float, torch.Tensor]:
         """(FID, the uint8 samples) of ``model`` (in memory with its training scheduler config, or a folder)."""
-        from resdiff.features import FeatureStats, extract_features
+        from resdiff.evaluation import sample_features
         from resdiff.metrics import fid_from_stats
         from resdiff.sampling import ImageGenerator, SamplingSettings
 
         settings = SamplingSettings(sampler=sampler, steps=steps, seed=self.seed, batch_size=self.batch_size, device="cpu")
-        images = ImageGenerator(model, settings, scheduler_config).images(range(self.n), progress=True)
-        features = extract_features(images, self.net, batch_size=self.batch_size, device="cpu", channels_last=True)
-        return fid_from_stats(FeatureStats().update(features), self.reference), images
+        generator, kept = ImageGenerator(model, settings, scheduler_config), []
+
+        def images(indices: list[int]) -> torch.Tensor:
+            kept.append(generator.images(indices, progress=True))
+            return kept[-1]
+
+        seconds: dict[str, float] = {}
+        stats, _ = sample_features(images, self.n, self.net, batch_size=self.batch_size, device=torch.device("cpu"),
+                                   seconds=seconds)
+        print(f"score: {self.n} {sampler}-{steps} samples in {seconds['generation']:.0f} s, "
+              f"their Inception features in {seconds['inception']:.0f} s", flush=True)
+        return fid_from_stats(stats, self.reference), torch.cat(kept)
 
 
 def save_grid(images: torch.Tensor, path: Path) -> str:
@@ -338,20 +348,23 @@ class Results:
         tmp.replace(self.file)
 
 
-def train_to(contender, progress: Progress, seconds: float, flag: Path | None = None) -> Progress:
-    """Step ``contender`` until its training clock reaches ``seconds``; only the steps count. ``flag``, when given,
-    exists while the clock runs, so that other jobs on the machine can wait for it (scoring is not timed)."""
-    if flag:
-        flag.parent.mkdir(parents=True, exist_ok=True)
-        flag.touch()
+@contextlib.contextmanager
+def flag_file(path: Path | None):
+    """``path`` (when given) exists while the block runs: other jobs on the machine wait for it to go, so that
+    nothing else runs while a training clock does (scoring is not timed)."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
     try:
-        return _train_to(contender, progress, seconds)
+        yield
     finally:
-        if flag:
-            flag.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
-def _train_to(contender, progress: Progress, seconds: float) -> Progress:
+def train_to(contender, progress: Progress, seconds: float) -> Progress:
+    """Step ``contender`` until its training clock reaches ``seconds``; only the steps count."""
     bar = tqdm(total=round(seconds), initial=min(round(progress.seconds), round(seconds)), unit="s",
                desc=f"train {contender.name}", dynamic_ncols=True)
     while progress.seconds < seconds:
@@ -379,7 +392,8 @@ def run_contender(name: str, args: argparse.Namespace, results: Results, scorer:
         progress = contender.restore()
         for minutes in todo:
             if progress.seconds < minutes * 60:
-                progress = train_to(contender, progress, minutes * 60, args.training_flag)
+                with flag_file(args.training_flag):
+                    progress = train_to(contender, progress, minutes * 60)
                 contender.save(progress)
             fid, images = scorer(contender.ema_model(), contender.scheduler_config(), args.sampler, args.steps)
             key = budget_key(name, minutes)
@@ -410,7 +424,10 @@ def run_sweep(name: str, args: argparse.Namespace, results: Results, scorer: Sco
             if key in results.data["sweep"]:
                 continue
             steps, evaluations = steps_for_nfe(sampler, nfe, scheduler_config)
-            fid, _ = scorer(model, scheduler_config, sampler, steps)
+            if (sampler, steps) == (args.sampler, args.steps):  # the budget's own score: the same samples
+                fid = results.data["budgets"][last]["fid"]
+            else:
+                fid, _ = scorer(model, scheduler_config, sampler, steps)
             row = {"contender": name, "budget_min": max(args.budgets), "sampler": sampler, "nfe": evaluations,
                    "steps": steps, "fid": round(fid, 2)}
             results.put("sweep", key, row)
@@ -476,11 +493,77 @@ def fid_picture(results: dict, path: Path) -> Path:
     return path
 
 
+def sweep_picture(results: dict, path: Path) -> Path | None:
+    """FID against model evaluations (NFE), one line per sampler, for each swept contender's last model."""
+    from PIL import Image, ImageDraw
+
+    rows = list(results.get("sweep", {}).values())
+    if not rows:
+        return None
+    image = Image.new("RGB", (720, 440), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 60, 40, 600, 390
+    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+    contenders = ", ".join(sorted({f"{r['contender']}@{r['budget_min']:g}min" for r in rows}))
+    draw.text((left, 12), f"FID@{results.get('fid_images', '?')} against model evaluations ({contenders}); lower is better",
+              fill=(0, 0, 0))
+    nfes = sorted({r["nfe"] for r in rows})
+    y_lo, y_hi = min(r["fid"] for r in rows), max(r["fid"] for r in rows)
+    span = (y_hi - y_lo) or 1.0
+    x_of = {n: left + 20 + (right - left - 40) * k / max(len(nfes) - 1, 1) for k, n in enumerate(nfes)}  # even steps
+    y_of = lambda f: bottom - 8 - (bottom - top - 16) * (f - y_lo) / span  # noqa: E731
+    draw.text((left - 50, top), f"{y_hi:.4g}", fill=(90, 90, 90))
+    draw.text((left - 50, bottom - 12), f"{y_lo:.4g}", fill=(90, 90, 90))
+    for n, x in x_of.items():
+        draw.text((x - 8, bottom + 6), f"{n}", fill=(90, 90, 90))
+    draw.text((right - 40, bottom + 20), "NFE", fill=(90, 90, 90))
+    palette = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 60, 170), (220, 140, 20), (0, 0, 0)]
+    for k, sampler in enumerate(sorted({r["sampler"] for r in rows})):
+        colour = palette[k % len(palette)]
+        xy = [(x_of[r["nfe"]], y_of(r["fid"])) for r in sorted(rows, key=lambda r: r["nfe"]) if r["sampler"] == sampler]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        draw.text((right + 12, top + 16 * k), sampler, fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def grids_picture(results: dict, contenders: list[str], path: Path) -> Path | None:
+    """The grids of every contender at the largest budget they all reached, side by side under their names."""
+    from PIL import Image, ImageDraw
+
+    rows = results.get("budgets", {}).values()
+    reached = [{r["budget_min"] for r in rows if r["contender"] == c} for c in contenders]
+    common = set.intersection(*reached) if reached else set()
+    if not common:
+        return None
+    budget = max(common)
+    by = {r["contender"]: r for r in rows if r["budget_min"] == budget}
+    grids = [Image.open(by[c]["grid"]).convert("RGB") for c in contenders]
+    gap, head = 12, 36
+    width = sum(g.width for g in grids) + gap * (len(grids) - 1)
+    image = Image.new("RGB", (width, head + max(g.height for g in grids)), "white")
+    draw, x = ImageDraw.Draw(image), 0
+    for name, grid in zip(contenders, grids):
+        draw.text((x + 2, 4), f"{name} after {budget:g} min", fill=COLOURS.get(name, (0, 0, 0)))
+        draw.text((x + 2, 18), f"FID@{results.get('fid_images', '?')} {by[name]['fid']}", fill=(60, 60, 60))
+        image.paste(grid, (x, head))
+        x += grid.width + gap
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
 def report(results: Results, contenders: list[str], out: Path) -> None:
     budgets, sweep = budget_table(results.data, contenders), sweep_table(results.data)
-    picture = fid_picture(results.data, out / "fid_vs_time.png")
+    pictures = [fid_picture(results.data, out / "fid_vs_time.png"), sweep_picture(results.data, out / "fid_vs_nfe.png"),
+                grids_picture(results.data, contenders, out / "grids.png")]
     (out / "table.md").write_text(f"{budgets}\n\nSampler sweep (the last model of each swept contender):\n\n{sweep}\n")
-    print(f"machine: {machine()}\n{budgets}\n\n{sweep}\nwrote {results.file}, {out / 'table.md'}, {picture}")
+    wrote = ", ".join(str(p) for p in [results.file, out / "table.md", *pictures] if p)
+    print(f"machine: {machine()}\n{budgets}\n\n{sweep}\nwrote {wrote}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -198,3 +198,32 @@ def test_contenders_variants_and_tuning_runs_keep_the_base_then_one_change():
     variant = cmd[cmd.index("--variant") + 1:]
     assert variant == ["lr2e-3", *BASE, "train.lr=2e-3"] and "train.lr=1e-3" in BASE
     assert cmd[cmd.index("--budgets") + 1] == "8" and cmd[cmd.index("--threads") + 1] == "1"
+
+
+def test_contenders_report_draws_the_curves_and_the_grids_of_the_largest_common_budget(tmp_path):
+    """bench/contenders.py's pictures: FID against minutes, FID against NFE per sampler, and one grid per contender
+    at the largest budget every contender reached (not a budget only one of them has)."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from bench.contenders import grids_picture, sweep_picture
+
+    grids = {}
+    for name, minutes, colour in (("diffusers", 10, "red"), ("defaults", 10, "green"), ("defaults", 20, "blue")):
+        grids[name, minutes] = tmp_path / f"{name}@{minutes}.png"
+        Image.new("RGB", (50, 40), colour).save(grids[name, minutes])
+    results = {"fid_images": 1000, "budgets": {
+        f"{n}@{m}min": {"contender": n, "budget_min": m, "fid": 100.0 + m, "grid": str(g)} for (n, m), g in grids.items()},
+        "sweep": {f"defaults@20min/{s}@{nfe}": {"contender": "defaults", "budget_min": 20, "sampler": s, "nfe": nfe,
+                                                "fid": fid} for s, nfe, fid in (("ddim", 10, 90.0), ("ddim", 20, 60.0),
+                                                                                ("dpm++", 10, 70.0), ("dpm++", 20, 55.0))}}
+    picture = grids_picture(results, ["diffusers", "defaults"], tmp_path / "grids.png")
+    image = Image.open(picture).convert("RGB")
+    assert image.size == (50 + 12 + 50, 36 + 40)
+    assert image.getpixel((25, 60)) == (255, 0, 0) and image.getpixel((62 + 25, 60)) == (0, 128, 0)  # both at 10 min
+    assert grids_picture(results, ["diffusers", "ddpm"], tmp_path / "none.png") is None  # ddpm has no budget
+
+    curves = Image.open(sweep_picture(results, tmp_path / "nfe.png")).convert("RGB")
+    assert curves.size == (720, 440)
+    assert sum(1 for px in curves.getdata() if px == (200, 40, 40)) > 50  # a line was drawn for the first sampler
+    assert sweep_picture({"sweep": {}}, tmp_path / "empty.png") is None
