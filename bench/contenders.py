@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -458,31 +459,29 @@ def sweep_table(results: dict) -> str:
     return table(rows, ["contender", "sampler", "nfe", "steps", "fid"]) if rows else "(no sweep yet)"
 
 
-def fid_picture(results: dict, path: Path) -> Path:
-    """FID against training minutes, one line per contender, drawn with Pillow (as resdiff's quality.png is;
-    its single-series panel does not fit several contenders on one scale)."""
+def line_chart(path: Path, title: str, series: dict[str, tuple[tuple[int, int, int], list[tuple[float, float]]]],
+               x_at: Callable[[float], float], x_labels: list[tuple[float, str]]) -> Path:
+    """One panel drawn with Pillow (as resdiff's quality.png is; its single-series panel does not fit several on
+    one scale): a line per ``series`` {name: (colour, [(x, FID)])}, FID scaled to the panel, ``x_at`` mapping
+    x to 0..1 across it, and ``x_labels`` [(x, text)] under it."""
     from PIL import Image, ImageDraw
 
-    rows = list(results["budgets"].values())
     image = Image.new("RGB", (720, 440), "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 60, 40, 600, 390
     draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
-    sampler = f"{results.get('sampler', 'ddim').upper()}-{results.get('steps', 50)}"
-    draw.text((left, 12), f"FID@{results.get('fid_images', '?')} ({sampler}) against training minutes; lower is better",
-              fill=(0, 0, 0))
-    if rows:
-        x_hi = max(r["budget_min"] for r in rows)
-        y_lo, y_hi = min(r["fid"] for r in rows), max(r["fid"] for r in rows)
+    draw.text((left, 12), title, fill=(0, 0, 0))
+    fids = [f for _, points in series.values() for _, f in points]
+    if fids:
+        y_lo, y_hi = min(fids), max(fids)
         span = (y_hi - y_lo) or 1.0
-        at = lambda m, f: (left + 8 + (right - left - 16) * m / x_hi, bottom - 8 - (bottom - top - 16) * (f - y_lo) / span)  # noqa: E731
+        at = lambda x, f: (left + 20 + (right - left - 40) * x_at(x), bottom - 8 - (bottom - top - 16) * (f - y_lo) / span)  # noqa: E731
         draw.text((left - 50, top), f"{y_hi:.4g}", fill=(90, 90, 90))
         draw.text((left - 50, bottom - 12), f"{y_lo:.4g}", fill=(90, 90, 90))
-        draw.text((left, bottom + 6), "0 min", fill=(90, 90, 90))
-        draw.text((right - 50, bottom + 6), f"{x_hi:g} min", fill=(90, 90, 90))
-        for k, name in enumerate(sorted({r["contender"] for r in rows})):
-            colour = COLOURS.get(name, (0, 0, 0))
-            xy = [at(r["budget_min"], r["fid"]) for r in sorted(rows, key=lambda r: r["budget_min"]) if r["contender"] == name]
+        for x, text in x_labels:
+            draw.text((at(x, y_lo)[0] - 8, bottom + 6), text, fill=(90, 90, 90))
+        for k, (name, (colour, points)) in enumerate(series.items()):
+            xy = [at(x, f) for x, f in sorted(points)]
             if len(xy) > 1:
                 draw.line(xy, fill=colour, width=2)
             for x, y in xy:
@@ -493,42 +492,32 @@ def fid_picture(results: dict, path: Path) -> Path:
     return path
 
 
-def sweep_picture(results: dict, path: Path) -> Path | None:
-    """FID against model evaluations (NFE), one line per sampler, for each swept contender's last model."""
-    from PIL import Image, ImageDraw
+def fid_picture(results: dict, path: Path) -> Path:
+    """FID against training minutes, one line per contender."""
+    rows = list(results["budgets"].values())
+    x_hi = max((r["budget_min"] for r in rows), default=1)
+    series = {name: (COLOURS.get(name, (0, 0, 0)), [(r["budget_min"], r["fid"]) for r in rows if r["contender"] == name])
+              for name in sorted({r["contender"] for r in rows})}
+    sampler = f"{results.get('sampler', 'ddim').upper()}-{results.get('steps', 50)}"
+    title = f"FID@{results.get('fid_images', '?')} ({sampler}) against training minutes; lower is better"
+    return line_chart(path, title, series, lambda m: m / x_hi, [(0, "0 min"), (x_hi, f"{x_hi:g} min")])
 
+
+def sweep_picture(results: dict, path: Path) -> Path | None:
+    """FID against model evaluations (NFE, log scale), one line per sampler, for each swept contender's last model."""
     rows = list(results.get("sweep", {}).values())
     if not rows:
         return None
-    image = Image.new("RGB", (720, 440), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 60, 40, 600, 390
-    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
-    contenders = ", ".join(sorted({f"{r['contender']}@{r['budget_min']:g}min" for r in rows}))
-    draw.text((left, 12), f"FID@{results.get('fid_images', '?')} against model evaluations ({contenders}); lower is better",
-              fill=(0, 0, 0))
     nfes = sorted({r["nfe"] for r in rows})
-    y_lo, y_hi = min(r["fid"] for r in rows), max(r["fid"] for r in rows)
-    span = (y_hi - y_lo) or 1.0
-    x_of = {n: left + 20 + (right - left - 40) * k / max(len(nfes) - 1, 1) for k, n in enumerate(nfes)}  # even steps
-    y_of = lambda f: bottom - 8 - (bottom - top - 16) * (f - y_lo) / span  # noqa: E731
-    draw.text((left - 50, top), f"{y_hi:.4g}", fill=(90, 90, 90))
-    draw.text((left - 50, bottom - 12), f"{y_lo:.4g}", fill=(90, 90, 90))
-    for n, x in x_of.items():
-        draw.text((x - 8, bottom + 6), f"{n}", fill=(90, 90, 90))
-    draw.text((right - 40, bottom + 20), "NFE", fill=(90, 90, 90))
     palette = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 60, 170), (220, 140, 20), (0, 0, 0)]
-    for k, sampler in enumerate(sorted({r["sampler"] for r in rows})):
-        colour = palette[k % len(palette)]
-        xy = [(x_of[r["nfe"]], y_of(r["fid"])) for r in sorted(rows, key=lambda r: r["nfe"]) if r["sampler"] == sampler]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        for x, y in xy:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        draw.text((right + 12, top + 16 * k), sampler, fill=colour)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    series = {sampler: (palette[k % len(palette)], [(r["nfe"], r["fid"]) for r in rows if r["sampler"] == sampler])
+              for k, sampler in enumerate(sorted({r["sampler"] for r in rows}))}
+    models = ", ".join(sorted({f"{r['contender']}@{r['budget_min']:g}min" for r in rows}))
+    title = f"FID@{results.get('fid_images', '?')} against model evaluations ({models}); lower is better"
+    lo, hi = math.log(nfes[0]), math.log(nfes[-1])
+    labels = [n for k, n in enumerate(nfes[:-1]) if nfes[k + 1] > 1.2 * n] + nfes[-1:]  # Heun's 19 sits by 20: label 20
+    return line_chart(path, title, series, lambda n: (math.log(n) - lo) / ((hi - lo) or 1.0),
+                      [(n, f"{n} NFE") for n in labels])
 
 
 def grids_picture(results: dict, contenders: list[str], path: Path) -> Path | None:
