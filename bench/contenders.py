@@ -14,7 +14,8 @@ checkpoints and is scored; scoring is not counted. Every score samples --fid-ima
 (resdiff's ImageGenerator: the same per-image noise for every model) and computes FID with the 2015 Inception
 network against the whole folder (its statistics are cached after the first time).
 Then the sampler sweep: FID of the last model of the defaults (--sweep) at 10, 20 and 50 model evaluations
-(NFE) for every sampler in resdiff.choices.SAMPLERS (a second-order sampler runs fewer steps for the same NFE).
+(NFE) for every sampler in resdiff.choices.SAMPLERS or those of --samplers (a second-order sampler runs fewer
+steps for the same NFE).
 
 Resumable: every result goes into OUT/results.json as soon as it exists and is skipped when present, and a
 contender killed mid-way continues from its checkpoint at the last budget it reached.
@@ -419,13 +420,14 @@ def run_sweep(name: str, args: argparse.Namespace, results: Results, scorer: Sco
         print(f"sweep: {name} has no model at its last budget yet; skipped")
         return
     model, scheduler_config = load_model(model_dir, torch.device("cpu"))
-    for sampler in SAMPLERS:
+    for sampler in args.samplers or SAMPLERS:
         for nfe in args.nfe:
             key = f"{last}/{sampler}@{nfe}"  # the model of the largest budget: a longer run is swept anew
             if key in results.data["sweep"]:
                 continue
             steps, evaluations = steps_for_nfe(sampler, nfe, scheduler_config)
-            if (sampler, steps) == (args.sampler, args.steps):  # the budget's own score: the same samples
+            # The budget's own score: the same samples (Results refuses a folder scored with another sampler).
+            if (sampler, steps) == (args.sampler, args.steps):
                 fid = results.data["budgets"][last]["fid"]
             else:
                 fid, _ = scorer(model, scheduler_config, sampler, steps)
@@ -571,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--training-flag", type=Path, help="a file that exists while a contender's training clock runs")
     p.add_argument("--nfe", type=int, nargs="*", default=list(NFES), help="model evaluations of the sampler sweep")
     p.add_argument("--sweep", nargs="*", default=["defaults"], help="the resdiff contenders whose last model is swept")
+    p.add_argument("--samplers", nargs="+", metavar="SAMPLER",
+                   help="the sweep's samplers (default: all of resdiff.choices.SAMPLERS)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     p.add_argument("--batch-size", type=int, default=100, help="sampling and Inception batch")
     p.add_argument("--seed", type=int, default=0)
@@ -578,6 +582,9 @@ def main(argv: list[str] | None = None) -> None:
     known = [*CONTENDERS, *recipes(args.variant)]
     if unknown := [c for c in args.contenders if c not in known]:
         p.error(f"unknown contender {unknown[0]!r}; choose from {', '.join(dict.fromkeys(known))}")
+    from resdiff.choices import SAMPLERS
+    if unknown := [s for s in args.samplers or [] if s not in SAMPLERS]:
+        p.error(f"unknown sampler {unknown[0]!r}; choose from {', '.join(SAMPLERS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or ROOT / "bench" / "results" / f"contenders-{args.data.resolve().name}"

@@ -179,6 +179,22 @@ def test_contenders_resume_skips_scored_budgets_and_counts_nfe_as_model_evaluati
     assert steps_for_nfe("heun", 20, config) == (10, 19)  # 2 * steps - 1 evaluations
 
 
+def test_contenders_refuses_an_unknown_contender_or_sweep_sampler_before_any_work(tmp_path, capsys):
+    """bench/contenders.py: a misspelt contender or --samplers name is a usage error (exit 2) naming the choices,
+    before a model is built or a folder written."""
+    sys.path.insert(0, str(ROOT))
+    from bench.contenders import main
+
+    cases = ((["--contenders", "defualts"], "defualts", "defaults"), (["--samplers", "ddim", "dpm"], "dpm", "dpm++"))
+    for flags, wrong, choice in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), *flags])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert repr(wrong) in err and choice in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_contenders_variants_and_tuning_runs_keep_the_base_then_one_change():
     """bench/contenders.py --variant adds resdiff contenders (never under a taken name), and each bench/tuning.py
     run passes the settings before tuning first and its one change last, so the change is what wins."""
