@@ -539,7 +539,7 @@ def grids_picture(results: dict, contenders: list[str], path: Path) -> Path | No
     image = Image.new("RGB", (width, head + max(g.height for g in grids)), "white")
     draw, x = ImageDraw.Draw(image), 0
     for name, grid in zip(contenders, grids):
-        draw.text((x + 2, 4), f"{name} after {budget:g} min", fill=COLOURS.get(name, (0, 0, 0)))
+        draw.text((x + 2, 4), f"{name}, {budget:g} min", fill=COLOURS.get(name, (0, 0, 0)))
         draw.text((x + 2, 18), f"FID@{results.get('fid_images', '?')} {by[name]['fid']}", fill=(60, 60, 60))
         image.paste(grid, (x, head))
         x += grid.width + gap
