@@ -44,11 +44,11 @@ from .files import write_atomic
 from .images import make_grid, save_png, to_pil
 from .sampling import Batch, ImageGenerator, generate
 from .settings import (DEFAULT_FRAMES, DEFAULT_IMAGES, DEFAULT_RESAMPLE, DEFAULT_STRENGTH, DETERMINISTIC_SAMPLERS,
-                       INPAINT_SAMPLERS, SamplingSettings, check_positive)
+                       INPAINT_SAMPLERS, INTERPOLATE_SAMPLER, SamplingSettings, check_positive)
 
 __all__ = [
     "Inpaint", "Img2Img", "Interpolate", "inpaint", "img2img", "interpolate", "prepare_image", "prepare_mask", "slerp",
-    "INPAINT_SAMPLERS", "DETERMINISTIC_SAMPLERS", "DEFAULT_RESAMPLE", "DEFAULT_STRENGTH", "DEFAULT_FRAMES",
+    "INPAINT_SAMPLERS", "DETERMINISTIC_SAMPLERS", "INTERPOLATE_SAMPLER", "DEFAULT_RESAMPLE", "DEFAULT_STRENGTH", "DEFAULT_FRAMES",
     "DEFAULT_IMAGES",
 ]
 
@@ -116,6 +116,7 @@ class _Edit:
 
     kind = ""
     gif = False
+    default_sampler: str | None = None  # without a sampler given: SamplingSettings' default
 
     def seed_name(self, seed: int) -> str | int:
         return seed
@@ -258,6 +259,7 @@ class Interpolate(_Edit):
     an output folder gets frames.gif too."""
 
     kind = "interpolate"
+    default_sampler = INTERPOLATE_SAMPLER
 
     def __init__(self, seed_a: int, seed_b: int, frames: int = DEFAULT_FRAMES, gif: bool = False):
         self.seeds, self.frames, self.gif = (seed_a, seed_b), frames, gif

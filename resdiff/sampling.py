@@ -39,7 +39,7 @@ from .processes import join
 from .settings import SamplingSettings, add_arguments, check_positive, check_sampler
 
 __all__ = [
-    "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "sample_to_folder",
+    "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "default_settings", "sample_to_folder",
     "default_out_dir", "check_sampler", "check_positive", "GRID_LIMIT",
 ]
 
@@ -127,6 +127,7 @@ class Edit(Protocol):
     a batch's images in [-1, 1] in place of plain sampling, and the files it adds to an output folder."""
 
     kind: str
+    default_sampler: str | None  # its sampler when none is given; None: SamplingSettings' default
 
     def check(self, settings: SamplingSettings) -> None: ...
     def prepare(self, shape: Sequence[int]) -> None: ...
@@ -258,6 +259,11 @@ class ImageGenerator:
         return self.diffusion.denoise_step(self._net, scheduler, x, t, step_kwargs, self.guidance(batch))
 
 
+def default_settings(edit: Edit | None = None) -> SamplingSettings:
+    """``SamplingSettings()``, with the edit's own sampler where it has one (interpolation's deterministic one)."""
+    return SamplingSettings(sampler=edit.default_sampler) if edit and edit.default_sampler else SamplingSettings()
+
+
 def generate(
     model_or_path: nn.Module | str | Path, num_images: int, settings: SamplingSettings | None = None, *,
     indices: Sequence[int] | None = None, progress: bool = True, scheduler_config: dict | None = None,
@@ -265,12 +271,12 @@ def generate(
 ) -> torch.Tensor:
     """Images ``indices`` (default: all ``num_images``) as uint8 (len(indices), C, H, W) on the CPU.
 
-    ``settings`` (default ``SamplingSettings()``) with ``changes``, keyword arguments naming its fields
+    ``settings`` (default ``default_settings(edit)``) with ``changes``, keyword arguments naming its fields
     (``generate(model, 16, sampler="dpm++")``). ``model_or_path`` and ``scheduler_config``: see ``ImageGenerator``.
     ``edit``: one of resdiff.editing's (inpainting, image-to-image, interpolation) instead of plain sampling.
     The model's train/eval mode is restored afterwards.
     """
-    settings = (settings or SamplingSettings()).changed(changes)
+    settings = (settings or default_settings(edit)).changed(changes)
     check_positive("number of images (--num-images)", num_images)
     gen = ImageGenerator(model_or_path, settings, scheduler_config, edit)
     return gen.images(_check_indices(indices, num_images), progress)
@@ -311,7 +317,7 @@ def sample_to_folder(
     writes its own PNGs; the main process then writes grid.png (and samples.npz, and the edit's files) from the
     files. ``out`` None picks a new folder (see ``default_out_dir``); an existing ``out`` is written into.
     ``log`` None is quiet: no messages and no progress bars."""
-    settings = settings or SamplingSettings()
+    settings = settings or default_settings(edit)
     check_positive("number of images (--num-images)", num_images)
     _check(settings, edit)  # before the processes join: a mistake costs nothing
     procs = join(check_device(settings.device), settings.timeout_s)

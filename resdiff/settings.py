@@ -22,12 +22,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SamplingSettings", "Scoring", "add_arguments", "check_sampler", "check_positive", "INPAINT_SAMPLERS",
-    "DETERMINISTIC_SAMPLERS", "DEFAULT_RESAMPLE", "DEFAULT_STRENGTH", "DEFAULT_FRAMES", "DEFAULT_IMAGES",
+    "DETERMINISTIC_SAMPLERS", "INTERPOLATE_SAMPLER", "DEFAULT_RESAMPLE", "DEFAULT_STRENGTH", "DEFAULT_FRAMES", "DEFAULT_IMAGES",
 ]
 
 # Editing (resdiff.editing, sample.py's --inpaint / --init / --interpolate).
 INPAINT_SAMPLERS = ("ddpm", "ddim")  # RePaint jumps back between steps; these two samplers keep no state across steps
 DETERMINISTIC_SAMPLERS = tuple(s for s in SAMPLERS if s != "ddpm")  # ddim with eta 0
+INTERPOLATE_SAMPLER = "ddim"  # interpolation's default: the default sampler (ddpm) draws fresh noise at every step
 DEFAULT_RESAMPLE = 5  # RePaint repeats per step; on the demo model 1 fills a hole with shapes of other colours, 5 continues the kept one
 DEFAULT_STRENGTH = 0.6  # SDEdit's noise level: enough to turn a drawing into the model's own shapes, keeping its layout
 DEFAULT_FRAMES = 8  # interpolation frames, both ends included
@@ -48,7 +49,10 @@ def check_positive(name: str, value: int | None) -> None:
 class SamplingSettings:
     """How to sample: the one place these choices and their defaults are written.
 
-    ``steps`` None is the sampler's own count (``choices.SAMPLERS``), at most the training timesteps.
+    ``sampler`` defaults to ancestral DDPM at 50 steps: the lowest FID at 10, 20 and 50 model evaluations on real
+    images (README, "Samplers at equal model evaluations"); interpolation needs a deterministic one and defaults
+    to ``INTERPOLATE_SAMPLER``. ``steps`` None is the sampler's own count (``choices.SAMPLERS``), at most the
+    training timesteps.
     ``class_labels``: one label for every image or a list cycled over image indices (image i gets
     labels[i % len]); None on a class-conditional model cycles over all classes. ``guidance_scale`` != 1 is
     classifier-free guidance with the null class. ``mixed_precision`` "fp16"/"bf16" runs the model under
@@ -58,7 +62,7 @@ class SamplingSettings:
     how long one waits for the others at a barrier before it gives up (a peer that died).
     """
 
-    sampler: str = "ddim"
+    sampler: str = "ddpm"
     steps: int | None = None
     eta: float = 0.0
     seed: int = 0
@@ -89,9 +93,11 @@ class SamplingSettings:
         check_device(self.device)
 
     @classmethod
-    def from_args(cls, args) -> "SamplingSettings":
-        """The settings of parsed command-line flags (``add_arguments``'s, and sample.py's --compile)."""
-        return cls(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+    def from_args(cls, args, default_sampler: str | None = None) -> "SamplingSettings":
+        """The settings of parsed command-line flags (``add_arguments``'s, and sample.py's --compile); without
+        --sampler, ``default_sampler`` (an edit's own, e.g. interpolation's) or the default."""
+        return cls(sampler=args.sampler or default_sampler or cls.sampler, steps=args.steps, eta=args.eta,
+                   seed=args.seed, batch_size=args.batch_size,
                    class_labels=args.class_label, guidance_scale=args.guidance_scale,
                    mixed_precision=args.mixed_precision, device=args.device, compile=getattr(args, "compile", False),
                    timeout_s=args.timeout_s)
@@ -108,7 +114,8 @@ def add_arguments(parser) -> None:
     """The sampling flags that sample.py and evaluate.py share, with SamplingSettings' defaults."""
     d = SamplingSettings()
     p = parser.add_argument
-    p("--sampler", default=d.sampler, metavar="{" + ",".join(SAMPLERS) + "}", help=f"default {d.sampler}")
+    p("--sampler", default=None, metavar="{" + ",".join(SAMPLERS) + "}",
+      help=f"default {d.sampler} ({INTERPOLATE_SAMPLER} for interpolation, which needs a deterministic sampler)")
     p("--steps", type=int, default=d.steps, help="sampling steps (default: the sampler's own: "
       + ", ".join(f"{k} {v[1]}" for k, v in SAMPLERS.items()) + ")")
     p("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 like DDPM (ddim only)")

@@ -19,10 +19,11 @@ from PIL import Image
 from resdiff import UNetOutput
 from resdiff.data import _load_image
 from resdiff.editing import (
-    DETERMINISTIC_SAMPLERS, INPAINT_SAMPLERS, img2img, inpaint, interpolate, prepare_image, prepare_mask, slerp,
+    DETERMINISTIC_SAMPLERS, INPAINT_SAMPLERS, INTERPOLATE_SAMPLER, img2img, inpaint, interpolate, prepare_image,
+    prepare_mask, slerp,
 )
 from resdiff.images import read_images
-from resdiff.sampling import generate
+from resdiff.sampling import SamplingSettings, generate
 
 from launch import free_port, launch_env, launcher, run_watched
 from tiny_models import FEW, save_pipeline, small_unet
@@ -226,6 +227,16 @@ def test_interpolation_from_sample_py_writes_frames_a_strip_and_a_gif(models, tm
     with Image.open(out / "frames.gif") as im:
         assert im.n_frames == 6  # there and back: 0 1 2 3 2 1
     assert f"wrote 4 images to {out}" in stdout
+    assert "sampler: ddim" in stdout  # without --sampler: interpolation's deterministic default, not ddpm's
+
+
+def test_interpolation_defaults_to_ddim_where_everything_else_defaults_to_ddpm(models):
+    """The default sampler (ddpm) draws fresh noise at every step, so interpolation picks its own: ddim."""
+    assert (INTERPOLATE_SAMPLER, SamplingSettings().sampler) == ("ddim", "ddpm")
+    kw = dict(steps=3, batch_size=1, progress=False)
+    frames = interpolate(models["rgb"], 3, 7, 3, **kw)  # no sampler given
+    assert torch.equal(frames[0], generate(models["rgb"], 1, seed=3, sampler="ddim", **kw)[0])
+    assert not torch.equal(frames[0], generate(models["rgb"], 1, seed=3, **kw)[0])  # plain sampling: ddpm
 
 
 def test_inpainting_from_sample_py_writes_what_the_model_saw(models, pictures, tmp_path, capsys):
@@ -241,9 +252,9 @@ def test_inpainting_from_sample_py_writes_what_the_model_saw(models, pictures, t
         assert np.array_equal(np.array(im) == 255, prepare_mask(pictures["left"], (3, 16, 16))[0].numpy())
     with Image.open(out / "input.png") as im:
         assert np.array_equal(np.array(im), prepare_image(pictures["photo"], (3, 16, 16)).permute(1, 2, 0).numpy())
-    default = models["rgb"].parent / "inpaint-ddim-50-seed0"  # without --out: a new folder beside the model
+    default = models["rgb"].parent / "inpaint-ddpm-50-seed0"  # without --out: a new folder beside the model
     assert run_cli(["--model", models["rgb"], "--inpaint", pictures["rgba"], "-n", 1, "--steps", 2], capsys)[0] == 0
-    assert (models["rgb"].parent / "inpaint-ddim-2-seed0" / "00000.png").is_file() and not default.exists()
+    assert (models["rgb"].parent / "inpaint-ddpm-2-seed0" / "00000.png").is_file() and not default.exists()
 
 
 # ----------------------------------------------------------------------------- mistakes

@@ -65,12 +65,12 @@ def test_model_against_a_folder_prints_every_figure_and_writes_json_and_nearest_
     code, out, err = cli(["--model", run, "--ref", data, "-n", 6, "--steps", 3, "--batch-size", 3,
                           "--inception", weights, "--inception-unverified", "--kid-subsets", 5], capsys)
     assert code == 0, err
-    for line in ("6 samples (ddim, 3 steps, seed 0)", "FID:", "(n=6;", "KID:", "(5 subsets of 6)", "precision:",
+    for line in ("6 samples (ddpm, 3 steps, seed 0)", "FID:", "(n=6;", "KID:", "(5 subsets of 6)", "precision:",
                  "recall:", "(k=3)", "memorisation:", "not comparable", f"against step in {run / 'quality.png'}",
-                 f"written:      {run / 'eval' / 'ddim-3-n6-seed0.json'}", str(run / "eval" / "nearest.png")):
+                 f"written:      {run / 'eval' / 'ddpm-3-n6-seed0.json'}", str(run / "eval" / "nearest.png")):
         assert line in out, line
-    result = json.loads((run / "eval" / "ddim-3-n6-seed0.json").read_text())
-    assert result["samples"] == 6 and result["settings"]["sampler"] == "ddim" and result["settings"]["seed"] == 0
+    result = json.loads((run / "eval" / "ddpm-3-n6-seed0.json").read_text())
+    assert result["samples"] == 6 and result["settings"]["sampler"] == "ddpm" and result["settings"]["seed"] == 0
     assert np.isfinite(result["fid"]) and result["fid"] > 0 and 0 <= result["precision"] <= 1
     assert result["reference_images"] == 10 and result["inception_verified"] is False
     picture = Image.open(run / "eval" / "nearest.png")
@@ -104,7 +104,7 @@ def test_a_statistics_file_as_reference_gives_fid_only(run, data, weights, capsy
                           "--inception", weights, "--inception-unverified", "--out", tmp_path / "eval"], capsys)
     assert code == 0, err
     assert "FID:" in out and "need reference images, not a statistics file" in out
-    result = json.loads((tmp_path / "eval" / "ddim-2-n4-seed0.json").read_text())
+    result = json.loads((tmp_path / "eval" / "ddpm-2-n4-seed0.json").read_text())
     assert result["kid"] is None and result["memorisation"] is None and np.isfinite(result["fid"])
 
 
@@ -181,7 +181,7 @@ def test_two_processes_give_the_fid_of_one(run, data, weights, tmp_path):
                       timeout=300, env=launch_env(free_port()))
     assert two.returncode == 0, two.stdout + two.stderr
     assert two.stdout.count("2 process(es)") == 1
-    a, b = (json.loads((tmp_path / d / "ddim-2-n6-seed0.json").read_text()) for d in ("one", "two"))
+    a, b = (json.loads((tmp_path / d / "ddpm-2-n6-seed0.json").read_text()) for d in ("one", "two"))
     assert b["processes"] == 2 and a["processes"] == 1
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-6)
     assert b["kid"]["mean"] == pytest.approx(a["kid"]["mean"], rel=1e-6, abs=1e-9)
@@ -289,7 +289,7 @@ def test_a_reference_longer_than_the_timeout_is_shared_and_nobody_times_out(run,
                         "--out", str(tmp_path / "eval")], timeout=400, env=launch_env(free_port()))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "extracting the features of 96 images" in proc.stdout and "on 2 process(es)" in proc.stdout
-    result = json.loads((tmp_path / "eval" / "ddim-1-n4-seed0.json").read_text())
+    result = json.loads((tmp_path / "eval" / "ddpm-1-n4-seed0.json").read_text())
     assert result["reference_images"] == 96 and np.isfinite(result["fid"])
 
 

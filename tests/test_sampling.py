@@ -21,6 +21,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 
 from resdiff import UNet, UNetOutput, UsageError
+from resdiff.choices import SAMPLERS
 from resdiff.images import make_grid, read_images, to_pil
 from resdiff.model_folder import load_model
 from resdiff.sampling import ImageGenerator, SamplingSettings, generate
@@ -112,9 +113,9 @@ def test_each_sampler_writes_pngs_and_a_grid(models, tmp_path, capsys, sampler):
 
 
 def test_npz_and_a_new_folder_next_to_the_model(models, capsys):
-    code, stdout, err = run_cli(["--model", models["gray"], "--num-images", 3, "--sampler", "ddpm", "--npz"], capsys)
+    code, stdout, err = run_cli(["--model", models["gray"], "--num-images", 3, "--sampler", "dpm++", "--npz"], capsys)
     assert code == 0, err
-    out = models["gray"].parent / "samples-ddpm-100-seed0"  # ddpm's default 1000 steps, capped at the 100 trained ones
+    out = models["gray"].parent / "samples-dpm++-20-seed0"  # dpm++'s own 20 steps
     assert f"wrote 3 images to {out}" in stdout
     arr = np.load(out / "samples.npz")["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (3, 16, 16, 1)  # what FID tools read
@@ -122,11 +123,22 @@ def test_npz_and_a_new_folder_next_to_the_model(models, capsys):
     shutil.rmtree(out)
 
 
+def test_the_default_is_ancestral_ddpm_at_50_steps_capped_at_the_trained_timesteps():
+    """sample.py with no --sampler: ddpm (the lowest FID at 10, 20 and 50 model evaluations in bench/contenders.py)
+    at its own 50 steps, never more steps than the model was trained with."""
+    assert SamplingSettings().sampler == "ddpm" and SAMPLERS["ddpm"][1] == 50
+    assert cli.build_parser().parse_args(["--model", "m"]).sampler is None  # unset: each mode picks its default
+    for trained, steps in ((1000, 50), (20, 20)):
+        config = dict(DDPMScheduler(num_train_timesteps=trained).config)
+        assert ImageGenerator(Elementwise(), SamplingSettings(), config).steps == steps
+    assert len(generate(Elementwise(), 2, progress=False, scheduler_config=config)) == 2
+
+
 def test_default_output_folder_is_never_reused(models, capsys):
     argv = ["--model", models["rgb"], "-n", 2, "--steps", 2, "--seed", 7, "--no-grid"]
     assert run_cli(argv, capsys)[0] == 0
     assert run_cli(argv, capsys)[0] == 0
-    first, second = (models["rgb"].parent / name for name in ("samples-ddim-2-seed7", "samples-ddim-2-seed7-1"))
+    first, second = (models["rgb"].parent / name for name in ("samples-ddpm-2-seed7", "samples-ddpm-2-seed7-1"))
     assert pngs(first) == pngs(second) == ["00000.png", "00001.png"]
     assert not (first / "grid.png").exists()
     assert torch.equal(read_images(first, range(2)), read_images(second, range(2)))  # the same seed: the same images
