@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             num_images = PLAIN_IMAGES if edit is None else DEFAULT_IMAGES
 
-        sample_to_folder(args.model, num_images, SamplingSettings.from_args(args, edit and edit.default_sampler), edit=edit, out=args.out,
-                         npz=args.npz, grid=not args.no_grid)
+        settings = SamplingSettings.from_args(args, edit and edit.default_sampler)  # interpolation: its own default
+        sample_to_folder(args.model, num_images, settings, edit=edit, out=args.out, npz=args.npz, grid=not args.no_grid)
 
     return run_cli(run)
 

@@ -48,8 +48,8 @@ from .settings import (DEFAULT_FRAMES, DEFAULT_IMAGES, DEFAULT_RESAMPLE, DEFAULT
 
 __all__ = [
     "Inpaint", "Img2Img", "Interpolate", "inpaint", "img2img", "interpolate", "prepare_image", "prepare_mask", "slerp",
-    "INPAINT_SAMPLERS", "DETERMINISTIC_SAMPLERS", "INTERPOLATE_SAMPLER", "DEFAULT_RESAMPLE", "DEFAULT_STRENGTH", "DEFAULT_FRAMES",
-    "DEFAULT_IMAGES",
+    "INPAINT_SAMPLERS", "DETERMINISTIC_SAMPLERS", "INTERPOLATE_SAMPLER", "DEFAULT_RESAMPLE", "DEFAULT_STRENGTH",
+    "DEFAULT_FRAMES", "DEFAULT_IMAGES",
 ]
 
 STRIP_OUTPUTS = 7  # strip.png shows the input and this many outputs

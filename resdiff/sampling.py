@@ -39,8 +39,8 @@ from .processes import join
 from .settings import SamplingSettings, add_arguments, check_positive, check_sampler
 
 __all__ = [
-    "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "default_settings", "sample_to_folder",
-    "default_out_dir", "check_sampler", "check_positive", "GRID_LIMIT",
+    "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "default_settings",
+    "sample_to_folder", "default_out_dir", "check_sampler", "check_positive", "GRID_LIMIT",
 ]
 
 GRID_LIMIT = 256  # grid.png shows at most this many images (the first ones)

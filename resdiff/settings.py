@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SamplingSettings", "Scoring", "add_arguments", "check_sampler", "check_positive", "INPAINT_SAMPLERS",
-    "DETERMINISTIC_SAMPLERS", "INTERPOLATE_SAMPLER", "DEFAULT_RESAMPLE", "DEFAULT_STRENGTH", "DEFAULT_FRAMES", "DEFAULT_IMAGES",
+    "DETERMINISTIC_SAMPLERS", "INTERPOLATE_SAMPLER", "DEFAULT_RESAMPLE", "DEFAULT_STRENGTH", "DEFAULT_FRAMES",
+    "DEFAULT_IMAGES",
 ]
 
 # Editing (resdiff.editing, sample.py's --inpaint / --init / --interpolate).
