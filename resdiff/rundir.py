@@ -42,7 +42,7 @@ from .files import (
 from .runlock import LOCK, RunLock
 
 __all__ = [
-    "RunDir", "check_same_model", "check_disk", "remove_leftovers", "trim_log", "write_config", "export_model",
+    "RunDir", "check_same_model", "check_disk", "remove_leftovers", "trim_log", "read_log", "write_config", "export_model",
     "MODEL", "LOG", "QUALITY_PICTURE", "human_size", "write_problem", "identity_changes", "write_identity",
     "earlier_training", "clear_run",
 ]
@@ -141,18 +141,7 @@ def earlier_training(run_dir: Path, checkpoint_every: int) -> str | None:
     found = []
     if (run_dir / MODEL).is_dir():
         found.append(f"the exported model {MODEL}/")
-    try:
-        lines = (run_dir / LOG).read_text(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    steps = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            steps.append(record["step"])
+    steps = [record["step"] for record in read_log(run_dir)]
     if steps and max(steps) >= checkpoint_every:
         found.append(f"{LOG} up to step {max(steps)}")
     return " and ".join(found) or None
@@ -206,21 +195,36 @@ def check_disk(run_dir: Path, parameters: int, keep: int = 3) -> None:
         )
 
 
-def trim_log(run_dir: Path, step: int) -> int:
-    """Keep log.jsonl's records up to ``step``, where training continues from: records past it (work an
-    interruption lost, which the run repeats) and a line cut off mid-write go. Returns how many went."""
-    log = run_dir / LOG
-    if not log.is_file():
-        return 0
-    lines = log.read_text(errors="replace").splitlines(keepends=True)
-    kept = []
+def _log_lines(run_dir: Path) -> list[tuple[str, dict | None]]:
+    """Each line of RUN/log.jsonl with its record: a JSON object with an integer ``step``, or None for a line that is
+    not one (cut off mid-write by a crash, or damaged)."""
+    try:
+        lines = (run_dir / LOG).read_text(errors="replace").splitlines(keepends=True)
+    except OSError:
+        return []
+    parsed = []
     for line in lines:
         try:
             record = json.loads(line) if line.endswith("\n") else None
         except ValueError:
             record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line)
+        ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+        parsed.append((line, record if ok else None))
+    return parsed
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The records of RUN/log.jsonl in order (losses, learning rates, evaluations), each with its ``step``; lines a
+    crash cut off are left out. The one reader of the log."""
+    return [record for _, record in _log_lines(Path(run_dir)) if record is not None]
+
+
+def trim_log(run_dir: Path, step: int) -> int:
+    """Keep log.jsonl's records up to ``step``, where training continues from: records past it (work an
+    interruption lost, which the run repeats) and a line cut off mid-write go. Returns how many went."""
+    log = run_dir / LOG
+    lines = _log_lines(run_dir)
+    kept = [line for line, record in lines if record is not None and record["step"] <= step]
     if len(kept) < len(lines):
         write_atomic(log, lambda tmp: tmp.write_text("".join(kept)))
     return len(lines) - len(kept)

@@ -30,6 +30,7 @@ from .data import to_model_range
 from .diffusion import GaussianDiffusion
 from .ema import EMA
 from .errors import TrainingError, UsageError, one_line
+from .features import Stopped
 from .hardware import reuse_freed_memory
 from .processes import gather_shares, on_main, share
 from .checkpoint import TrainState
@@ -86,6 +87,8 @@ class Trainer:
         self.lr_schedule = get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.step = 0
+        self.train_seconds = 0.0  # wall time in training steps since step 0 (previews, checkpoints, evaluations apart)
+        self.eval_seconds = 0.0  # wall time in evaluations since step 0 (what eval_every auto bounds)
         self.resumed_from: Path | None = None  # the checkpoint ``resume`` loaded
         self._stop_signal: int | None = None
         # Processes agree on a signal every step (so a preempted run checkpoints within one step), with a CPU
@@ -159,6 +162,7 @@ class Trainer:
                 if self.step % t.log_every == 0 or checkpoint:  # never checkpoint a diverged model unchecked
                     rate = (self.step - last_step) * t.batch_size / max(time.perf_counter() - last_time, 1e-9)
                     loss = acc.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()  # the one host sync
+                    self.train_seconds += time.perf_counter() - last_time
                     self._check_finite(loss)
                     self.log(loss, rate)
                     shown.update(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
@@ -171,7 +175,13 @@ class Trainer:
                 if not stop and (self.step % t.preview_every == 0 or final):
                     self.preview()
                 if not stop and self.evaluator is not None and (self.step % self.evaluator.every == 0 or final):
-                    shown.update({k: f"{v:.4g}" for k, v in self.evaluate().items() if not k.startswith("kid_std")})
+                    try:
+                        figures = self.evaluate()
+                    except Stopped:  # a signal during the evaluation: the checkpoint of this step is written
+                        stop, figures = True, {}
+                        if self.is_main:
+                            self.echo(f"signal {self._stop_signal}: the evaluation of step {self.step} stopped")
+                    shown.update({k: f"{v:.4g}" for k, v in figures.items() if not k.startswith("kid_std")})
                     bar.set_postfix(shown)
                 if self.step % t.log_every == 0 or checkpoint:
                     last_time = time.perf_counter()  # previews, evaluations and checkpoints do not count against images/s
@@ -231,13 +241,22 @@ class Trainer:
         self._on_main(lambda: self.run.append_log(record), "the training log")
 
     def evaluate(self) -> dict[str, float]:
-        """The evaluator's figures of the EMA model now (every process takes part), logged on their own line."""
-        figures = self.evaluator(self.ema.model, dict(self.diffusion.scheduler.config))
-        record = {"step": self.step, **{k: round(v, 6) for k, v in figures.items()}, "time": round(time.time(), 3)}
-        if self.settings.trackers:
+        """The evaluator's figures of the EMA model now (every process takes part), logged on their own line with
+        the samples it took and its seconds, or the reason it took fewer or none (``TrainingEvaluator.plan``).
+        Raises ``resdiff.features.Stopped`` when a signal arrives during it."""
+        result = self.evaluator(self.ema.model, dict(self.diffusion.scheduler.config), step=self.step,
+                                train_seconds=self.train_seconds, eval_seconds=self.eval_seconds,
+                                should_stop=self._poll_stop)
+        self.eval_seconds += result.seconds
+        if result.note and self.is_main:
+            self.echo(f"step {self.step}: evaluation {result.note}")
+        figures = {k: round(v, 6) for k, v in result.figures.items()}
+        record = {"step": self.step, **figures, "eval_images": result.images, "eval_s": round(result.seconds, 2),
+                  **({"eval_note": result.note} if result.note else {}), "time": round(time.time(), 3)}
+        if self.settings.trackers and figures:
             self.accelerator.log(figures, step=self.step)
         self._on_main(lambda: self.run.append_log(record), "the training log")
-        return figures
+        return result.figures
 
     def pipeline(self) -> DDPMPipeline:
         """The EMA model with the training noise schedule, as a diffusers pipeline."""
@@ -284,6 +303,7 @@ class Trainer:
             model=self.accelerator.unwrap_model(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
             lr_schedule=self.lr_schedule.state_dict(), rng=_rng_state(),
             scaler=scaler.state_dict() if scaler is not None else None, micro_batch=self._micro_batch(),
+            train_seconds=self.train_seconds, eval_seconds=self.eval_seconds,
         )
 
     def _micro_batch(self) -> int:
@@ -337,6 +357,7 @@ class Trainer:
         if state.scaler is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state.scaler)  # fp16 continues at its loss scale
         self.step = state.step
+        self.train_seconds, self.eval_seconds = state.train_seconds, state.eval_seconds
         seek = getattr(self.batches, "seek", None)
         if seek is not None:
             seek(*self._position_after(state))

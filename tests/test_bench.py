@@ -69,7 +69,7 @@ def test_allocator_times_each_loop_and_malloc_setting_in_its_own_process(tmp_pat
 
 
 def test_train_e2e_compares_train_py_with_the_bare_step(tmp_path):
-    (row,) = bench("train_e2e", "--config", "configs/demo.yaml", "--override", "model.channels=16", "data.image_size=16",
+    (row,) = bench("train_e2e", "--config", "defaults", "--override", "model.channels=16", "data.image_size=16",
                    "--batch-size", "8", "--rounds", "1", "--steps", "2", "--images", "64", "--precisions", "no", tmp_path=tmp_path)["rows"]
     assert row["train.py step s"] > 0 and row["bare step s"] > 0 and row["steps timed"] == 2
     ratio = statistics.median(row["e2e_times"]) / statistics.median(row["bare_times"])

@@ -91,7 +91,7 @@ def test_training_from_a_prepared_dataset_resumes_bitwise(tmp_path, prepared):
 
 
 def test_the_cli_prepares_with_a_config_and_flags(tmp_path, folder, capsys):
-    prepare_main([str(folder), str(tmp_path / "out"), "--config", str(ROOT / "configs" / "demo.yaml"),
+    prepare_main([str(folder), str(tmp_path / "out"), "--config", "cifar10",
                   "--image-size", "8x12", "--channels", "1"])
     said = capsys.readouterr().out
     assert "prepared 40 images, 2 skipped at 8x12, 1 channel(s)" in said and "data.image_size=8x12" in said

@@ -541,13 +541,13 @@ def test_overrides_may_come_anywhere_among_the_flags():
 
 
 def train_cli(argv, capsys) -> tuple[int, str, str]:
-    code = run_cli(lambda: cli.main([str(a) for a in argv]))
+    code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def test_default_run_directory_names(tmp_path, pngs, monkeypatch, capsys):
-    """--out defaults to runs/<data folder>, else runs/<config name>, else runs/demo (the default config's name)."""
+    """--out defaults to runs/<data folder>, else runs/<config name>, else runs/demo (the defaults)."""
     monkeypatch.chdir(tmp_path)
     code, out, err = train_cli(["--data", pngs, "--steps", "1", *TINY], capsys)
     assert code == 0, err
