@@ -122,8 +122,6 @@ class ResdiffContender:
             self.clock_file.unlink(missing_ok=True)
             self.trainer = build_trainer(cfg, resume="auto", start_over=True, echo=print)
         self.batch = cfg.train.batch_size
-        self.data = iter(self.trainer.batches)
-        self.trainer.model.train()
 
     def _clock(self) -> dict:
         """{step: Progress fields} of every checkpoint the benchmark saved in this run."""
@@ -133,10 +131,8 @@ class ResdiffContender:
         return Progress(**self._clock()[str(self.trainer.step)]) if self.trainer.step else Progress()
 
     def step(self) -> int:
-        images, labels = next(self.data)
-        self.trainer.train_step(images, labels)
-        self.trainer.step += 1
-        return len(images)
+        self.trainer.run_steps(1)
+        return self.batch
 
     def save(self, progress: Progress) -> None:
         """The clock at this step first, then the checkpoint (a checkpoint without its clock is never left)."""

@@ -34,7 +34,7 @@ from .checkpoint import (
     complete_checkpoints, list_checkpoints, read_checkpoint, rotate_checkpoints, write_checkpoint_files,
 )
 from .config import Config, config_diff, load_config, save_config
-from .errors import TrainingError, UsageError
+from .errors import TrainingError, UsageError, one_line
 from .files import (
     WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic, write_checksums,
     write_problem,
@@ -363,3 +363,32 @@ class RunDir:
         """A checkpoint read into memory on ``device``: the training state and the EMA weights. Nothing is
         applied, so a damaged file (any error raised here) leaves the trainer untouched."""
         return read_checkpoint(path, rank=rank, world=world, device=device)
+
+    def load_first(
+        self, candidates: list[Path], *, rank: int, world: int, device: torch.device, agree: Callable[[bool], bool],
+        fallback: bool, warn: Callable[[str], None] | None = None,
+    ) -> tuple[Path, TrainState, dict[str, torch.Tensor]] | None:
+        """The first checkpoint of ``candidates`` (newest first) that every process can read (``agree(ok)`` is the
+        collective), read into memory: (its folder, the training state, the EMA weights); None without candidates.
+        A damaged one (a changed file, a truncated one, wrong keys) is passed over with a line to ``warn`` when
+        ``fallback`` (--resume auto); else, and when none loads, it is a UsageError naming each failure."""
+        failures = []
+        for path in candidates:
+            try:
+                loaded, error = self.load_checkpoint(path, rank=rank, world=world, device=device), None
+            except Exception as err:  # any damage in any file: truncated, corrupt, unpicklable, wrong keys
+                loaded, error = None, err
+            if agree(error is None):
+                return path, *loaded
+            reason = one_line(error) if error is not None else "unreadable on another process"
+            failures.append(f"{path.name}: {reason}")
+            if not fallback:
+                break
+            if warn is not None and path != candidates[-1]:
+                warn(f"warning: cannot load checkpoint {path} ({reason}); falling back to the one before it")
+        if failures:
+            raise UsageError(
+                f"cannot resume {self.path}: no checkpoint loads ({'; '.join(failures)}); move the damaged "
+                f"checkpoint folders away to start over, or choose a new --out"
+            )
+        return None

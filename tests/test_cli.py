@@ -59,6 +59,32 @@ def test_a_bad_image_size_is_one_line(capsys):
     assert err.count("\n") == 1 and err.startswith("error: data.image_size must be") and "'big'" in err
 
 
+# --------------------------------------------------------------------------- flags under the launchers
+
+
+def _parser(name: str):
+    import importlib
+
+    return importlib.import_module(f"resdiff.cli.{name}").build_parser()
+
+
+@pytest.mark.parametrize("name", ["train", "sample", "evaluate"])
+def test_no_flag_is_a_prefix_of_a_launcher_option(name):
+    """torchrun and accelerate launch parse abbreviations of their own options even after the script name
+    (`--num` would be ambiguous with torchrun's --numa-binding): every flag of every command, editing's included,
+    must reach the program untouched under both."""
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    flags = [s for action in _parser(name)._actions for s in action.option_strings if s not in ("-h", "--help")]
+    assert len(flags) >= 3
+    for flag in flags:
+        args = get_args_parser().parse_args(["--nproc_per_node", "2", f"{name}.py", flag, "1"])
+        assert args.training_script_args == [flag, "1"], flag
+        args = launch_command_parser().parse_args([f"{name}.py", flag, "1"])
+        assert args.training_script_args == [flag, "1"], flag
+
+
 # --------------------------------------------------------------------------- the installed commands
 
 

@@ -217,20 +217,6 @@ def test_a_bad_reference_stops_every_process_before_sampling(run, weights, tmp_p
     assert "samples -> features" not in proc.stderr + proc.stdout
 
 
-def test_no_flag_is_a_prefix_of_a_launcher_option():
-    """torchrun and accelerate launch parse abbreviations of their own options even after the script name."""
-    from accelerate.commands.launch import launch_command_parser
-    from torch.distributed.run import get_args_parser
-
-    flags = [s for a in evaluate_script.build_parser()._actions for s in a.option_strings if s not in ("-h", "--help")]
-    assert "--num-images" in flags and "--inception" in flags and "--timeout-s" in flags
-    for flag in flags:
-        args = get_args_parser().parse_args(["--nproc_per_node", "2", "evaluate.py", flag, "1"])
-        assert args.training_script_args == [flag, "1"], flag
-        args = launch_command_parser().parse_args(["evaluate.py", flag, "1"])
-        assert args.training_script_args == [flag, "1"], flag
-
-
 def test_non_square_samples_are_scored_at_their_own_shape(data, weights, capsys, tmp_path):
     """16x24 samples in an .npz against a folder: the reference is prepared at 16x24 too (cover, centre crop)."""
     samples = torch.randint(0, 256, (4, 16, 24, 3), dtype=torch.uint8).numpy()

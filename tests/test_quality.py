@@ -158,9 +158,9 @@ def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(net, da
     from accelerate import Accelerator
 
     from resdiff.batches import ShardedBatches
-    from resdiff.config import TrainConfig
     from resdiff.data import ImageFolder
     from resdiff.diffusion import GaussianDiffusion
+    from resdiff.ema import EMA
     from resdiff.rundir import RunDir
     from resdiff.trainer import Trainer
 
@@ -169,10 +169,12 @@ def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(net, da
                            run_dir=tmp_path / "run")
     dataset = ImageFolder(data, 16, 3, random_flip=False, cache=True)
     torch.manual_seed(0)
-    trainer = Trainer(model=UNet(**SMALL), diffusion=GaussianDiffusion.from_config(num_train_timesteps=50),
-                      batches=ShardedBatches(dataset, 4, 0, 1, 0, {}), accelerator=Accelerator(cpu=True),
-                      run=RunDir(tmp_path / "run"), settings=TrainConfig(steps=3, batch_size=4, preview_steps=2),
-                      evaluator=ev, echo=lambda _m: None)
+    unet = UNet(**SMALL)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    trainer = Trainer(model=unet, diffusion=GaussianDiffusion.from_config(num_train_timesteps=50), optimizer=optimizer,
+                      lr_schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0), ema=EMA(unet, 0.9),
+                      batches=ShardedBatches(dataset, 4, 0, 1, 0, {}), run=RunDir(tmp_path / "run"),
+                      accelerator=Accelerator(cpu=True), steps=3, batch_size=4, evaluator=ev, echo=lambda _m: None)
     trainer.fit()
     evals = [r for r in read_log(tmp_path / "run") if "fid@4" in r]
     assert [r["step"] for r in evals] == [2, 3] and all(np.isfinite(r["fid@4"]) and "kid@4" in r for r in evals)

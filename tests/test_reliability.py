@@ -648,7 +648,7 @@ def test_the_readme_default_out_refuses_another_dataset_of_the_same_folder_name(
     assert json.loads((run / "identity.json").read_text())["data.source"] == str(second)  # the new identity is recorded
 
 
-@pytest.mark.parametrize("change", ["diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=cosine",
+@pytest.mark.parametrize("change", ["diffusion.prediction_type=epsilon", "diffusion.beta_schedule=linear",
                                     "diffusion.num_train_timesteps=500", "data.random_flip=false", "train.seed=5"])
 def test_a_resume_that_changes_what_is_learned_is_refused(change, run_copy, pngs):
     key = change.split("=")[0]
