@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -241,9 +242,9 @@ class ChannelStats:
 class Autoencoder(nn.Module):
     """An image autoencoder behind one interface: images in [-1, 1] <-> raw latents.
 
-    ``spec`` is what it was loaded from, ``files`` {name: SHA-256} the files that made it (``fingerprint`` digests
-    them), ``downsample`` the side ratio of image to latent, ``latent_channels`` the latent's channels,
-    ``own_norm`` the normalisation its config gives (identity where it has none)."""
+    ``spec`` is what it was loaded from (a local one as an absolute path), ``files`` {name: SHA-256} the files that
+    made it (``fingerprint`` digests them), ``downsample`` the side ratio of image to latent, ``latent_channels``
+    the latent's channels, ``own_norm`` the normalisation its config gives (identity where it has none)."""
 
     kind: str = ""
 
@@ -473,13 +474,14 @@ def _from_hub(spec: str) -> DiffusersAutoencoder:
 
 def _load(spec: str) -> Autoencoder:
     path = Path(spec).expanduser()
+    here = os.path.abspath(path)  # what a local autoencoder records as its SPEC: valid from any working folder
     if path.is_dir():
         model = _diffusers_folder(path)
         if model is not None:
-            return _load_diffusers(model, spec, str(model))
+            return _load_diffusers(model, here, str(model))
         names = _pairs(path)
         if len(names) == 1:
-            return TinyAutoencoder.from_files(*_pair_files(path / names[0]), spec)
+            return TinyAutoencoder.from_files(*_pair_files(path / names[0]), here)
         if names:
             raise UsageError(f"{path} holds {len(names)} autoencoder pairs ({', '.join(names)}); pass one as "
                              f"{path / names[0]} (DIR/NAME)")
@@ -490,10 +492,10 @@ def _load(spec: str) -> Autoencoder:
                          f"a diffusers config.json (or vae/config.json); pass a folder that does")
     for suffix in (ENCODER_SUFFIX, DECODER_SUFFIX):  # either file of a pair names the pair
         if path.name.endswith(suffix) and path.is_file():
-            return TinyAutoencoder.from_files(*_pair_files(path.with_name(path.name[: -len(suffix)])), spec)
+            return TinyAutoencoder.from_files(*_pair_files(path.with_name(path.name[: -len(suffix)])), here)
     encoder, decoder = _pair_files(path)
     if encoder.is_file():
-        return TinyAutoencoder.from_files(encoder, decoder, spec)
+        return TinyAutoencoder.from_files(encoder, decoder, here)
     if path.exists():
         raise UsageError(f"{path} is not an autoencoder folder nor a file of a NAME{ENCODER_SUFFIX}/"
                          f"NAME{DECODER_SUFFIX} pair; pass the folder that holds the pair, or a diffusers autoencoder "

@@ -119,7 +119,8 @@ class PreparedImages(torch.utils.data.Dataset):
                 self.item_shape, self.dtype, flipped = (self.channels, *self.shape), np.dtype(np.uint8), None
                 self.norm: LatentNorm | None = None
             else:
-                self.item_shape, self.dtype = tuple(int(v) for v in self.latent["shape"]), np.dtype(self.latent["dtype"])
+                self.item_shape = tuple(int(v) for v in self.latent["shape"])
+                self.dtype = np.dtype(self.latent["dtype"])
                 self.norm = LatentNorm.from_dict(self.latent["norm"][self.latent["norm"]["use"]])
                 flipped = self.latent["flips"]["shards"]
                 if flipped is not None and [int(sh["count"]) for sh in flipped] != counts:
@@ -297,7 +298,8 @@ class _Shards:
 
     def __init__(self, folder: Path, item: tuple[int, int, int], per_shard: int, dtype: np.dtype = np.dtype(np.uint8),
                  prefix: str = IMAGE_SHARDS):
-        self.folder, self.item, self.per_shard, self.dtype, self.prefix = folder, item, per_shard, np.dtype(dtype), prefix
+        self.folder, self.item, self.per_shard, self.prefix = folder, item, per_shard, prefix
+        self.dtype = np.dtype(dtype)
         self.written: list[dict] = []  # {"file", "count"} of each closed shard: the index's "shards"
         self.shard, self.path, self.filled = None, None, 0
 
@@ -338,7 +340,8 @@ class _Shards:
         self.written.append({"file": self.path.name, "count": self.filled})
 
 
-def _decoder(shape: tuple[int, int], channels: int, background: tuple[int, int, int]) -> Callable[[Path], np.ndarray | str]:
+def _decoder(shape: tuple[int, int], channels: int,
+             background: tuple[int, int, int]) -> Callable[[Path], np.ndarray | str]:
     """Decode one file as training does (centre crop): uint8 (C, H, W), or why it cannot be used."""
     def decode(path: Path) -> np.ndarray | str:
         try:
@@ -468,9 +471,9 @@ def prepare(
 
 _LATENT_CHUNK = 64  # images encoded between two commits of a latent dataset (what an interruption can lose)
 PROGRESS = "progress.jsonl"  # in .OUT.partial: a header line, then one line per committed chunk
-NORM_WHY = ("training uses 'data': the noise schedule assumes data of mean 0 and variance 1 in every channel, which the "
-            "shift and scale measured on this data give exactly; the autoencoder's own factor is one number for all "
-            "channels, fitted to the images it was trained on, and is kept for comparison")
+NORM_WHY = ("training uses 'data': the noise schedule assumes data of mean 0 and variance 1 in every channel, which "
+            "the shift and scale measured on this data give exactly; the autoencoder's own factor is one number for "
+            "all channels, fitted to the images it was trained on, and is kept for comparison")
 FLIP_RULE = ("row i of flipped-K.npy is the latent of the mirrored image of row i of images-K.npy: a flipped item is "
              "read there; mirroring a latent is not the latent of the mirrored image (the encoder is not "
              "mirror-symmetric)")
@@ -503,9 +506,9 @@ class _LatentJob:
             except OSError:  # gone since the scan: decoding will skip it
                 listing.append([path.relative_to(self.source).as_posix(), -1, 0])
         text = json.dumps({"version": LATENT_VERSION, "files": listing, "image_size": list(self.shape),
-                           "channels": self.channels, "class_cond": self.class_cond, "background": list(self.background),
-                           "flips": self.flips, "shard_bytes": self.shard_bytes, "autoencoder": self.ae.fingerprint,
-                           "encoder_dtype": str(self.ae.dtype)})
+                           "channels": self.channels, "class_cond": self.class_cond,
+                           "background": list(self.background), "flips": self.flips, "shard_bytes": self.shard_bytes,
+                           "autoencoder": self.ae.fingerprint, "encoder_dtype": str(self.ae.dtype)})
         self.digest = hashlib.sha256(text.encode()).hexdigest()
 
     @property
@@ -615,8 +618,9 @@ def _encode_into(job: _LatentJob, out: Path, work: Path, batch_size: int, warn: 
     if start:
         warn(f"resuming: {start} of {n} image files of {job.source} are done in {work}")
     copies = 2 if job.flips else 1
+    mirrored = " (and those of their mirror images)" if job.flips else ""
     _check_space(out, n - start, int(np.prod(latent)) * 2 * copies,
-                 f"as {'x'.join(map(str, latent))} float16 latents{' (and those of their mirror images)' if job.flips else ''}")
+                 f"as {'x'.join(map(str, latent))} float16 latents{mirrored}")
     images = _Shards(work, latent, job.per_shard, np.dtype(np.float16), IMAGE_SHARDS)
     flipped = _Shards(work, latent, job.per_shard, np.dtype(np.float16), FLIPPED_SHARDS) if job.flips else None
     for shards in filter(None, (images, flipped)):
@@ -673,7 +677,8 @@ def _write_latents(job: _LatentJob, out: Path, batch_size: int, warn: Callable[[
                 raise
             measured = _measured_norm(work, images.written + (flipped.written if flipped else []), job.latent[0],
                                       len(kept), job.flips)
-            norm = {"use": "data", "why": NORM_WHY, "data": measured.to_dict(), "autoencoder": job.ae.own_norm.to_dict()}
+            norm = {"use": "data", "why": NORM_WHY, "data": measured.to_dict(),
+                    "autoencoder": job.ae.own_norm.to_dict()}
             _write_labels_and_index(work, job.source, job.candidates, kept, job.labels, skipped, {
                 "version": LATENT_VERSION, "image_size": list(job.shape), "channels": job.channels, "crop": "center",
                 "class_cond": job.class_cond, "classes": job.classes, "background": list(job.background),
@@ -688,8 +693,8 @@ def _write_latents(job: _LatentJob, out: Path, batch_size: int, warn: Callable[[
                 out.rmdir()  # the empty folder it was allowed to be
             os.replace(work, out)
         except OSError as err:  # the disk filled up or went away: what was committed stays, to continue from
-            raise UsageError(f"cannot write the prepared dataset {out} ({write_problem(err)}); what was encoded is kept "
-                             f"in {work}: free some space and run the same command again to continue") from None
+            raise UsageError(f"cannot write the prepared dataset {out} ({write_problem(err)}); what was encoded is "
+                             f"kept in {work}: free some space and run the same command again to continue") from None
         except KeyboardInterrupt:
             warn(f"interrupted; what was encoded is kept in {work}: run the same command again to continue")
             raise

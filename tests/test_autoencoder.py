@@ -159,7 +159,8 @@ def _bad_spec(how: str, folders: dict[str, Path], tmp: Path) -> tuple[str, str]:
         state = torch.load(folders["pair"] / "tiny_encoder.pth", weights_only=True)
         state["3.conv.9.weight"] = state.pop("3.conv.4.weight")
         torch.save(state, encoder)
-        return str(folder), f"{encoder} does not fit a TAESD-family encoder (no tensor 3.conv.4.weight; unexpected 3.conv.9.weight)"
+        return str(folder), (f"{encoder} does not fit a TAESD-family encoder (no tensor 3.conv.4.weight; "
+                             f"unexpected 3.conv.9.weight)")
     if how == "pickled weights":  # a diffusers folder saved without safetensors
         from diffusers import AutoencoderTiny
 
@@ -172,7 +173,8 @@ def _bad_spec(how: str, folders: dict[str, Path], tmp: Path) -> tuple[str, str]:
     assert how == "hub id offline"
     return "resdiff-tests/no-such-autoencoder", (
         "autoencoder resdiff-tests/no-such-autoencoder is not in huggingface_hub's cache and cannot be downloaded now "
-        "(offline, HF_HUB_OFFLINE=1, or no network); fetch it once online (hf download resdiff-tests/no-such-autoencoder)")
+        "(offline, HF_HUB_OFFLINE=1, or no network); fetch it once online "
+        "(hf download resdiff-tests/no-such-autoencoder)")
 
 
 @pytest.mark.parametrize("how", ["missing", "empty folder", "no decoder", "unknown name", "two pairs", "pickled object",
@@ -186,11 +188,12 @@ def test_an_unusable_spec_is_one_line_naming_the_file(folders, tmp_path, how):
     assert message.startswith(says) and "\n" not in message, message
 
 
-def test_one_pair_of_several_is_named_as_dir_slash_name_or_by_either_file(folders, tmp_path):
+def test_one_pair_of_several_is_named_as_dir_slash_name_or_by_either_file(folders, tmp_path, monkeypatch):
     for name in ("a", "b"):
         for part in ("encoder", "decoder"):
             shutil.copy(folders["pair"] / f"tiny_{part}.pth", tmp_path / f"{name}_{part}.pth")
-    by_name = load_autoencoder(tmp_path / "b")
+    monkeypatch.chdir(tmp_path.parent)
+    by_name = load_autoencoder(Path(tmp_path.name) / "b")  # a relative SPEC is kept as an absolute path
     assert set(by_name.files) == {"b_encoder.pth", "b_decoder.pth"} and by_name.spec == str(tmp_path / "b")
     assert load_autoencoder(tmp_path / "b_decoder.pth").files == by_name.files
 

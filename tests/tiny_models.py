@@ -33,7 +33,8 @@ def tiny_autoencoder(kind: str, folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     if kind == "tiny":
-        vae = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4, latent_channels=4)
+        vae = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                              latent_channels=4)
     else:
         vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
