@@ -401,8 +401,13 @@ def test_processes_preparing_the_same_latents_wait_for_the_one_writing_them(tmp_
     worker = threading.Thread(target=lambda: done.append(
         prepare_latents(pngs, tmp_path / "out", 16, tiny_ae, warn=heard.append, progress=False)))
     worker.start()
-    worker.join(timeout=3)
-    assert worker.is_alive() and heard == [f"waiting for another process that is preparing {partial} ..."]
+    for _ in range(600):  # until it reaches the lock (it loads the autoencoder and lists the files first)
+        if heard:
+            break
+        worker.join(timeout=0.1)
+    assert heard == [f"waiting for another process that is preparing {partial} ..."]
+    worker.join(timeout=0.5)
+    assert worker.is_alive()  # still waiting
     os.close(fd)  # the other process is gone
     worker.join(timeout=60)
     assert len(done[0]) == 8 and not partial.exists()
