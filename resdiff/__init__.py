@@ -14,6 +14,9 @@ loop -> CLIs). Who owns what:
     data.py        file -> pixels, ImageFolder, demo shapes, flips               config.py   Config, YAML, overrides
     hints.py       values against type hints (describe, coerce, fits): config.py's and model_folder.py's checks
     batches.py     ShardedBatches: each process's batches   prepare.py  the prepared dataset: writer and reader
+                   (pixels, or an autoencoder's latents: prepare_latents, latent_cache)
+    autoencoder.py the autoencoder of latent diffusion: load_autoencoder(SPEC) (a TAESD-family pair, diffusers
+                   AutoencoderKL/AutoencoderTiny, a Hub id), encode/decode in [-1, 1], LatentNorm (shift, scale)
     build.py       build_trainer(cfg): checks, run directory, the parts          trainer.py  Trainer: loop and step
     ema.py         EMA weights                rundir.py  RunDir: layout, log, previews, writing checkpoints, export
     checkpoint.py  a checkpoint folder: names, TrainState, checks, listing, rotation, its files written and read
