@@ -19,10 +19,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMPipeline
 from diffusers.optimization import get_constant_schedule_with_warmup
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -35,7 +37,7 @@ from .processes import gather_shares, on_main, share
 from .checkpoint import TrainState
 from .rundir import RunDir
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "log_image"]
 
 
 class Trainer:
@@ -257,8 +259,13 @@ class Trainer:
         images = generate(self.ema.model, n, settings, indices=mine, progress=False,
                           scheduler_config=dict(self.diffusion.scheduler.config))
         ordered = gather_shares(images, n)  # (n, C, H, W) in image order
-        self._on_main(lambda: self.run.save_preview(self.step, lambda tmp: make_grid(ordered).save(tmp, format="PNG")),
-                      f"the preview of step {self.step}")
+
+        def write() -> None:
+            grid = make_grid(ordered)
+            self.run.save_preview(self.step, lambda tmp: grid.save(tmp, format="PNG"))
+            log_image(self.accelerator, "preview", grid, self.step)
+
+        self._on_main(write, f"the preview of step {self.step}")
 
     def _on_main(self, write: Callable[[], object], what: str) -> None:
         """Run a write only the main process does. If it fails, every process stops with a one-line error (the
@@ -412,6 +419,24 @@ class Trainer:
         votes = torch.tensor([int(self._stop_signal is not None)])
         torch.distributed.all_reduce(votes, group=self._votes)  # None: the default group, gloo on CPUs
         return bool(votes.item())
+
+
+# How each tracker's log_images takes one picture, an (H, W, 3) uint8 array: TensorBoard's add_images a batch of
+# them (NHWC, said by a keyword), W&B a list. accelerate's other trackers get the figures and no images.
+_IMAGE_FORMS: dict[str, Callable[[np.ndarray], tuple[object, dict]]] = {
+    "tensorboard": lambda pixels: (pixels[None], {"dataformats": "NHWC"}),
+    "wandb": lambda pixels: ([pixels], {}),
+}
+
+
+def log_image(accelerator: Accelerator, name: str, picture: Image.Image, step: int) -> None:
+    """``picture`` to every tracker of ``accelerator`` that takes images, at ``step``. Trackers live on the main
+    process only (accelerate makes none elsewhere), so elsewhere this does nothing."""
+    pixels = np.asarray(picture.convert("RGB"))  # (H, W, 3) uint8; a grey or RGBA grid made RGB
+    for tracker in accelerator.trackers:
+        if (form := _IMAGE_FORMS.get(tracker.name)) is not None:
+            images, kwargs = form(pixels)
+            tracker.log_images({name: images}, step=step, **kwargs)
 
 
 def _lost_contact(err: RuntimeError) -> bool:
