@@ -31,7 +31,8 @@ loop -> CLIs). Who owns what:
     inception.py, inception_weights.py  the FID Inception network; where its weights come from, checked
     features.py    a network's features of images and their float64 statistics
     metrics.py, reference.py   FID/KID/PR/memorisation; images to score and cached reference features
-    evaluation.py  evaluate.py's job
+    evaluation.py  evaluate.py's job; in-training FID/KID and RUN/quality.png
+    charts.py      every chart (matplotlib, headless): named series against x, a run's log against step
     hardware.py    devices, precisions, malloc errors.py  UsageError/TrainingError, the CLI parser
 
 From folder to loss (training):

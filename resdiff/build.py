@@ -136,6 +136,7 @@ def build_trainer(
         optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                       weight_decay=t.weight_decay, **_fast_adamw())
         previews = Previews(every=t.preview_every, num_images=t.preview_images, run=run,
+                            trackers=acc if t.trackers else None,
                             settings=SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
                                                       mixed_precision=t.mixed_precision, device=acc.device))
         trainer = Trainer(

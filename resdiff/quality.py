@@ -18,13 +18,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from .diffusion import make_sampler
 from .features import FeatureStats, extract_features, sample_features
-from .files import write_atomic
 from .metrics import fid_from_stats, kid
 from .processes import on_main, rank_world
 from .reference import reference_features
@@ -32,7 +31,11 @@ from .rundir import QUALITY_PICTURE, read_log
 from .sampling import ImageGenerator, steps_for
 from .settings import SamplingSettings
 
-__all__ = ["TrainingEvaluator", "Evaluation", "kid_figures", "quality_picture", "EVAL_SHARE", "MIN_IMAGES"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["TrainingEvaluator", "Evaluation", "kid_figures", "quality_chart", "quality_picture", "EVAL_SHARE",
+           "MIN_IMAGES"]
 
 EVAL_SHARE = 0.1  # train.eval_every auto: evaluations take at most this share of the training time so far
 MIN_IMAGES = 16  # fewer samples than this make a figure too noisy for its cost: the evaluation is skipped instead
@@ -170,49 +173,26 @@ class TrainingEvaluator:
         if ref_features is not None:  # each process computes its share of KID's subsets
             figures.update(kid_figures(gen, ref_features, self.kid_subsets, self.device))
         if self.picture is not None and rank_world()[0] == 0:
-            quality_picture([*read_log(self.picture.parent), {"step": step, **figures}], f"fid@{n}", self.picture)
+            quality_picture([*read_log(self.picture.parent), {"step": step, **figures}], n, self.picture,
+                            kid=ref_features is not None)
         return Evaluation(figures, n, time.perf_counter() - start, note)
 
 
 # ----------------------------------------------------------------------------- the training curve picture
 
 
-def _panel(draw, box: tuple[int, int, int, int], points: list[tuple[int, float]], title: str, colour: tuple,
-           steps: tuple[int, int]) -> None:
-    """One line chart in ``box`` (left, top, right, bottom): the title with the last value, min/max labels, the line."""
-    left, top, right, bottom = box
-    draw.rectangle(box, outline=(160, 160, 160))
-    last = f"{points[-1][1]:.4g} at step {points[-1][0]}" if points else "no value yet"
-    draw.text((left, top - 14), f"{title}: {last}", fill=(0, 0, 0))
-    if not points:
-        return
-    lo, hi = min(v for _, v in points), max(v for _, v in points)
-    span, width = (hi - lo) or 1.0, max(steps[1] - steps[0], 1)
-    xy = [(left + 4 + (right - left - 8) * (s - steps[0]) / width, bottom - 4 - (bottom - top - 8) * (v - lo) / span)
-          for s, v in points]
-    draw.text((right + 4, top), f"{hi:.4g}", fill=(90, 90, 90))
-    draw.text((right + 4, bottom - 12), f"{lo:.4g}", fill=(90, 90, 90))
-    if len(xy) > 1:
-        draw.line(xy, fill=colour, width=2)
-    for x, y in xy:
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+def quality_chart(records: list[dict], n: int, *, kid: bool = True) -> "Figure":
+    """FID@n, KID@n (with ``kid``: the evaluation computes it) and the training loss of a run's log records against
+    step. The panels are the same at every evaluation of a run, the first included."""
+    from .charts import Panel, step_chart
+
+    kid_panel = [Panel(f"kid@{n}", f"KID@{n}")] if kid else []
+    panels = [Panel(f"fid@{n}", f"FID@{n} (lower is better)"), *kid_panel, Panel("loss", "training loss", log_y=True)]
+    return step_chart(records, panels, title=f"EMA samples (n = {n}) and training loss; FID compares only at the same n")
 
 
-def quality_picture(records: list[dict], key: str, path: str | Path) -> Path:
-    """Draw ``key`` (e.g. fid@2000) and the training loss of a run's log records against step as a PNG, written
-    whole or not at all, so a viewer never sees half a picture."""
-    from PIL import Image, ImageDraw
+def quality_picture(records: list[dict], n: int, path: str | Path, *, kid: bool = True) -> Path:
+    """``quality_chart`` as a PNG at ``path``, written whole or not at all (a viewer never sees half of it)."""
+    from .charts import save
 
-    fid = [(int(r["step"]), float(r[key])) for r in records if key in r]
-    loss = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r]
-    all_steps = [s for s, _ in fid + loss] or [0]
-    steps = (min(all_steps), max(all_steps))
-    image = Image.new("RGB", (720, 430), "white")
-    draw = ImageDraw.Draw(image)
-    _panel(draw, (40, 30, 640, 210), fid, f"{key} (lower is better; compare only at the same n)", (200, 40, 40), steps)
-    _panel(draw, (40, 250, 640, 400), loss, "training loss", (40, 90, 200), steps)
-    draw.text((40, 406), f"step {steps[0]}", fill=(90, 90, 90))
-    draw.text((590, 406), f"step {steps[1]}", fill=(90, 90, 90))
-    path = Path(path)
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
-    return path
+    return save(quality_chart(records, n, kid=kid), path)

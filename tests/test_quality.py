@@ -20,7 +20,7 @@ from resdiff import UNet
 from resdiff.build import build_trainer, model_keys
 from resdiff.config import load_config
 from resdiff.inception import FIDInceptionV3, load_inception, synthetic_weights
-from resdiff.quality import MIN_IMAGES, TrainingEvaluator, kid_figures, quality_picture
+from resdiff.quality import MIN_IMAGES, TrainingEvaluator, kid_figures, quality_chart, quality_picture
 from resdiff.sampling import SamplingSettings
 
 from tiny_runs import read_log
@@ -183,19 +183,22 @@ def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(net, da
     assert len(picture.convert("RGB").getcolors(1 << 16)) > 3
 
 
-def test_the_quality_picture_draws_fid_and_loss_against_step(tmp_path):
+def test_the_quality_chart_draws_fid_kid_and_loss_against_step(tmp_path):
+    """RUN/quality.png: FID@n (and KID@n where the evaluation computes it) above the training loss, one step axis."""
     records = [{"step": s, "loss": 1.0 / s} for s in range(25, 625, 25)]
-    records += [{"step": s, "fid@64": 300.0 - s / 3} for s in (200, 400, 600)]
-    path = quality_picture(records, "fid@64", tmp_path / "quality.png")
-    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)  # the FID line, top panel
-    blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 80)  # the loss line, bottom panel
-    assert red[:215].sum() > 100 and red[240:].sum() == 0 and blue[245:].sum() > 100
-    # FID from step 200 (a third of the way along the shared step axis) to 600 (the right edge), falling
-    first, last = np.nonzero(red[:215, 200:260].any(0))[0], np.nonzero(red[:215, 600:650].any(0))[0]
-    assert len(first) and len(last) and not red[:215, :200].any()
-    assert np.nonzero(red[:215, 600:650].any(1))[0].mean() > np.nonzero(red[:215, 200:260].any(1))[0].mean()
-    quality_picture([], "fid@64", tmp_path / "empty.png")  # before the first figure: empty panels, no error
+    records += [{"step": s, "fid@64": 300.0 - s / 3, "kid@64": 0.2 - s / 6000} for s in (200, 400, 600)]
+    records += [{"step": 600, "fid@2000": 50.0}]  # another n: never on the same axis
+    fid, kid, loss = quality_chart(records, 64).axes
+    assert [ax.get_ylabel() for ax in (fid, kid, loss)] == ["FID@64 (lower is better)", "KID@64", "training loss"]
+    assert list(fid.lines[0].get_xdata()) == [200, 400, 600]
+    assert list(fid.lines[0].get_ydata()) == [300.0 - s / 3 for s in (200, 400, 600)]
+    assert list(loss.lines[0].get_xdata()) == list(range(25, 625, 25)) and loss.get_yscale() == "log"
+    assert "same n" in quality_chart(records, 64).get_suptitle()
+    no_kid = quality_chart([{"step": 1, "loss": 0.5}], 64, kid=False)  # a statistics-only reference: FID alone
+    assert [ax.get_ylabel() for ax in no_kid.axes] == ["FID@64 (lower is better)", "training loss"]
+    path = quality_picture(records, 64, tmp_path / "quality.png")
+    assert Image.open(path).format == "PNG" and [p.name for p in tmp_path.iterdir()] == ["quality.png"]
+    quality_picture([], 64, tmp_path / "empty.png")  # before the first figure: empty panels, no error
 
 
 def test_training_kid_reports_a_spread_only_when_its_subsets_can_differ():

@@ -298,6 +298,28 @@ def test_the_trainer_trains_parts_it_is_given_without_a_config(tmp_path):
     assert trainer.ema.updates == 3
 
 
+def test_previews_go_to_tensorboard_as_images_at_their_step(tmp_path, pngs):
+    """train.trackers=[tensorboard]: each preview grid the run writes is also an image in TensorBoard's event file
+    (RUN/resdiff/, accelerate's project folder), at its step, pixel for pixel; the scalars are there beside it."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    fit(run, f"data.path={pngs}", "train.steps=3", "train.log_every=1", "train.preview_every=2",
+        "train.trackers=[tensorboard]")
+    events = EventAccumulator(str(run / "resdiff"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    previews = events.Images("preview")
+    assert [e.step for e in previews] == [2, 3]  # every 2 steps and at the end, as samples/ has them
+    for event in previews:
+        with Image.open(run / "samples" / f"step-{event.step:07d}.png") as grid:
+            shown = Image.open(io.BytesIO(event.encoded_image_string))
+            assert (event.width, event.height) == grid.size
+            assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(grid.convert("RGB")))
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+
+
 # ----------------------------------------------------------------------------- gradient accumulation
 
 
