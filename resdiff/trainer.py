@@ -48,9 +48,10 @@ class Trainer:
     A class-conditional model (``model.config.num_classes``) gets its labels, dropped to the null class with
     the diffusion's ``label_dropout`` for classifier-free guidance. ``about`` is printed when training starts;
     ``hparams`` go to the experiment trackers (default: ``settings``). ``evaluator(ema_model, scheduler_config)``
-    (e.g. ``resdiff.evaluation.TrainingEvaluator``) scores the EMA model every ``evaluator.every`` steps and at
+    (e.g. ``resdiff.quality.TrainingEvaluator``) scores the EMA model every ``evaluator.every`` steps and at
     the end; its figures go to the log, the trackers and the progress bar. On a CPU it makes this process's
-    malloc keep freed memory for the next step (``hardware.reuse_freed_memory``: 1.06-1.34x faster steps).
+    malloc keep freed memory for the next step (``hardware.reuse_freed_memory``: no page faults for what each step
+    allocates again).
     """
 
     def __init__(
@@ -391,8 +392,8 @@ class Trainer:
         leaves DDP's C++ ``Reducer`` as the group's last owner. The Reducer is freed with the GIL held (its
         Python binding keeps it), so ``~ProcessGroupGloo`` then joins gloo's worker threads while holding the
         GIL. A worker that has just finished the last collective is still dropping that work object, whose
-        tensors have Python wrappers: to free them it waits for the GIL, and the join waits for it. Both
-        processes hung after "done" (1 in 10 to 2 in 4 two-process runs here; bench/multiprocess_exit.py). So the
+        tensors have Python wrappers: to free them it waits for the GIL, and the join waits for it, so both
+        processes can hang after "done" (bench/multiprocess_exit.py counts how often a run ends). So the
         DDP wrapper is dropped first, while torch.distributed still owns the group, and only then is the group
         destroyed: its last reference then goes through torch's binding for process groups, which releases the
         GIL before ``~ProcessGroupGloo`` runs.
