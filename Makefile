@@ -47,8 +47,8 @@ bench-data: install
 	$(BIN)/python bench/emoji.py openmoji data/openmoji
 	$(BIN)/python bench/emoji.py noto data/noto
 
-# Issue #25 (README, "Real images against diffusers"): FID against training minutes on both sets, resdiff's
-# recipes vs diffusers' example. Hours of CPU; resumable: run it again after an interruption.
+# Issue #25 (docs/benchmarks.md, "Sample quality against diffusers on real images"): FID against training minutes
+# on both sets, resdiff's recipes vs diffusers' example. Hours of CPU; resumable: run it again after an interruption.
 bench-contenders: bench-data
 	$(BIN)/python -m resdiff.inception
 	$(BIN)/python bench/contenders.py --data data/openmoji

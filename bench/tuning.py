@@ -9,7 +9,7 @@ why these minutes buy fewer steps than the benchmark's. The figures rank the var
 benchmark (bench/contenders.py) then measures the chosen defaults against diffusers.
 
     python bench/tuning.py --data data/openmoji --minutes 7 --fid-images 500 --only base lr2e-3 lr5e-4 batch16 \
-        batch64 wide48 deep2 ema-power0.10 min-snr5 eps-cosine     # the README's first round (7 minutes each)
+        batch64 wide48 deep2 ema-power0.10 min-snr5 eps-cosine     # the first round of docs/benchmarks.md (7 minutes each)
     python bench/tuning.py --data data/openmoji                     # every variant below, 5 minutes each
     python bench/tuning.py --data data/openmoji --only base lr2e-3  # some of them
     python bench/tuning.py --data data/openmoji --report            # the table of what has run

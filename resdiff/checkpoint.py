@@ -243,10 +243,9 @@ def read_checkpoint(
     """A checkpoint read into memory on ``device``: the training state and the EMA weights. Nothing is
     applied, so a damaged file (any error raised here) leaves the trainer untouched.
 
-    Every file is first checked against SHA256SUMS, then read by its own loader. Reading each file once (its
-    bytes hashed, then parsed from memory) was tried and is slower: 1.12 s against 0.61 s for ddpm-cifar10's
-    572 MB from the page cache, 1.16 s against 0.91 s from disk (bench/checksum_cost.py, AVX2 EPYC): copying
-    the bytes into Python costs more than safetensors' memory-mapped second read."""
+    Every file is first checked against SHA256SUMS, then read by its own loader. Reading each file only once (its
+    bytes hashed, then parsed from memory) would copy every byte into Python, which costs more than safetensors'
+    memory-mapped second read (bench/checksum_cost.py measures both; figures in docs/benchmarks.md)."""
     where = "cpu" if device.type == "cpu" else str(device)  # a multi-process CPU run's "cpu:0" is refused by both loaders
     for folder, prefix in ((path, ""), (path / EMA, f"{EMA}/")):
         problem = checksum_problem(folder)

@@ -61,7 +61,7 @@ class TrainConfig:
 
     # The defaults are a short run tuned by FID on real images at equal training time, one change at a time
     # (bench/tuning.py; docs/benchmarks.md): 1,200 steps of 16 images, lr 1e-3, EMA 0.995. Long runs of big
-    # models want the papers' settings instead (configs/cifar10.yaml: lr 2e-4, batch 128, EMA 0.9999).
+    # models want the papers' settings instead (the cifar10 config: lr 2e-4, batch 128, EMA 0.9999).
     steps: int = 1200
     batch_size: int = 16  # global, summed over processes and accumulation steps; 32 -> 16 at equal time: FID -10.8%
     lr: float = 1e-3  # 5e-4: FID +17%; 2e-3: +4.5% with batch 16 and Min-SNR

@@ -132,7 +132,8 @@ def sample_features(
             continue
         with timed(seconds, "generation", device):
             images = get_images(batch)
-        # channels_last: 1.4x faster on CPU, the same features to float32 rounding (bench/inception_precision.py)
+        # channels_last: the convolutions' faster layout; the same features to float32 rounding
+        # (bench/inception_precision.py)
         with timed(seconds, "inception", device):
             f = extract_features(images, net, batch_size=batch_size, device=device, channels_last=True)  # (B, 2048)
         stats.update(f)

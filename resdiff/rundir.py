@@ -51,7 +51,7 @@ __all__ = [
 # resdiff.runlock).
 CONFIG, LOG, MODEL, SAMPLES = "config.yaml", "log.jsonl", "model", "samples"
 IDENTITY = "identity.json"
-QUALITY_PICTURE = "quality.png"  # FID and loss against step (resdiff.evaluation draws it at each evaluation)
+QUALITY_PICTURE = "quality.png"  # FID and loss against step (resdiff.quality draws it at each evaluation)
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:

@@ -184,8 +184,8 @@ class ImageGenerator:
 
     @contextlib.contextmanager
     def ready(self) -> Iterator[None]:
-        """The model in eval mode and channels_last (NHWC: oneDNN's and cuDNN's faster convolution layout, 8%
-        faster per forward here) for the block, however many batches run in it. An in-memory model gets its
+        """The model in eval mode and channels_last (NHWC: the layout oneDNN's and cuDNN's convolutions run fastest
+        in) for the block, however many batches run in it. An in-memory model gets its
         mode and standard layout (which safetensors needs) back at the end of the outermost block."""
         if not self._ready:
             self._was_training = self.model.training
