@@ -61,7 +61,7 @@ def worker(args) -> None:
         data = PreparedImages(args.prepared, args.size, 3)
     else:
         cache = True if "cached" in args.worker else "auto"
-        data = ImageFolder(args.folder, args.size, 3, random_flip=False, cache=cache, cache_limit=limit, warn=lambda _m: None)
+        data = ImageFolder(args.folder, args.size, 3, cache=cache, cache_limit=limit, warn=lambda _m: None)
     before = _memory()
     batches = ShardedBatches(data, args.batch_size, rank, world, seed=0, loader_kwargs={"num_workers": 0})
     start, seen = time.perf_counter(), 0
@@ -135,9 +135,9 @@ def speed_rows(args) -> list[dict]:
     limit = int(args.cache_limit_mb * 2**20)
     sources = {
         "prepared (memory-mapped)": (PreparedImages(args.prepared, args.size, 3), 0),
-        "folder, cached in memory": (ImageFolder(args.folder, args.size, 3, random_flip=False, cache=True, warn=lambda _m: None), 0),
-        "folder, read per batch, 0 workers": (ImageFolder(args.folder, args.size, 3, random_flip=False, cache_limit=limit), 0),
-        "folder, read per batch, 1 worker": (ImageFolder(args.folder, args.size, 3, random_flip=False, cache_limit=limit), 1),
+        "folder, cached in memory": (ImageFolder(args.folder, args.size, 3, cache=True, warn=lambda _m: None), 0),
+        "folder, read per batch, 0 workers": (ImageFolder(args.folder, args.size, 3, cache_limit=limit), 0),
+        "folder, read per batch, 1 worker": (ImageFolder(args.folder, args.size, 3, cache_limit=limit), 1),
     }
     iterators = {}
     for name, (data, workers) in sources.items():

@@ -1,8 +1,9 @@
 """What each process sees at each step: its share of every epoch, in micro-batches, flipped, resumable.
 
-``ShardedBatches`` cuts a seeded permutation of a dataset (``resdiff.data``) into global micro-batches of
-which each process takes its own slice; its position is two integers, saved in checkpoints. ``loader_workers``
-decides how many DataLoader worker processes feed it.
+``ShardedBatches`` cuts a seeded permutation of a dataset (``resdiff.data``, ``resdiff.prepare``) into global
+micro-batches of which each process takes its own slice, and decides which items are mirrored: the one place
+random flips are decided. Its position is two integers, saved in checkpoints. ``loader_workers`` decides how many
+DataLoader worker processes feed it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from .data import random_flip
 from .errors import UsageError
 
 __all__ = ["ShardedBatches", "loader_workers"]
@@ -46,8 +46,11 @@ class ShardedBatches:
 
     Epoch e is a permutation seeded by (seed, e), cut into global micro-batches of which each process
     takes its own slice. The position is two integers, (epoch, index), so a resumed run sees exactly
-    the batches it would have seen. With ``flip``, each batch is mirrored by ``random_flip`` as it is
-    handed out, in the training process (never in a loader worker), so the flips follow the saved RNG too.
+    the batches it would have seen. With ``flip``, the same seed also chooses which items of the epoch are
+    mirrored left-right (each with probability 1/2), so flips do not depend on the loader workers or on the
+    global RNG. A dataset with ``flipped(i)`` gives the item of the mirrored image itself (a latent dataset
+    stores the latents of the mirrored images, since mirroring a latent is not mirroring its image); any
+    other item is mirrored as it is read.
     """
 
     def __init__(
@@ -77,15 +80,41 @@ class ShardedBatches:
         """This epoch's generator. DataLoader draws worker seeds from it, not from the global RNG."""
         return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
 
-    def _epoch_batches(self) -> list[list[int]]:
-        order = torch.randperm(len(self.dataset), generator=self._generator())
-        order = order[: self.per_epoch * self.per_process * self.world].view(self.per_epoch, self.world, self.per_process)
-        return order[:, self.rank].tolist()
+    def _epoch_batches(self) -> list[list[tuple[int, bool]]]:
+        """This process's micro-batches of the epoch: lists of (item, mirrored)."""
+        generator = self._generator()
+        order = torch.randperm(len(self.dataset), generator=generator)
+        flips = torch.rand(len(self.dataset), generator=generator) < 0.5 if self.flip else torch.zeros(len(order), dtype=torch.bool)
+        shape = (self.per_epoch, self.world, self.per_process)
+        kept = self.per_epoch * self.per_process * self.world
+        items, mirrored = order[:kept].view(shape)[:, self.rank].tolist(), flips[:kept].view(shape)[:, self.rank].tolist()
+        return [list(zip(batch, flipped)) for batch, flipped in zip(items, mirrored)]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        items = _Items(self.dataset)
         while True:
             batches = self._epoch_batches()[self.index :]
-            for images, labels in DataLoader(self.dataset, batch_sampler=batches, generator=self._generator(), **self.loader_kwargs):
+            for images, labels in DataLoader(items, batch_sampler=batches, generator=self._generator(), **self.loader_kwargs):
                 self.index += 1
-                yield (random_flip(images) if self.flip else images), labels
+                yield images, labels
             self.epoch, self.index = self.epoch + 1, 0
+
+
+class _Items(torch.utils.data.Dataset):
+    """A dataset's items by (index, mirrored): the dataset's ``flipped(i)`` where it has one, else item i mirrored
+    left-right."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        i, mirrored = key
+        if not mirrored:
+            return self.dataset[i]
+        if hasattr(self.dataset, "flipped"):
+            return self.dataset.flipped(i)
+        x, label = self.dataset[i]
+        return x.flip(-1), label

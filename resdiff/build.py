@@ -32,7 +32,8 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 
 from .batches import ShardedBatches, loader_workers
 from .config import Config
-from .data import ImageFolder, shape_name, write_demo_folder
+from .data import ImageFolder, write_demo_folder
+from .shapes import is_image_size, one_number, shape_name
 from .diffusion import GaussianDiffusion
 from .ema import EMA
 from .errors import UsageError
@@ -42,7 +43,7 @@ from .prepare import PreparedImages, is_prepared
 from .quality import EVAL_SHARE, TrainingEvaluator
 from .previews import Previews
 from .processes import StopVote, on_main
-from .settings import SamplingSettings
+from .settings import SamplingSettings, check_steps
 from .checkpoint import CHECKPOINTS, EMA as EMA_FOLDER, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
 from .rundir import (
     QUALITY_PICTURE, RunDir, check_disk, check_same_model, clear_run, earlier_training, export_model, identity_changes,
@@ -67,10 +68,9 @@ def build_unet(cfg: Config, num_classes: int | None) -> UNet:
     preset = kwargs.pop("preset", None)
     for key, want in (("sample_size", cfg.data.image_size), ("in_channels", cfg.data.image_channels)):
         given = kwargs.get(key, want)
-        if key == "sample_size" and isinstance(given, (list, tuple)) and len(given) == 2 and given[0] == given[1]:
-            given = given[0]  # [32, 32] says 32
-        if (list(given) if isinstance(given, (list, tuple)) else given) != (
-                list(want) if isinstance(want, (list, tuple)) else want):
+        if key == "sample_size" and is_image_size(given):
+            given, want = one_number(given), one_number(want)  # [32, 32] says 32
+        if given != want:
             raise UsageError(f"model.{key}={kwargs[key]} contradicts data ({want}); remove model.{key}, the data decides it")
         kwargs[key] = want
     kwargs["num_classes"] = num_classes
@@ -193,12 +193,7 @@ def _check_model_and_settings(cfg: Config) -> int:
     number of parameters."""
     with torch.device("meta"):
         unet = build_unet(cfg, 2 if cfg.data.class_cond else None)
-    t, d = cfg.train, cfg.diffusion
-    if t.preview_steps > d.num_train_timesteps:
-        raise UsageError(
-            f"train.preview_steps={t.preview_steps} is more than diffusion.num_train_timesteps={d.num_train_timesteps}; "
-            f"use train.preview_steps={d.num_train_timesteps} or fewer"
-        )
+    check_steps("train.preview_steps", cfg.train.preview_steps, cfg.diffusion.num_train_timesteps)
     return sum(p.numel() for p in unet.parameters())
 
 
@@ -235,6 +230,9 @@ def _load_data(cfg: Config, warn: Callable[[str], None]) -> ImageFolder | Prepar
             raise UsageError(f"{d.path} is a prepared dataset, which holds centre crops; data.random_crop needs the "
                              f"image folder itself (train on the folder, or set data.random_crop=false)")
         data = PreparedImages(d.path, d.image_size, d.image_channels)
+        if d.random_flip and not data.flips_stored:
+            raise UsageError(f"{d.path} was prepared with --no-flip (no latents of mirrored images), but flips are "
+                             f"on; set data.random_flip=false or prepare again without --no-flip")
         if d.class_cond and not data.classes:
             raise UsageError(f"{d.path} was prepared without classes, but data.class_cond is true; prepare it again "
                              f"with --class-cond (one subfolder per class), or set data.class_cond=false")
@@ -246,7 +244,7 @@ def _load_data(cfg: Config, warn: Callable[[str], None]) -> ImageFolder | Prepar
     else:
         root = Path(d.path)
     # Flips are drawn per batch by ShardedBatches in the training process, from the RNG a checkpoint saves.
-    return ImageFolder(root, d.image_size, d.image_channels, class_cond=d.class_cond, random_flip=False,
+    return ImageFolder(root, d.image_size, d.image_channels, class_cond=d.class_cond,
                        random_crop=d.random_crop, cache=d.cache, warn=warn, cache_limit=int(d.cache_limit_gb * 2**30))
 
 

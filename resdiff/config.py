@@ -21,6 +21,7 @@ import yaml
 from .choices import EMA_SIGMA_REL_MAX, IMAGE_CHANNELS, PRECISIONS, SAMPLERS
 from .errors import UsageError
 from .hints import coerce, describe, plain
+from .shapes import as_written, is_image_size, one_number
 
 
 @dataclass
@@ -121,7 +122,7 @@ _NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 _FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 _RULES = {
-    "data.image_size": (lambda v: all(s > 0 for s in ((v,) if isinstance(v, int) else v)), "must be > 0"),
+    "data.image_size": (is_image_size, "must be > 0"),
     "data.image_channels": (lambda v: v in IMAGE_CHANNELS, "must be 1 (grayscale) or 3 (RGB)"),
     "data.cache": (lambda v: v in (True, False, "auto"), "must be true, false or auto"),
     "data.num_workers": (lambda v: v == "auto" or (isinstance(v, int) and v >= 0), "must be auto or an integer >= 0"),
@@ -282,7 +283,7 @@ def _checked(name: str, value, hint, source: str):
     """One field's value, coerced to its type, canonicalised and range-checked; else a UsageError."""
     choices = _CHOICES.get(name)
     if name == "data.image_size":
-        value = _image_size(value)
+        value = as_written(value)
     if choices and isinstance(value, (str, bool)):
         value = str(value).strip().lower()
         value = _ALIASES.get(name, {}).get(value, value)
@@ -297,17 +298,8 @@ def _checked(name: str, value, hint, source: str):
     test, needs = _RULES.get(name, (None, ""))
     if test is not None and value is not None and not test(value):
         raise UsageError(f"{name} {needs}, got {value!r} ({source})")
-    if name == "data.image_size" and isinstance(value, tuple) and value[0] == value[1]:
-        value = value[0]  # a square pair is the one number: configs, run directories and models stay as before
-    return value
-
-
-def _image_size(value):
-    """'64x128', '64 128' or '64,128' -> [64, 128] (height, width); anything else is left for the type check."""
-    if isinstance(value, str):
-        parts = [p for p in re.split(r"[xX*, ]+", value.strip()) if p]
-        if len(parts) == 2:
-            return parts
+    if name == "data.image_size":
+        value = one_number(value)  # a square pair is the one number: configs, run directories and models agree
     return value
 
 

@@ -35,6 +35,7 @@ from PIL import Image, ImageOps
 from .choices import IMAGE_CHANNELS
 from .errors import UsageError, one_line
 from .images import save_png
+from .shapes import image_shape, is_image_size
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {"png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"}
@@ -95,20 +96,6 @@ def _convert(im: Image.Image, channels: int, background: tuple[int, int, int]) -
     elif im.mode not in _GRAY_MODES and im.mode != "RGB":
         im = im.convert("RGB")  # P, CMYK, YCbCr, ...
     return im.convert(target) if im.mode != target else im
-
-
-def image_shape(size: int | Sequence[int]) -> tuple[int, int]:
-    """`image_size` as (height, width): one number is a square."""
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
-
-
-def shape_name(size: int | Sequence[int]) -> str:
-    """'32' for a square, '64x128' (height x width) otherwise: for folder names and messages."""
-    h, w = image_shape(size)
-    return str(h) if h == w else f"{h}x{w}"
 
 
 def _resize_cover(im: Image.Image, shape: tuple[int, int]) -> Image.Image:
@@ -183,12 +170,6 @@ def _random_crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return x[:, top:top + hgt, left:left + wid]
 
 
-def is_image_size(size: object) -> bool:
-    """One positive integer, or two (height, width)."""
-    sides = (size,) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
-    return len(sides) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides)
-
-
 # ----------------------------------------------------------------------------- scanning
 
 
@@ -244,12 +225,10 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(
         self, root: str | Path, image_size: int | Sequence[int], channels: int = 3, *, class_cond: bool = False,
-        random_flip: bool = True, random_crop: bool = False, cache: bool | str = "auto",
+        random_crop: bool = False, cache: bool | str = "auto",
         background: tuple[int, int, int] = (255, 255, 255),
         warn: Callable[[str], None] | None = None, cache_limit: int = CACHE_LIMIT_BYTES,
     ) -> None:
-        if not is_image_size(image_size):
-            raise UsageError(f"image_size must be a positive integer or a (height, width) pair, got {image_size!r}")
         if channels not in IMAGE_CHANNELS:
             raise UsageError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         if cache not in (True, False, "auto"):
@@ -258,12 +237,11 @@ class ImageFolder(torch.utils.data.Dataset):
             raise UsageError(f"background must be three integers in 0..255, got {background!r}")
         self.root = Path(root)
         self.image_size = image_size
-        self.shape = image_shape(image_size)  # (H, W)
+        self.shape = image_shape(image_size, "image_size")  # (H, W)
         self.cache_limit = cache_limit
         self.mode = ""  # how items are read, and why: for the start-up summary
         self.channels = channels
         self.class_cond = class_cond
-        self.random_flip = random_flip
         self.random_crop = random_crop
         self.background = tuple(int(v) for v in background)
         self.warn = warn if warn is not None else _print_warning
@@ -384,19 +362,10 @@ class ImageFolder(torch.utils.data.Dataset):
         """Image i as a contiguous uint8 (C, H, W) tensor and its class label."""
         x = self._stored(i)
         x = _random_crop(x, self.shape) if self.random_crop else _center_crop(x, self.shape)
-        if self.random_flip:
-            return random_flip(x[None])[0], self.labels[i]  # (C, H, W)
         return x.clone(memory_format=torch.contiguous_format), self.labels[i]  # (C, H, W)
 
 
 # ----------------------------------------------------------------------------- augmentation and value ranges
-
-
-def random_flip(images: torch.Tensor) -> torch.Tensor:
-    """Each image of (N, C, H, W) mirrored left-right with probability 1/2, drawn from torch's global RNG
-    (which checkpoints save, so a resumed run flips the same images). Returns a new tensor."""
-    flip = torch.rand(images.shape[0]) < 0.5  # (N,)
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:

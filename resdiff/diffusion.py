@@ -25,9 +25,7 @@ __all__ = ["GaussianDiffusion", "Guidance", "make_sampler", "sampler_step_kwargs
 
 def make_sampler(name: str, train_config: dict) -> tuple[SchedulerMixin, int]:
     """A fresh diffusers scheduler for sampler ``name`` sharing the training noise schedule, and its default steps."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    class_name, steps, extra = SAMPLERS[name]  # resdiff.choices: the one list of samplers
+    class_name, steps, extra = SAMPLERS[name]  # a name was checked where the user gave it (settings, config)  # resdiff.choices: the one list of samplers
     return getattr(diffusers, class_name).from_config(dict(train_config), **extra), steps
 
 

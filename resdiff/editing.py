@@ -40,11 +40,12 @@ from .choices import IMAGE_CHANNELS
 from .data import fit_image, has_alpha, open_image, to_model_range
 from .diffusion import image_generators, image_noise
 from .errors import UsageError, one_line
+from .hints import check_count
 from .files import write_atomic
 from .images import make_grid, save_png, to_pil
 from .sampling import Batch, ImageGenerator, generate
 from .settings import (DEFAULT_FRAMES, DEFAULT_IMAGES, DEFAULT_RESAMPLE, DEFAULT_STRENGTH, DETERMINISTIC_SAMPLERS,
-                       INPAINT_SAMPLERS, INTERPOLATE_SAMPLER, SamplingSettings, check_positive)
+                       INPAINT_SAMPLERS, INTERPOLATE_SAMPLER, SamplingSettings)
 
 __all__ = [
     "Inpaint", "Img2Img", "Interpolate", "inpaint", "img2img", "interpolate", "prepare_image", "prepare_mask", "slerp",
@@ -160,7 +161,7 @@ class Inpaint(_Edit):
         if settings.sampler not in INPAINT_SAMPLERS:
             raise UsageError(f"inpainting works with the samplers {' and '.join(INPAINT_SAMPLERS)}, not {settings.sampler}: "
                              "RePaint jumps back between steps, which the multistep and ODE solvers' state does not allow")
-        check_positive("resample count (--resample)", self.resample)
+        check_count("resample count (--resample)", self.resample)
 
     def prepare(self, shape: Sequence[int]) -> None:
         self.image = prepare_image(self.source, shape)  # uint8 (C, H, W)
@@ -271,10 +272,8 @@ class Interpolate(_Edit):
                              f"with eta 0), not {sampler}{f' with eta {eta}' if eta else ''}: "
                              "other samplers draw fresh noise at every step")
         for s in self.seeds:
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0:
-                raise UsageError(f"seeds to interpolate (--interpolate) must be non-negative integers, got {s!r}")
-        if isinstance(self.frames, bool) or not isinstance(self.frames, numbers.Integral) or self.frames < 2:
-            raise UsageError(f"frames (--frames) must be an integer of at least 2, got {self.frames!r}")
+            check_count("a seed to interpolate (--interpolate)", s, least=0)
+        check_count("frames (--frames)", self.frames, least=2)
 
     def prepare(self, shape: Sequence[int]) -> None:
         a, b = (image_noise(image_generators(s, [0]), shape)[0] for s in self.seeds)  # (C, H, W) each

@@ -27,6 +27,8 @@ import torch
 from .errors import UsageError
 from .files import write_atomic
 from .hardware import check_device
+from .hints import check_count
+from .shapes import one_number
 from .features import FeatureStats, sample_features, timed
 from .metrics import Memorisation, fid_from_stats, kid, memorisation, nearest_pairs_image, precision_recall
 from .processes import join, on_main
@@ -133,8 +135,7 @@ def _model_source(model, num_images, settings: SamplingSettings):
     The model is made ready once; every batch of features then asks it for its images."""
     from .model_folder import find_model_folder
 
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 2:
-        raise UsageError(f"number of images (--num-images) must be an integer of at least 2, got {num_images!r}")
+    check_count("number of images (--num-images)", num_images, least=2)
     folder = find_model_folder(model)
     generator = ImageGenerator(folder, settings)
     size, channels = generator.config.sample_size, generator.config.in_channels
@@ -151,7 +152,7 @@ def _samples_source(samples):
     data = image_dataset(samples)
     first = data[0][0] if isinstance(data[0], (tuple, list)) else data[0]
     channels, (h, w) = first.shape[0], first.shape[1:]
-    size = h if h == w else (h, w)  # the reference is prepared at the samples' shape
+    size = one_number((h, w))  # the reference is prepared at the samples' shape
 
     def images(indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([data[i][0] if isinstance(data[i], (tuple, list)) else data[i] for i in indices])

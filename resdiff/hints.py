@@ -7,10 +7,26 @@ from __future__ import annotations
 
 import collections.abc
 import math
+import numbers
 import types
 import typing
 
-__all__ = ["describe", "coerce", "fits", "plain"]
+from .errors import UsageError
+
+__all__ = ["describe", "coerce", "fits", "plain", "is_count", "check_count"]
+
+
+def is_count(value: object, least: int = 1) -> bool:
+    """Whether ``value`` is an integer (a bool is not one) of at least ``least``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def check_count(name: str, value: object, least: int = 1) -> None:
+    """A UsageError naming ``name`` unless ``value`` is an integer of at least ``least`` (seeds, steps, batches,
+    image counts: the one place this check and its wording live)."""
+    if not is_count(value, least):
+        need = {0: "a non-negative integer", 1: "a positive integer"}.get(least, f"an integer of at least {least}")
+        raise UsageError(f"{name} must be {need}, got {value!r}")
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}

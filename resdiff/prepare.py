@@ -45,9 +45,9 @@ from PIL import Image
 
 from .autoencoder import Autoencoder, ChannelStats, LatentNorm, load_autoencoder
 from .choices import IMAGE_CHANNELS
+from .shapes import image_shape, is_image_size, one_number, shape_name
 from .data import (
-    IMAGE_EXTENSIONS, why_unusable, find_images, is_image_size, class_labels, fit_image, image_shape, open_image, random_flip,
-    shape_name, to_model_range,
+    IMAGE_EXTENSIONS, why_unusable, find_images, class_labels, fit_image, open_image, to_model_range,
 )
 from .errors import ArgumentParser, UsageError, one_line, run_cli
 from .files import cache_root, human_size, write_atomic, write_problem
@@ -93,12 +93,12 @@ class PreparedImages(torch.utils.data.Dataset):
     uses (``norm``, a ``LatentNorm``; the record keeps the autoencoder's own one too) and, unless prepared with
     --no-flip, ``flipped-00000.npy``, ...: row i of flipped-k is the latent of the mirrored image of row i of
     images-k (an encoder is not mirror-symmetric, so mirroring a latent would not do). ``image_size`` and
-    ``channels`` are still the images' (what the autoencoder decodes to). ``random_flip`` then picks the stored
-    flipped latent of an item with probability 1/2.
+    ``channels`` are still the images' (what the autoencoder decodes to). ``flipped(i)`` gives the item of the
+    mirrored image (the batches choose which items to flip: ``resdiff.batches``).
     """
 
-    def __init__(self, root: str | Path, image_size: int | Sequence[int] | None = None, channels: int | None = None,
-                 *, random_flip: bool = False) -> None:
+    def __init__(self, root: str | Path, image_size: int | Sequence[int] | None = None,
+                 channels: int | None = None) -> None:
         self.root = Path(root)
         index_file = self.root / PREPARED_INDEX
         try:
@@ -133,7 +133,7 @@ class PreparedImages(torch.utils.data.Dataset):
             raise _damaged(index_file, f"damaged ({one_line(err, 120)})") from None
         if len(rel_files) != sum(counts):
             raise _damaged(index_file, f"inconsistent: {len(rel_files)} files but {sum(counts)} images in its shards")
-        self.image_size = self.shape[0] if self.shape[0] == self.shape[1] else self.shape
+        self.image_size = one_number(self.shape)
         if image_size is not None and image_shape(image_size) != self.shape:
             raise UsageError(
                 f"{self.root} was prepared at {shape_name(self.shape)}, but data.image_size is {shape_name(image_size)}; "
@@ -142,11 +142,8 @@ class PreparedImages(torch.utils.data.Dataset):
             raise UsageError(
                 f"{self.root} was prepared with {self.channels} channel(s), but data.image_channels is {channels}; "
                 f"set data.image_channels={self.channels} or prepare again with --channels {channels}")
-        if random_flip and self.latent is not None and flipped is None:
-            raise UsageError(f"{self.root} was prepared with --no-flip (no latents of mirrored images), but flips are "
-                             f"on; set data.random_flip=false or prepare again without --no-flip")
         self.files = [self.source / f for f in rel_files]
-        self.random_flip, self.cached = random_flip, True  # nothing is decoded per item
+        self.cached = True  # nothing is decoded per item
         what = "" if self.latent is None else f" latents of {self.autoencoder['spec']}"
         self.mode = (f"prepared{what}, memory-mapped from {self.root} ({self._nbytes(counts) / 2**30:.2f} GiB; the "
                      "processes of this machine share one copy through the page cache)")
@@ -230,11 +227,13 @@ class PreparedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         """Item i and its class label: the uint8 image (C, H, W), or the float16 raw latent (C, h, w) (normalise it
-        with ``norm``). With ``random_flip`` mirrored with probability 1/2, from torch's global RNG."""
-        if self.latent is None:
-            x = self.stored(i)
-            return (random_flip(x[None])[0] if self.random_flip else x), self.labels[i]
-        return self.stored(i, flipped=self.random_flip and bool(torch.rand(1) < 0.5)), self.labels[i]
+        with ``norm``)."""
+        return self.stored(i), self.labels[i]
+
+    def flipped(self, i: int) -> tuple[torch.Tensor, int]:
+        """Item i of the mirrored image: the image mirrored left-right, or the stored latent of the mirrored image
+        (a ValueError when the dataset was prepared with --no-flip)."""
+        return (self.stored(i).flip(-1) if self.latent is None else self.stored(i, flipped=True)), self.labels[i]
 
 
 # ----------------------------------------------------------------------------- the writer

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import image_shape
+from .shapes import image_shape
 from .errors import UsageError, one_line
 from .features import NPZ_ERRORS, FeatureStats, extract_features, network_id
 from .files import cache_root
@@ -104,7 +104,7 @@ def image_dataset(source: str | Path, image_size: int | Sequence[int] | None = N
     if not files:
         raise UsageError(f"no image files in {path}; add images there")
     size = image_size if image_size is not None else _folder_size(path, files)
-    ds = ImageFolder(path, size, channels, random_flip=False, random_crop=False, cache=False)
+    ds = ImageFolder(path, size, channels, random_crop=False, cache=False)
     keep = [k for k, f in enumerate(ds.files) if not _is_sample_grid(f, path)]
     ds.files, ds.labels = [ds.files[k] for k in keep], [ds.labels[k] for k in keep]
     return ds

@@ -28,7 +28,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import image_shape, to_uint8
+from .data import to_uint8
+from .shapes import image_shape
 from .choices import SAMPLERS
 from .diffusion import GaussianDiffusion, Guidance, image_generators, image_noise, make_sampler, sampler_step_kwargs
 from .errors import UsageError
@@ -36,11 +37,12 @@ from .hardware import MIXED_PRECISIONS, check_device, precision_warning
 from .images import GRID_NAME, NPZ_NAME, make_grid, read_images, save_images, save_npz, save_png
 from .model_folder import find_model_folder, load_model
 from .processes import join
-from .settings import SamplingSettings, add_arguments, check_positive, check_sampler
+from .hints import check_count
+from .settings import SamplingSettings, add_arguments, check_sampler, check_steps, default_settings
 
 __all__ = [
-    "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "default_settings",
-    "sample_to_folder", "default_out_dir", "check_sampler", "check_positive", "steps_for", "GRID_LIMIT",
+    "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "default_settings", "check",
+    "sample_to_folder", "default_out_dir", "check_sampler", "steps_for", "GRID_LIMIT",
 ]
 
 GRID_LIMIT = 256  # grid.png shows at most this many images (the first ones)
@@ -89,9 +91,7 @@ def steps_for(settings: SamplingSettings, scheduler_config: dict) -> int:
     limit = int(scheduler_config.get("num_train_timesteps", 1000))
     if settings.steps is None:
         return min(SAMPLERS[settings.sampler][1], limit)
-    if settings.steps > limit:
-        raise UsageError(f"{settings.steps} steps is more than the {limit} timesteps the model was trained with; "
-                         f"use --steps {limit} or fewer")
+    check_steps("--steps", settings.steps, limit)
     return settings.steps
 
 
@@ -136,12 +136,12 @@ class Edit(Protocol):
     def save_files(self, out_dir: Path, shown: torch.Tensor) -> list[str]: ...
 
 
-def _check(settings: SamplingSettings, edit: Edit | None) -> None:
-    """The settings' checks, an edit's first (its limits on the sampler are the likelier mistake)."""
-    if edit is not None:
-        check_sampler(settings.sampler)
-        edit.check(settings)
+def check(settings: SamplingSettings, edit: Edit | None = None) -> None:
+    """Every check of ``settings`` (and of ``edit``) that needs no model: the one call each entry point makes
+    (``generate``, ``sample_to_folder``, ``resdiff.evaluation.evaluate``) before it loads anything."""
     settings.check()
+    if edit is not None:
+        edit.check(settings)
 
 
 class ImageGenerator:
@@ -155,7 +155,6 @@ class ImageGenerator:
 
     def __init__(self, model_or_path, settings: SamplingSettings, scheduler_config: dict | None = None,
                  edit: Edit | None = None):
-        _check(settings, edit)
         self.settings, self.edit = settings, edit
         self.owns_model = isinstance(model_or_path, (str, Path))
         self.model, scheduler_config, where = _load(model_or_path, check_device(settings.device), scheduler_config)
@@ -259,11 +258,6 @@ class ImageGenerator:
         return self.diffusion.denoise_step(self._net, scheduler, x, t, step_kwargs, self.guidance(batch))
 
 
-def default_settings(edit: Edit | None = None) -> SamplingSettings:
-    """``SamplingSettings()``, with the edit's own sampler where it has one (interpolation's deterministic one)."""
-    return SamplingSettings(sampler=edit.default_sampler) if edit and edit.default_sampler else SamplingSettings()
-
-
 def generate(
     model_or_path: nn.Module | str | Path, num_images: int, settings: SamplingSettings | None = None, *,
     indices: Sequence[int] | None = None, progress: bool = True, scheduler_config: dict | None = None,
@@ -277,7 +271,8 @@ def generate(
     The model's train/eval mode is restored afterwards.
     """
     settings = (settings or default_settings(edit)).changed(changes)
-    check_positive("number of images (--num-images)", num_images)
+    check_count("number of images (--num-images)", num_images)
+    check(settings, edit)
     gen = ImageGenerator(model_or_path, settings, scheduler_config, edit)
     return gen.images(_check_indices(indices, num_images), progress)
 
@@ -318,8 +313,8 @@ def sample_to_folder(
     files. ``out`` None picks a new folder (see ``default_out_dir``); an existing ``out`` is written into.
     ``log`` None is quiet: no messages and no progress bars."""
     settings = settings or default_settings(edit)
-    check_positive("number of images (--num-images)", num_images)
-    _check(settings, edit)  # before the processes join: a mistake costs nothing
+    check_count("number of images (--num-images)", num_images)
+    check(settings, edit)  # before the processes join: a mistake costs nothing
     procs = join(check_device(settings.device), settings.timeout_s)
     say = procs.say(log)
     folder = find_model_folder(model)

@@ -9,19 +9,19 @@ the settings stand for are built where they are used (``resdiff.sampling``, ``re
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .choices import PRECISIONS, SAMPLERS
 from .errors import UsageError
+from .hints import check_count
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "SamplingSettings", "Scoring", "add_arguments", "check_sampler", "check_positive", "INPAINT_SAMPLERS",
+    "SamplingSettings", "Scoring", "add_arguments", "check_sampler", "check_steps", "default_settings", "INPAINT_SAMPLERS",
     "DETERMINISTIC_SAMPLERS", "INTERPOLATE_SAMPLER", "DEFAULT_RESAMPLE", "DEFAULT_STRENGTH", "DEFAULT_FRAMES",
     "DEFAULT_IMAGES",
 ]
@@ -41,9 +41,21 @@ def check_sampler(sampler: str) -> None:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def check_positive(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+def check_steps(name: str, steps: int, timesteps: int) -> None:
+    """Sampling ``steps`` (set by ``name``: --steps, train.preview_steps) take at most the model's training
+    ``timesteps``: each step lands on one of them."""
+    if steps > timesteps:
+        raise UsageError(f"{name} {steps} is more than the {timesteps} timesteps the model is trained with; "
+                         f"use {name} {timesteps} or fewer")
+
+
+def default_settings(edit: object | None = None) -> "SamplingSettings":
+    """``SamplingSettings()``, with an edit's own sampler where it has one (interpolation's deterministic one): the
+    one place an edit's default is applied, for the Python API and the CLIs alike."""
+    sampler = getattr(edit, "default_sampler", None)
+    return SamplingSettings(sampler=sampler) if sampler else SamplingSettings()
+
+
 
 
 @dataclass
@@ -77,11 +89,11 @@ class SamplingSettings:
 
     def check(self) -> None:
         """Every check that needs no model; a mistake is one UsageError line naming the flag."""
-        check_positive("steps (--steps)", self.steps)
-        check_positive("batch size (--batch-size)", self.batch_size)
+        if self.steps is not None:
+            check_count("steps (--steps)", self.steps)
+        check_count("batch size (--batch-size)", self.batch_size)
         check_sampler(self.sampler)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise UsageError(f"seed (--seed) must be a non-negative integer, got {self.seed!r}")
+        check_count("seed (--seed)", self.seed, least=0)
         if self.mixed_precision not in PRECISIONS:
             raise UsageError(f"unknown mixed precision {self.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.eta and self.sampler != "ddim":
@@ -94,10 +106,10 @@ class SamplingSettings:
         check_device(self.device)
 
     @classmethod
-    def from_args(cls, args, default_sampler: str | None = None) -> "SamplingSettings":
+    def from_args(cls, args, base: "SamplingSettings | None" = None) -> "SamplingSettings":
         """The settings of parsed command-line flags (``add_arguments``'s, and sample.py's --compile); without
-        --sampler, ``default_sampler`` (an edit's own, e.g. interpolation's) or the default."""
-        return cls(sampler=args.sampler or default_sampler or cls.sampler, steps=args.steps, eta=args.eta,
+        --sampler, ``base``'s (``default_settings(edit)``: an edit's own, e.g. interpolation's)."""
+        return cls(sampler=args.sampler or (base or cls()).sampler, steps=args.steps, eta=args.eta,
                    seed=args.seed, batch_size=args.batch_size,
                    class_labels=args.class_label, guidance_scale=args.guidance_scale,
                    mixed_precision=args.mixed_precision, device=args.device, compile=getattr(args, "compile", False),
@@ -151,6 +163,4 @@ class Scoring:
         for name, flag, value, least in (("KID subsets", "--kid-subsets", self.kid_subsets, 1),
                                          ("KID subset size", "--kid-subset-size", self.kid_subset_size, 2),
                                          ("precision/recall k", None, self.k, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                where = f" ({flag})" if flag else ""
-                raise UsageError(f"{name}{where} must be an integer of at least {least}, got {value!r}")
+            check_count(f"{name} ({flag})" if flag else name, value, least)

@@ -19,8 +19,9 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .nn import BLOCKS, RES_BLOCKS, Attention, Downsample, TimestepEmbedding, Upsample, group_norm
+from .shapes import image_shape, shape_name
 
-__all__ = ["UNet", "UNetOutput", "PRESETS", "sample_shape", "sized_preset"]
+__all__ = ["UNet", "UNetOutput", "PRESETS", "sized_preset"]
 
 
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -37,16 +38,6 @@ def no_safetensors(folder: Path) -> str | None:
     return f"{folder} has no .safetensors weights{found}"
 
 
-def sample_shape(sample_size: int | Sequence[int]) -> tuple[int, int]:
-    """``sample_size`` as (height, width): one number is a square; a pair is (height, width), as in diffusers."""
-    if isinstance(sample_size, int) and not isinstance(sample_size, bool):
-        return sample_size, sample_size
-    if isinstance(sample_size, Sequence) and len(sample_size) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in sample_size):
-        return int(sample_size[0]), int(sample_size[1])
-    raise ValueError(f"sample_size must be an integer or a (height, width) pair of integers, got {sample_size!r}")
-
-
 @dataclass
 class UNetOutput(BaseOutput):
     """What ``UNet.forward`` returns: the predicted noise (or v / x0), shaped like the input."""
@@ -56,7 +47,7 @@ class UNetOutput(BaseOutput):
 
 def level_resolutions(sample_size: int | Sequence[int], levels: int) -> list[int]:
     """The resolution that ``attention_resolutions`` names for each level: its shorter side."""
-    return [min(sample_shape(sample_size)) // 2**i for i in range(levels)]
+    return [min(image_shape(sample_size, "sample_size")) // 2**i for i in range(levels)]
 
 
 class Level(nn.Module):
@@ -149,11 +140,10 @@ class UNet(ModelMixin, ConfigMixin):
         Block = BLOCKS.get(block)
         if Block is None:
             raise ValueError(f"unknown block {block!r}; choose one of {sorted(BLOCKS)}")
-        hgt, wid = sample_shape(sample_size)
-        if hgt < 1 or wid < 1 or hgt % 2 ** (levels - 1) or wid % 2 ** (levels - 1):
-            shown = hgt if hgt == wid else f"{hgt}x{wid}"
+        hgt, wid = image_shape(sample_size, "sample_size")
+        if hgt % 2 ** (levels - 1) or wid % 2 ** (levels - 1):
             raise ValueError(
-                f"sample_size {shown} is not divisible by 2**{levels - 1} = {2 ** (levels - 1)} "
+                f"sample_size {shape_name(sample_size)} is not divisible by 2**{levels - 1} = {2 ** (levels - 1)} "
                 f"(the U-Net halves the resolution {levels - 1} times)"
             )
         resolutions = level_resolutions(sample_size, levels)
@@ -381,7 +371,7 @@ def sized_preset(sample_size: int | Sequence[int], levels: int | None = None) ->
     128 -> 5; 28 -> 2, as far as halving stays exact), attention at the lowest level and, from 64 pixels up,
     at 16 too (as ADM's 64x64 models). ``levels`` given (a channel_mult of the user's) only places the attention.
     The widths were chosen on real 32x32 images (bench/tuning.py)."""
-    hgt, wid = sample_shape(sample_size)
+    hgt, wid = image_shape(sample_size, "sample_size")
     short = min(hgt, wid)
     if levels is None:
         levels = 1

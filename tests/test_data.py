@@ -12,7 +12,7 @@ from PIL import Image
 
 from resdiff.batches import loader_workers
 from resdiff.data import (
-    IMAGE_EXTENSIONS, ImageFolder, demo_shapes, find_images, is_image_size, to_model_range, to_uint8,
+    IMAGE_EXTENSIONS, ImageFolder, demo_shapes, find_images, to_model_range, to_uint8,
     why_unusable, write_demo_folder,
 )
 from resdiff.errors import UsageError
@@ -27,7 +27,7 @@ def solid(path: Path, color: tuple[int, ...] | int, size: tuple[int, int] = (8, 
 
 def load_one(path: Path, image_size: int = 8, channels: int = 3, **kw) -> torch.Tensor:
     """The single image of a folder holding only `path`."""
-    ds = ImageFolder(path.parent, image_size, channels, random_flip=False, **kw)
+    ds = ImageFolder(path.parent, image_size, channels, **kw)
     assert len(ds) == 1
     x, label = ds[0]
     assert x.dtype == torch.uint8 and x.shape == (channels, image_size, image_size) and x.is_contiguous()
@@ -67,9 +67,7 @@ def test_symlink_loop_terminates_and_linked_folders_are_followed(tmp_path: Path)
     assert find_images(root, warn=print) == ds.files  # the one scan, shared with python -m resdiff.prepare
 
 
-def test_image_sizes_and_reasons_a_file_is_unusable(tmp_path: Path) -> None:
-    assert is_image_size(32) and is_image_size((64, 128)) and is_image_size([8, 8])
-    assert not any(is_image_size(v) for v in (0, -1, True, 32.0, "32", (8,) * 3, (8, 0), ()))
+def test_the_reasons_a_file_is_unusable(tmp_path: Path) -> None:
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
     for name, reason in (("empty.png", "empty file (0 bytes)"), ("text.png", "not an image file pillow can read")):
@@ -193,7 +191,7 @@ def test_random_crop_windows_vary_and_cache_matches_lazy(tmp_path: Path) -> None
     a = np.arange(48, dtype=np.uint8).reshape(1, 48).repeat(16, 0) * 5  # 48 wide, 16 tall ramp
     Image.fromarray(a).save(tmp_path / "r.png")
     Image.fromarray(a.T.copy()).save(tmp_path / "s.png")  # 16 wide, 48 tall
-    kw = dict(random_flip=False, random_crop=True)
+    kw = dict(random_crop=True)
     cached = ImageFolder(tmp_path, 16, 1, cache=True, **kw)
     lazy = ImageFolder(tmp_path, 16, 1, cache=False, **kw)
     torch.manual_seed(0)
@@ -269,7 +267,7 @@ def test_missing_empty_and_all_bad_folders_raise(tmp_path: Path) -> None:
 def test_bad_arguments_raise(tmp_path: Path) -> None:
     solid(tmp_path / "ok.png", (0, 0, 0))
     for kw in (dict(channels=2), dict(image_size=0), dict(cache="yes"), dict(background=(1, 2))):
-        with pytest.raises(UsageError):
+        with pytest.raises(ValueError):  # UsageError is one; a bad size is resdiff.shapes' ValueError
             ImageFolder(tmp_path, **{"image_size": 8, **kw})
 
 
@@ -277,8 +275,8 @@ def test_a_file_broken_after_construction_is_replaced_not_fatal(tmp_path: Path) 
     solid(tmp_path / "a.png", (10, 10, 10))
     solid(tmp_path / "b.png", (20, 20, 20))
     lines: list[str] = []
-    lazy = ImageFolder(tmp_path, 8, random_flip=False, cache=False, warn=lines.append)
-    cached = ImageFolder(tmp_path, 8, random_flip=False, cache=True)
+    lazy = ImageFolder(tmp_path, 8, cache=False, warn=lines.append)
+    cached = ImageFolder(tmp_path, 8, cache=True)
     (tmp_path / "a.png").write_bytes(b"")
     assert int(lazy[0][0][0, 0, 0]) == 20 and "a.png" in lines[-1]
     assert int(cached[0][0][0, 0, 0]) == 10  # the cache never rereads the file
@@ -305,7 +303,7 @@ def test_cache_on_and_off_give_identical_items(tmp_path: Path, random_crop: bool
     rng = np.random.default_rng(1)
     for k, size in enumerate([(20, 12), (12, 12), (9, 30), (16, 16)]):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
-    kw = dict(random_flip=False, random_crop=random_crop)
+    kw = dict(random_crop=random_crop)
     on, off, auto = (ImageFolder(tmp_path, 12, cache=c, **kw) for c in (True, False, "auto"))
     assert on._cache is not None and off._cache is None and auto._cache is not None
     for i in range(len(on)):
@@ -320,15 +318,26 @@ def test_cache_on_and_off_give_identical_items(tmp_path: Path, random_crop: bool
         assert torch.equal(b, off[i][0])
 
 
-def test_flip_mirrors_some_items(tmp_path: Path) -> None:
+def test_the_batches_mirror_the_items_their_seed_chooses(tmp_path: Path) -> None:
+    """Flips are decided in one place, ShardedBatches: about half the items of an epoch, chosen by (seed, epoch),
+    mirrored as they are read; the same seed chooses the same ones, and flip=False mirrors none."""
+    from resdiff.batches import ShardedBatches
+
     a = np.zeros((8, 8), np.uint8)
     a[:, :4] = 255
-    Image.fromarray(a).save(tmp_path / "half.png")
-    ds = ImageFolder(tmp_path, 8, 1, random_flip=True)
-    torch.manual_seed(0)
-    lefts = {int(ds[0][0][0, 0, 0]) for _ in range(40)}
-    assert lefts == {0, 255}
-    assert all(ds[0][0].is_contiguous() for _ in range(10))
+    for i in range(16):
+        Image.fromarray(a).save(tmp_path / f"half{i:02d}.png")
+    ds = ImageFolder(tmp_path, 8, 1)
+
+    def lefts(flip: bool, seed: int = 0) -> list[int]:
+        images, _ = next(iter(ShardedBatches(ds, 16, 0, 1, seed, {}, flip=flip)))
+        assert images.is_contiguous()
+        return images[:, 0, 0, 0].tolist()
+
+    flipped = lefts(True)
+    assert set(flipped) == {0, 255} and 3 <= flipped.count(0) <= 13
+    assert lefts(True) == flipped and lefts(True, seed=1) != flipped
+    assert set(lefts(False)) == {255}
 
 
 # ----------------------------------------------------------------------------- ranges and demo data
@@ -359,7 +368,7 @@ def test_write_demo_folder_is_idempotent_and_readable(tmp_path: Path) -> None:
     stamps = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
     write_demo_folder(root, n=12, image_size=16, seed=5)
     assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == stamps
-    ds = ImageFolder(root, 16, random_flip=False)
+    ds = ImageFolder(root, 16)
     assert ds.skipped == [] and len(ds) == 12
     stacked = torch.stack([ds[i][0] for i in range(12)])
     assert torch.equal(stacked, demo_shapes(12, 16, 3, seed=5))
@@ -409,24 +418,24 @@ def test_non_square_images_are_resized_to_cover_and_centre_cropped(tmp_path: Pat
     a = np.zeros((10, 40, 3), np.uint8)
     a[:, :12], a[:, 12:28], a[:, 28:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
     Image.fromarray(a).save(tmp_path / "wide.png")
-    ds = ImageFolder(tmp_path, (8, 16), random_flip=False)
+    ds = ImageFolder(tmp_path, (8, 16))
     x, _ = ds[0]
     assert x.shape == (3, 8, 16) and ds.shape == (8, 16)
     assert pixel(x, (4, 8)) == [0, 255, 0]  # the green middle; red and blue lie outside the crop
-    tall = ImageFolder(tmp_path, (32, 8), random_flip=False)[0][0]  # 40x10 -> cover 8 wide, 32 high: 128x32
+    tall = ImageFolder(tmp_path, (32, 8))[0][0]  # 40x10 -> cover 8 wide, 32 high: 128x32
     assert tall.shape == (3, 32, 8) and pixel(tall, (16, 4)) == [0, 255, 0]
 
 
 def test_random_crop_of_a_non_square_shape(tmp_path: Path) -> None:
     solid(tmp_path / "a.png", (9, 9, 9), size=(30, 30))
-    ds = ImageFolder(tmp_path, (8, 16), random_flip=False, random_crop=True)
+    ds = ImageFolder(tmp_path, (8, 16), random_crop=True)
     assert all(ds[0][0].shape == (3, 8, 16) for _ in range(5))
 
 
 def test_square_pairs_decode_like_one_number(tmp_path: Path) -> None:
     for k, size in enumerate([(20, 13), (7, 30), (16, 16)]):
         Image.fromarray(np.random.default_rng(k).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
-    one, pair = ImageFolder(tmp_path, 12, random_flip=False), ImageFolder(tmp_path, (12, 12), random_flip=False)
+    one, pair = ImageFolder(tmp_path, 12), ImageFolder(tmp_path, (12, 12))
     assert all(torch.equal(one[i][0], pair[i][0]) for i in range(3))
 
 
@@ -442,7 +451,7 @@ def test_demo_shapes_non_square_and_square_unchanged() -> None:
 def test_a_folder_over_the_cache_limit_is_read_per_batch_and_says_why(tmp_path: Path) -> None:
     for k in range(4):
         solid(tmp_path / f"{k}.png", (k, k, k), size=(16, 8))
-    ds = ImageFolder(tmp_path, (8, 16), random_flip=False, cache_limit=3 * 8 * 16 * 3)  # room for 3 of 4
+    ds = ImageFolder(tmp_path, (8, 16), cache_limit=3 * 8 * 16 * 3)  # room for 3 of 4
     assert not ds.cached and "read from disk per batch" in ds.mode and "cache limit" in ds.mode
     assert pixel(ds[3][0]) == [3, 3, 3]
     assert ImageFolder(tmp_path, (8, 16), cache_limit=3 * 8 * 16 * 4).cached

@@ -32,7 +32,7 @@ from tiny_runs import load_script
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
 
-cli = load_script("sample_cli_editing", "sample.py")
+from resdiff.cli import sample as cli  # noqa: E402  (sample.py in a clone is this module's main)
 
 
 def png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:

@@ -120,7 +120,7 @@ def test_a_statistics_file_as_reference_gives_fid_only(run, data, weights, capsy
      "k=3 need more than 3 features, got 2"),
     (["--model", "RUN", "--ref", "DATA", "--batch-size", "0"], "batch size (--batch-size) must be a positive integer, got 0"),
     (["--samples", "DATA", "--ref", "DATA", "--batch-size", "0"], "batch size (--batch-size) must be a positive integer"),
-    (["--model", "RUN", "--ref", "DATA", "--kid-subsets", "0"], "KID subsets (--kid-subsets) must be an integer of at least 1, got 0"),
+    (["--model", "RUN", "--ref", "DATA", "--kid-subsets", "0"], "KID subsets (--kid-subsets) must be a positive integer, got 0"),
     (["--model", "RUN", "--ref", "DATA", "--kid-subset-size", "1"], "(--kid-subset-size) must be an integer of at least 2, got 1"),
     (["--samples", "CUT", "--ref", "DATA", "--inception", "WEIGHTS", "--inception-unverified"], "cut.npz (damaged"),
     (["--samples", "DATA", "--ref", "CUT", "--inception", "WEIGHTS", "--inception-unverified"], "cut.npz (damaged"),
@@ -141,9 +141,9 @@ def test_mistakes_are_one_line_and_exit_code_2(argv, message, run, data, weights
 
 @pytest.mark.parametrize("settings, scoring, message", [
     ({"batch_size": 0}, {}, "batch size (--batch-size) must be a positive integer, got 0"),
-    ({}, {"kid_subsets": 0}, "KID subsets (--kid-subsets) must be an integer of at least 1, got 0"),
+    ({}, {"kid_subsets": 0}, "KID subsets (--kid-subsets) must be a positive integer, got 0"),
     ({}, {"kid_subset_size": 1}, "KID subset size (--kid-subset-size) must be an integer of at least 2, got 1"),
-    ({}, {"k": 0}, "precision/recall k must be an integer of at least 1, got 0"),
+    ({}, {"k": 0}, "precision/recall k must be a positive integer, got 0"),
 ])
 def test_the_python_api_checks_the_settings_as_the_cli_does(settings, scoring, message, data, tmp_path):
     """evaluate() itself refuses impossible settings with the CLI's line, before loading any weights."""

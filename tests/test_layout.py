@@ -19,7 +19,7 @@ def test_resdiff_has_no_import_circles():
 
 def test_unet_imports_only_its_layers():
     """Other pipelines import the U-Net: it must not bring conversion, loading, config or training code along."""
-    assert import_graph()["unet"] == {"nn"}
+    assert import_graph()["unet"] == {"nn", "shapes"}  # shapes: the image-size facts, importing nothing
 
 
 def test_the_graph_sees_lazy_imports_and_finds_circles(tmp_path):

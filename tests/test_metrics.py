@@ -334,7 +334,7 @@ def test_reference_stats_are_the_training_preparation(tmp_path, monkeypatch):
     folder = _write_pngs(tmp_path / "data", 6, size=(14, 11), mode="L")
     net = TinyNet()
     stats = reference_stats(folder, net, image_size=8, channels=1, batch_size=4)
-    ds = ImageFolder(folder, 8, 1, random_flip=False, random_crop=False, cache=False)
+    ds = ImageFolder(folder, 8, 1, random_crop=False, cache=False)
     direct = FeatureStats.from_features(extract_features(torch.stack([ds[i][0] for i in range(len(ds))]), net))
     np.testing.assert_allclose(stats.sigma, direct.sigma, rtol=1e-10, atol=1e-14)
     assert stats.count == 6
@@ -496,7 +496,7 @@ def test_reference_images_decode_only_the_rows_asked_for(tmp_path, monkeypatch):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
     folder = _write_pngs(tmp_path / "data", 6, size=(14, 11))
     _, stats = reference.reference_features(folder, TinyNet(), 8)
-    prepared = ImageFolder(folder, 8, 3, random_flip=False, cache=False)
+    prepared = ImageFolder(folder, 8, 3, cache=False)
     for name in ("00000.png", "00001.png", "00003.png", "00005.png"):
         (folder / name).write_bytes(b"not an image any more")  # reading any of these would fail
     rows = reference.reference_images(folder, stats, 8, 3)

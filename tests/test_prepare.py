@@ -59,7 +59,7 @@ def test_prepared_images_equal_the_folder_and_unreadable_files_are_named_and_ski
     ]
     assert warned[-1] == f"skipped 2 of 42 files in {folder}"
     assert [p.name for p, _ in data.skipped] == ["broken.png", "empty.jpg"]
-    reference = ImageFolder(folder, (16, 8), 3, class_cond=True, random_flip=False, warn=lambda _m: None)
+    reference = ImageFolder(folder, (16, 8), 3, class_cond=True, warn=lambda _m: None)
     assert data.files == reference.files and data.labels == reference.labels and data.classes == ["cats", "dogs"]
     assert all(torch.equal(data[i][0], reference[i][0]) for i in range(len(data)))
     assert data[0][0].shape == (3, 16, 8) and data[0][0].dtype == torch.uint8
@@ -69,7 +69,7 @@ def test_prepared_images_equal_the_folder_and_unreadable_files_are_named_and_ski
 
 def test_prepared_and_folder_give_identical_batches_for_the_same_seed(folder, prepared):
     """The same seed gives the same batches, flips included, from the folder and from its prepared dataset."""
-    sources = [ImageFolder(folder, (16, 8), class_cond=True, random_flip=False, warn=lambda _m: None),
+    sources = [ImageFolder(folder, (16, 8), class_cond=True, warn=lambda _m: None),
                PreparedImages(prepared, (16, 8), 3)]
     drawn = []
     for dataset in sources:
@@ -312,7 +312,7 @@ def test_a_latent_dataset_holds_the_latents_of_the_images_and_of_their_mirror_im
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["index.json", "labels.npy", *(f"{kind}-0000{k}.npy" for kind in ("images", "flipped") for k in range(6))])
     assert warned[-1] == f"skipped 2 of 42 files in {folder}"
-    reference = ImageFolder(folder, (16, 32), 3, class_cond=True, random_flip=False, warn=lambda _m: None)
+    reference = ImageFolder(folder, (16, 32), 3, class_cond=True, warn=lambda _m: None)
     assert data.files == reference.files and data.labels == reference.labels and data.classes == ["cats", "dogs"]
     assert (data.shape, data.channels, data.item_shape, data.dtype) == ((16, 32), 3, (4, 2, 4), np.float16)
     shard = np.load(out / "images-00000.npy", mmap_mode="r")
@@ -341,11 +341,14 @@ def test_a_latent_dataset_holds_the_latents_of_the_images_and_of_their_mirror_im
     assert LatentNorm.from_dict(record["norm"]["autoencoder"]) == ae.own_norm
     assert data.mode.startswith(f"prepared latents of {tiny_ae}, memory-mapped from {out}")
 
-    flipping = PreparedImages(out, (16, 32), 3, random_flip=True)
-    torch.manual_seed(1)
-    drawn = [flipping[0][0] for _ in range(40)]
-    assert {torch.equal(d, data.stored(0, flipped=True)) for d in drawn} == {True, False}  # both, from the RNG
-    assert all(torch.equal(d, data.stored(0)) or torch.equal(d, data.stored(0, flipped=True)) for d in drawn)
+    assert torch.equal(data.flipped(0)[0], data.stored(0, flipped=True)) and data.flipped(0)[1] == data[0][1]
+    from resdiff.batches import ShardedBatches
+
+    latents, _ = next(iter(ShardedBatches(data, len(data), 0, 1, 0, {}, flip=True)))  # the batches choose the flips
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    kinds = {torch.equal(x, data.stored(i, flipped=True)) for x, i in zip(latents, order)}
+    assert kinds == {True, False} and all(torch.equal(x, data.stored(i)) or torch.equal(x, data.stored(i, flipped=True))
+                                          for x, i in zip(latents, order))
     with pytest.raises(UsageError, match=r"was prepared at 16x32, but data.image_size is 2x4"):
         PreparedImages(out, (2, 4), 3)  # the sizes are the images', not the latents'
 
@@ -422,8 +425,8 @@ def test_the_cli_prepares_latents_without_flips(tmp_path, folder, tiny_ae, capsy
     assert not data.flips_stored and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "images-00000.npy", "index.json", "labels.npy"]
     assert "mirror" not in data.norm.source
-    with pytest.raises(UsageError, match=r"was prepared with --no-flip .* set data.random_flip=false"):
-        PreparedImages(tmp_path / "out", 16, 3, random_flip=True)
+    with pytest.raises(ValueError, match="holds no flipped latents"):
+        data.flipped(0)
     with pytest.raises(UsageError, match="image size 20x20 is not a multiple of the autoencoder's downsampling factor"):
         prepare_main([str(folder), str(tmp_path / "other"), "--image-size", "20", "--autoencoder", str(tiny_ae)])
     with pytest.raises(UsageError, match="an autoencoder takes RGB images, but channels is 1"):

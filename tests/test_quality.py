@@ -167,7 +167,7 @@ def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(net, da
     ev = TrainingEvaluator(net, data, image_size=16, channels=3, every=2, num_images=4,
                            settings=SamplingSettings(sampler="ddim", steps=2, seed=0, device="cpu"),
                            run_dir=tmp_path / "run")
-    dataset = ImageFolder(data, 16, 3, random_flip=False, cache=True)
+    dataset = ImageFolder(data, 16, 3, cache=True)
     torch.manual_seed(0)
     unet = UNet(**SMALL)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)

@@ -343,7 +343,7 @@ BEFORE_WRITING = {
     "GroupNorm cannot split the channels": (["model.channels=20"], "GroupNorm: 20 channels cannot be split into 8 groups"),
     "image size the U-Net cannot halve": (["data.image_size=18", "model.channel_mult=[1,2,2]"], "sample_size 18 is not divisible by 2**2 = 4"),
     "preview steps beyond the schedule": (["diffusion.num_train_timesteps=10", "train.preview_steps=20"],
-                                          "train.preview_steps=20 is more than diffusion.num_train_timesteps=10"),
+                                          "train.preview_steps 20 is more than the 10 timesteps the model is trained with"),
     "zero preview steps": (["train.preview_steps=0"], "train.preview_steps must be > 0"),
     "negative batch": (["train.batch_size=-8"], "train.batch_size must be > 0"),
     "wrong type": (["train.checkpoint_every=often"], "train.checkpoint_every must be an integer"),

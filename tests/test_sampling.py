@@ -28,12 +28,11 @@ from resdiff.sampling import ImageGenerator, SamplingSettings, generate
 
 from launch import free_port, launch_env, launcher, run_watched
 from tiny_models import FEW, save_pipeline, small_unet
-from tiny_runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
 
-cli = load_script("sample_cli", "sample.py")
+from resdiff.cli import sample as cli  # noqa: E402  (sample.py in a clone is this module's main)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -307,7 +306,8 @@ def test_settings_whole_or_as_keywords_give_the_same_images(models):
 def test_the_flags_defaults_are_the_settings_defaults():
     """sample.py and evaluate.py take their sampling flags and defaults from SamplingSettings alone."""
     assert SamplingSettings.from_args(cli.build_parser().parse_args(["--model", "m"])) == SamplingSettings()
-    evaluate_cli = load_script("evaluate_cli_for_sampling", "evaluate.py")
+    from resdiff.cli import evaluate as evaluate_cli
+
     args = evaluate_cli.build_parser().parse_args(["--model", "m", "--ref", "r"])
     assert SamplingSettings.from_args(args) == SamplingSettings()
 

@@ -371,7 +371,7 @@ def test_batches_give_each_process_its_own_slice(pngs):
     """Two ranks' batches in an epoch are disjoint and together cover every image once; the order is seeded."""
     from resdiff.data import ImageFolder
 
-    dataset = ImageFolder(pngs, 16, random_flip=False)
+    dataset = ImageFolder(pngs, 16)
     ranks = [ShardedBatches(dataset, 4, rank, 2, seed=3, loader_kwargs={}) for rank in (0, 1)]
     first = [sum(b._epoch_batches(), []) for b in ranks]
     assert len(first[0]) == len(first[1]) == 16 and not set(first[0]) & set(first[1])

@@ -395,7 +395,7 @@ def test_non_square_sample_size_checks_each_side():
         tiny(sample_size=(16, 30))
     with pytest.raises(ValueError, match=r"attention_resolutions \[32\] .* it has \[16, 8, 4\] \(the shorter side of its levels 16x32, 8x16, 4x8\)"):
         tiny(sample_size=(16, 32), attention_resolutions=(32,))  # the width: not a level's shorter side
-    with pytest.raises(ValueError, match="sample_size must be an integer or a"):
+    with pytest.raises(ValueError, match="sample_size must be a positive integer or a"):
         tiny(sample_size=(16, 32, 8))
 
 
