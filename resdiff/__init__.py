@@ -24,7 +24,10 @@ loop -> CLIs). Who owns what (docs/design.md has the long form):
     checkpoint.py  a checkpoint folder: names, TrainState, checks, listing, rotation, its files written and read
     runlock.py     RunLock: one process writes a run directory at a time
     files.py       whole-file writes, temporary names, the cache folder, SHA256SUMS   images.py   PNG, grids, npz
-    model_folder.py  loading run/pipeline/diffusers folders safely
+    model_folder.py  loading run/pipeline/diffusers folders safely (load_unet: train.py --init-from's source)
+    card.py        a model folder's card: README.md (huggingface_hub's ModelCard) and samples.png, from ModelFacts
+    export.py      a model as a folder to share, in resdiff's or diffusers' own classes, with its card and sums
+    cli/           the installed commands (resdiff-export): flags, then one call into the library
     settings.py    what the generating CLIs let users choose: SamplingSettings (one check), Scoring, editing
                    defaults, the shared flags (no torch: --help answers at once)
     sampling.py    ImageGenerator (a model readied once, then batches), generate, sample_to_folder (the folder

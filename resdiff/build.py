@@ -12,6 +12,11 @@ unless ``resume_anyway``) and that a start from step 0 replaces no earlier train
 checks that the directory is writable and the disk has room, and writes ``config.yaml`` and
 ``identity.json``; every process learns the outcome, so an error stops all of them alike. train.py is
 argument parsing around ``build_trainer(cfg).fit()``.
+
+With ``init_from`` (train.py --init-from) the run starts from another model's weights (``load_init_source``): a
+resdiff run or model folder, a diffusers pipeline or a saved UNet2DModel, converted exactly. Its architecture
+becomes the config's model section; the optimizer, EMA (from the source's weights) and step start fresh; the run's
+identity records the source's path and weights digest, so resuming with another source is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from .shapes import is_image_size, one_number, shape_name
 from .diffusion import GaussianDiffusion
 from .ema import EMA
 from .errors import UsageError
-from .files import cache_root
+from .files import cache_root, file_digest
+from .hints import plain
 from .hardware import precision_warning, reuse_freed_memory
 from .prepare import PreparedImages, is_prepared
 from .quality import EVAL_SHARE, TrainingEvaluator
@@ -46,13 +52,13 @@ from .processes import StopVote, on_main
 from .settings import SamplingSettings, check_steps
 from .checkpoint import CHECKPOINTS, EMA as EMA_FOLDER, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
 from .rundir import (
-    QUALITY_PICTURE, RunDir, check_disk, check_same_model, clear_run, earlier_training, export_model, identity_changes,
-    remove_leftovers, trim_log, write_config, write_identity,
+    INIT_SHA256, INIT_SOURCE, QUALITY_PICTURE, RunDir, check_disk, check_same_model, clear_run, data_listing,
+    earlier_training, export_model, identity_changes, remove_leftovers, trim_log, write_config, write_identity,
 )
 from .trainer import Trainer
-from .unet import UNet
+from .unet import PRESETS, UNet, sample_shape
 
-__all__ = ["build_trainer", "build_unet", "model_keys", "demo_data_dir", "run_identity"]
+__all__ = ["build_trainer", "build_unet", "model_keys", "demo_data_dir", "run_identity", "InitSource", "load_init_source"]
 
 _NEVER = ("never", "no", "none")
 
@@ -80,6 +86,76 @@ def build_unet(cfg: Config, num_classes: int | None) -> UNet:
         raise UsageError(f"model: {err}") from None
 
 
+# UNet settings that leave its weights as they are: a fine-tuning config may change them.
+_TRAINING_ONLY = ("dropout", "zero_init_last")
+_DATA_DECIDES = ("sample_size", "in_channels", "num_classes")  # build_unet takes them from the data section
+
+
+@dataclass
+class InitSource:
+    """The model a run starts from (--init-from): where it is, its weights, their digest (the run's identity)."""
+
+    path: Path  # the folder given, resolved
+    weights: dict[str, torch.Tensor]  # a resdiff UNet's state dict
+    sha256: str  # of the weights file read
+    config: Path  # its U-Net config, named in errors
+    num_classes: int | None
+
+    def check_classes(self, classes: list[str]) -> None:
+        """The data has as many classes as the source was trained on (``classes``: empty when unconditional)."""
+        if len(classes) != (self.num_classes or 0):
+            has = f"{self.num_classes} classes" if self.num_classes else "no classes (unconditional)"
+            data = f"{len(classes)} class folders" if classes else "no classes (data.class_cond is false)"
+            raise UsageError(f"--init-from {self.path}: {self.config} has {has}, but the data has {data}; start from "
+                             f"a model of the data's classes, or use data whose classes match it")
+
+
+def load_init_source(cfg: Config, path: str | Path) -> InitSource:
+    """The model at ``path`` (a resdiff run or model folder, a diffusers pipeline folder, a saved UNet2DModel),
+    checked against the config, whose model section becomes its architecture. Model keys the config sets that
+    disagree with the source are an error (``_TRAINING_ONLY`` ones apply), so are image channels and size that
+    differ from the data's. Nothing is written."""
+    from .model_folder import load_unet
+
+    try:
+        unet, weights = load_unet(path)
+    except UsageError as err:
+        raise UsageError(f"--init-from {path}: {err}") from None
+    config = weights.parent / "config.json"
+    arch = {k: plain(v) for k, v in unet.config.items() if not k.startswith("_")}
+    d = cfg.data
+    if arch["in_channels"] != d.image_channels:
+        raise UsageError(f"--init-from {path}: {config} has in_channels={arch['in_channels']}, but the data is read "
+                         f"with data.image_channels={d.image_channels}; set data.image_channels={arch['in_channels']}, "
+                         f"or start from a {d.image_channels}-channel model")
+    if sample_shape(arch["sample_size"]) != sample_shape(d.image_size):
+        raise UsageError(f"--init-from {path}: {config} has sample_size={arch['sample_size']}, but data.image_size is "
+                         f"{plain(d.image_size)}; set data.image_size={arch['sample_size']}")
+    conflicts = _model_conflicts(cfg.model, arch)
+    if conflicts:
+        raise UsageError(f"--init-from {path}: the model comes from {config}, but the config sets {'; '.join(conflicts)}; "
+                         f"remove those model keys (only {', '.join(_TRAINING_ONLY)} may differ)")
+    own = {k: v for k, v in cfg.model.items() if k in _TRAINING_ONLY}
+    # Every UNet setting is given, so the preset decides nothing; it stays "auto", as load_config reads config.yaml
+    # back (a resume compares the two).
+    cfg.model = {"preset": "auto", **{k: v for k, v in arch.items() if k not in _DATA_DECIDES}, **own}
+    return InitSource(path=Path(path).resolve(), weights=unet.state_dict(), sha256=file_digest(weights),
+                      config=config, num_classes=arch.get("num_classes"))
+
+
+def _model_conflicts(model: dict, arch: dict) -> list[str]:
+    """The config's model keys (a named preset's included) that give the source's architecture other values, as
+    ``model.channels=32 (the source has 16)``. The default preset, auto, sizes a model only when none is given."""
+    given = {k: v for k, v in model.items() if k != "preset"}
+    preset = model.get("preset", "auto")
+    if preset != "auto":
+        if preset not in PRESETS:
+            return [f"model.preset={preset}"]
+        given = {**{k: v for k, v in PRESETS[preset].items() if k not in _DATA_DECIDES}, **given}
+    return [f"model.{k}={plain(v)!r} (the source has {arch[k]!r})" for k, v in given.items()
+            if k not in _TRAINING_ONLY and k in arch and plain(v) != arch[k]]
+
+
 def demo_data_dir(image_size: int | tuple[int, int], n: int) -> Path:
     """Where the built-in demo dataset is written (in resdiff's cache folder, $RESDIFF_CACHE)."""
     return cache_root() / f"demo-shapes-{shape_name(image_size)}px-{n}"
@@ -87,14 +163,15 @@ def demo_data_dir(image_size: int | tuple[int, int], n: int) -> Path:
 
 def build_trainer(
     cfg: Config, *, resume: str = "auto", echo: Callable[[str], None] = print, resume_anyway: bool = False,
-    start_over: bool = False,
+    start_over: bool = False, init_from: str | Path | None = None,
 ) -> Trainer:
     """The Trainer for ``cfg``, resumed from its run directory's newest complete checkpoint (``resume="auto"``),
     from a named checkpoint folder, or refusing to when there is one (``"never"``).
 
     A resume whose identity (``run_identity``) differs from the one the run recorded is refused unless
     ``resume_anyway``; a directory with earlier training but no checkpoint is refused unless ``start_over``,
-    which deletes its checkpoints, model, log and previews first."""
+    which deletes its checkpoints, model, log and previews first. ``init_from``: a model whose weights (and
+    architecture) the run starts from (see ``load_init_source``); ``cfg.model`` becomes its architecture."""
     if not cfg.out:
         raise UsageError("no run directory: pass --out DIR (or set out: in the config)")
     t = cfg.train
@@ -107,14 +184,19 @@ def build_trainer(
         )
     micro_batch = t.batch_size // (world * t.grad_accum)
     run = RunDir(cfg.out, warn=echo)
+    source = load_init_source(cfg, init_from) if init_from is not None else None  # sets cfg.model
     parameters = _check_model_and_settings(cfg)
     explicit = _check_resume(run.path, resume)
     dataset = _load_data(cfg, echo if main else (lambda _msg: None))
+    if source is not None:
+        source.check_classes(dataset.classes if cfg.data.class_cond else [])
     choice = _Choice(resume, explicit, resume_anyway, start_over)
-    candidates = _prepare_run_dir(run, cfg, choice, dataset, parameters, echo)  # the first write
+    candidates = _prepare_run_dir(run, cfg, choice, dataset, parameters, echo, source)  # the first write
     try:
         set_seed(t.seed)  # identical initial weights on every process
         unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None)
+        if source is not None:
+            unet.load_state_dict(source.weights)  # the source's own tensors; the EMA starts from them too
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         workers, why = loader_workers(cfg.data.num_workers, dataset.cached, acc.device, local)
         if isinstance(dataset, PreparedImages) and cfg.data.num_workers == "auto":
@@ -158,7 +240,7 @@ def build_trainer(
                      f"from training that an interruption lost (it is redone now)")
             if resumed and not run.has_model():
                 export_model(run.path, resumed / EMA_FOLDER)  # an interrupted export left no model/: redo it
-        trainer.about = _summary(cfg, trainer, dataset, workers, why, resumed, evaluation)
+        trainer.about = _summary(cfg, trainer, dataset, workers, why, resumed, evaluation, source)
         return trainer
     except BaseException:
         run.lock.release()
@@ -266,15 +348,18 @@ class _Choice:
     start_over: bool
 
 
-def run_identity(cfg: Config, dataset: ImageFolder | PreparedImages) -> dict[str, object]:
+def run_identity(
+    cfg: Config, dataset: ImageFolder | PreparedImages, source: InitSource | None = None
+) -> dict[str, object]:
     """What a run learns from, as dotted keys: where the data is and a fingerprint of its listing (each file's
-    name and size), the data and diffusion settings, the global batch size and the seed. A resume that changes
-    any of them trains something else than the run's checkpoints were trained on."""
+    name and size), the data and diffusion settings, the global batch size and the seed, and the model it started
+    from (``source``: its path and weights digest; None from scratch). A resume that changes any of them trains
+    something else than the run's checkpoints were trained on."""
     d = cfg.data
     if d.path is None:
-        source = f"built-in demo shapes ({shape_name(d.image_size)}, {d.demo_images} images)"
+        data_source = f"built-in demo shapes ({shape_name(d.image_size)}, {d.demo_images} images)"
     else:
-        source = str(Path(d.path).resolve())
+        data_source = str(Path(d.path).resolve())
     base = Path(getattr(dataset, "source", dataset.root))
     digest = hashlib.sha256("\n".join(dataset.classes).encode())
     for file in dataset.files:
@@ -284,11 +369,12 @@ def run_identity(cfg: Config, dataset: ImageFolder | PreparedImages) -> dict[str
             name = file.as_posix()
         size = _size(file) if isinstance(dataset, ImageFolder) else ""  # prepared: the source may be gone
         digest.update(f"\n{name}\t{size}".encode())
-    identity = {"data.source": source, "data.listing": f"{len(dataset.files)} files, sha256 {digest.hexdigest()[:16]}"}
+    identity = {"data.source": data_source, "data.listing": data_listing(len(dataset.files), digest.hexdigest())}
     for key in ("image_size", "image_channels", "class_cond", "random_flip", "random_crop"):
         identity[f"data.{key}"] = getattr(d, key)
     identity.update({f"diffusion.{k}": v for k, v in vars(cfg.diffusion).items()})
     identity.update({"train.batch_size": cfg.train.batch_size, "train.seed": cfg.train.seed})
+    identity.update({INIT_SOURCE: str(source.path) if source else None, INIT_SHA256: source.sha256 if source else None})
     return identity
 
 
@@ -301,12 +387,12 @@ def _size(file: Path) -> int:
 
 def _prepare_run_dir(
     run: RunDir, cfg: Config, choice: _Choice, dataset: ImageFolder | PreparedImages, parameters: int,
-    echo: Callable[[str], None],
+    echo: Callable[[str], None], source: InitSource | None = None,
 ) -> list[Path]:
     """The main process prepares the run directory (see the module docstring) and picks the checkpoints to try,
     newest first; every process gets the outcome, so an error stops all of them alike."""
     def prepare() -> list[str]:
-        identity = run_identity(cfg, dataset)
+        identity = run_identity(cfg, dataset, source)
         return [str(p) for p in _prepare_run_dir_main(run, cfg, choice, identity, parameters, echo)]
 
     return [Path(p) for p in on_main(prepare)]
@@ -315,6 +401,7 @@ def _prepare_run_dir(
 def _check_continuity(path: Path, cfg: Config, choice: _Choice, identity: dict, resuming: bool, echo: Callable[[str], None]) -> None:
     """A resume continues the same run; a start from step 0 replaces no earlier training; unless asked."""
     if resuming:
+        _check_same_source(path, identity, choice)  # first: a fine-tuning run's model section is its source's
         check_same_model(path, cfg)
         changes = identity_changes(path, identity)
         if changes and not choice.resume_anyway:
@@ -330,6 +417,16 @@ def _check_continuity(path: Path, cfg: Config, choice: _Choice, identity: dict, 
         raise UsageError(
             f"{path} holds earlier training ({earlier}) but no checkpoint to resume from; starting over would "
             f"replace it: choose a new --out, or pass --start-over to replace it"
+        )
+
+
+def _check_same_source(path: Path, identity: dict, choice: _Choice) -> None:
+    """A resume starts from the model the run started from (--init-from, or none), unless ``resume_anyway``."""
+    changes = identity_changes(path, {k: identity[k] for k in (INIT_SOURCE, INIT_SHA256)})
+    if changes and not choice.resume_anyway:
+        raise UsageError(
+            f"cannot resume {path}: it started from another model ({'; '.join(changes)}); resume with the "
+            f"--init-from it started from (or none, if it started from scratch), or choose a new --out"
         )
 
 
@@ -418,7 +515,8 @@ def _evaluator(
 
 
 def _summary(
-    cfg: Config, trainer: Trainer, dataset: ImageFolder | PreparedImages, workers: int, why: str, resumed: Path | None, evaluation: str
+    cfg: Config, trainer: Trainer, dataset: ImageFolder | PreparedImages, workers: int, why: str, resumed: Path | None,
+    evaluation: str, source: InitSource | None = None,
 ) -> str:
     """What is about to happen, in a few lines."""
     t, acc = cfg.train, trainer.accelerator
@@ -441,6 +539,8 @@ def _summary(
         f"  steps:     {trainer.step} -> {t.steps}, lr {t.lr:g}, EMA {_ema(t)}",
         f"  eval:      {evaluation}",
         f"  run dir:   {cfg.out} ({f'resumed from {resumed} (step {trainer.step})' if resumed else 'new run'})",
+        *([f"  init:      {source.path} (weights sha256 {source.sha256[:16]})" + ("" if resumed else
+           ": its weights, a fresh optimizer and EMA, step 0")] if source else []),
         *([warning] if warning else []),
     ])
 

@@ -423,8 +423,12 @@ def load_config(
 
 def config_yaml(cfg: Config) -> str:
     """The fully resolved config as YAML text (what RUN/config.yaml holds and ``train.py --print-config`` prints)."""
-    text = yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-    return "# resdiff config, fully resolved; reload with load_config(path) or train.py --config\n" + text
+    return "# resdiff config, fully resolved; reload with load_config(path) or train.py --config\n" + sections_yaml(cfg.to_dict())
+
+
+def sections_yaml(sections: dict) -> str:
+    """Config sections (``Config.to_dict()`` or part of it) as config.yaml writes them: lists inline, mappings as blocks."""
+    return yaml.dump(sections, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

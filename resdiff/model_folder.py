@@ -2,6 +2,7 @@
 
     run directory   RUN/model/ (the exported EMA pipeline), else the newest whole checkpoints/step-*/ema/
     pipeline folder DDPMPipeline.save_pretrained: model_index.json, unet/ (config.json + weights), scheduler/
+    U-Net folder    UNet2DModel.save_pretrained (or resdiff UNet's): config.json + weights; ``load_unet`` only
 
 The U-Net class is chosen from model_index.json among the two known ones (resdiff ``UNet``, diffusers
 ``UNet2DModel``); no module named there is imported, and weights are read from safetensors only (a pickled
@@ -10,7 +11,8 @@ unet/config.json is checked field by field against the class's constructor (unkn
 the model it describes is built on the meta device, and the safetensors header is compared with it, so a
 broken folder is one error line naming the file. A folder with ``SHA256SUMS`` (resdiff writes them with every
 export and checkpoint) is checked against it first: a file changed since it was written, even at the same
-length, is refused by name. sample.py and evaluate.py load models through here.
+length, is refused by name. sample.py and evaluate.py load models through here; train.py --init-from loads its
+starting weights through ``load_unet``.
 """
 
 from __future__ import annotations
@@ -30,24 +32,32 @@ from .errors import UsageError, one_line
 from .hardware import default_device
 from .files import checksum_problem
 from .checkpoint import (
-    EMA, MODEL_INDEX, PIPELINE_CONFIGS, SCHEDULER_CONFIG, UNET_CONFIG, file_problem, latest_checkpoint,
+    EMA, MODEL_INDEX, PIPELINE_CONFIGS, PIPELINE_WEIGHTS, SCHEDULER_CONFIG, UNET_CONFIG, file_problem,
+    latest_checkpoint,
 )
 from .rundir import MODEL
 from .convert import from_diffusers
-from .unet import UNet, no_safetensors
+from .unet import PICKLES, UNet, no_safetensors
 
-__all__ = ["find_model_folder", "load_model"]
+__all__ = ["find_model_folder", "load_model", "load_unet"]
 
 _UNET_CLASSES = {("resdiff.unet", "UNet"): UNet, ("resdiff", "UNet"): UNet, ("diffusers", "UNet2DModel"): UNet2DModel}
+_SAVED_CLASSES = {"UNet": UNet, "UNet2DModel": UNet2DModel}  # a U-Net folder's config.json "_class_name"
+_UNET_FILE_CONFIG = "config.json"  # a U-Net folder's config (a pipeline's unet/config.json)
+_PIPELINE_OR_RUN = "pass a run directory or a pipeline folder (with model_index.json)"
+_ANY_MODEL = ("pass a run directory, a pipeline folder (with model_index.json) or a saved UNet2DModel folder "
+              "(config.json and diffusion_pytorch_model.safetensors)")
 
 
-def find_model_folder(path: str | Path) -> Path:
-    """The pipeline folder behind ``path``: itself, a run's ``model/``, or its newest checkpoint's ``ema/``."""
+def find_model_folder(path: str | Path, accepted: str = _PIPELINE_OR_RUN) -> Path:
+    """The pipeline folder behind ``path``: itself, a run's ``model/``, or its newest checkpoint's ``ema/``.
+    ``accepted`` ends the error lines: what the caller takes."""
     path = Path(path)
     if not path.exists():
-        raise UsageError(f"{path} does not exist; pass a run directory or a pipeline folder (with model_index.json)")
+        raise UsageError(f"{path} does not exist; {accepted}")
     if not path.is_dir():
-        raise UsageError(f"{path} is not a folder; pass a run directory or a pipeline folder (with model_index.json)")
+        pickle = " (a pickle file: it can run code when loaded, so it is never opened)" if path.suffix in PICKLES else ""
+        raise UsageError(f"{path} is not a folder{pickle}; {accepted}")
     if (path / MODEL_INDEX).is_file():
         folder = path
     elif (path / MODEL).is_dir():
@@ -55,10 +65,8 @@ def find_model_folder(path: str | Path) -> Path:
     elif (ckpt := latest_checkpoint(path, ema_only=True)) is not None:  # damaged checkpoints are passed over
         folder = ckpt / EMA
     else:
-        raise UsageError(
-            f"{path} is not a model: it has no model_index.json, no model/ and no checkpoints/step-*/ema/; "
-            "pass a run directory or a pipeline folder"
-        )
+        raise UsageError(f"{path} is not a model: it has no model_index.json, no model/ and no checkpoints/step-*/ema/; "
+                         f"{accepted}")
     for needed in PIPELINE_CONFIGS:  # the weights are checked when they are read
         if not (folder / needed).is_file():
             raise UsageError(f"{folder} is not a complete pipeline folder: {needed} is missing; pass a saved DDPMPipeline folder")
@@ -75,20 +83,8 @@ def load_model(
     outputs, and class-conditional models then get the null label guidance needs); otherwise it is used as is.
     """
     folder = find_model_folder(path)
-    damaged = checksum_problem(folder)
-    if damaged:
-        raise UsageError(f"{folder}/{damaged}; re-export the model or copy it again")
-    unet_dir = (folder / UNET_CONFIG).parent
     cls = _unet_class(folder / MODEL_INDEX)
-    problem = no_safetensors(unet_dir)
-    if problem:
-        raise UsageError(f"{problem}; resdiff loads safetensors only, so re-save the model with them")
-    _check_weights(unet_dir, cls, _check_config(folder / UNET_CONFIG, cls))
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    try:
-        model = cls.from_pretrained(unet_dir, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
-        raise UsageError(f"cannot load the model in {unet_dir}: {one_line(err)}") from None
+    model = _load_checked(folder, (folder / UNET_CONFIG).parent, cls, dtype)
     if cls is UNet2DModel:
         try:
             model = from_diffusers(model)
@@ -96,6 +92,58 @@ def load_model(
             pass
     scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
     return model.to(default_device() if device is None else device).eval(), scheduler_config
+
+
+def load_unet(path: str | Path) -> tuple[UNet, Path]:
+    """A resdiff UNet (float32, on the CPU) with the weights of a run directory, a pipeline folder or a saved U-Net
+    folder, checked as ``load_model`` checks them; a diffusers UNet2DModel is converted exactly, and one whose
+    architecture does not convert is an error. Also returns the weights file, whose digest identifies the model."""
+    path = Path(path)
+    if path.is_dir() and (path / _UNET_FILE_CONFIG).is_file() and not (path / MODEL_INDEX).is_file():
+        checked, unet_dir = path, path
+        cls = _saved_class(path / _UNET_FILE_CONFIG)
+    else:
+        checked = find_model_folder(path, _ANY_MODEL)
+        unet_dir, cls = (checked / UNET_CONFIG).parent, _unet_class(checked / MODEL_INDEX)
+    model = _load_checked(checked, unet_dir, cls, torch.float32)
+    if cls is UNet2DModel:
+        try:
+            model = from_diffusers(model)
+        except ValueError as err:
+            raise UsageError(f"{unet_dir / _UNET_FILE_CONFIG}: {err}; resdiff's UNet cannot hold this model, so it "
+                             f"cannot be trained here") from None
+    weights = unet_dir / Path(PIPELINE_WEIGHTS).name
+    if not weights.is_file():
+        raise UsageError(f"{weights} is missing (sharded or variant weights are not read here); save the model "
+                         f"again with save_pretrained(folder, safe_serialization=True)")
+    return model.to("cpu"), weights
+
+
+def _load_checked(checked: Path, unet_dir: Path, cls: type[nn.Module], dtype: torch.dtype | None) -> nn.Module:
+    """The U-Net of ``unet_dir`` as ``cls``, after every check: ``checked``'s SHA256SUMS, safetensors weights only,
+    the config field by field, the weights' names and shapes against it."""
+    damaged = checksum_problem(checked)
+    if damaged:
+        raise UsageError(f"{checked}/{damaged}; re-export the model or copy it again")
+    problem = no_safetensors(unet_dir)
+    if problem:
+        raise UsageError(f"{problem}; resdiff loads safetensors only, so re-save the model with them")
+    _check_weights(unet_dir, cls, _check_config(unet_dir / _UNET_FILE_CONFIG, cls))
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        return cls.from_pretrained(unet_dir, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
+        raise UsageError(f"cannot load the model in {unet_dir}: {one_line(err)}") from None
+
+
+def _saved_class(config: Path) -> type[nn.Module]:
+    """The U-Net class a U-Net folder's config.json names (``_class_name``), if it is one of the known ones."""
+    saved = _read_json(config)
+    name = saved.get("_class_name") if isinstance(saved, dict) else None
+    if name not in _SAVED_CLASSES:
+        raise UsageError(f"{config} names _class_name {name!r}; only resdiff UNet and diffusers UNet2DModel folders "
+                         f"can be loaded")
+    return _SAVED_CLASSES[name]
 
 
 def _read_json(file: Path) -> dict:

@@ -11,8 +11,9 @@ Every file is written under a temporary name and renamed into place (``resdiff.f
 leaves the old version or the new one, never half of one; ``remove_leftovers`` deletes what an interrupted
 run left. Each checkpoint and its ``ema/`` folder (so also the exported ``model/``) get ``SHA256SUMS`` when
 written. ``RUN/identity.json`` records what the run learns from (the data's location and listing, the data and
-diffusion settings, batch size and seed); ``identity_changes`` names what a resume would change, and
-``earlier_training`` what a start from step 0 would replace.
+diffusion settings, batch size and seed, the model it started from); ``identity_changes`` names what a resume
+would change, and ``earlier_training`` what a start from step 0 would replace. Every export of ``model/`` writes
+its card (``resdiff.card``) from the run's files (``model_facts``); a card that cannot be written is a warning.
 
 ``RunDir`` is what the trainer holds: it saves and loads a ``TrainState`` and the EMA pipeline, writes the
 log, previews and the exported model, and never lets the trainer name a file.
@@ -23,28 +24,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .card import ModelFacts, write_card
 from .checkpoint import (
     CHECKPOINTS, EMA, PIPELINE_FILES, TrainState, checkpoint_bytes, checkpoint_dir, checkpoint_problem,
-    complete_checkpoints, list_checkpoints, read_checkpoint, rotate_checkpoints, write_checkpoint_files,
+    complete_checkpoints, list_checkpoints, read_checkpoint, rotate_checkpoints, step_of, write_checkpoint_files,
 )
 from .config import Config, config_diff, load_config, save_config
 from .errors import TrainingError, UsageError, one_line
 from .files import (
-    WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic, write_checksums,
-    write_problem,
+    CHECKSUMS, WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic,
+    write_checksums, write_problem,
 )
 from .runlock import LOCK, RunLock
 
 __all__ = [
     "RunDir", "check_same_model", "check_disk", "remove_leftovers", "trim_log", "read_log", "write_config", "export_model",
     "MODEL", "LOG", "QUALITY_PICTURE", "human_size", "write_problem", "identity_changes", "write_identity",
-    "earlier_training", "clear_run",
+    "earlier_training", "clear_run", "data_listing", "model_facts", "model_origin", "write_model_card", "INIT_SOURCE",
+    "INIT_SHA256",
 ]
 
 # The run directory's names, here and nowhere else (a checkpoint folder's are in resdiff.checkpoint, the lock's in
@@ -52,6 +56,9 @@ __all__ = [
 CONFIG, LOG, MODEL, SAMPLES = "config.yaml", "log.jsonl", "model", "samples"
 IDENTITY = "identity.json"
 QUALITY_PICTURE = "quality.png"  # FID and loss against step (resdiff.quality draws it at each evaluation)
+_PREVIEW = re.compile(r"^step-(\d+)\.png$")  # samples/step-NNNNNNN.png (RunDir.save_preview)
+# identity.json's keys that the card reads: the model a fine-tuning run started from (None: from scratch).
+INIT_SOURCE, INIT_SHA256 = "init.source", "init.sha256"
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
@@ -77,18 +84,109 @@ def remove_leftovers(run_dir: Path) -> list[str]:
     return [str(p.relative_to(run_dir)) for p in found]
 
 
-def export_model(run_dir: Path, source: Path) -> None:
-    """Replace RUN/model with a copy of ``source`` (a checkpoint's EMA pipeline), never leaving it half-written."""
+def export_model(run_dir: Path, source: Path, warn: Callable[[str], None] = print) -> None:
+    """Replace RUN/model with a copy of ``source`` (a checkpoint's EMA pipeline) and its card, never leaving it
+    half-written. The card is described, not required: failing to write it is a warning (``warn``)."""
     target = run_dir / MODEL
     tmp = temporary(target)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         shutil.copytree(source, tmp)
+        write_model_card(tmp, run_dir, _checkpoint_step(source.parent), run_dir.name, warn)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_folder(target, tmp)
+
+
+def write_model_card(
+    folder: Path, run_dir: Path | None, step: int | None, name: str, warn: Callable[[str], None]
+) -> None:
+    """Write the card of model folder ``folder`` (named ``name``) from what ``run_dir`` says of its model of ``step``
+    (``model_facts``; no run directory: only what the folder says). Any failure (an unreadable config, a full disk,
+    a huggingface_hub error) is a warning only: the model it describes is whole without it."""
+    try:
+        write_card(folder, model_facts(run_dir, step, name) if run_dir is not None else ModelFacts(name=name))
+    except Exception as err:  # noqa: BLE001 (a card must never cost a checkpoint or an export)
+        warn(f"warning: cannot write the model card in {folder} ({type(err).__name__}: {one_line(err)}); "
+             f"the model itself is complete")
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    try:
+        return step_of(folder)
+    except ValueError:
+        return None
+
+
+def data_listing(files: int, digest: str) -> str:
+    """identity.json's ``data.listing``: how many files the data has and a fingerprint of their names and sizes."""
+    return f"{files} files, sha256 {digest[:16]}"
+
+
+def _listed_files(listing: object) -> int | None:
+    """The file count of a ``data_listing``."""
+    m = re.match(r"^(\d+) files, ", str(listing))
+    return int(m.group(1)) if m else None
+
+
+def _read_identity(run_dir: Path) -> dict:
+    try:
+        recorded = json.loads((run_dir / IDENTITY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def model_facts(run_dir: Path, step: int | None, name: str) -> ModelFacts:
+    """What the run directory says about its model of ``step`` (None: not known, then the newest of everything):
+    the recipe and data from config.yaml and identity.json, the last evaluation and preview grid up to that step."""
+    facts = ModelFacts(name=name, step=step)
+    cfg = load_config(run_dir / CONFIG) if (run_dir / CONFIG).is_file() else None
+    if cfg is not None:
+        recipe = cfg.to_dict()
+        recipe.pop("out", None)
+        path = recipe["data"].pop("path", None)  # its name only: a local path may be private
+        facts.recipe, facts.batch_size = recipe, cfg.train.batch_size
+        facts.data_name = Path(path).name if path else "built-in demo shapes"
+    identity = _read_identity(run_dir)
+    facts.data_images = _listed_files(identity.get("data.listing"))
+    if identity.get(INIT_SOURCE):
+        facts.init_from = f"`{Path(identity[INIT_SOURCE]).name}` (weights SHA-256 {str(identity.get(INIT_SHA256))[:16]}...)"
+    upto = float("inf") if step is None else step
+    evaluations = [r for r in read_log(run_dir) if r["step"] <= upto and any("@" in k for k in r)]
+    if evaluations:
+        facts.evaluation = {k: v for k, v in evaluations[-1].items() if k == "step" or "@" in k}
+    grids = sorted((int(m.group(1)), p) for p in (run_dir / SAMPLES).glob("step-*.png") if (m := _PREVIEW.match(p.name)))
+    grids = [(s, p) for s, p in grids if s <= upto]
+    if grids:
+        facts.grid = grids[-1][1]
+        how = f", {cfg.train.preview_sampler} sampler, {cfg.train.preview_steps} steps" if cfg is not None else ""
+        facts.grid_caption = f"EMA samples at step {grids[-1][0]:,} (the training preview{how})."
+    return facts
+
+
+def model_origin(folder: Path) -> tuple[Path | None, int | None]:
+    """The run directory a model folder belongs to and the step of its weights ((None, None): not a run's): a
+    checkpoint's ``ema/``, or ``RUN/model``, whose step is that of the checkpoint it was copied from (the one whose
+    ema/SHA256SUMS it carries; None once that checkpoint is gone)."""
+    folder = Path(folder).resolve()
+    if folder.name == EMA and folder.parent.parent.name == CHECKPOINTS:
+        step = _checkpoint_step(folder.parent)
+        if step is not None:
+            return folder.parents[2], step
+    if folder.name == MODEL and (folder.parent / CONFIG).is_file():
+        try:
+            sums = (folder / CHECKSUMS).read_bytes()
+        except OSError:
+            return folder.parent, None
+        for ckpt in reversed(list_checkpoints(folder.parent)):
+            with_sums = ckpt / EMA / CHECKSUMS
+            if with_sums.is_file() and with_sums.read_bytes() == sums:
+                return folder.parent, step_of(ckpt)
+        return folder.parent, None
+    return None, None
 
 
 def check_same_model(run_dir: Path, cfg: Config) -> None:
@@ -240,6 +338,7 @@ class RunDir:
 
     def __init__(self, path: str | Path, warn: Callable[[str], None] = print):
         self.path = Path(path)
+        self.warn = warn
         self.lock = RunLock(self.path, warn=warn)
 
     def __str__(self) -> str:
@@ -267,6 +366,12 @@ class RunDir:
 
     def has_model(self) -> bool:
         return (self.path / MODEL / PIPELINE_FILES[0]).is_file()
+
+    def describe_model(self, step: int) -> None:
+        """Rewrite model/'s card, the model being of ``step`` (main process): called once that step's preview and
+        evaluation are in, which come after its checkpoint and export. A failure is a warning."""
+        if self.has_model():
+            write_model_card(self.model_dir, self.path, step, self.path.name, self.warn)
 
     # --------------------------------------------------------------------- the log and previews (main process)
     def append_log(self, record: dict) -> None:
@@ -336,7 +441,7 @@ class RunDir:
                 fsync_tree(tmp)
                 replace_folder(final, tmp)  # a checkpoint of this step from before an interruption is replaced
                 what = "model export"
-                export_model(self.path, final / EMA)
+                export_model(self.path, final / EMA, self.warn)
                 rotate_checkpoints(final, keep)
             except WRITE_ERRORS as err:
                 error = err

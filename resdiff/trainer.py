@@ -181,6 +181,8 @@ class Trainer:
                         if self.is_main:
                             self.echo(f"signal {self._stop_signal}: the evaluation of step {self.step} stopped")
                     bar.set_postfix(shown)
+                if checkpoint and not stop and self.is_main:  # the exported model's card, now with this step's
+                    self.run.describe_model(self.step)       # preview and figures (they come after the checkpoint)
                 if self.step % self.log_every == 0 or checkpoint:
                     last_time = time.perf_counter()  # previews, evaluations and checkpoints do not count against images/s
                 if stop:

@@ -24,7 +24,7 @@ from .shapes import image_shape, shape_name
 __all__ = ["UNet", "UNetOutput", "PRESETS", "sized_preset"]
 
 
-_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights files that are pickles
 
 
 def no_safetensors(folder: Path) -> str | None:
@@ -33,7 +33,7 @@ def no_safetensors(folder: Path) -> str | None:
     The one place both ``UNet.from_pretrained`` and ``model_folder.load_model`` refuse pickles."""
     if any(folder.glob("*.safetensors")):
         return None
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLES) if folder.is_dir() else []
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLES) if folder.is_dir() else []
     found = f" (it has {', '.join(pickles)}: pickle files, which can run code and are never loaded)" if pickles else ""
     return f"{folder} has no .safetensors weights{found}"
 

@@ -145,7 +145,7 @@ def test_a_wheel_gives_the_commands_with_their_configs_from_an_empty_directory(i
     assert sorted(p.name for p in (work / "s").iterdir()) == ["00000.png", "00001.png", "00002.png", "00003.png",
                                                                 "grid.png"]
 
-    for command in ("resdiff-evaluate", "resdiff-prepare", "resdiff-train", "resdiff-sample"):
+    for command in ("resdiff-evaluate", "resdiff-prepare", "resdiff-train", "resdiff-sample", "resdiff-export"):
         helped = run_command(installed, work, command, "--help")
         assert helped.returncode == 0 and helped.stdout.startswith("usage: "), (command, helped.stderr[-2000:])
     config = run_command(installed, work, "resdiff-train", "--config", "cifar10", "--print-config")

@@ -39,6 +39,7 @@ def test_the_graph_sees_lazy_imports_and_finds_circles(tmp_path):
     ("train.py", "--mixed-precision {no,fp16,bf16}"),
     ("sample.py", "--sampler {ddpm,ddim,dpm++,euler,heun}"),
     ("evaluate.py", "--kid-subsets KID_SUBSETS"),
+    ("export.py", "--diffusers"),
 ])
 def test_cli_help_imports_no_torch(script, shown):
     """The CLIs' parsers take their choices and defaults from light modules (resdiff.choices, resdiff.settings), not

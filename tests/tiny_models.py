@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from resdiff import UNet
 
@@ -41,3 +41,34 @@ def tiny_autoencoder(kind: str, folder: Path, seed: int = 0) -> Path:
                             latent_channels=4, sample_size=32, scaling_factor=0.5, shift_factor=0.25)
     vae.save_pretrained(folder)
     return folder
+
+
+# A diffusers UNet2DModel that converts to resdiff's UNet with tiny_runs.TINY's model keys (channels 16, 8 groups) at 16x16.
+DIFFUSERS_SMALL = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+
+
+def diffusers_unet(seed: int, **overrides) -> UNet2DModel:
+    """A diffusers UNet2DModel with every weight drawn from N(0, 0.2) by ``seed``: its outputs are its own (a fresh
+    resdiff UNet predicts 0), so a loss or sample shows which weights made it."""
+    model = UNet2DModel(**{**DIFFUSERS_SMALL, **overrides})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model
+
+
+def pickle_only_pipeline(folder: Path) -> Path:
+    """A diffusers pipeline saved the old way: its U-Net's weights a pickled diffusion_pytorch_model.bin only."""
+    save_pipeline(diffusers_unet(0), folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    diffusers_unet(0).save_pretrained(folder / "unet", safe_serialization=False)
+    return folder
+
+
+def pickle_file(path: Path) -> Path:
+    """A lone pickle (of the number 1) with a checkpoint's name."""
+    path.write_bytes(b"\x80\x04K\x01.")
+    return path

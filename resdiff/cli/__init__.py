@@ -4,6 +4,7 @@
     resdiff-sample    (python sample.py)            resdiff.cli.sample
     resdiff-evaluate  (python evaluate.py)          resdiff.cli.evaluate
     resdiff-prepare   (python -m resdiff.prepare)   resdiff.cli.prepare
+    resdiff-export    (python export.py)            resdiff.cli.export
 
 pip installs the ``resdiff-*`` commands (pyproject.toml's ``[project.scripts]``); the top-level scripts of a clone
 call the same ``main`` functions, so both take the same flags. A parser's module imports no torch, so ``--help``

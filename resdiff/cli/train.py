@@ -13,6 +13,11 @@ A run directory that already has checkpoints is resumed automatically (--resume 
 the same data (location and files), diffusion settings, batch size and seed (RUN/identity.json). Otherwise
 training refuses in one line; --resume-anyway continues it deliberately. A run directory with an exported model
 or a log past a checkpoint, but no checkpoint (deleted to save space), is refused too; --start-over replaces it.
+
+Fine-tuning: --init-from starts from another model's weights and architecture (a resdiff run or model folder, a
+diffusers pipeline folder or a saved UNet2DModel), with a fresh optimizer, EMA and step count:
+
+    resdiff-train --init-from runs/pets --data ~/cats --out runs/cats --steps 2000 --lr 1e-4
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ def build_parser() -> ArgumentParser:
                    help="auto (newest checkpoint in the run directory, if any), never, or a checkpoint folder")
     p.add_argument("--resume-anyway", action="store_true",
                    help="resume even though the data or the settings that define the run changed (see RUN/identity.json)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="start from this model's weights and architecture (a resdiff run or model folder, a diffusers "
+                        "pipeline folder or a saved UNet2DModel); resume with the same --init-from")
     p.add_argument("--start-over", action="store_true",
                    help="delete the run directory's checkpoints, model, log and previews, and train from step 0")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -66,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace):
     """The Config the arguments describe: defaults, the --config file, the flags, then the overrides; ``out``
-    defaults to runs/<data folder name>, else runs/<config name>, else runs/demo."""
+    defaults to runs/<data folder name>, else runs/<config name>, else runs/demo. (With --init-from, build_trainer
+    then makes the model section the source's architecture.)"""
     from ..build import model_keys
     from ..config import load_config
 
@@ -85,13 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         cfg = resolve_config(args)
         if args.print_config:
+            from ..build import load_init_source
             from ..config import config_yaml
 
+            if args.init_from is not None:  # the model section the run would train: the source's architecture
+                load_init_source(cfg, args.init_from)
             print(config_yaml(cfg), end="")
             return
         from ..build import build_trainer
 
-        build_trainer(cfg, resume=args.resume, resume_anyway=args.resume_anyway, start_over=args.start_over).fit()
+        build_trainer(cfg, resume=args.resume, resume_anyway=args.resume_anyway, start_over=args.start_over,
+                      init_from=args.init_from).fit()
 
     return run_cli(run)
 
