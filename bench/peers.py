@@ -9,7 +9,7 @@ and ema_pytorch/ema_pytorch.py as installed):
     lucidrains  GaussianDiffusion(Unet(**UNET), image_size=32, sampling_timesteps=50) with its own defaults
                 (lines 479-494): objective 'pred_v' with its loss weight snr / (snr + 1) (line 594, min-SNR off),
                 beta_schedule 'sigmoid' (lines 463-476), timesteps 1000, ddim_sampling_eta 0. Sampled by its DDIM
-                (GaussianDiffusion.sample -> ddim_sample, lines 702-748, chosen because sampling_timesteps <
+                (GaussianDiffusion.sample -> ddim_sample, lines 702-747, chosen because sampling_timesteps <
                 timesteps): one Unet call per step, 50 model evaluations.
     edm         ElucidatedDiffusion(Unet(**UNET, learned_sinusoidal_cond=True), image_size=32, num_sample_steps=25)
                 with its own defaults (elucidated_diffusion.py lines 36-53): EDM's preconditioning (c_skip, c_out,
@@ -37,12 +37,13 @@ Training, both peers: the package's Trainer (lines 887-1114) cannot run here as 
 count, not a clock; its FID needs Inception weights from the network; it does not accept an ElucidatedDiffusion,
 whose class has no is_ddim_sampling, line 927), so its step is repeated with its own defaults, read from
 Trainer.__init__'s signature at run time (lines 888-913, the installed values): Adam(train_lr 1e-4, adam_betas
-(0.9, 0.99)) (line 966), ema_pytorch.EMA(beta=ema_decay 0.995, update_every=ema_update_every 10) (line 971) with
+(0.9, 0.99)) (line 962), ema_pytorch.EMA(beta=ema_decay 0.995, update_every=ema_update_every 10) (line 967) with
 EMA's own defaults (ema_pytorch.py lines 76-97: update_after_step 100, inv_gamma 1, power 2/3: the decay warms up),
 train_batch_size 16, gradient_accumulate_every 1, max_grad_norm 1.0, augment_horizontal_flip True, fp32 (amp
-False). One step as Trainer.train (lines 1058-1085): loss = diffusion(batch in [0, 1]), backward, clip, Adam
-step, zero_grad, EMA update. Batches as its DataLoader gives them (shuffle=True, no drop_last: shuffled epochs,
-the last batch of one smaller), each image flipped left-right with probability 1/2 (RandomHorizontalFlip).
+False). One step as Trainer.train (lines 1056-1084): loss = diffusion(batch in [0, 1]), backward, clip, Adam
+step, zero_grad, EMA update. Batches as its DataLoader gives them (line 955: shuffle=True, no drop_last: shuffled
+epochs, the last batch of one smaller), each image flipped left-right with probability 1/2 (RandomHorizontalFlip,
+line 872).
 
 Images (in and out): a uint8 .npy of shape (N, 3, H, W), read and written by read_images/write_images; training
 reads the parent's (composited on white as resdiff prepares them), sampling writes the EMA model's samples.
@@ -202,8 +203,8 @@ class PeerRun:
         self.diffusion.to(self.device)
         t = self.trainer = trainer_defaults()
         if t["gradient_accumulate_every"] != 1 or t["amp"]:
-            raise SystemExit(f"error: this denoising-diffusion-pytorch's Trainer accumulates or casts by default ({t}); "
-                             f"bench/peers.py repeats only a plain fp32 step")
+            raise SystemExit(f"error: this denoising-diffusion-pytorch's Trainer accumulates or casts by default "
+                             f"({t}); bench/peers.py repeats only a plain fp32 step")
         self.optimizer = torch.optim.Adam(self.diffusion.parameters(), lr=t["train_lr"], betas=t["adam_betas"])
         self.ema = EMA(self.diffusion, beta=t["ema_decay"], update_every=t["ema_update_every"]).to(self.device)
         self.recipe = {**recipe, "trainer": {k: list(v) if isinstance(v, tuple) else v for k, v in t.items()},
@@ -226,7 +227,7 @@ class PeerRun:
                              f"not {tuple(self.images.shape)}")
 
     def _batch(self):
-        """The next batch of the shuffled epoch in [0, 1] (the last one of an epoch may be smaller), flipped at random."""
+        """The next batch of the shuffled epoch in [0, 1] (an epoch's last may be smaller), flipped at random."""
         import torch
 
         if self.order is None or self.position >= len(self.order):
@@ -320,7 +321,7 @@ class PeerRun:
 def describe(run: PeerRun, progress: Progress, command: str) -> dict:
     from importlib.metadata import version
 
-    return {"peer": run.peer, "command": command, "train_s": round(progress.seconds, 1), "steps": progress.steps,
+    return {"peer": run.peer, "command": command, "train_s": progress.seconds, "steps": progress.steps,
             "images": progress.images, "parameters": run.parameters(), "nfe": nfe(run.peer),
             "sampler": sampler_name(run.peer), "recipe": run.recipe, "device": str(run.device),
             "versions": {name: version(name) for name in ("torch", "denoising-diffusion-pytorch", "ema-pytorch")}}
@@ -330,7 +331,8 @@ def train(run: PeerRun, images: Path, seconds: float) -> Progress:
     """Step until the training clock (the steps only) reaches ``seconds``, then checkpoint."""
     progress = run.restore()
     if progress.seconds >= seconds:
-        print(f"{run.peer}: its clock is at {progress.seconds:.0f} s, past {seconds:.0f} s: nothing to train", flush=True)
+        print(f"{run.peer}: its clock is at {progress.seconds:.0f} s, past {seconds:.0f} s: nothing to train",
+              flush=True)
         return progress
     run.load_images(images)
     if run.order is not None and len(run.order) != len(run.images):
