@@ -85,7 +85,7 @@ TRAINER_KEYS = ("train_batch_size", "gradient_accumulate_every", "augment_horizo
 
 
 def write_images(path: Path, images: np.ndarray) -> Path:
-    """``images`` (uint8 (N, C, H, W)) as a .npy at ``path``, written whole (a temporary name, then renamed)."""
+    """``images`` (uint8 (N, 3, H, W)) as a .npy at ``path``, written whole (a temporary name, then renamed)."""
     check_images(images, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -96,7 +96,7 @@ def write_images(path: Path, images: np.ndarray) -> Path:
 
 
 def read_images(path: Path) -> np.ndarray:
-    """The uint8 (N, C, H, W) images of a .npy written by write_images; one line naming the file otherwise."""
+    """The uint8 (N, 3, H, W) images of a .npy written by write_images; one line naming the file otherwise."""
     try:
         images = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -106,7 +106,7 @@ def read_images(path: Path) -> np.ndarray:
 
 
 def check_images(images: np.ndarray, path: Path) -> None:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3) or not len(images):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3 or not len(images):
         raise SystemExit(f"error: {path}: expected uint8 images of shape (N, 3, H, W), got {images.dtype} "
                          f"{tuple(images.shape)}")
 

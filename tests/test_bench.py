@@ -251,7 +251,7 @@ PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 
 
 def test_peers_exchange_uint8_image_arrays_and_one_result_line(tmp_path):
-    """bench/peers.py's format, shared by both environments: images as a uint8 (N, C, H, W) .npy written whole,
+    """bench/peers.py's format, shared by both environments: images as a uint8 (N, 3, H, W) .npy written whole,
     anything else refused in one line naming the file; a command's result is its last `peer-result` line."""
     import numpy as np
 
@@ -361,7 +361,7 @@ def test_peer_trains_to_its_clock_resumes_and_samples_with_its_own_sampler(peer,
     first = peers("train", "--images", str(images), "--seconds", "0.5")
     assert first["steps"] >= 1 and first["images"] == 16 * first["steps"] and first["train_s"] >= 0.5
     assert abs(first["parameters"] / 1_192_387 - 1) <= 0.10 and first["nfe"] == nfe(peer) <= 50
-    again = peers("train", "--images", str(images), "--seconds", "0.5")  # its clock is there: nothing to train
+    again = peers("train", "--images", str(images), "--seconds", str(first["train_s"]))  # its clock is there already
     assert (again["steps"], again["train_s"]) == (first["steps"], first["train_s"])
     more = peers("train", "--images", str(images), "--seconds", str(first["train_s"] + 0.1))
     assert more["steps"] > first["steps"] and more["train_s"] > first["train_s"]
