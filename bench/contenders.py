@@ -8,7 +8,7 @@ Contenders, each trained on DIR (32x32 RGB, transparency composited on white as 
                 100 epochs, EMAModel (inv_gamma 1, power 3/4, max 0.9999), grad clip 1, batch 16, random flips
     ddpm        resdiff's Trainer at the DDPM paper's recipe (epsilon, linear betas, plain MSE, lr 2e-4, EMA 0.999
                 for short runs, as bench/learning.py), on the U-Net and batch `python train.py --data DIR` uses
-    defaults    exactly what `python train.py --data DIR` runs (configs/demo.yaml), continued past its 1,200 steps
+    defaults    exactly what `python train.py --data DIR` runs (the defaults), continued past its 1,200 steps
                 (its LR schedule is constant after warm-up, so a longer run is the same recipe)
     lucidrains  lucidrains' denoising-diffusion-pytorch 2.3.4: GaussianDiffusion (v objective, sigmoid schedule) on
                 its Unet at tiny's size, its Trainer's Adam and EMA defaults, sampled by its DDIM at 50 evaluations
@@ -31,6 +31,7 @@ contender killed mid-way continues from its checkpoint at the last budget it rea
 
     python bench/contenders.py --data data/openmoji --out bench/results/contenders-openmoji   # 5/10/20/40 min
     python bench/contenders.py --data /tmp/small --budgets 0.3 0.6 --fid-images 64 --threads 1 --out /tmp/c
+    python bench/contenders.py --report-only docs/bench/contenders-openmoji.json   # the docs' charts, from the figures
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -58,9 +59,11 @@ from bench.common import machine, table  # noqa: E402
 # the clock every contender keeps (Progress: the peers' process writes it too).
 from bench.peers import PEERS, Progress, parse_result, read_images, write_images  # noqa: E402
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 CONTENDERS = ("diffusers", "ddpm", "defaults", *PEERS)
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
-DEMO = ROOT / "configs" / "demo.yaml"
 # resdiff at the DDPM paper's recipe: its objective, schedule and lr, with an EMA short runs can use.
 DDPM_RECIPE = ["diffusion.prediction_type=epsilon", "diffusion.beta_schedule=linear", "diffusion.min_snr_gamma=null",
                "train.lr=2e-4", "train.ema_decay=0.999"]
@@ -113,7 +116,7 @@ def parameters(model: torch.nn.Module) -> int:
 
 
 class ResdiffContender:
-    """resdiff's own Trainer (built by build_trainer from configs/demo.yaml plus ``overrides``), stepped by the
+    """resdiff's own Trainer (built by build_trainer from the defaults plus ``overrides``), stepped by the
     benchmark's clock: each step is Trainer.train_step, the step train.py runs."""
 
     def __init__(self, name: str, data: Path, run_dir: Path, overrides: list[str], seed: int):
@@ -122,15 +125,13 @@ class ResdiffContender:
 
         self.name, self.run_dir, self.clock_file = name, run_dir, run_dir / "bench-clock.json"
         self.overrides = [f"data.path={data}", f"out={run_dir}", f"train.seed={seed}", *RESDIFF_COMMON, *overrides]
-        cfg = load_config(DEMO, self.overrides, model_keys=model_keys())
+        cfg = load_config(None, self.overrides, model_keys=model_keys())
         self.trainer = build_trainer(cfg, resume="auto", echo=print)
         if self.trainer.step and self._clock().get(str(self.trainer.step)) is None:  # no clock for its checkpoint
             self.trainer.close()
             self.clock_file.unlink(missing_ok=True)
             self.trainer = build_trainer(cfg, resume="auto", start_over=True, echo=print)
         self.batch = cfg.train.batch_size
-        self.data = iter(self.trainer.batches)
-        self.trainer.model.train()
 
     def _clock(self) -> dict:
         """{step: Progress fields} of every checkpoint the benchmark saved in this run."""
@@ -140,10 +141,8 @@ class ResdiffContender:
         return Progress(**self._clock()[str(self.trainer.step)]) if self.trainer.step else Progress()
 
     def step(self) -> int:
-        images, labels = next(self.data)
-        self.trainer.train_step(images, labels)
-        self.trainer.step += 1
-        return len(images)
+        self.trainer.run_steps(1)
+        return self.batch
 
     def save(self, progress: Progress) -> None:
         """The clock at this step first, then the checkpoint (a checkpoint without its clock is never left)."""
@@ -158,7 +157,7 @@ class ResdiffContender:
 
     def describe(self) -> dict:
         return {"parameters": parameters(self.trainer.ema.model), "batch": self.batch, "recipe": self.overrides[3:],
-                "config": str(DEMO.relative_to(ROOT))}
+                "config": "defaults (resdiff.config.Config())"}
 
     def close(self) -> None:
         self.trainer.close()
@@ -269,7 +268,7 @@ class DiffusersContender:
 
 
 def recipes(variants: list[list[str]] | None) -> dict[str, list[str]]:
-    """{resdiff contender: its overrides of configs/demo.yaml}: ddpm, defaults, and each ``--variant NAME KEY=VALUE...``."""
+    """{resdiff contender: its overrides of the defaults}: ddpm, defaults, and each ``--variant NAME KEY=VALUE...``."""
     out = {"ddpm": DDPM_RECIPE, "defaults": []}
     for name, *overrides in variants or []:
         if name in CONTENDERS or name in out:
@@ -316,7 +315,7 @@ class Scorer:
         return self._fid(lambda indices: images[indices], sampler)
 
     def _fid(self, get_images: Callable[[list[int]], torch.Tensor], sampler: str) -> tuple[float, torch.Tensor]:
-        from resdiff.evaluation import sample_features
+        from resdiff.features import sample_features
         from resdiff.metrics import fid_from_stats
 
         kept, seconds = [], {}
@@ -543,8 +542,8 @@ def run_sweep(name: str, args: argparse.Namespace, results: Results, scorer: Sco
 
 # ------------------------------------------------------------------------------------------ reports
 
-COLOURS = {"diffusers": (200, 40, 40), "ddpm": (40, 90, 200), "defaults": (30, 150, 60), "lucidrains": (150, 60, 170),
-           "edm": (220, 140, 20)}
+# Each contender's colour in every chart and on the grids (resdiff.charts' colour-blind-safe palette).
+COLOURS = {"diffusers": "#D55E00", "ddpm": "#0072B2", "defaults": "#009E73", "lucidrains": "#CC79A7", "edm": "#E69F00"}
 
 
 def budget_table(results: dict, contenders: list[str]) -> str:
@@ -555,8 +554,8 @@ def budget_table(results: dict, contenders: list[str]) -> str:
     head = ["budget (min)", *(f"FID {c}" for c in contenders), *(f"img/s {c}" for c in contenders)]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---:"] * len(head)) + " |"]
     for b in budgets:
-        cells = [f"{b:g}", *(str(by[(c, b)]["fid"]) if (c, b) in by else "" for c in contenders),
-                 *(str(by[(c, b)]["images_per_s"]) if (c, b) in by else "" for c in contenders)]
+        cells = [f"{b:g}", *(str(by.get((c, b), {}).get("fid", "")) for c in contenders),
+                 *(str(by.get((c, b), {}).get("images_per_s", "")) for c in contenders)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -566,65 +565,60 @@ def sweep_table(results: dict) -> str:
     return table(rows, ["contender", "sampler", "nfe", "steps", "fid"]) if rows else "(no sweep yet)"
 
 
-def line_chart(path: Path, title: str, series: dict[str, tuple[tuple[int, int, int], list[tuple[float, float]]]],
-               x_at: Callable[[float], float], x_labels: list[tuple[float, str]]) -> Path:
-    """One panel drawn with Pillow (as resdiff's quality.png is; its single-series panel does not fit several on
-    one scale): a line per ``series`` {name: (colour, [(x, FID)])}, FID scaled to the panel, ``x_at`` mapping
-    x to 0..1 across it, and ``x_labels`` [(x, text)] under it."""
-    from PIL import Image, ImageDraw
+def fid_chart(results: dict) -> Figure:
+    """FID against training minutes (log scale, ticked at the budgets), one line per contender."""
+    from resdiff.charts import line_chart
 
-    image = Image.new("RGB", (720, 440), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 60, 40, 600, 390
-    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
-    draw.text((left, 12), title, fill=(0, 0, 0))
-    fids = [f for _, points in series.values() for _, f in points]
-    if fids:
-        y_lo, y_hi = min(fids), max(fids)
-        span = (y_hi - y_lo) or 1.0
-        at = lambda x, f: (left + 20 + (right - left - 40) * x_at(x), bottom - 8 - (bottom - top - 16) * (f - y_lo) / span)  # noqa: E731
-        draw.text((left - 50, top), f"{y_hi:.4g}", fill=(90, 90, 90))
-        draw.text((left - 50, bottom - 12), f"{y_lo:.4g}", fill=(90, 90, 90))
-        for x, text in x_labels:
-            draw.text((at(x, y_lo)[0] - 8, bottom + 6), text, fill=(90, 90, 90))
-        for k, (name, (colour, points)) in enumerate(series.items()):
-            xy = [at(x, f) for x, f in sorted(points)]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for x, y in xy:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-            draw.text((right + 12, top + 16 * k), name, fill=colour)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
-
-
-def fid_picture(results: dict, path: Path) -> Path:
-    """FID against training minutes, one line per contender."""
     rows = list(results["budgets"].values())
-    x_hi = max((r["budget_min"] for r in rows), default=1)
-    series = {name: (COLOURS.get(name, (0, 0, 0)), [(r["budget_min"], r["fid"]) for r in rows if r["contender"] == name])
-              for name in sorted({r["contender"] for r in rows})}
-    sampler = f"{results.get('sampler', 'ddim').upper()}-{results.get('steps', 50)}"
-    title = f"FID@{results.get('fid_images', '?')} ({sampler}) against training minutes; lower is better"
-    return line_chart(path, title, series, lambda m: m / x_hi, [(0, "0 min"), (x_hi, f"{x_hi:g} min")])
+    series = {name: [(r["budget_min"], r["fid"]) for r in rows if r["contender"] == name] for name in scored(results)}
+    n, sampler = results.get("fid_images", "?"), f"{results.get('sampler', 'ddim').upper()}-{results.get('steps', 50)}"
+    own = " (peers: their own)" if any(c in PEERS for c in series) else ""
+    return line_chart(series, title=f"FID@{n} of {sampler} samples{own} against training time{_about(results)}",
+                      x_label="training minutes (log scale)", y_label=f"FID@{n} (lower is better)", log_x=True,
+                      x_ticks=sorted({r["budget_min"] for r in rows}), colours=COLOURS)
 
 
-def sweep_picture(results: dict, path: Path) -> Path | None:
-    """FID against model evaluations (NFE, log scale), one line per sampler, for each swept contender's last model."""
+def scored(results: dict) -> list[str]:
+    """The contenders with a budget score: those of CONTENDERS present, in its order, then the --variant ones."""
+    names = {r["contender"] for r in results.get("budgets", {}).values()}
+    return [c for c in CONTENDERS if c in names] + sorted(names - set(CONTENDERS))
+
+
+def sweep_chart(results: dict) -> Figure | None:
+    """FID against model evaluations (NFE, log scale), one line per sampler, for each swept contender's last
+    model; None without a sweep. Ticks at the NFE budgets; a sampler whose evaluations fall between them (Heun's
+    2 * steps - 1: 19 for 20) says its own in the legend."""
+    from resdiff.charts import line_chart
+
     rows = list(results.get("sweep", {}).values())
     if not rows:
         return None
     nfes = sorted({r["nfe"] for r in rows})
-    palette = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 60, 170), (220, 140, 20), (0, 0, 0)]
-    series = {sampler: (palette[k % len(palette)], [(r["nfe"], r["fid"]) for r in rows if r["sampler"] == sampler])
-              for k, sampler in enumerate(sorted({r["sampler"] for r in rows}))}
-    models = ", ".join(sorted({f"{r['contender']}@{r['budget_min']:g}min" for r in rows}))
-    title = f"FID@{results.get('fid_images', '?')} against model evaluations ({models}); lower is better"
-    lo, hi = math.log(nfes[0]), math.log(nfes[-1])
-    labels = [n for k, n in enumerate(nfes[:-1]) if nfes[k + 1] > 1.2 * n] + nfes[-1:]  # Heun's 19 sits by 20: label 20
-    return line_chart(path, title, series, lambda n: (math.log(n) - lo) / ((hi - lo) or 1.0),
-                      [(n, f"{n} NFE") for n in labels])
+    ticks = [n for k, n in enumerate(nfes[:-1]) if nfes[k + 1] > 1.2 * n] + nfes[-1:]  # Heun's 19 sits by 20: tick 20
+    series = {}
+    for sampler in sorted({r["sampler"] for r in rows}, key=_sampler_order):
+        points = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"] == sampler)
+        own = [x for x, _ in points]
+        series[sampler if set(own) <= set(ticks) else f"{sampler} ({', '.join(map(str, own))} NFE)"] = points
+    models = [f"{c} after {m:g} min" for c, m in sorted({(r["contender"], r["budget_min"]) for r in rows})]
+    n = results.get("fid_images", "?")
+    return line_chart(series, title=f"FID@{n} against model evaluations{_about(results, models)}",
+                      x_label="model evaluations per sample (NFE, log scale)", y_label=f"FID@{n} (lower is better)",
+                      log_x=True, x_ticks=ticks)
+
+
+def _about(results: dict, models: tuple[str, ...] | list[str] = ()) -> str:
+    """" (MODEL, ..., FOLDER)" for a chart's title: the models shown and the image folder the results were measured
+    on (its last part), or nothing when there are neither."""
+    parts = [*models, *([Path(results["data"]).name] if results.get("data") else [])]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _sampler_order(name: str) -> tuple[int, str]:
+    """resdiff's samplers in resdiff.choices.SAMPLERS's order (the legend's), any other after them."""
+    from resdiff.choices import SAMPLERS
+
+    return (list(SAMPLERS).index(name), "") if name in SAMPLERS else (len(SAMPLERS), name)
 
 
 def grids_picture(results: dict, contenders: list[str], path: Path) -> Path | None:
@@ -644,13 +638,23 @@ def grids_picture(results: dict, contenders: list[str], path: Path) -> Path | No
     image = Image.new("RGB", (width, head + max(g.height for g in grids)), "white")
     draw, x = ImageDraw.Draw(image), 0
     for name, grid in zip(contenders, grids):
-        draw.text((x + 2, 4), f"{name}, {budget:g} min", fill=COLOURS.get(name, (0, 0, 0)))
+        draw.text((x + 2, 4), f"{name}, {budget:g} min", fill=COLOURS.get(name, "#000000"))
         draw.text((x + 2, 18), f"FID@{results.get('fid_images', '?')} {by[name]['fid']}", fill=(60, 60, 60))
         image.paste(grid, (x, head))
         x += grid.width + gap
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def draw_charts(results: dict, fid_path: Path, nfe_path: Path) -> list[Path]:
+    """FID against training minutes at ``fid_path`` and, with a sampler sweep, FID against NFE at ``nfe_path``."""
+    from resdiff.charts import save
+
+    drawn = [save(fid_chart(results), fid_path)]
+    if (sweep := sweep_chart(results)) is not None:
+        drawn.append(save(sweep, nfe_path))
+    return drawn
 
 
 def samplers_note(results: dict, contenders: list[str]) -> str:
@@ -663,7 +667,7 @@ def samplers_note(results: dict, contenders: list[str]) -> str:
 def report(results: Results, contenders: list[str], out: Path) -> None:
     budgets, sweep = budget_table(results.data, contenders), sweep_table(results.data)
     samplers = samplers_note(results.data, contenders)
-    pictures = [fid_picture(results.data, out / "fid_vs_time.png"), sweep_picture(results.data, out / "fid_vs_nfe.png"),
+    pictures = [*draw_charts(results.data, out / "fid_vs_time.png", out / "fid_vs_nfe.png"),
                 grids_picture(results.data, contenders, out / "grids.png")]
     (out / "table.md").write_text(f"{budgets}\n\n{samplers}\n\nSampler sweep (the last model of each swept contender):"
                                   f"\n\n{sweep}\n")
@@ -671,9 +675,21 @@ def report(results: Results, contenders: list[str], out: Path) -> None:
     print(f"machine: {machine()}\n{budgets}\n{samplers}\n\n{sweep}\nwrote {wrote}")
 
 
+def report_only(file: Path) -> None:
+    """The charts of a results file (a run's OUT/results.json, or a copy kept with the docs) drawn beside it as
+    STEM-fid.png and STEM-nfe.png, and its tables printed; nothing is trained or scored."""
+    results = json.loads(file.read_text())
+    drawn = draw_charts(results, file.with_name(f"{file.stem}-fid.png"), file.with_name(f"{file.stem}-nfe.png"))
+    print(f"{results.get('machine', 'machine not recorded')}, {results.get('date', 'no date')}\n"
+          f"{budget_table(results, scored(results))}\n\n{sweep_table(results)}\nwrote {', '.join(map(str, drawn))}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="image folder (one set per invocation)")
+    p.add_argument("--data", type=Path, help="image folder (one set per invocation)")
+    p.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
+                   help="only draw the charts of this results file beside it (STEM-fid.png, STEM-nfe.png) and print "
+                        "its tables, e.g. docs/bench/contenders-openmoji.json; nothing is trained")
     p.add_argument("--out", type=Path, help="output folder (default bench/results/contenders-<data folder name>)")
     p.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 20, 40], help="minutes of training")
     p.add_argument("--fid-images", type=int, default=1000, help="samples per FID, equal for every contender")
@@ -682,7 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peers-python", type=Path, default=PEERS_PYTHON,
                    help="the python of the peers' environment (default: .venv-peers, made by make bench-peers)")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
-                   help="one more resdiff contender: configs/demo.yaml with these overrides, e.g. "
+                   help="one more resdiff contender: the defaults with these overrides, e.g. "
                         "--variant lr2e-3 train.lr=2e-3 (repeatable; the defaults' tuning runs)")
     p.add_argument("--sampler", default="ddim",
                    help="sampler of the budget scores of resdiff's and diffusers' contenders (the peers use their own)")
@@ -696,6 +712,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=100, help="sampling and Inception batch")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.report_only:
+        return report_only(args.report_only)
+    if args.data is None:
+        p.error("--data is required (or --report-only RESULTS_JSON to redraw charts)")
     known = [*CONTENDERS, *recipes(args.variant)]
     if unknown := [c for c in args.contenders if c not in known]:
         p.error(f"unknown contender {unknown[0]!r}; choose from {', '.join(dict.fromkeys(known))}")

@@ -18,7 +18,7 @@
 #   5. bench/train_step.py at ddpm-cifar10, batch 128: resdiff's Trainer step vs diffusers' training loop,
 #      bf16 and fp16 (each precision in its own run, so one failing keeps the other's numbers)
 #   6. bench/sample.py at ddpm-cifar10 in bf16, DDIM-50, 16 and 128 images
-#   7. end to end: 512 generated PNGs, train.py (configs/cifar10.yaml, 50 steps, batch 128, bf16), sample.py -n 64;
+#   7. end to end: 512 generated PNGs, train.py (the cifar10 config, 50 steps, batch 128, bf16), sample.py -n 64;
 #      img/s from the run's log.jsonl
 #   8. with 2 or more GPUs: 30 steps of torchrun and of accelerate launch with 2 processes, checking that
 #      log.jsonl records world_size 2 (a timeout is reported as a hang, with every process's Python stack)
@@ -315,12 +315,12 @@ fi
 DATA=$WORK/data
 if [ "$MODE" = gpu ]; then
   N_IMAGES=512; SIZE=32; E2E_PRECISION=bf16
-  TRAIN_ARGS=(--config configs/cifar10.yaml --steps 50 --batch-size 128 --mixed-precision bf16
+  TRAIN_ARGS=(--config cifar10 --steps 50 --batch-size 128 --mixed-precision bf16
               train.log_every=10 train.preview_steps=10 train.preview_images=16)
   SAMPLE_ARGS=(-n 64)
 else
   N_IMAGES=16; SIZE=16; E2E_PRECISION=no
-  TRAIN_ARGS=(--config configs/demo.yaml --steps 2 --batch-size 4 --mixed-precision no
+  TRAIN_ARGS=(--steps 2 --batch-size 4 --mixed-precision no
               model.channels=16 model.norm_groups=8 data.image_size=16 data.num_workers=0
               train.log_every=1 train.preview_steps=2 train.preview_images=4)
   SAMPLE_ARGS=(-n 4 --steps 2)
@@ -372,7 +372,7 @@ two_processes() {  # two_processes NAME LAUNCHER...: 30 steps of train.py under 
   cp "$dir/log.jsonl" "$OUT/$name/" 2>/dev/null
 }
 if [ "$MODE" = gpu ] && [ "$NGPU" -ge 2 ] && [ "$HAVE_DATA" = 1 ]; then
-  DDP_ARGS=(--config configs/cifar10.yaml --steps 30 --batch-size 64 --mixed-precision bf16
+  DDP_ARGS=(--config cifar10 --steps 30 --batch-size 64 --mixed-precision bf16
             train.log_every=10 train.preview_steps=10 train.preview_images=8)
   two_processes ddp-torchrun "$PY" -m torch.distributed.run --standalone --nproc_per_node 2
   two_processes ddp-accelerate "$PY" -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 \

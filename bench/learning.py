@@ -10,7 +10,7 @@ Contenders, all trained by one loop (resdiff's DDPM loss, Adam, clipping, EMA wi
 only the network and the recipe differ:
     resdiff @ ddpm      resdiff's UNet (the tiny preset at the widths below), the DDPM paper's recipe
     diffusers @ ddpm    diffusers' UNet2DModel of the same architecture, the same recipe
-    resdiff @ fast      resdiff's UNet, resdiff's default recipe (configs/demo.yaml: v on the cosine schedule)
+    resdiff @ fast      resdiff's UNet, resdiff's default recipe (Config(): v on the cosine schedule)
     resdiff (old init)  resdiff's UNet with the initialisation it had before this benchmark existed
 Each is sampled with DDIM-50 from its EMA weights at the listed steps, and scored.
 
@@ -133,9 +133,9 @@ class Recipe:
 
 
 RECIPES = {
-    # Ho et al. 2020 (configs/cifar10.yaml at a short-run EMA): epsilon, linear betas, Adam 2e-4, clip 1.
+    # Ho et al. 2020 (the cifar10 config at a short-run EMA): epsilon, linear betas, Adam 2e-4, clip 1.
     "ddpm": Recipe("epsilon", "linear", 2e-4, 0, 0.999),
-    # resdiff's default recipe, configs/demo.yaml: v-prediction on the cosine schedule, lr 1e-3.
+    # resdiff's default recipe, Config(): v-prediction on the cosine schedule, lr 1e-3.
     "fast": Recipe("v_prediction", "squaredcos_cap_v2", 1e-3, 50, 0.995),
 }
 

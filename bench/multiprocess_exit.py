@@ -38,7 +38,7 @@ def main() -> None:
             hung, failed, times = 0, 0, []
             for k in range(args.runs):
                 cmd = [launcher("torchrun"), *form.split()[1:], "--nproc_per_node", "2", "train.py",
-                       "--config", "configs/demo.yaml", "--data", str(data), "--steps", str(args.steps),
+                       "--data", str(data), "--steps", str(args.steps),
                        "--batch-size", "8", "--out", f"{tmp}/run-{len(rows)}-{k}"]
                 start = time.perf_counter()
                 try:

@@ -8,8 +8,8 @@ first two steps of each chunk, which follow start-up and resume, are left out), 
 everything a step costs a user: batching, flips, logging, the progress bar. Start-up, previews and
 checkpoints are one-off costs, reported apart. Target: train.py within 5% of the bare step.
 
-    python bench/train_e2e.py                                   # configs/cifar10.yaml at batch 16; fp32 and bf16 where native
-    python bench/train_e2e.py --config configs/demo.yaml --batch-size 32 --rounds 2
+    python bench/train_e2e.py                                   # the cifar10 config at batch 16; fp32 and bf16 where native
+    python bench/train_e2e.py --config defaults --batch-size 32 --rounds 2   # train.py's defaults (no --config)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run_one(config: str, precision: str, batch: int, rounds: int, steps: int, im
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_demo_folder(Path(tmp) / "pngs", images, 32)
         quiet = ["train.log_every=1", "train.preview_images=1", "train.preview_steps=1", *overrides]  # previews: one-off, kept short
-        bare_cfg = load_config(config, [f"data.path={folder}", f"train.batch_size={batch}", f"train.mixed_precision={precision}",
+        bare_cfg = load_config(None if config == "defaults" else config, [f"data.path={folder}", f"train.batch_size={batch}", f"train.mixed_precision={precision}",
                                         f"out={tmp}/bare", *quiet], model_keys=model_keys())
         trainer = build_trainer(bare_cfg, resume="never", echo=lambda _m: None)
         images_, labels = next(iter(trainer.batches))
@@ -55,7 +55,8 @@ def run_one(config: str, precision: str, batch: int, rounds: int, steps: int, im
         run, chunk = Path(tmp) / "run", steps + 2
         for r in range(rounds):
             bare_times += bare()
-            cmd = [sys.executable, "train.py", "--config", config, "--data", str(folder), "--batch-size", str(batch),
+            chosen = [] if config == "defaults" else ["--config", config]
+            cmd = [sys.executable, "train.py", *chosen, "--data", str(folder), "--batch-size", str(batch),
                    "--mixed-precision", precision, "--out", str(run), "--steps", str((r + 1) * chunk), *quiet]
             start = time.perf_counter()
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -73,7 +74,8 @@ def run_one(config: str, precision: str, batch: int, rounds: int, steps: int, im
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", nargs="+", default=["configs/cifar10.yaml"], help="configs to run (each as train.py --config)")
+    p.add_argument("--config", nargs="+", default=["cifar10"],
+                   help="configs to run (each as train.py --config; 'defaults': train.py without --config)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precisions", nargs="+", default=None, choices=["no", "bf16", "fp16"],
                    help="default: no and bf16, or no alone where bf16 is emulated")

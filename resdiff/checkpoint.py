@@ -216,6 +216,8 @@ class TrainState:
     rng: dict | None
     scaler: dict | None = None
     micro_batch: int = 0
+    train_seconds: float = 0.0  # wall time in training steps since step 0
+    eval_seconds: float = 0.0  # wall time in in-training evaluations since step 0
 
 
 def write_checkpoint_files(folder: Path, state: TrainState, ema: object, rank: int) -> None:
@@ -230,7 +232,8 @@ def write_checkpoint_files(folder: Path, state: TrainState, ema: object, rank: i
                    folder / OPTIMIZER)
         counters = {"step": state.step, "epoch": state.epoch, "batch": state.batch,
                     "ema_step": state.ema_updates, "world_size": state.world_size,
-                    "micro_batch": state.micro_batch}
+                    "micro_batch": state.micro_batch, "train_seconds": round(state.train_seconds, 3),
+                    "eval_seconds": round(state.eval_seconds, 3)}
         (folder / STATE).write_text(json.dumps(counters, indent=1))
 
 
@@ -240,10 +243,9 @@ def read_checkpoint(
     """A checkpoint read into memory on ``device``: the training state and the EMA weights. Nothing is
     applied, so a damaged file (any error raised here) leaves the trainer untouched.
 
-    Every file is first checked against SHA256SUMS, then read by its own loader. Reading each file once (its
-    bytes hashed, then parsed from memory) was tried and is slower: 1.12 s against 0.61 s for ddpm-cifar10's
-    572 MB from the page cache, 1.16 s against 0.91 s from disk (bench/checksum_cost.py, AVX2 EPYC): copying
-    the bytes into Python costs more than safetensors' memory-mapped second read."""
+    Every file is first checked against SHA256SUMS, then read by its own loader. Reading each file only once (its
+    bytes hashed, then parsed from memory) would copy every byte into Python, which costs more than safetensors'
+    memory-mapped second read (bench/checksum_cost.py measures both; figures in docs/benchmarks.md)."""
     where = "cpu" if device.type == "cpu" else str(device)  # a multi-process CPU run's "cpu:0" is refused by both loaders
     for folder, prefix in ((path, ""), (path / EMA, f"{EMA}/")):
         problem = checksum_problem(folder)
@@ -260,5 +262,6 @@ def read_checkpoint(
         step=counters["step"], epoch=counters["epoch"], batch=counters["batch"], ema_updates=counters["ema_step"],
         world_size=counters["world_size"], model=model, optimizer=opt["optimizer"], lr_schedule=opt["lr_schedule"],
         rng=rng, scaler=opt.get("scaler"), micro_batch=int(counters.get("micro_batch", 0)),
+        train_seconds=float(counters.get("train_seconds", 0.0)), eval_seconds=float(counters.get("eval_seconds", 0.0)),
     )
     return state, ema

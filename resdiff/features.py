@@ -3,6 +3,8 @@ statistics, the two things every metric starts from.
 
 - `extract_features(images, net)`: uint8 (N, C, H, W) -> float32 (N, 2048) features of the FID
   Inception network (`resdiff.inception.load_inception`), or of any module mapping [0, 1] images to vectors.
+- `sample_features(get_images, n, net)`: the features of images 0..n-1 that ``get_images`` makes (a model's samples),
+  each process extracting its share; stoppable between batches.
 - `network_id(net)`: the identity of a feature network's weights (part of the reference cache's key).
 - `FeatureStats`: count, sum and sum of outer products in float64; processes combine them by summation
   (`merge`, `all_reduce`), so the FID of a sharded evaluation equals the single-process one.
@@ -14,10 +16,14 @@ The metrics on them are in `resdiff.metrics`, the data sets' cached reference fe
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +33,7 @@ from .choices import IMAGE_CHANNELS
 from .errors import UsageError, one_line
 from .files import write_atomic
 
-__all__ = ["FeatureStats", "extract_features", "network_id", "as_float64", "NPZ_ERRORS"]
+__all__ = ["FeatureStats", "extract_features", "sample_features", "Stopped", "timed", "network_id", "as_float64", "NPZ_ERRORS"]
 
 # What reading a damaged .npz raises: numpy's ValueError/OSError, zipfile's BadZipFile (also a failed CRC-32 check,
 # so a flipped bit in an uncompressed array is caught), EOFError for a cut-off member, zlib.error, a lost member.
@@ -91,6 +97,66 @@ def extract_features(
     if not out:
         raise UsageError("no images to extract features from")
     return torch.cat(out)
+
+
+class Stopped(Exception):
+    """A stoppable extraction was asked to stop (``sample_features``' ``should_stop``); every process raises it at
+    the same batch."""
+
+
+def sample_features(
+    get_images: Callable[[list[int]], torch.Tensor], n: int, net: nn.Module, *, batch_size: int,
+    device: torch.device, progress: bool = False, seconds: dict[str, float] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple["FeatureStats", torch.Tensor]:
+    """Features of images 0..n-1, each process extracting its share ``range(n)[rank::world]`` (``get_images(indices)``
+    gives uint8 (B, C, H, W)): the float64 statistics of all n, summed across processes, and all n features in
+    image order, gathered on every process. ``seconds`` gathers this process's time in "generation" (``get_images``)
+    and "inception" (the features). ``should_stop()`` (a collective when there are several processes: each process
+    calls it before each of the same number of batches) ends the work early by raising ``Stopped``."""
+    from .processes import gather_shares, rank_world, share
+
+    from tqdm.auto import tqdm
+
+    rank, world = rank_world()
+    mine = share(n, rank, world)
+    rounds = math.ceil(len(share(n, 0, world)) / batch_size)  # the main process has the largest share
+    stats, features = FeatureStats(), []
+    bar = tqdm(total=len(mine), unit="img", disable=not progress, desc="samples -> features", leave=False)
+    for k in range(rounds):
+        if should_stop is not None and should_stop():
+            bar.close()
+            raise Stopped(f"stopped after {k * batch_size * world} of {n} images")
+        batch = mine[k * batch_size:(k + 1) * batch_size]
+        if not batch:
+            continue
+        with timed(seconds, "generation", device):
+            images = get_images(batch)
+        # channels_last: the convolutions' faster layout; the same features to float32 rounding
+        # (bench/inception_precision.py)
+        with timed(seconds, "inception", device):
+            f = extract_features(images, net, batch_size=batch_size, device=device, channels_last=True)  # (B, 2048)
+        stats.update(f)
+        features.append(f)
+        bar.update(len(batch))
+    bar.close()
+    stats.all_reduce()  # float64 sums of every process: the statistics of all n samples
+    local = torch.cat(features) if features else torch.zeros(0, stats.dim)
+    return stats, gather_shares(local, n)
+
+
+@contextmanager
+def timed(seconds: dict[str, float] | None, part: str, device: torch.device):
+    """Add the wall time of the block to ``seconds[part]`` (after the device's queued work is done). ``seconds``
+    None times nothing, so training's evaluations do not wait for the GPU after every batch."""
+    if seconds is None:
+        yield
+        return
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - start
 
 
 def network_id(net: nn.Module) -> str:

@@ -75,7 +75,7 @@ def reuse_freed_memory() -> bool:
     zeroed by the kernel. Here no block is mmap'd on its own (all come from the heap, where freed blocks
     are reused) and the heap is trimmed only when over 2 GB at its top are free: the page faults and the
     kernel time they cost go, and the process keeps its peak memory instead of returning it between steps
-    (bench/allocator.py measures both; figures in the README's Benchmarks). GPU runs are unaffected (CUDA
+    (bench/allocator.py measures both; figures in docs/benchmarks.md). GPU runs are unaffected (CUDA
     has its own caching allocator).
 
     Process-wide and idempotent; returns whether it applied: False off glibc (e.g. macOS or musl) and where

@@ -62,7 +62,7 @@ class Dropout(nn.Dropout):
     number generator does a quarter of the draws, and two multiplies replace ``torch.where``. A value is
     dropped with probability ``round(p * 65536) / 65536`` (within 2^-17 of ``p``; at least 1/65536) and
     the kept are scaled by the inverse of the kept fraction, so the expectation is exactly the input
-    (measured against ``torch.rand`` + ``torch.where``: the README's Benchmarks). Other devices, and code
+    (measured against ``torch.rand`` + ``torch.where``: docs/benchmarks.md). Other devices, and code
     under ``torch.compile``, keep torch's own dropout.
     """
 

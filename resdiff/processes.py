@@ -10,17 +10,20 @@ instead of the others dying later in a collective with a traceback.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 
 if TYPE_CHECKING:
-    from accelerate import PartialState
+    from accelerate import Accelerator, PartialState
 
-__all__ = ["Processes", "join", "rank_world", "share", "gather_shares", "on_main"]
+__all__ = ["Processes", "join", "rank_world", "share", "gather_shares", "on_main", "all_agree", "StopVote",
+           "end_training", "lost_contact", "why_lost"]
 
 T = TypeVar("T")
 
@@ -143,3 +146,70 @@ def join(device: torch.device | None = None, timeout_s: float = 1800.0) -> Proce
     if state.device.type == "cpu":
         reuse_freed_memory()
     return Processes(state, owns_group=not had_group)
+
+
+# ----------------------------------------------------------------------------- agreeing, stopping, ending
+
+
+def all_agree(ok: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether every process's ``ok`` is True (one all-reduce when there are several; ``device`` is where the
+    default group's backend takes tensors: the GPU for NCCL)."""
+    if rank_world()[1] == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=device)
+    torch.distributed.all_reduce(flag)
+    return not bool(flag.item())
+
+
+class StopVote:
+    """Whether any process wants to stop, asked by every process at the same points (each training step).
+
+    A preempted run must stop within one step on every process (a launcher sends SIGKILL ~30 s after SIGTERM),
+    so the processes vote every step: one all-reduce of a CPU integer, microseconds. On a GPU backend the vote
+    goes through a gloo side group made here, so it never waits for the GPU."""
+
+    def __init__(self, timeout_s: float = 600.0):
+        self.timeout_s, self.group = timeout_s, None
+        world = rank_world()[1]
+        if world > 1 and torch.distributed.get_backend() != "gloo":
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self.world = world
+
+    def __call__(self, mine: bool) -> bool:
+        if self.world == 1:
+            return mine
+        votes = torch.tensor([int(mine)])
+        torch.distributed.all_reduce(votes, group=self.group)  # None: the default group, gloo on CPUs
+        return bool(votes.item())
+
+
+def end_training(accelerator: "Accelerator", model: torch.nn.Module) -> torch.nn.Module:
+    """Tear down DDP and the process group in the one order that cannot deadlock; returns the unwrapped model.
+
+    accelerate's ``end_training`` destroys the process group while the DDP wrapper still holds it, which
+    leaves DDP's C++ ``Reducer`` as the group's last owner. The Reducer is freed with the GIL held (its
+    Python binding keeps it), so ``~ProcessGroupGloo`` then joins gloo's worker threads while holding the
+    GIL. A worker that has just finished the last collective is still dropping that work object, whose
+    tensors have Python wrappers: to free them it waits for the GIL, and the join waits for it: both
+    processes hang after the last step (bench/multiprocess_exit.py repeats the run to show it). So the DDP
+    wrapper is dropped first, while torch.distributed still owns the group, and only then is the group
+    destroyed: its last reference then goes through torch's binding for process groups, which releases the
+    GIL before ``~ProcessGroupGloo`` runs.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = accelerator.unwrap_model(model)  # the module itself; the DDP wrapper and its Reducer go
+        accelerator.free_memory()  # accelerate's own references to the wrapper, then a garbage collection
+    accelerator.end_training()  # trackers, then the process group (a no-op with one process)
+    return model
+
+
+def lost_contact(err: RuntimeError) -> bool:
+    """Whether a RuntimeError is a collective failing because another process died or timed out."""
+    text = str(err).lower()
+    return isinstance(err, torch.distributed.DistError) or "gloo" in text or "nccl" in text or "timed out" in text
+
+
+def why_lost(err: RuntimeError) -> str:
+    """The gist of a backend's error: without its source-file prefixes and its boilerplate advice."""
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", one_line(err, 1000))
+    return one_line(text.split(". ")[0].strip(" ."), 120)

@@ -34,7 +34,7 @@ from .checkpoint import (
     complete_checkpoints, list_checkpoints, read_checkpoint, rotate_checkpoints, write_checkpoint_files,
 )
 from .config import Config, config_diff, load_config, save_config
-from .errors import TrainingError, UsageError
+from .errors import TrainingError, UsageError, one_line
 from .files import (
     WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic, write_checksums,
     write_problem,
@@ -42,7 +42,7 @@ from .files import (
 from .runlock import LOCK, RunLock
 
 __all__ = [
-    "RunDir", "check_same_model", "check_disk", "remove_leftovers", "trim_log", "write_config", "export_model",
+    "RunDir", "check_same_model", "check_disk", "remove_leftovers", "trim_log", "read_log", "write_config", "export_model",
     "MODEL", "LOG", "QUALITY_PICTURE", "human_size", "write_problem", "identity_changes", "write_identity",
     "earlier_training", "clear_run",
 ]
@@ -51,7 +51,7 @@ __all__ = [
 # resdiff.runlock).
 CONFIG, LOG, MODEL, SAMPLES = "config.yaml", "log.jsonl", "model", "samples"
 IDENTITY = "identity.json"
-QUALITY_PICTURE = "quality.png"  # FID and loss against step (resdiff.evaluation draws it at each evaluation)
+QUALITY_PICTURE = "quality.png"  # FID and loss against step (resdiff.quality draws it at each evaluation)
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
@@ -141,18 +141,7 @@ def earlier_training(run_dir: Path, checkpoint_every: int) -> str | None:
     found = []
     if (run_dir / MODEL).is_dir():
         found.append(f"the exported model {MODEL}/")
-    try:
-        lines = (run_dir / LOG).read_text(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    steps = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            steps.append(record["step"])
+    steps = [record["step"] for record in read_log(run_dir)]
     if steps and max(steps) >= checkpoint_every:
         found.append(f"{LOG} up to step {max(steps)}")
     return " and ".join(found) or None
@@ -206,21 +195,36 @@ def check_disk(run_dir: Path, parameters: int, keep: int = 3) -> None:
         )
 
 
-def trim_log(run_dir: Path, step: int) -> int:
-    """Keep log.jsonl's records up to ``step``, where training continues from: records past it (work an
-    interruption lost, which the run repeats) and a line cut off mid-write go. Returns how many went."""
-    log = run_dir / LOG
-    if not log.is_file():
-        return 0
-    lines = log.read_text(errors="replace").splitlines(keepends=True)
-    kept = []
+def _log_lines(run_dir: Path) -> list[tuple[str, dict | None]]:
+    """Each line of RUN/log.jsonl with its record: a JSON object with an integer ``step``, or None for a line that is
+    not one (cut off mid-write by a crash, or damaged)."""
+    try:
+        lines = (run_dir / LOG).read_text(errors="replace").splitlines(keepends=True)
+    except OSError:
+        return []
+    parsed = []
     for line in lines:
         try:
             record = json.loads(line) if line.endswith("\n") else None
         except ValueError:
             record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line)
+        ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+        parsed.append((line, record if ok else None))
+    return parsed
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """The records of RUN/log.jsonl in order (losses, learning rates, evaluations), each with its ``step``; lines a
+    crash cut off are left out. The one reader of the log."""
+    return [record for _, record in _log_lines(Path(run_dir)) if record is not None]
+
+
+def trim_log(run_dir: Path, step: int) -> int:
+    """Keep log.jsonl's records up to ``step``, where training continues from: records past it (work an
+    interruption lost, which the run repeats) and a line cut off mid-write go. Returns how many went."""
+    log = run_dir / LOG
+    lines = _log_lines(run_dir)
+    kept = [line for line, record in lines if record is not None and record["step"] <= step]
     if len(kept) < len(lines):
         write_atomic(log, lambda tmp: tmp.write_text("".join(kept)))
     return len(lines) - len(kept)
@@ -359,3 +363,32 @@ class RunDir:
         """A checkpoint read into memory on ``device``: the training state and the EMA weights. Nothing is
         applied, so a damaged file (any error raised here) leaves the trainer untouched."""
         return read_checkpoint(path, rank=rank, world=world, device=device)
+
+    def load_first(
+        self, candidates: list[Path], *, rank: int, world: int, device: torch.device, agree: Callable[[bool], bool],
+        fallback: bool, warn: Callable[[str], None] | None = None,
+    ) -> tuple[Path, TrainState, dict[str, torch.Tensor]] | None:
+        """The first checkpoint of ``candidates`` (newest first) that every process can read (``agree(ok)`` is the
+        collective), read into memory: (its folder, the training state, the EMA weights); None without candidates.
+        A damaged one (a changed file, a truncated one, wrong keys) is passed over with a line to ``warn`` when
+        ``fallback`` (--resume auto); else, and when none loads, it is a UsageError naming each failure."""
+        failures = []
+        for path in candidates:
+            try:
+                loaded, error = self.load_checkpoint(path, rank=rank, world=world, device=device), None
+            except Exception as err:  # any damage in any file: truncated, corrupt, unpicklable, wrong keys
+                loaded, error = None, err
+            if agree(error is None):
+                return path, *loaded
+            reason = one_line(error) if error is not None else "unreadable on another process"
+            failures.append(f"{path.name}: {reason}")
+            if not fallback:
+                break
+            if warn is not None and path != candidates[-1]:
+                warn(f"warning: cannot load checkpoint {path} ({reason}); falling back to the one before it")
+        if failures:
+            raise UsageError(
+                f"cannot resume {self.path}: no checkpoint loads ({'; '.join(failures)}); move the damaged "
+                f"checkpoint folders away to start over, or choose a new --out"
+            )
+        return None

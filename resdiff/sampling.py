@@ -40,7 +40,7 @@ from .settings import SamplingSettings, add_arguments, check_positive, check_sam
 
 __all__ = [
     "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "default_settings",
-    "sample_to_folder", "default_out_dir", "check_sampler", "check_positive", "GRID_LIMIT",
+    "sample_to_folder", "default_out_dir", "check_sampler", "check_positive", "steps_for", "GRID_LIMIT",
 ]
 
 GRID_LIMIT = 256  # grid.png shows at most this many images (the first ones)
@@ -84,7 +84,7 @@ def _labels(class_labels, num_classes: int | None, where: str) -> list[int] | No
     return labels
 
 
-def _steps(settings: SamplingSettings, scheduler_config: dict) -> int:
+def steps_for(settings: SamplingSettings, scheduler_config: dict) -> int:
     """The settings' steps, or the sampler's own count; never more than the training timesteps."""
     limit = int(scheduler_config.get("num_train_timesteps", 1000))
     if settings.steps is None:
@@ -162,7 +162,7 @@ class ImageGenerator:
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.config = _unwrap(self.model).config
-        self.steps = _steps(settings, scheduler_config)
+        self.steps = steps_for(settings, scheduler_config)
         num_classes, self.null_label = _classes(self.config)
         self.labels = _labels(settings.class_labels, num_classes, where)
         if settings.guidance_scale != 1.0:
@@ -184,8 +184,8 @@ class ImageGenerator:
 
     @contextlib.contextmanager
     def ready(self) -> Iterator[None]:
-        """The model in eval mode and channels_last (NHWC: oneDNN's and cuDNN's faster convolution layout, 8%
-        faster per forward here) for the block, however many batches run in it. An in-memory model gets its
+        """The model in eval mode and channels_last (NHWC: the layout oneDNN's and cuDNN's convolutions run fastest
+        in) for the block, however many batches run in it. An in-memory model gets its
         mode and standard layout (which safetensors needs) back at the end of the outermost block."""
         if not self._ready:
             self._was_training = self.model.training

@@ -51,9 +51,9 @@ class SamplingSettings:
     """How to sample: the one place these choices and their defaults are written.
 
     ``sampler`` defaults to ancestral DDPM at 50 steps: the lowest FID at 10, 20 and 50 model evaluations on real
-    images (README, "Samplers at equal model evaluations"); interpolation needs a deterministic one and defaults
-    to ``INTERPOLATE_SAMPLER``. ``steps`` None is the sampler's own count (``choices.SAMPLERS``), at most the
-    training timesteps.
+    images (docs/benchmarks.md, "Samplers at equal model evaluations"); interpolation needs a deterministic one
+    and defaults to ``INTERPOLATE_SAMPLER``. ``steps`` None is the sampler's own count (``choices.SAMPLERS``), at
+    most the training timesteps.
     ``class_labels``: one label for every image or a list cycled over image indices (image i gets
     labels[i % len]); None on a class-conditional model cycles over all classes. ``guidance_scale`` != 1 is
     classifier-free guidance with the null class. ``mixed_precision`` "fp16"/"bf16" runs the model under

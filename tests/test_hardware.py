@@ -24,7 +24,7 @@ elif setup == "trainer":
     from resdiff.build import build_trainer
     from resdiff.config import load_config
     out = tempfile.mkdtemp()
-    build_trainer(load_config("configs/demo.yaml", ["model.channels=16", "data.image_size=8", "data.demo_images=8",
+    build_trainer(load_config(None, ["model.channels=16", "data.image_size=8", "data.demo_images=8",
                                                    "train.batch_size=4",
                                                    f"out={out}/run", "data.num_workers=0"]), echo=lambda _: None)
     print(True)

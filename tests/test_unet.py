@@ -444,12 +444,12 @@ def test_auto_preset_lays_the_tiny_blocks_out_for_the_image_size(size, levels, a
 
 
 def test_train_py_defaults_build_a_model_for_any_image_size():
-    """configs/demo.yaml names no size-bound model: data.image_size=64 alone gives a 64x64 U-Net (the tiny preset
+    """The defaults name no size-bound model: data.image_size=64 alone gives a 64x64 U-Net (the tiny preset
     there would have no 8x8 level for its attention)."""
     from resdiff.build import build_unet, model_keys
     from resdiff.config import load_config
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["data.image_size=64"], model_keys=model_keys())
+    cfg = load_config(None, ["data.image_size=64"], model_keys=model_keys())
     assert cfg.model["preset"] == "auto"
     unet = build_unet(cfg, None)
     assert unet.config.sample_size == 64 and tuple(unet.config.attention_resolutions) == (16, 8)

@@ -23,3 +23,21 @@ def small_unet(seed: int, **overrides) -> UNet:
     would predict exactly 0, and models of different seeds would sample the same images."""
     torch.manual_seed(seed)
     return UNet(**{**SMALL, "zero_init_last": False, **overrides})
+
+
+def tiny_autoencoder(kind: str, folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised diffusers AutoencoderTiny ("tiny": 8 channels, 8x, 4 latent channels) or AutoencoderKL
+    ("kl": 8/16 channels, 2x, 4 latent channels) saved with save_pretrained: an autoencoder SPEC without
+    downloaded weights."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    torch.manual_seed(seed)
+    if kind == "tiny":
+        vae = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                              latent_channels=4)
+    else:
+        vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+                            latent_channels=4, sample_size=32, scaling_factor=0.5, shift_factor=0.25)
+    vae.save_pretrained(folder)
+    return folder
