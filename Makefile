@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # GPU users: install the torch build for your CUDA into $(VENV) first (it is kept), or run `make test TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench-data bench-contenders clean
+.PHONY: install test test-fast demo bench-data bench-peers bench-contenders clean
 
 install: $(VENV)/.installed
 
@@ -47,9 +47,26 @@ bench-data: install
 	$(BIN)/python bench/emoji.py openmoji data/openmoji
 	$(BIN)/python bench/emoji.py noto data/noto
 
+# The peers of bench/contenders.py (issue #37) in their own environment: lucidrains' denoising-diffusion-pytorch
+# (GaussianDiffusion, and EDM as its ElucidatedDiffusion; ema-pytorch pinned: its EMA defaults are the recipe) on the
+# torch it asks for, a CUDA build of torch 2.14.1 that also runs on the CPU (about 5.7 GB); .venv keeps its own torch.
+# bench/peers.py runs in it.
+PEERS_VENV ?= .venv-peers
+PEERS_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+bench-peers: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: Makefile
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install $(PEERS_TORCH)
+	$(PEERS_VENV)/bin/pip install denoising-diffusion-pytorch==2.3.4 ema-pytorch==0.8.3 $(PEERS_TORCH)
+	$(PEERS_VENV)/bin/pip check
+	touch $@
+
 # Issue #25 (docs/benchmarks.md, "Sample quality against diffusers on real images"): FID against training minutes
-# on both sets, resdiff's recipes vs diffusers' example. Hours of CPU; resumable: run it again after an interruption.
-bench-contenders: bench-data
+# on both sets, resdiff's recipes vs diffusers' example and the peers (issue #37). Hours of CPU; resumable: run it
+# again after an interruption.
+bench-contenders: bench-data bench-peers
 	$(BIN)/python -m resdiff.inception
 	$(BIN)/python bench/contenders.py --data data/openmoji
 	$(BIN)/python bench/contenders.py --data data/noto

@@ -1,4 +1,5 @@
-"""Real images against diffusers (issue #25): FID against training wall clock, three contenders, one image folder.
+"""Real images against diffusers and the strongest peers (issues #25, #37): FID against training wall clock, one
+image folder.
 
 Contenders, each trained on DIR (32x32 RGB, transparency composited on white as resdiff's training does):
     diffusers   diffusers' unconditional example (examples/unconditional_image_generation/train_unconditional.py)
@@ -9,10 +10,18 @@ Contenders, each trained on DIR (32x32 RGB, transparency composited on white as 
                 for short runs, as bench/learning.py), on the U-Net and batch `python train.py --data DIR` uses
     defaults    exactly what `python train.py --data DIR` runs (the defaults), continued past its 1,200 steps
                 (its LR schedule is constant after warm-up, so a longer run is the same recipe)
+    lucidrains  lucidrains' denoising-diffusion-pytorch 2.3.4: GaussianDiffusion (v objective, sigmoid schedule) on
+                its Unet at tiny's size, its Trainer's Adam and EMA defaults, sampled by its DDIM at 50 evaluations
+    edm         EDM as the same package's ElucidatedDiffusion (preconditioning, log-normal sigmas, its loss weight)
+                on the same Unet and Trainer defaults, sampled by its Heun sampler, 25 steps = 49 evaluations
+The two peers (bench/peers.py says exactly what each uses) train and sample in their own process and environment
+(.venv-peers, `make bench-peers`: torch 2.14.1), which the benchmark starts for each budget; they see the same
+pixels (OUT/images.npy, written once) and their samples are scored by the same FID code as everyone's.
 Each trains until the clock reaches each budget (minutes of training: the steps, data included), then
-checkpoints and is scored; scoring is not counted. Every score samples --fid-images images with DDIM-50
-(resdiff's ImageGenerator: the same per-image noise for every model) and computes FID with the 2015 Inception
-network against the whole folder (its statistics are cached after the first time).
+checkpoints and is scored; scoring is not counted. Every score computes FID of --fid-images samples with the
+2015 Inception network against the whole folder (its statistics are cached after the first time); resdiff's
+contenders and diffusers' are sampled with DDIM-50 (resdiff's ImageGenerator: the same per-image noise for every
+model), the peers with their own samplers.
 Then the sampler sweep: FID of the last model of the defaults (--sweep) at 10, 20 and 50 model evaluations
 (NFE) for every sampler in resdiff.choices.SAMPLERS or those of --samplers (a second-order sampler runs fewer
 steps for the same NFE).
@@ -28,15 +37,17 @@ contender killed mid-way continues from its checkpoint at the last budget it rea
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import copy
 import json
 import math
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -44,11 +55,15 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import machine, table  # noqa: E402
+# The peers' side of the exchange (bench/peers.py runs in their environment; this part of it needs only numpy), and
+# the clock every contender keeps (Progress: the peers' process writes it too).
+from bench.peers import PEERS, Progress, parse_result, read_images, write_images  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-CONTENDERS = ("diffusers", "ddpm", "defaults")
+CONTENDERS = ("diffusers", "ddpm", "defaults", *PEERS)
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 # resdiff at the DDPM paper's recipe: its objective, schedule and lr, with an EMA short runs can use.
 DDPM_RECIPE = ["diffusion.prediction_type=epsilon", "diffusion.beta_schedule=linear", "diffusion.min_snr_gamma=null",
                "train.lr=2e-4", "train.ema_decay=0.999"]
@@ -65,15 +80,6 @@ EXAMPLE = dict(lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8, warmup
                ema_max=0.9999, ema_inv_gamma=1.0, ema_power=0.75, clip=1.0)
 NFES = (10, 20, 50)
 GRID_IMAGES = 64
-
-
-@dataclass
-class Progress:
-    """Where a contender's training stands: its clock (training seconds only), optimizer steps and images."""
-
-    seconds: float = 0.0
-    steps: int = 0
-    images: int = 0
 
 
 def budget_key(contender: str, minutes: float) -> str:
@@ -294,22 +300,33 @@ class Scorer:
 
     def __call__(self, model: torch.nn.Module | str, scheduler_config: dict | None, sampler: str = "ddim",
                  steps: int = 50) -> tuple[float, torch.Tensor]:
-        """(FID, the uint8 samples) of ``model`` (in memory with its training scheduler config, or a folder)."""
-        from resdiff.features import sample_features
-        from resdiff.metrics import fid_from_stats
+        """(FID, the uint8 samples) of ``model`` (in memory with its training scheduler config, or a folder), sampled
+        here with resdiff's ``sampler``."""
         from resdiff.sampling import ImageGenerator, SamplingSettings
 
         settings = SamplingSettings(sampler=sampler, steps=steps, seed=self.seed, batch_size=self.batch_size, device="cpu")
-        generator, kept = ImageGenerator(model, settings, scheduler_config), []
+        generator = ImageGenerator(model, settings, scheduler_config)
+        return self._fid(lambda indices: generator.images(indices, progress=True), f"{sampler}-{steps}")
+
+    def samples(self, images: torch.Tensor, sampler: str) -> tuple[float, torch.Tensor]:
+        """(FID, the samples) of ``images``: n uint8 samples a contender drew with its own ``sampler``."""
+        if len(images) != self.n:
+            raise SystemExit(f"error: {len(images)} samples to score, not {self.n}")
+        return self._fid(lambda indices: images[indices], sampler)
+
+    def _fid(self, get_images: Callable[[list[int]], torch.Tensor], sampler: str) -> tuple[float, torch.Tensor]:
+        from resdiff.features import sample_features
+        from resdiff.metrics import fid_from_stats
+
+        kept, seconds = [], {}
 
         def images(indices: list[int]) -> torch.Tensor:
-            kept.append(generator.images(indices, progress=True))
+            kept.append(get_images(indices))
             return kept[-1]
 
-        seconds: dict[str, float] = {}
         stats, _ = sample_features(images, self.n, self.net, batch_size=self.batch_size, device=torch.device("cpu"),
                                    seconds=seconds)
-        print(f"score: {self.n} {sampler}-{steps} samples in {seconds['generation']:.0f} s, "
+        print(f"score: {self.n} samples ({sampler}) in {seconds['generation']:.0f} s, "
               f"their Inception features in {seconds['inception']:.0f} s", flush=True)
         return fid_from_stats(stats, self.reference), torch.cat(kept)
 
@@ -397,15 +414,102 @@ def run_contender(name: str, args: argparse.Namespace, results: Results, scorer:
                     progress = train_to(contender, progress, minutes * 60)
                 contender.save(progress)
             fid, images = scorer(contender.ema_model(), contender.scheduler_config(), args.sampler, args.steps)
-            key = budget_key(name, minutes)
-            row = {"contender": name, "budget_min": minutes, "fid": round(fid, 2), "train_s": round(progress.seconds, 1),
-                   "steps": progress.steps, "images": progress.images,
-                   "images_per_s": round(progress.images / max(progress.seconds, 1e-9), 1),
-                   "grid": save_grid(images, args.out / "grids" / f"{key}.png")}
-            results.put("budgets", key, row)
-            print(json.dumps(row), flush=True)
+            put_row(results, budget_row(name, minutes, fid, progress, images, args.out))
     finally:
         contender.close()
+
+
+def budget_row(name: str, minutes: float, fid: float, progress: Progress, images: torch.Tensor, out: Path) -> dict:
+    """results.json's row of one contender at one budget (its samples' grid saved beside)."""
+    return {"contender": name, "budget_min": minutes, "fid": round(fid, 2), "train_s": round(progress.seconds, 1),
+            "steps": progress.steps, "images": progress.images,
+            "images_per_s": round(progress.images / max(progress.seconds, 1e-9), 1),
+            "grid": save_grid(images, out / "grids" / f"{budget_key(name, minutes)}.png")}
+
+
+def put_row(results: Results, row: dict) -> None:
+    results.put("budgets", budget_key(row["contender"], row["budget_min"]), row)
+    print(json.dumps(row), flush=True)
+
+
+# ------------------------------------------------------------------------ the peers, in their own process
+
+
+def check_peers_python(python: Path) -> None:
+    """One line saying how to make the peers' environment when its python is missing."""
+    if not (python.is_file() and python.stat().st_mode & 0o111):
+        raise SystemExit(f"error: {python} is missing: run make bench-peers (the peers' own environment; "
+                         f"or pass --peers-python)")
+
+
+def _end_with_parent() -> None:
+    """In a child, before it runs: Linux ends it when the benchmark dies, so that a restarted benchmark never
+    finds an orphan still training into the same run directory."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_child(command: list[str], what: str) -> dict:
+    """Run ``command``, passing its output through as it comes (progress bars included), and return the fields
+    of its result line (bench/peers.py's result_line); one line naming ``what`` if it fails or prints none."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                            preexec_fn=_end_with_parent if sys.platform == "linux" else None)
+    decoder, text = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+    try:
+        while chunk := proc.stdout.read1(65536):
+            text.append(decoder.decode(chunk))
+            sys.stdout.write(text[-1])
+            sys.stdout.flush()
+    finally:
+        if proc.poll() is None and sys.exc_info()[0] is not None:  # the benchmark was interrupted: so is the child
+            proc.kill()
+        code = proc.wait()
+    if code:
+        raise SystemExit(f"error: {what} failed with exit code {code} (its output is above)")
+    fields = parse_result("".join(text) + decoder.decode(b"", final=True))
+    if fields is None:
+        raise SystemExit(f"error: {what} ended without its result line")
+    return fields
+
+
+def training_images(data: Path, out: Path) -> Path:
+    """OUT/images.npy: the folder's images as every contender trains on them (32x32 RGB, composited on white),
+    written once for the peers' processes."""
+    from resdiff.reference import load_images
+
+    path = out / "images.npy"
+    if not path.is_file():
+        write_images(path, load_images(data, 32, 3).numpy())
+    return path
+
+
+def run_peer(name: str, args: argparse.Namespace, results: Results, scorer: Scorer) -> None:
+    """Train peer ``name`` (bench/peers.py, in the peers' environment) through every budget without a result, and
+    score the samples its own sampler draws at each with the FID every contender gets."""
+    todo = pending(results.data, name, args.budgets)
+    if not todo:
+        print(f"{name}: every budget has its result; skipped")
+        return
+    run_dir, images = args.out / "runs" / name, training_images(args.data, args.out)
+
+    def peer(command: str, *flags: object) -> dict:
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        cmd = [str(args.peers_python), str(ROOT / "bench" / "peers.py"), command, name, "--run-dir", str(run_dir),
+               "--seed", str(args.seed), *threads, *map(str, flags)]
+        return run_child(cmd, f"bench/peers.py {command} {name}")
+
+    for minutes in todo:
+        with flag_file(args.training_flag):
+            peer("train", "--images", images, "--seconds", minutes * 60)
+        samples = run_dir / "samples" / f"{budget_key(name, minutes)}.npy"
+        done = peer("sample", "--n", args.fid_images, "--batch-size", args.batch_size, "--out", samples)
+        described = {k: done[k] for k in ("parameters", "nfe", "sampler", "recipe", "device", "versions")}
+        results.put("contenders", name, {**described, "batch": done["recipe"]["trainer"]["train_batch_size"]})
+        fid, drawn = scorer.samples(torch.from_numpy(read_images(samples)), done["sampler"])
+        progress = Progress(done["train_s"], done["steps"], done["images"])
+        put_row(results, budget_row(name, minutes, fid, progress, drawn, args.out))
 
 
 def run_sweep(name: str, args: argparse.Namespace, results: Results, scorer: Scorer) -> None:
@@ -439,7 +543,7 @@ def run_sweep(name: str, args: argparse.Namespace, results: Results, scorer: Sco
 # ------------------------------------------------------------------------------------------ reports
 
 # Each contender's colour in every chart and on the grids (resdiff.charts' colour-blind-safe palette).
-COLOURS = {"diffusers": "#D55E00", "ddpm": "#0072B2", "defaults": "#009E73"}
+COLOURS = {"diffusers": "#D55E00", "ddpm": "#0072B2", "defaults": "#009E73", "lucidrains": "#CC79A7", "edm": "#E69F00"}
 
 
 def budget_table(results: dict, contenders: list[str]) -> str:
@@ -468,13 +572,14 @@ def fid_chart(results: dict) -> Figure:
     rows = list(results["budgets"].values())
     series = {name: [(r["budget_min"], r["fid"]) for r in rows if r["contender"] == name] for name in scored(results)}
     n, sampler = results.get("fid_images", "?"), f"{results.get('sampler', 'ddim').upper()}-{results.get('steps', 50)}"
-    return line_chart(series, title=f"FID@{n} of {sampler} samples against training time{_about(results)}",
+    own = " (peers: their own)" if any(c in PEERS for c in series) else ""
+    return line_chart(series, title=f"FID@{n} of {sampler} samples{own} against training time{_about(results)}",
                       x_label="training minutes (log scale)", y_label=f"FID@{n} (lower is better)", log_x=True,
                       x_ticks=sorted({r["budget_min"] for r in rows}), colours=COLOURS)
 
 
 def scored(results: dict) -> list[str]:
-    """The contenders with a budget score: diffusers, ddpm, defaults (those present), then the --variant ones."""
+    """The contenders with a budget score: those of CONTENDERS present, in its order, then the --variant ones."""
     names = {r["contender"] for r in results.get("budgets", {}).values()}
     return [c for c in CONTENDERS if c in names] + sorted(names - set(CONTENDERS))
 
@@ -552,13 +657,22 @@ def draw_charts(results: dict, fid_path: Path, nfe_path: Path) -> list[Path]:
     return drawn
 
 
+def samplers_note(results: dict, contenders: list[str]) -> str:
+    """Which sampler scored each contender: resdiff's --sampler/--steps, or a peer's own (with its NFE)."""
+    ours = f"resdiff's {results.get('sampler', 'ddim')}, {results.get('steps', 50)} steps"
+    own = {c: f"{d['sampler']} ({d['nfe']} NFE)" for c, d in results.get("contenders", {}).items() if "nfe" in d}
+    return "Samplers: " + "; ".join(f"{c}: {own.get(c, ours)}" for c in contenders)
+
+
 def report(results: Results, contenders: list[str], out: Path) -> None:
     budgets, sweep = budget_table(results.data, contenders), sweep_table(results.data)
+    samplers = samplers_note(results.data, contenders)
     pictures = [*draw_charts(results.data, out / "fid_vs_time.png", out / "fid_vs_nfe.png"),
                 grids_picture(results.data, contenders, out / "grids.png")]
-    (out / "table.md").write_text(f"{budgets}\n\nSampler sweep (the last model of each swept contender):\n\n{sweep}\n")
+    (out / "table.md").write_text(f"{budgets}\n\n{samplers}\n\nSampler sweep (the last model of each swept contender):"
+                                  f"\n\n{sweep}\n")
     wrote = ", ".join(str(p) for p in [results.file, out / "table.md", *pictures] if p)
-    print(f"machine: {machine()}\n{budgets}\n\n{sweep}\nwrote {wrote}")
+    print(f"machine: {machine()}\n{budgets}\n{samplers}\n\n{sweep}\nwrote {wrote}")
 
 
 def report_only(file: Path) -> None:
@@ -580,11 +694,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", type=float, nargs="+", default=[5, 10, 20, 40], help="minutes of training")
     p.add_argument("--fid-images", type=int, default=1000, help="samples per FID, equal for every contender")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS),
-                   help=f"which to run, of {', '.join(CONTENDERS)} and the --variant names (default: the first three)")
+                   help=f"which to run, of {', '.join(CONTENDERS)} and the --variant names (default: the former)")
+    p.add_argument("--peers-python", type=Path, default=PEERS_PYTHON,
+                   help="the python of the peers' environment (default: .venv-peers, made by make bench-peers)")
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="one more resdiff contender: the defaults with these overrides, e.g. "
                         "--variant lr2e-3 train.lr=2e-3 (repeatable; the defaults' tuning runs)")
-    p.add_argument("--sampler", default="ddim", help="sampler of the budget scores (equal for every contender)")
+    p.add_argument("--sampler", default="ddim",
+                   help="sampler of the budget scores of resdiff's and diffusers' contenders (the peers use their own)")
     p.add_argument("--steps", type=int, default=50, help="its steps")
     p.add_argument("--training-flag", type=Path, help="a file that exists while a contender's training clock runs")
     p.add_argument("--nfe", type=int, nargs="*", default=list(NFES), help="model evaluations of the sampler sweep")
@@ -605,6 +722,8 @@ def main(argv: list[str] | None = None) -> None:
     from resdiff.choices import SAMPLERS
     if unknown := [s for s in args.samplers or [] if s not in SAMPLERS]:
         p.error(f"unknown sampler {unknown[0]!r}; choose from {', '.join(SAMPLERS)}")
+    if any(c in PEERS for c in args.contenders):
+        check_peers_python(args.peers_python)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or ROOT / "bench" / "results" / f"contenders-{args.data.resolve().name}"
@@ -613,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine()}; data {args.data}; budgets {args.budgets} min; FID@{args.fid_images}", flush=True)
     scorer = Scorer(args.data, args.fid_images, args.batch_size, args.seed)
     for name in args.contenders:
-        run_contender(name, args, results, scorer)
+        (run_peer if name in PEERS else run_contender)(name, args, results, scorer)
     for name in [c for c in args.sweep if c in args.contenders]:
         run_sweep(name, args, results, scorer)
     report(results, args.contenders, args.out)

@@ -274,3 +274,131 @@ def test_contenders_report_only_redraws_the_docs_charts_from_their_results_file(
         assert drawn.size == committed.size
         if drawn.info["Software"] == committed.info["Software"]:
             assert (tmp_path / name).read_bytes() == (ROOT / "docs" / "bench" / name).read_bytes()
+
+
+# ------------------------------------------------------- the peers (issue #37): bench/peers.py and its runner
+
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+
+
+def test_peers_exchange_uint8_image_arrays_and_one_result_line(tmp_path):
+    """bench/peers.py's format, shared by both environments: images as a uint8 (N, 3, H, W) .npy written whole,
+    anything else refused in one line naming the file; a command's result is its last `peer-result` line."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from bench.peers import parse_result, read_images, result_line, write_images
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
+    path = write_images(tmp_path / "a" / "images.npy", images)
+    assert np.array_equal(read_images(path), images) and [p.name for p in path.parent.iterdir()] == ["images.npy"]
+    for wrong in (images.astype(np.float32), images[0], images[:, :2], images[:0]):
+        with pytest.raises(SystemExit, match="uint8 images of shape"):
+            write_images(tmp_path / "wrong.npy", wrong)
+    (tmp_path / "cut.npy").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(SystemExit, match="cut.npy"):
+        read_images(tmp_path / "cut.npy")
+
+    out = f"training\n{result_line({'steps': 1})}\nsampling\n{result_line({'steps': 2, 'nfe': 49})}\n"
+    assert parse_result(out) == {"steps": 2, "nfe": 49} and parse_result("no result\n") is None
+
+
+def test_peers_count_the_model_evaluations_of_their_samplers():
+    """Each peer samples at most 50 model evaluations: lucidrains' DDIM one a step, EDM's Heun two a step but one
+    at the last (sigma 0), so its default 32 steps would be 63."""
+    sys.path.insert(0, str(ROOT))
+    from bench.peers import PEERS, ddim_nfe, heun_nfe, nfe
+
+    assert ddim_nfe(50) == 50 and ddim_nfe(1000) == 1000  # sampling_timesteps == timesteps: its ancestral loop
+    assert heun_nfe(25) == 49 and heun_nfe(32) == 63 and heun_nfe(1) == 1
+    assert {peer: nfe(peer) for peer in PEERS} == {"lucidrains": 50, "edm": 49}
+
+
+def test_contenders_runs_the_peers_by_default_and_asks_for_their_environment(tmp_path):
+    """bench/contenders.py knows the peers as contenders (run unless --contenders picks others); without the peers'
+    python it stops in one line saying how to make it, before any work."""
+    sys.path.insert(0, str(ROOT))
+    from bench.contenders import CONTENDERS, check_peers_python, main
+
+    assert CONTENDERS == ("diffusers", "ddpm", "defaults", "lucidrains", "edm")
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--contenders", "ddpm", "edm",
+              "--peers-python", str(missing)])
+    assert str(exit_.value) == (f"error: {missing} is missing: run make bench-peers (the peers' own environment; "
+                                f"or pass --peers-python)")
+    assert not (tmp_path / "out").exists()
+    check_peers_python(Path(sys.executable))  # an existing python passes
+
+
+def test_contenders_child_runner_passes_output_through_and_reads_the_result_line(capsys):
+    """The runner of the peers' processes: their output streams through as it comes, the last result line is
+    returned, and a failed child or one without a result line stops the benchmark in one line."""
+    sys.path.insert(0, str(ROOT))
+    from bench.contenders import run_child
+    from bench.peers import result_line
+
+    line = result_line({"steps": 3})
+    fields = run_child([sys.executable, "-c", f"print('bar\\r50%\\r100% \\u2588'); print({line!r})"], "child")
+    assert fields == {"steps": 3} and "bar\r50%\r100% \u2588\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^error: child failed with exit code 3 \(its output is above\)$"):
+        run_child([sys.executable, "-c", f"print({line!r}); raise SystemExit(3)"], "child")
+    with pytest.raises(SystemExit, match="^error: child ended without its result line$"):
+        run_child([sys.executable, "-c", "print('done')"], "child")
+
+
+def test_contenders_rows_of_a_peer_have_the_layout_of_every_row(tmp_path):
+    """A peer's budget gives results.json the row every contender gets, its grid saved beside, and the report
+    names each contender's sampler: resdiff's --sampler/--steps, or a peer's own with its NFE (the chart too)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from bench.contenders import Progress, Results, budget_row, fid_chart, put_row, samplers_note
+
+    results = Results(tmp_path, {"data": "d", "fid_images": 4, "sampler": "ddim", "steps": 50})
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    put_row(results, budget_row("edm", 0.5, 123.456, Progress(30.04, 10, 160), images, tmp_path))
+    results.put("contenders", "edm", {"sampler": "EDM Heun (stochastic), 25 steps", "nfe": 49, "parameters": 1})
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["budgets"]["edm@0.5min"] == {
+        "contender": "edm", "budget_min": 0.5, "fid": 123.46, "train_s": 30.0, "steps": 10, "images": 160,
+        "images_per_s": 5.3, "grid": str(tmp_path / "grids" / "edm@0.5min.png")}
+    assert Path(saved["budgets"]["edm@0.5min"]["grid"]).is_file()
+    assert samplers_note(saved, ["defaults", "edm"]) == (
+        "Samplers: defaults: resdiff's ddim, 50 steps; edm: EDM Heun (stochastic), 25 steps (49 NFE)")
+    assert "DDIM-50 samples (peers: their own)" in fid_chart(saved).axes[0].get_title()
+
+
+@pytest.mark.skipif(not PEERS_PYTHON.is_file(), reason=".venv-peers is absent (make bench-peers: 5.7 GB)")
+@pytest.mark.parametrize("peer", ["lucidrains", "edm"])
+def test_peer_trains_to_its_clock_resumes_and_samples_with_its_own_sampler(peer, tmp_path):
+    """bench/peers.py in the peers' environment: a U-Net within 10% of tiny's 1,192,387 parameters, training that
+    continues from its checkpoint, and seeded samples drawn at the model evaluations nfe() promises (the script
+    counts them while sampling)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from bench.peers import nfe, parse_result, read_images, write_images
+
+    images = write_images(tmp_path / "images.npy", np.full((32, 3, 32, 32), 255, dtype=np.uint8))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def peers(*args: str) -> dict:
+        proc = subprocess.run([str(PEERS_PYTHON), str(ROOT / "bench" / "peers.py"), *args, peer, "--run-dir",
+                               str(tmp_path / "run"), "--threads", "1"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return parse_result(proc.stdout)
+
+    first = peers("train", "--images", str(images), "--seconds", "0.5")
+    assert first["steps"] >= 1 and first["images"] == 16 * first["steps"] and first["train_s"] >= 0.5
+    assert abs(first["parameters"] / 1_192_387 - 1) <= 0.10 and first["nfe"] == nfe(peer) <= 50
+    again = peers("train", "--images", str(images), "--seconds", str(first["train_s"]))  # its clock is there already
+    assert (again["steps"], again["train_s"]) == (first["steps"], first["train_s"])
+    more = peers("train", "--images", str(images), "--seconds", str(first["train_s"] + 0.1))
+    assert more["steps"] > first["steps"] and more["train_s"] > first["train_s"]
+    for name in ("a.npy", "b.npy"):
+        done = peers("sample", "--n", "3", "--batch-size", "2", "--seed", "7", "--out", str(tmp_path / name))
+        assert done["steps"] == more["steps"] and done["nfe"] == nfe(peer)
+    a, b = read_images(tmp_path / "a.npy"), read_images(tmp_path / "b.npy")
+    assert a.shape == (3, 3, 32, 32) and np.array_equal(a, b)  # seeded
