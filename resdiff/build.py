@@ -38,7 +38,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from .batches import ShardedBatches, loader_workers
 from .config import Config
 from .data import ImageFolder, write_demo_folder
-from .shapes import is_image_size, one_number, shape_name
+from .shapes import image_shape, is_image_size, one_number, shape_name
 from .diffusion import GaussianDiffusion
 from .ema import EMA
 from .errors import UsageError
@@ -56,7 +56,7 @@ from .rundir import (
     earlier_training, export_model, identity_changes, remove_leftovers, trim_log, write_config, write_identity,
 )
 from .trainer import Trainer
-from .unet import PRESETS, UNet, sample_shape
+from .unet import PRESETS, UNet
 
 __all__ = ["build_trainer", "build_unet", "model_keys", "demo_data_dir", "run_identity", "InitSource", "load_init_source"]
 
@@ -128,7 +128,7 @@ def load_init_source(cfg: Config, path: str | Path) -> InitSource:
         raise UsageError(f"--init-from {path}: {config} has in_channels={arch['in_channels']}, but the data is read "
                          f"with data.image_channels={d.image_channels}; set data.image_channels={arch['in_channels']}, "
                          f"or start from a {d.image_channels}-channel model")
-    if sample_shape(arch["sample_size"]) != sample_shape(d.image_size):
+    if image_shape(arch["sample_size"]) != image_shape(d.image_size):
         raise UsageError(f"--init-from {path}: {config} has sample_size={arch['sample_size']}, but data.image_size is "
                          f"{plain(d.image_size)}; set data.image_size={arch['sample_size']}")
     conflicts = _model_conflicts(cfg.model, arch)
