@@ -33,8 +33,9 @@ from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
 
 from bench.common import interleaved, median, table, write_json  # noqa: E402
 from resdiff import UNet  # noqa: E402
-from resdiff.checkpoint import EMA, OPTIMIZER, STATE, TrainState  # noqa: E402
-from resdiff.files import CHECKSUMS, read_checksums, write_checksums  # noqa: E402
+from resdiff.layout import CHECKSUMS, EMA, OPTIMIZER, STATE
+from resdiff.checkpoint import TrainState  # noqa: E402
+from resdiff.files import read_checksums, write_checksums  # noqa: E402
 from resdiff.rundir import RunDir  # noqa: E402
 
 

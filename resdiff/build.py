@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from diffusers.optimization import get_constant_schedule_with_warmup
 
+from .layout import CHECKPOINTS, EMA as EMA_FOLDER, QUALITY_PICTURE
 from .batches import ShardedBatches, loader_workers
 from .config import Config
 from .data import ImageFolder, write_demo_folder
@@ -50,10 +51,10 @@ from .quality import EVAL_SHARE, TrainingEvaluator
 from .previews import Previews
 from .processes import StopVote, on_main
 from .settings import SamplingSettings, check_steps
-from .checkpoint import CHECKPOINTS, EMA as EMA_FOLDER, checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
+from .checkpoint import checkpoint_problem, complete_checkpoints, list_checkpoints, step_of
 from .rundir import (
-    INIT_SHA256, INIT_SOURCE, QUALITY_PICTURE, RunDir, check_disk, check_same_model, clear_run, data_listing,
-    earlier_training, export_model, identity_changes, remove_leftovers, trim_log, write_config, write_identity,
+    INIT_SHA256, INIT_SOURCE, RunDir, check_disk, check_same_model, clear_run, data_listing, earlier_training,
+    export_model, identity_changes, remove_leftovers, trim_log, write_config, write_identity,
 )
 from .trainer import Trainer
 from .unet import PRESETS, UNet

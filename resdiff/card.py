@@ -17,14 +17,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import MODEL_INDEX, UNET_CONFIG
+from .layout import CARD, CARD_GRID, MODEL_INDEX, UNET_CONFIG
 from .config import sections_yaml
 from .files import write_atomic
 
-__all__ = ["ModelFacts", "model_card", "write_card", "CARD", "CARD_GRID", "CARD_FILES"]
+__all__ = ["ModelFacts", "model_card", "write_card"]
 
-CARD, CARD_GRID = "README.md", "samples.png"
-CARD_FILES = (CARD, CARD_GRID)  # described, not checksummed
 
 # The training settings a reader needs to repeat the run; the rest (logging, checkpoints, previews) are bookkeeping.
 _TRAIN_ESSENTIALS = ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "adam_betas", "grad_clip",

@@ -32,37 +32,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .files import checksum_problem
+from .layout import (
+    CHECKPOINT_FILES, CHECKPOINTS, EMA, EMA_FILES, OPTIMIZER, PIPELINE_WEIGHTS, STATE, STEP_NAME, WEIGHTS, rng_file,
+    step_name,
+)
 
 __all__ = [
     "TrainState", "checkpoint_dir", "step_of", "list_checkpoints", "complete_checkpoints", "latest_checkpoint",
     "checkpoint_problem", "file_problem", "rotate_checkpoints", "checkpoint_bytes", "write_checkpoint_files",
-    "read_checkpoint", "PIPELINE_FILES", "PIPELINE_CONFIGS", "EMA", "CHECKPOINTS", "MODEL_INDEX", "UNET_CONFIG",
-    "SCHEDULER_CONFIG",
+    "read_checkpoint",
 ]
 
-# A checkpoint folder's names, here and nowhere else.
-CHECKPOINTS = "checkpoints"  # the run directory's folder of them
-STATE, WEIGHTS, OPTIMIZER, EMA = "state.json", "model.safetensors", "optimizer.pt", "ema"
-# A pipeline folder as DDPMPipeline.save_pretrained writes it: what sampling needs (its configs, and the weights,
-# which a diffusers folder may hold under another name: model_folder checks those itself).
-MODEL_INDEX, UNET_CONFIG, SCHEDULER_CONFIG = "model_index.json", "unet/config.json", "scheduler/scheduler_config.json"
-PIPELINE_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-PIPELINE_CONFIGS = (MODEL_INDEX, UNET_CONFIG, SCHEDULER_CONFIG)
-PIPELINE_FILES = (MODEL_INDEX, UNET_CONFIG, PIPELINE_WEIGHTS, SCHEDULER_CONFIG)
-EMA_FILES = tuple(f"{EMA}/{name}" for name in PIPELINE_FILES)
-# Everything resuming needs (rng-<rank>.pt files are optional: without them a resume reseeds).
-CHECKPOINT_FILES = (STATE, WEIGHTS, OPTIMIZER, *EMA_FILES)
 _STATE_KEYS = ("step", "epoch", "batch", "ema_step", "world_size")
-_NAME = re.compile(r"^step-(\d+)$")
-
-
-def rng_file(rank: int) -> str:
-    return f"rng-{rank}.pt"
+_NAME = re.compile(STEP_NAME)
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     """The folder of the checkpoint taken after ``step`` optimizer steps."""
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
+    return Path(run_dir) / CHECKPOINTS / step_name(step)
 
 
 def step_of(path: str | Path) -> int:

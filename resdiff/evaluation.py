@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .layout import EVAL, MODEL_INDEX, QUALITY_PICTURE
 from .errors import UsageError
 from .files import write_atomic
 from .hardware import check_device
@@ -33,8 +34,7 @@ from .features import FeatureStats, sample_features, timed
 from .metrics import Memorisation, fid_from_stats, kid, memorisation, nearest_pairs_image, precision_recall
 from .processes import join, on_main
 from .reference import image_dataset, reference_features, reference_images
-from .checkpoint import MODEL_INDEX
-from .rundir import QUALITY_PICTURE
+from .layout import EVAL, MODEL_INDEX, QUALITY_PICTURE
 from .sampling import ImageGenerator
 from .settings import SamplingSettings, Scoring
 
@@ -47,9 +47,9 @@ def default_eval_dir(model: str | Path | None, samples: str | Path | None) -> Pa
     """RUN/eval for a run directory (or a pipeline folder's parent); SAMPLES/eval, or beside an .npz."""
     if model is not None:
         path = Path(model)
-        return (path.parent if (path / MODEL_INDEX).is_file() else path) / "eval"
+        return (path.parent if (path / MODEL_INDEX).is_file() else path) / EVAL
     path = Path(samples)
-    return (path if path.is_dir() else path.parent) / "eval"
+    return (path if path.is_dir() else path.parent) / EVAL
 
 
 def evaluate(

@@ -20,8 +20,8 @@ from typing import Callable
 
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from .card import CARD_FILES
-from .checkpoint import UNET_CONFIG
+from .layout import CARD_FILES, UNET_CONFIG
+from .layout import CARD_FILES, UNET_CONFIG
 from .convert import to_diffusers
 from .errors import UsageError
 from .files import WRITE_ERRORS, temporary, write_checksums, write_problem

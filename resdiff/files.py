@@ -23,14 +23,14 @@ from typing import Callable
 from safetensors import SafetensorError
 
 from .errors import one_line
+from .layout import CHECKSUMS
 
 __all__ = [
     "cache_root", "WRITE_ERRORS", "write_problem", "human_size", "temporary", "replaced", "write_atomic", "replace_folder",
-    "fsync_tree", "leftovers", "CHECKSUMS", "file_digest", "write_checksums", "checksum_problem",
+    "fsync_tree", "leftovers", "file_digest", "write_checksums", "checksum_problem",
     "read_checksums",
 ]
 
-CHECKSUMS = "SHA256SUMS"  # the name coreutils' sha256sum -c expects by habit
 
 def cache_root() -> Path:
     """resdiff's cache folder: $RESDIFF_CACHE, default ~/.cache/resdiff (demo data, Inception weights, reference

@@ -31,11 +31,8 @@ from .hints import describe, fits
 from .errors import UsageError, one_line
 from .hardware import default_device
 from .files import checksum_problem
-from .checkpoint import (
-    EMA, MODEL_INDEX, PIPELINE_CONFIGS, PIPELINE_WEIGHTS, SCHEDULER_CONFIG, UNET_CONFIG, file_problem,
-    latest_checkpoint,
-)
-from .rundir import MODEL
+from .checkpoint import file_problem, latest_checkpoint
+from .layout import EMA, MODEL, MODEL_INDEX, PIPELINE_CONFIGS, PIPELINE_WEIGHTS, SCHEDULER_CONFIG, UNET_CONFIG
 from .convert import from_diffusers
 from .unet import PICKLES, UNet, no_safetensors
 

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from .layout import QUALITY_PICTURE
 from .diffusion import make_sampler
 from .features import FeatureStats, extract_features, sample_features
 from .metrics import fid_from_stats, kid
 from .processes import on_main, rank_world
 from .reference import reference_features
-from .rundir import QUALITY_PICTURE, read_log
+from .rundir import read_log
 from .sampling import ImageGenerator, steps_for
 from .settings import SamplingSettings
 

@@ -31,32 +31,30 @@ from typing import Callable
 
 import torch
 
+from .layout import (
+    CHECKPOINTS, CHECKSUMS, CONFIG, EMA, IDENTITY, LOCK, LOG, MODEL, PIPELINE_FILES, SAMPLES, STEP_NAME, preview_name,
+)
 from .card import ModelFacts, write_card
 from .checkpoint import (
-    CHECKPOINTS, EMA, PIPELINE_FILES, TrainState, checkpoint_bytes, checkpoint_dir, checkpoint_problem,
-    complete_checkpoints, list_checkpoints, read_checkpoint, rotate_checkpoints, step_of, write_checkpoint_files,
+    TrainState, checkpoint_bytes, checkpoint_dir, checkpoint_problem, complete_checkpoints, list_checkpoints,
+    read_checkpoint, rotate_checkpoints, step_of, write_checkpoint_files,
 )
 from .config import Config, config_diff, load_config, save_config
 from .errors import TrainingError, UsageError, one_line
 from .files import (
-    CHECKSUMS, WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic,
-    write_checksums, write_problem,
+    WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic, write_checksums,
+    write_problem,
 )
-from .runlock import LOCK, RunLock
+from .runlock import RunLock
 
 __all__ = [
     "RunDir", "check_same_model", "check_disk", "remove_leftovers", "trim_log", "read_log", "write_config", "export_model",
-    "MODEL", "LOG", "QUALITY_PICTURE", "human_size", "write_problem", "identity_changes", "write_identity",
+    "human_size", "write_problem", "identity_changes", "write_identity",
     "earlier_training", "clear_run", "data_listing", "model_facts", "model_origin", "write_model_card", "INIT_SOURCE",
     "INIT_SHA256",
 ]
 
-# The run directory's names, here and nowhere else (a checkpoint folder's are in resdiff.checkpoint, the lock's in
-# resdiff.runlock).
-CONFIG, LOG, MODEL, SAMPLES = "config.yaml", "log.jsonl", "model", "samples"
-IDENTITY = "identity.json"
-QUALITY_PICTURE = "quality.png"  # FID and loss against step (resdiff.quality draws it at each evaluation)
-_PREVIEW = re.compile(r"^step-(\d+)\.png$")  # samples/step-NNNNNNN.png (RunDir.save_preview)
+_PREVIEW = re.compile(STEP_NAME.replace("$", r"\.png$"))  # samples/step-NNNNNNN.png (RunDir.save_preview)
 # identity.json's keys that the card reads: the model a fine-tuning run started from (None: from scratch).
 INIT_SOURCE, INIT_SHA256 = "init.source", "init.sha256"
 
@@ -388,7 +386,7 @@ class RunDir:
     def save_preview(self, step: int, save: Callable[[Path], object]) -> Path:
         """samples/step-NNNNNNN.png, written by ``save(path)`` under a temporary name (a grid with its final name
         is always whole)."""
-        path = self.path / SAMPLES / f"step-{step:07d}.png"
+        path = self.path / SAMPLES / preview_name(step)
         try:
             path.parent.mkdir(exist_ok=True)
             write_atomic(path, save)

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
+from .layout import LOCK
 
-__all__ = ["RunLock", "LOCK"]
+__all__ = ["RunLock"]
 
-LOCK = ".lock"  # its name in the run directory
 
 _OPEN: set[int] = set()  # the lock files' descriptors this process holds
 

@@ -19,7 +19,8 @@ from resdiff.config import load_config
 from resdiff.errors import UsageError
 from resdiff.checkpoint import checkpoint_bytes
 from resdiff.rundir import (
-    check_disk, check_same_model, export_model, human_size, remove_leftovers, trim_log, write_config, write_problem,
+    check_disk, check_same_model, export_model, human_size, remove_leftovers, trim_log, write_config,
+    write_problem,
 )
 from resdiff.runlock import RunLock
 
