@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from .errors import UsageError
 
-__all__ = ["ShardedBatches", "loader_workers"]
+__all__ = ["ShardedBatches", "loader_workers", "continue_at"]
 
 
 def loader_workers(setting: int | str, cached: bool, device: torch.device | str, local_processes: int = 1,
@@ -39,6 +39,19 @@ def loader_workers(setting: int | str, cached: bool, device: torch.device | str,
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = max(cpus // max(local_processes, 1), 1)
     return min(8, max(share - 1, 1)), f"auto: images are decoded per batch; {share} core(s) per process"
+
+
+def continue_at(epoch: int, batch: int, old_micro: int, micro: int) -> tuple[int, int]:
+    """Where the data continues after a checkpoint at (``epoch``, ``batch``) taken with ``old_micro`` images per
+    global micro-batch (0: not known), when the run now takes ``micro``. An epoch's order does not depend on the
+    number of processes (each takes its slice of every global micro-batch), so with the same images per
+    micro-batch (the same global batch and accumulation) the run continues at the same place on any number of
+    processes; with another micro-batch it continues at the image it reached when a whole number of
+    micro-batches gets there, else at the next epoch."""
+    done = batch * old_micro  # images of the epoch already trained on
+    if old_micro and done % micro == 0:
+        return epoch, done // micro
+    return epoch + 1, 0
 
 
 class ShardedBatches:

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from .errors import TrainingError
 from .images import make_grid
-from .processes import gather_shares, on_main, rank_world, share
+from .processes import gather_shares, main_writes, rank_world, share
 from .rundir import RunDir
 from .sampling import generate
 from .settings import SamplingSettings
@@ -67,6 +66,4 @@ class Previews:
             if self.trackers is not None:
                 log_image(self.trackers, "preview", grid, step)
 
-        on_main(write, errors=(TrainingError,), share_result=False,
-                elsewhere=f"stopped at step {step}: the main process could not write the preview of step {step} "
-                          f"(its error says why)")
+        main_writes(write, f"the preview of step {step}", step)

@@ -22,8 +22,8 @@ from .errors import UsageError, one_line
 if TYPE_CHECKING:
     from accelerate import Accelerator, PartialState
 
-__all__ = ["Processes", "join", "rank_world", "share", "gather_shares", "on_main", "all_agree", "StopVote",
-           "end_training", "lost_contact", "why_lost"]
+__all__ = ["Processes", "join", "rank_world", "share", "gather_shares", "on_main", "main_writes", "all_agree",
+           "StopVote", "end_training", "lost_contact", "why_lost", "handle_stop_signals"]
 
 T = TypeVar("T")
 
@@ -84,6 +84,32 @@ def on_main(
         kind, message = error
         raise kind(message if rank == 0 or elsewhere is None else elsewhere)
     return value
+
+
+def main_writes(write: Callable[[], object], what: str, step: int) -> None:
+    """Run a write of training's that only the main process does (``what``, at ``step``). If it fails, every process
+    stops with one TrainingError line (the main one with its cause, the others pointing to it), instead of the others
+    dying in their next collective with a traceback."""
+    from .errors import TrainingError
+
+    on_main(write, errors=(TrainingError,), share_result=False,
+            elsewhere=f"stopped at step {step}: the main process could not write {what} (its error says why)")
+
+
+def handle_stop_signals(handler: Callable[[int, object], None]) -> dict:
+    """``handler`` for SIGTERM and SIGINT (what launchers, Kubernetes, SLURM and Ctrl-C send); returns the handlers
+    it replaced, for ``signal.signal`` to put back. Outside the main thread (a notebook worker) nothing changes."""
+    import signal
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old = signal.signal(sig, handler)
+            if old is not None:  # None: a handler not set from Python, which cannot be put back
+                previous[sig] = old
+    except ValueError:  # not the main thread: keep the defaults
+        pass
+    return previous
 
 
 @dataclass
@@ -203,10 +229,20 @@ def end_training(accelerator: "Accelerator", model: torch.nn.Module) -> torch.nn
     return model
 
 
-def lost_contact(err: RuntimeError) -> bool:
-    """Whether a RuntimeError is a collective failing because another process died or timed out."""
+def lost_contact(err: RuntimeError, step: int, timeout_s: float | None = None) -> "TrainingError | None":
+    """The one-line error to stop with when ``err`` is a collective failing at ``step`` because another process died
+    or timed out (``timeout_s``: train.timeout_s, named in the message); None for any other error."""
+    from .errors import TrainingError
+
     text = str(err).lower()
-    return isinstance(err, torch.distributed.DistError) or "gloo" in text or "nccl" in text or "timed out" in text
+    rank, world = rank_world()
+    if world == 1 or not (isinstance(err, torch.distributed.DistError) or any(
+            word in text for word in ("gloo", "nccl", "timed out"))):
+        return None
+    within = f"train.timeout_s={timeout_s:g} s" if timeout_s is not None else "the timeout"
+    return TrainingError(
+        f"process {rank} lost contact with the others at step {step} ({why_lost(err)}): another process died, or "
+        f"did not answer within {within}; see its output above. Resume from the last checkpoint with the same command")
 
 
 def why_lost(err: RuntimeError) -> str:

@@ -22,10 +22,13 @@ log, previews and the exported model, and never lets the trainer name a file.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,11 +48,13 @@ from .files import (
     WRITE_ERRORS, fsync_tree, human_size, leftovers, replace_folder, temporary, write_atomic, write_checksums,
     write_problem,
 )
+from .processes import on_main
 from .runlock import RunLock
+from .shapes import shape_name
 
 __all__ = [
-    "RunDir", "check_same_model", "check_disk", "remove_leftovers", "trim_log", "read_log", "write_config", "export_model",
-    "human_size", "write_problem", "identity_changes", "write_identity",
+    "RunDir", "ResumeRequest", "run_identity", "check_same_model", "check_disk", "remove_leftovers", "trim_log",
+    "read_log", "write_config", "export_model", "human_size", "write_problem", "identity_changes", "write_identity",
     "earlier_training", "clear_run", "data_listing", "model_facts", "model_origin", "write_model_card", "INIT_SOURCE",
     "INIT_SHA256",
 ]
@@ -325,6 +330,162 @@ def trim_log(run_dir: Path, step: int) -> int:
         write_atomic(log, lambda tmp: tmp.write_text("".join(kept)))
     return len(lines) - len(kept)
 
+def run_identity(cfg: Config, dataset: object, source: object | None = None) -> dict[str, object]:
+    """What a run learns from, as dotted keys: where the data is and a fingerprint of its listing (each file's
+    name and size), the data and diffusion settings, the global batch size and the seed, and the model it started
+    from (``source``, a ``resdiff.pretrained.InitSource``: its path and weights digest; None from scratch). ``dataset``
+    is the training data (``files``, ``classes``, and ``root`` or a prepared dataset's ``source`` folder). A resume that changes any of them trains
+    something else than the run's checkpoints were trained on."""
+    d = cfg.data
+    if d.path is None:
+        data_source = f"built-in demo shapes ({shape_name(d.image_size)}, {d.demo_images} images)"
+    else:
+        data_source = str(Path(d.path).resolve())
+    prepared = hasattr(dataset, "source")  # a prepared dataset names the folder it was made from
+    base = Path(dataset.source if prepared else dataset.root)
+    digest = hashlib.sha256("\n".join(dataset.classes).encode())
+    for file in dataset.files:
+        try:
+            name = file.relative_to(base).as_posix()
+        except ValueError:
+            name = file.as_posix()
+        size = "" if prepared else _size(file)  # a prepared dataset's source folder may be gone
+        digest.update(f"\n{name}\t{size}".encode())
+    identity = {"data.source": data_source, "data.listing": data_listing(len(dataset.files), digest.hexdigest())}
+    for key in ("image_size", "image_channels", "class_cond", "random_flip", "random_crop"):
+        identity[f"data.{key}"] = getattr(d, key)
+    identity.update({f"diffusion.{k}": v for k, v in vars(cfg.diffusion).items()})
+    identity.update({"train.batch_size": cfg.train.batch_size, "train.seed": cfg.train.seed})
+    identity.update({INIT_SOURCE: str(source.path) if source else None, INIT_SHA256: source.sha256 if source else None})
+    return identity
+
+
+def _size(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except OSError:  # gone since the folder was read: the listing says so
+        return -1
+
+
+# ----------------------------------------------------------------------------- resuming: the one decision
+
+_NEVER = ("never", "no", "none")
+
+
+@dataclass
+class ResumeRequest:
+    """What the command line asks of the run directory's past: ``resume`` (auto: the newest complete checkpoint;
+    never; or a checkpoint folder of this run), ``resume_anyway`` (continue although what the run learns from
+    changed) and ``start_over`` (delete earlier training first)."""
+
+    resume: str = "auto"
+    resume_anyway: bool = False
+    start_over: bool = False
+
+def _named_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint --resume names (None for auto and never), checked: a complete checkpoint of this run."""
+    if resume in ("auto", ""):
+        return None
+    if resume in _NEVER:
+        if list_checkpoints(run_dir):
+            raise UsageError(f"{run_dir} already has checkpoints; resume with --resume auto or choose a new --out")
+        return None
+    path = Path(resume)
+    try:
+        step_of(path)
+    except ValueError:
+        raise UsageError(f"--resume {resume}: not a checkpoint folder (expected .../checkpoints/step-NNNNNNN)") from None
+    own = (run_dir / CHECKPOINTS).resolve()
+    if path.resolve().parent != own:
+        # Optimizer and RNG state are torch files; they are read only from this run's own checkpoints.
+        raise UsageError(f"--resume {resume}: not a checkpoint of this run ({own}); a run resumes only its own checkpoints")
+    if not path.exists():
+        raise UsageError(f"--resume {resume}: no such checkpoint")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UsageError(f"--resume {resume}: not a complete checkpoint: {problem}")
+    return path
+
+
+def _check_continuity(path: Path, cfg: Config, request: ResumeRequest, identity: dict, resuming: bool, echo: Callable[[str], None]) -> None:
+    """A resume continues the same run; a start from step 0 replaces no earlier training; unless asked."""
+    if resuming:
+        _check_same_source(path, identity, request)  # first: a fine-tuning run's model section is its source's
+        check_same_model(path, cfg)
+        changes = identity_changes(path, identity)
+        if changes and not request.resume_anyway:
+            raise UsageError(
+                f"cannot resume {path}: it was trained with other data or settings ({'; '.join(changes)}); "
+                f"start a new run with another --out, or pass --resume-anyway to continue this one with the new ones"
+            )
+        if changes:
+            echo(f"warning: --resume-anyway: {path} continues with changed data or settings ({'; '.join(changes)})")
+        return
+    earlier = earlier_training(path, cfg.train.checkpoint_every)
+    if earlier:
+        raise UsageError(
+            f"{path} holds earlier training ({earlier}) but no checkpoint to resume from; starting over would "
+            f"replace it: choose a new --out, or pass --start-over to replace it"
+        )
+
+
+def _check_same_source(path: Path, identity: dict, request: ResumeRequest) -> None:
+    """A resume starts from the model the run started from (--init-from, or none), unless ``resume_anyway``."""
+    changes = identity_changes(path, {k: identity[k] for k in (INIT_SOURCE, INIT_SHA256)})
+    if changes and not request.resume_anyway:
+        raise UsageError(
+            f"cannot resume {path}: it started from another model ({'; '.join(changes)}); resume with the "
+            f"--init-from it started from (or none, if it started from scratch), or choose a new --out"
+        )
+
+
+def _prepared(
+    run: RunDir, cfg: Config, request: ResumeRequest, explicit: Path | None, identity: dict, parameters: int,
+    echo: Callable[[str], None],
+) -> list[Path]:
+    """The main process's part of ``RunDir.resume``: everything up to the checkpoints to try, newest first."""
+    path = run.path
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"run directory {path} is a file, not a folder; choose another --out")
+    existed = path.exists()
+    try:
+        run.open()  # the folder and its lock
+        removed = remove_leftovers(path)
+        if removed:
+            echo(f"warning: removed what an interrupted run left half-written in {path}: {', '.join(removed)}")
+        if request.start_over and explicit is None:
+            cleared = clear_run(path)
+            if cleared:
+                echo(f"note: --start-over: removed {', '.join(cleared)} from {path}")
+        if explicit is not None:
+            candidates = [explicit]
+        elif request.resume in _NEVER:
+            candidates = []
+        else:
+            candidates = complete_checkpoints(path, warn=echo)[::-1]
+            damaged = list_checkpoints(path)
+            if damaged and not candidates:
+                raise UsageError(
+                    f"{path / CHECKPOINTS} holds {len(damaged)} checkpoint folder(s) but none is complete "
+                    f"({damaged[-1].name}: {checkpoint_problem(damaged[-1])}); move the damaged folders away "
+                    f"to start over, or choose a new --out"
+                )
+        _check_continuity(path, cfg, request, identity, bool(candidates), echo)
+        check_disk(path, parameters, cfg.train.keep_checkpoints)
+        if not candidates:  # a resumed run records its config once the checkpoint has loaded
+            write_config(path, cfg)
+        write_identity(path, identity)
+        return candidates
+    except BaseException as err:
+        # Release the lock, and remove the run directory if this run made it (only if it is still empty).
+        run.lock.release()
+        if not existed:
+            with contextlib.suppress(OSError):
+                remove_leftovers(path)
+                path.rmdir()
+        if isinstance(err, OSError):
+            raise UsageError(f"cannot write to run directory {path}: {err.strerror or err}") from None
+        raise
 
 
 # ----------------------------------------------------------------------------- what the trainer holds
@@ -466,6 +627,34 @@ class RunDir:
         """A checkpoint read into memory on ``device``: the training state and the EMA weights. Nothing is
         applied, so a damaged file (any error raised here) leaves the trainer untouched."""
         return read_checkpoint(path, rank=rank, world=world, device=device)
+
+    def resume(
+        self, request: ResumeRequest, *, cfg: Config, identity: Callable[[], dict[str, object]], parameters: int,
+        rank: int, world: int, device: torch.device, agree: Callable[[bool], bool], warn: Callable[[str], None] = print,
+    ) -> tuple[Path, TrainState, dict[str, torch.Tensor]] | None:
+        """What the run continues from, decided here and nowhere else; every process calls it, at the first write.
+
+        The main process checks what ``request`` names (a checkpoint of this run, complete), takes ``RUN/.lock``,
+        removes what an interrupted run left half-written (``--start-over``: earlier training too), picks the
+        checkpoints to try (newest complete first), checks that a resume continues the same run (the same source
+        model, the same model, the same ``identity()``: data, diffusion, batch size and seed; else a one-line
+        refusal unless ``resume_anyway``) and that a start from step 0 replaces no earlier training, checks that
+        the disk has room for ``parameters``, and writes config.yaml and identity.json. Every process learns the
+        outcome, so an error stops all of them alike. Then every process reads the first checkpoint all of them
+        can (``load_first``: with --resume auto it falls back past damaged ones). Returns (the checkpoint, its
+        training state, the EMA weights), or None for a new run."""
+        explicit = _named_checkpoint(self.path, request.resume)
+
+        def prepare() -> list[str]:
+            return [str(p) for p in _prepared(self, cfg, request, explicit, identity(), parameters, warn)]
+
+        candidates = [Path(p) for p in on_main(prepare)]
+        try:
+            return self.load_first(candidates, rank=rank, world=world, device=device, agree=agree,
+                                   fallback=explicit is None, warn=warn if rank == 0 else None)
+        except BaseException:
+            self.lock.release()
+            raise
 
     def load_first(
         self, candidates: list[Path], *, rank: int, world: int, device: torch.device, agree: Callable[[bool], bool],

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from diffusers import DDPMPipeline
 from tqdm.auto import tqdm
 
+from .batches import continue_at
 from .checkpoint import TrainState
 from .data import to_model_range
 from .diffusion import GaussianDiffusion
@@ -32,7 +33,7 @@ from .ema import EMA
 from .errors import TrainingError, UsageError, one_line
 from .features import Stopped
 from .hardware import reuse_freed_memory
-from .processes import StopVote, all_agree, end_training, lost_contact, on_main, why_lost
+from .processes import StopVote, all_agree, end_training, handle_stop_signals, lost_contact, main_writes
 from .rundir import RunDir
 
 __all__ = ["Trainer"]
@@ -83,7 +84,7 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # wall time in training steps since step 0 (previews, checkpoints, evaluations apart)
         self.eval_seconds = 0.0  # wall time in evaluations since step 0 (what eval_every auto bounds)
-        self.resumed_from: Path | None = None  # the checkpoint ``resume`` loaded
+        self.resumed_from: Path | None = None  # the checkpoint ``load_state`` continued from
         self._stop_signal: int | None = None
         self._data: Iterable | None = None
 
@@ -100,13 +101,9 @@ class Trainer:
             ok = True
             return self.run.model_dir
         except RuntimeError as err:
-            if self.world > 1 and lost_contact(err):
-                within = f"train.timeout_s={self.vote.timeout_s:g} s" if hasattr(self.vote, "timeout_s") else "the timeout"
-                raise TrainingError(
-                    f"process {self.rank} lost contact with the others at step {self.step + 1} ({why_lost(err)}): "
-                    f"another process died, or did not answer within {within}; see its output above. "
-                    f"Resume from the last checkpoint with the same command"
-                ) from None
+            lost = lost_contact(err, self.step + 1, getattr(self.vote, "timeout_s", None))
+            if lost is not None:
+                raise lost from None
             raise
         finally:
             self.close()
@@ -238,7 +235,7 @@ class Trainer:
         }
         if self.tracker_config is not None:
             self.accelerator.log({k: v for k, v in record.items() if k != "time"}, step=self.step)
-        self._on_main(lambda: self.run.append_log(record), "the training log")
+        main_writes(lambda: self.run.append_log(record), "the training log", self.step)
 
     def evaluate(self) -> dict[str, float]:
         """The evaluator's figures of the EMA model now (every process takes part), logged on their own line with
@@ -255,19 +252,12 @@ class Trainer:
                   **({"eval_note": result.note} if result.note else {}), "time": round(time.time(), 3)}
         if self.tracker_config is not None and figures:
             self.accelerator.log(figures, step=self.step)
-        self._on_main(lambda: self.run.append_log(record), "the training log")
+        main_writes(lambda: self.run.append_log(record), "the training log", self.step)
         return result.figures
 
     def pipeline(self) -> DDPMPipeline:
         """The EMA model with the training noise schedule, as a diffusers pipeline."""
         return DDPMPipeline(unet=self.ema.model, scheduler=self.diffusion.scheduler)
-
-    def _on_main(self, write: Callable[[], object], what: str) -> None:
-        """Run a write only the main process does. If it fails, every process stops with a one-line error (the
-        main one with its cause, the others pointing to it), instead of the others dying in their next collective
-        with a traceback."""
-        on_main(write, errors=(TrainingError,), share_result=False,
-                elsewhere=f"stopped at step {self.step}: the main process could not write {what} (its error says why)")
 
     # ---------------------------------------------------------------------------- checkpoints
     def state(self) -> TrainState:
@@ -290,21 +280,8 @@ class Trainer:
 
     def _all_agree(self, ok: bool) -> bool:
         return all_agree(ok, self.accelerator.device)
-
-    def resume(self, candidates: list[Path], *, fallback: bool) -> Path | None:
-        """Continue from the first checkpoint of ``candidates`` (newest first) that every process can read; returns
-        it (None: no candidates). Which one loads, and the fallback past damaged ones, is ``RunDir.load_first``'s."""
-        loaded = self.run.load_first(candidates, rank=self.rank, world=self.world, device=self.accelerator.device,
-                                     agree=self._all_agree, fallback=fallback, warn=self.echo if self.is_main else None)
-        if loaded is None:
-            return None
-        path, state, ema = loaded
-        self.load_state(path, state, ema)
-        self.resumed_from = path
-        return path
-
     def load_state(self, path: Path, state: TrainState, ema: dict[str, torch.Tensor]) -> None:
-        """Continue from a checkpoint read by ``RunDir.load_checkpoint``."""
+        """Continue from the checkpoint ``path`` as ``RunDir.resume`` (or ``load_checkpoint``) read it."""
         try:
             self.accelerator.unwrap_model(self.model).load_state_dict(state.model)
             self.ema.load(ema, state.ema_updates)
@@ -317,34 +294,25 @@ class Trainer:
         self.lr_schedule.load_state_dict(state.lr_schedule)
         if state.scaler is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state.scaler)  # fp16 continues at its loss scale
-        self.step = state.step
+        self.step, self.resumed_from = state.step, path
         self.train_seconds, self.eval_seconds = state.train_seconds, state.eval_seconds
         seek = getattr(self.batches, "seek", None)
         if seek is not None:
-            seek(*self._position_after(state))
+            micro = self.batch_size // self.grad_accum
+            old = state.micro_batch or (micro if state.world_size == self.world else 0)
+            epoch, index = continue_at(state.epoch, state.batch, old, micro)
+            seek(epoch, index)
             self._data = None  # the next step iterates from the new position
+            if state.world_size != self.world and self.is_main:
+                where = "the same place in the data" if epoch == state.epoch else "the next epoch"
+                self.echo(f"note: checkpoint was written by {state.world_size} process(es), resuming on {self.world}; "
+                          f"training continues at {where}, with fresh random noise")
         if state.world_size == self.world and state.rng is not None:
             _set_rng_state(state.rng)
         else:  # each process's randomness was saved for another number of processes: draw it afresh
             from accelerate.utils import set_seed
 
             set_seed(self.seed + 1_000_003 * (self.step + 1), device_specific=True)
-
-    def _position_after(self, state: TrainState) -> tuple[int, int]:
-        """Where the data continues after ``state``. An epoch's order does not depend on the number of processes
-        (each takes its slice of every global micro-batch), so with the same images per micro-batch (the same
-        global batch and accumulation) the run continues at the same place on any number of processes; with
-        another micro-batch it continues at the image it reached, when a whole number of micro-batches gets
-        there, else at the next epoch."""
-        micro = self.batch_size // self.grad_accum
-        old = state.micro_batch or (micro if state.world_size == self.world else 0)
-        done = state.batch * old  # images of the epoch already trained on
-        same = old and done % micro == 0
-        if state.world_size != self.world and self.is_main:
-            where = "the same place in the data" if same else "the next epoch"
-            self.echo(f"note: checkpoint was written by {state.world_size} process(es), resuming on {self.world}; "
-                      f"training continues at {where}, with fresh random noise")
-        return (state.epoch, done // micro) if same else (state.epoch + 1, 0)
 
     # --------------------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> dict:
@@ -358,15 +326,7 @@ class Trainer:
             if self.is_main:
                 self.echo(f"\nsignal {signum}: finishing step {self.step + 1}, then checkpointing (signal again to quit now)")
 
-        previous = {}
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old = signal.signal(sig, handler)
-                if old is not None:  # None: a handler not set from Python, which cannot be put back
-                    previous[sig] = old
-        except ValueError:  # not the main thread (e.g. inside a notebook worker): keep the defaults
-            pass
-        return previous
+        return handle_stop_signals(handler)
 
 
 def _rng_state() -> dict:

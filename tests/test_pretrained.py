@@ -1,4 +1,4 @@
-"""Fine-tuning (resdiff/build.py's load_init_source, train.py --init-from): a run starts from another model's weights
+"""Fine-tuning (resdiff.pretrained, train.py --init-from): a run starts from another model's weights
 and architecture, converted exactly; its first loss is the source model's; its identity records the source; every
 bad source is one error line, exit code 2, and no run directory."""
 
@@ -11,7 +11,8 @@ import torch
 from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 
-from resdiff.build import build_trainer, build_unet, load_init_source
+from resdiff.build import build_trainer, build_unet
+from resdiff.pretrained import load_init_source
 from resdiff.cli.train import main as train_main, parse_args, resolve_config
 from resdiff.data import to_model_range
 from tiny_models import diffusers_unet, pickle_file, pickle_only_pipeline, save_pipeline
