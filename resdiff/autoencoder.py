@@ -41,7 +41,7 @@ from .files import file_digest
 
 __all__ = [
     "Autoencoder", "TinyAutoencoder", "DiffusersAutoencoder", "TinyBlock", "TinyEncoder", "TinyDecoder", "LatentNorm",
-    "ChannelStats", "load_autoencoder", "AUTOENCODER_KINDS",
+    "ChannelStats", "load_autoencoder", "LatentSpace", "AUTOENCODER_KINDS",
 ]
 
 AUTOENCODER_KINDS = ("taesd", "AutoencoderTiny", "AutoencoderKL")  # Autoencoder.kind: a pair folder, then diffusers'
@@ -518,3 +518,62 @@ def load_autoencoder(spec: str | Path, device: torch.device | str | None = None,
     ae = _load(str(spec))
     ae.eval().requires_grad_(False)
     return ae.to(device=device or "cpu", dtype=dtype or torch.float32)
+
+
+# ----------------------------------------------------------------------------- the space a latent model lives in
+
+
+class LatentSpace:
+    """An autoencoder and the normalisation of its latents: where a latent diffusion model's samples live.
+
+    ``to_model`` turns images in [-1, 1] into what the model learns (``norm.normalize(encode(x))``), ``to_images``
+    its samples back into images in [-1, 1]. ``record()`` is what a model folder keeps (``resdiff.layout.LATENT``),
+    ``from_record`` loads it again and refuses an autoencoder whose files differ from the recorded ones."""
+
+    def __init__(self, autoencoder: Autoencoder, norm: LatentNorm):
+        self.autoencoder, self.norm = autoencoder, norm
+
+    @property
+    def factor(self) -> int:
+        return self.autoencoder.downsample
+
+    def to(self, device: torch.device | str) -> "LatentSpace":
+        self.autoencoder.to(device)
+        return self
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents (a latent dataset's items, any float dtype) -> what the model learns, float32."""
+        return self.norm.normalize(latents.float())
+
+    @torch.no_grad()
+    def to_model(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (N, 3, H, W) -> normalised latents (N, C, H/f, W/f), float32 on the images' device."""
+        return self.norm.normalize(self.autoencoder.encode(images).float()).to(images.device)
+
+    @torch.no_grad()
+    def to_images(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1] (N, 3, h*f, w*f), float32 on the latents' device."""
+        return self.autoencoder.decode(self.norm.denormalize(z.float())).float().to(z.device)
+
+    def image_shape(self, latent_shape: Sequence[int]) -> tuple[int, int, int]:
+        """The (C, H, W) of the images latents of ``latent_shape`` (C, h, w) decode to."""
+        _, h, w = latent_shape
+        return self.autoencoder.image_channels, h * self.factor, w * self.factor
+
+    def record(self) -> dict:
+        """The autoencoder (its SPEC and its files' SHA-256) and the normalisation, as JSON."""
+        return {"autoencoder": self.autoencoder.record(), "norm": self.norm.to_dict()}
+
+    @classmethod
+    def from_record(cls, record: dict, where: str | Path, spec: str | Path | None = None,
+                    device: torch.device | str | None = None) -> "LatentSpace":
+        """The latent space ``record`` describes (``where``: the file it was read from, for messages), with the
+        autoencoder loaded from ``spec`` (default: the recorded SPEC). One whose files differ from the recorded
+        ones is refused: the model was trained on another autoencoder's latents."""
+        recorded = record["autoencoder"]
+        autoencoder = load_autoencoder(spec or recorded["spec"], device)
+        differs = autoencoder.differs_from(recorded)
+        if differs:
+            raise UsageError(f"{where}: the model was trained in the latent space of {recorded['spec']}, but {differs}; "
+                             f"pass the autoencoder it was trained with (--autoencoder SPEC)")
+        return cls(autoencoder, LatentNorm.from_dict(record["norm"]))

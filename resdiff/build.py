@@ -21,7 +21,7 @@ import inspect
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from accelerate import Accelerator
@@ -30,7 +30,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 
 from .batches import ShardedBatches, loader_workers
 from .config import Config
-from .datasets import training_data
+from .datasets import DataPlan
 from .diffusion import GaussianDiffusion
 from .ema import EMA
 from .errors import UsageError
@@ -42,24 +42,31 @@ from .processes import StopVote, all_agree
 from .quality import EVAL_SHARE, TrainingEvaluator
 from .rundir import ResumeRequest, RunDir, export_model, run_identity, trim_log, write_config
 from .settings import SamplingSettings, check_steps
-from .shapes import is_image_size, one_number
+from .shapes import image_shape, is_image_size, one_number
 from .summary import summary
 from .trainer import Trainer
 from .unet import UNet
+
+if TYPE_CHECKING:
+    from .autoencoder import LatentSpace
 
 __all__ = ["build_trainer", "build_unet", "model_keys"]
 
 
 def model_keys() -> list[str]:
-    """The keys a config's ``model`` section may set: UNet constructor arguments, plus ``preset``."""
-    return [p for p in inspect.signature(UNet.__init__).parameters if p != "self"] + ["preset"]
+    """The keys a config's ``model`` section may set: UNet constructor arguments, plus ``preset`` and ``autoencoder``
+    (latent diffusion: the SPEC of the autoencoder whose latents the U-Net learns)."""
+    return [p for p in inspect.signature(UNet.__init__).parameters if p != "self"] + ["preset", "autoencoder"]
 
 
-def build_unet(cfg: Config, num_classes: int | None) -> UNet:
-    """The UNet a config describes; image size, channels and classes follow the data section."""
+def build_unet(cfg: Config, num_classes: int | None, model_input: tuple[int, int, int] | None = None) -> UNet:
+    """The UNet a config describes; its input size, channels and classes follow the data: ``model_input`` (C, H, W),
+    default the data section's images (a latent run's are its latents')."""
     kwargs = dict(cfg.model)
     preset = kwargs.pop("preset", None)
-    for key, want in (("sample_size", cfg.data.image_size), ("in_channels", cfg.data.image_channels)):
+    kwargs.pop("autoencoder", None)
+    channels, *size = model_input or (cfg.data.image_channels, *image_shape(cfg.data.image_size))
+    for key, want in (("sample_size", one_number(size)), ("in_channels", channels)):
         given = kwargs.get(key, want)
         if key == "sample_size" and is_image_size(given):
             given, want = one_number(given), one_number(want)  # [32, 32] says 32
@@ -95,13 +102,14 @@ def build_trainer(
             f"accumulation steps; use a multiple of {world * t.grad_accum}"
         )
     source = load_init_source(cfg, init_from) if init_from is not None else None  # sets cfg.model
-    parameters = _check_model_and_settings(cfg)
-    dataset = training_data(cfg.data, echo if main else (lambda _msg: None))
+    plan = DataPlan(cfg.data, cfg.model.get("autoencoder"), acc.device)
+    parameters = _check_model_and_settings(cfg, plan.model_input)
+    dataset, latent = plan.load(echo if main else (lambda _msg: None))
     if source is not None:
         source.check_classes(dataset.classes if cfg.data.class_cond else [])
 
     set_seed(t.seed)  # identical initial weights on every process
-    unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None)
+    unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None, plan.model_input)
     if source is not None:
         unet.load_state_dict(source.weights)  # the source's own tensors; the EMA starts from them too
     workers, why = loader_workers(cfg.data.num_workers, dataset.cached, acc.device,
@@ -114,10 +122,10 @@ def build_trainer(
              prefetch_factor=4 if workers else None),
         flip=cfg.data.random_flip,
     )
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion, latent=latent is not None)
     ema = EMA(unet, t.ema_decay, warmup=t.ema_warmup, sigma_rel=t.ema_sigma_rel).to(acc.device)
     evaluator, evaluation = _evaluator(cfg, acc, getattr(dataset, "source", dataset.root), unet,
-                                       dict(diffusion.scheduler.config), echo)
+                                       dict(diffusion.scheduler.config), echo, latent)
     if t.channels_last:  # after the EMA's copy and the evaluator's timing, which want the standard layout
         unet = unet.to(memory_format=torch.channels_last)
     if t.compile:
@@ -126,7 +134,7 @@ def build_trainer(
                                   **_fast_adamw())
     run = RunDir(cfg.out, warn=echo)
     previews = Previews(every=t.preview_every, num_images=t.preview_images, run=run, trackers=acc if t.trackers else None,
-                        settings=SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
+                        latent=latent, settings=SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
                                                   mixed_precision=t.mixed_precision, device=acc.device))
     trainer = Trainer(
         model=unet, diffusion=diffusion, optimizer=optimizer,
@@ -134,7 +142,7 @@ def build_trainer(
         accelerator=acc, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
         log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
         channels_last=t.channels_last, seed=t.seed, vote=StopVote(t.timeout_s), previews=previews,
-        evaluator=evaluator, echo=echo, tracker_config=_tracker_config(cfg) if t.trackers else None,
+        evaluator=evaluator, echo=echo, tracker_config=_tracker_config(cfg) if t.trackers else None, latent=latent,
     )
     set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
 
@@ -181,18 +189,22 @@ def _accelerator(cfg: Config) -> Accelerator:
         raise UsageError(f"train: {' '.join(str(err).split())}") from None
 
 
-def _check_model_and_settings(cfg: Config) -> int:
-    """Build the model the config describes on the meta device (no memory, no time) so that an impossible
-    one fails before anything is written; check the settings that depend on each other. Returns the
-    number of parameters."""
+def _check_model_and_settings(cfg: Config, model_input: tuple[int, int, int]) -> int:
+    """Build the model the config describes for ``model_input`` (C, H, W) on the meta device (no memory, no time)
+    so that an impossible one fails before anything is written or encoded; check the settings that depend on each
+    other. Returns the number of parameters."""
+    autoencoder = cfg.model.get("autoencoder")
+    if autoencoder is not None and not isinstance(autoencoder, str):
+        raise UsageError(f"model.autoencoder must be an autoencoder's SPEC (a folder or a Hub id), got {autoencoder!r}")
     with torch.device("meta"):
-        unet = build_unet(cfg, 2 if cfg.data.class_cond else None)
+        unet = build_unet(cfg, 2 if cfg.data.class_cond else None, model_input)
     check_steps("train.preview_steps", cfg.train.preview_steps, cfg.diffusion.num_train_timesteps)
     return sum(p.numel() for p in unet.parameters())
 
 
 def _evaluator(
     cfg: Config, acc: Accelerator, data: Path, unet: torch.nn.Module, scheduler_config: dict, echo: Callable[[str], None],
+    latent: "LatentSpace | None" = None,
 ) -> tuple[object | None, str]:
     """The TrainingEvaluator train.eval_every asks for (None when off), and a line saying what it does and what each
     evaluation costs (timed on ``unet``, a fresh model: its weights do not change the cost)."""
@@ -215,7 +227,8 @@ def _evaluator(
                                 mixed_precision=t.mixed_precision, device=acc.device)
     evaluator = TrainingEvaluator(load_inception(device=acc.device), data, image_size=d.image_size,
                                   channels=d.image_channels, every=every, num_images=t.eval_images, settings=settings,
-                                  run_dir=cfg.out, budget_share=budget, log=echo if acc.is_main_process else None)
+                                  run_dir=cfg.out, budget_share=budget, log=echo if acc.is_main_process else None,
+                                  latent=latent)
     evaluator.calibrate(unet.to(acc.device), scheduler_config)
     world = acc.num_processes
     cost = (f"~{evaluator.estimate(world=world):.0f} s each here at {evaluator.sample_seconds:.2g} s a sample, "

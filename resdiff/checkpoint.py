@@ -207,7 +207,8 @@ class TrainState:
     eval_seconds: float = 0.0  # wall time in in-training evaluations since step 0
 
 
-def write_checkpoint_files(folder: Path, state: TrainState, ema: object, rank: int) -> None:
+def write_checkpoint_files(folder: Path, state: TrainState, ema: object, rank: int,
+                           records: dict[str, dict] | None = None) -> None:
     """Write this process's part of checkpoint ``state`` into ``folder``: its RNG state, and on the main process
     (rank 0) the weights, ``ema`` (a DDPMPipeline) as ``ema/``, the optimizer and state.json. The checksums,
     the fsync and the rename come after every process has written (``RunDir.save_checkpoint``)."""
@@ -215,6 +216,8 @@ def write_checkpoint_files(folder: Path, state: TrainState, ema: object, rank: i
     if rank == 0:
         save_file({k: v.contiguous() for k, v in state.model.items()}, folder / WEIGHTS)  # channels_last is strided
         ema.save_pretrained(folder / EMA)
+        for name, record in (records or {}).items():  # what the model folder says besides its weights (latent.json)
+            (folder / EMA / name).write_text(json.dumps(record, indent=1))
         torch.save({"optimizer": state.optimizer, "lr_schedule": state.lr_schedule, "scaler": state.scaler},
                    folder / OPTIMIZER)
         counters = {"step": state.step, "epoch": state.epoch, "batch": state.batch,

@@ -85,13 +85,16 @@ class GaussianDiffusion:
         self.snr = alphas / (1 - alphas)  # (T,) signal-to-noise ratio of each timestep
 
     @classmethod
-    def from_config(cls, settings: DiffusionConfig | None = None, **changes) -> "GaussianDiffusion":
+    def from_config(cls, settings: DiffusionConfig | None = None, *, latent: bool = False,
+                    **changes) -> "GaussianDiffusion":
         """The diffusion a config's ``diffusion`` section describes (default: ``DiffusionConfig()``, the one
-        place its defaults are written), with ``changes`` naming its fields (``from_config(prediction_type="sample")``)."""
+        place its defaults are written), with ``changes`` naming its fields (``from_config(prediction_type="sample")``).
+        Images live in [-1, 1], so samplers clip predicted images there; ``latent`` models' normalised latents do
+        not, and are not clipped (the scheduler config a model folder saves carries the choice)."""
         d = replace(settings or DiffusionConfig(), **changes)
         scheduler = DDPMScheduler(
             num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, beta_start=d.beta_start,
-            beta_end=d.beta_end, prediction_type=d.prediction_type, clip_sample=True,
+            beta_end=d.beta_end, prediction_type=d.prediction_type, clip_sample=not latent,
         )
         return cls(scheduler, min_snr_gamma=d.min_snr_gamma, label_dropout=d.label_dropout)
 
@@ -177,7 +180,11 @@ class GaussianDiffusion:
         timesteps = scheduler.timesteps
         for t in progress(timesteps) if progress else timesteps:
             x = self.denoise_step(model, scheduler, x, t, step_kwargs, guidance)
-        return x.clamp(-1, 1)
+        return self.finished(x)
+
+    def finished(self, x: torch.Tensor) -> torch.Tensor:
+        """A finished sample: images clamped to [-1, 1]; a latent model's latents as they are (``clip_sample`` off)."""
+        return x.clamp(-1, 1) if self.scheduler.config.get("clip_sample", True) else x
 
 
 def sampler_step_kwargs(

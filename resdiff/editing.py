@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .choices import IMAGE_CHANNELS
@@ -163,29 +164,34 @@ class Inpaint(_Edit):
                              "RePaint jumps back between steps, which the multistep and ODE solvers' state does not allow")
         check_count("resample count (--resample)", self.resample)
 
-    def prepare(self, shape: Sequence[int]) -> None:
-        self.image = prepare_image(self.source, shape)  # uint8 (C, H, W)
+    def prepare(self, gen: ImageGenerator) -> None:
+        self.image = prepare_image(self.source, gen.shape)  # uint8 (C, H, W)
         if self.mask_source is not None:
-            self.keep = prepare_mask(self.mask_source, shape)  # bool (1, H, W)
+            self.keep = prepare_mask(self.mask_source, gen.shape)  # bool (1, H, W)
         else:
-            self.keep = _alpha_mask(self.source, shape)
+            self.keep = _alpha_mask(self.source, gen.shape)
         if not self.keep.any():
             raise UsageError("the mask keeps no pixel (white = keep, black = generate); "
                              "to generate whole images, run sample.py without --inpaint")
+        # What the model sees: a latent model works on the latent grid, where a cell is kept when most of the
+        # pixels it stands for are (the mask averaged over each cell; a cell's edge pixels are the decoder's).
+        self.x0 = gen.to_model(to_model_range(self.image)[None])  # (1, C, h, w)
+        size = gen.noise_shape[1:]
+        self.keep_model = (F.adaptive_avg_pool2d(self.keep[None].float(), size) >= 0.5)[0] if size != gen.shape[1:] else self.keep
 
     def run(self, gen: ImageGenerator, batch: Batch) -> torch.Tensor:
         device = batch.noise.device
         scheduler = gen.scheduler(device)
         step_kwargs = gen.step_kwargs(scheduler, batch)
-        x0 = to_model_range(self.image)[None].to(device)  # (1, C, H, W)
-        keep = self.keep[None].to(device, torch.float32)  # (1, 1, H, W): 1 keeps, 0 is generated
+        x0 = self.x0.to(device)  # (1, C, H, W), in the model's space
+        keep = self.keep_model[None].to(device, torch.float32)  # (1, 1, H, W): 1 keeps, 0 is generated
         timesteps = scheduler.timesteps
         # alpha-bar of each listed timestep, and 1 (x0 itself) after the last: ddpm and ddim step from one listed
         # timestep to the next (t - T / steps with the schedule's default "leading" spacing)
         levels = [float(scheduler.alphas_cumprod[int(t)]) for t in timesteps] + [1.0]
 
         def fresh() -> torch.Tensor:  # per-image noise, drawn only from the image's own generator
-            return image_noise(batch.generators, gen.shape).to(device)  # (B, C, H, W)
+            return image_noise(batch.generators, gen.noise_shape).to(device)  # (B, C, H, W)
 
         x = batch.noise * scheduler.init_noise_sigma
         for k in batch.progress(range(len(timesteps))):
@@ -197,7 +203,7 @@ class Inpaint(_Edit):
                 x = keep * known + (1 - keep) * x
                 if r + 1 < repeats:  # jump back: x_t ~ q(x_t | x_{t-1})
                     x = math.sqrt(a_t / a_prev) * x + math.sqrt(1 - a_t / a_prev) * fresh()
-        return x.clamp(-1, 1)
+        return gen.diffusion.finished(x)
 
     def inputs(self) -> dict[str, torch.Tensor]:
         return {INPUT_NAME: self.image, MASK_NAME: self.keep.to(torch.uint8) * 255}
@@ -222,8 +228,9 @@ class Img2Img(_Edit):
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= s <= 1.0:
             raise UsageError(f"strength (--strength) must be between 0 and 1, got {s!r}")
 
-    def prepare(self, shape: Sequence[int]) -> None:
-        self.image = prepare_image(self.source, shape)
+    def prepare(self, gen: ImageGenerator) -> None:
+        self.image = prepare_image(self.source, gen.shape)  # uint8 (C, H, W)
+        self.x0 = gen.to_model(to_model_range(self.image)[None])  # (1, C, h, w): what the model sees of it
 
     def steps_run(self, steps: int) -> int:
         """How many of the schedule's last steps run: round(strength * steps), at least one for any strength > 0."""
@@ -233,7 +240,7 @@ class Img2Img(_Edit):
         if self.strength == 1:  # from pure noise: plain sampling, so strength 1 reproduces sample.py exactly
             return gen.sample(batch)
         noise = batch.noise
-        x0 = to_model_range(self.image)[None].expand_as(noise).to(noise.device)  # (B, C, H, W)
+        x0 = self.x0.to(noise.device).expand_as(noise)  # (B, C, H, W), in the model's space
         n = self.steps_run(gen.steps)
         if n == 0:
             return x0.clone()
@@ -246,7 +253,7 @@ class Img2Img(_Edit):
         step_kwargs = gen.step_kwargs(scheduler, batch)
         for t in batch.progress(timesteps):
             x = gen.denoise(scheduler, x, t, batch, step_kwargs)
-        return x.clamp(-1, 1)
+        return gen.diffusion.finished(x)
 
     def inputs(self) -> dict[str, torch.Tensor]:
         return {INPUT_NAME: self.image}
@@ -275,8 +282,8 @@ class Interpolate(_Edit):
             check_count("a seed to interpolate (--interpolate)", s, least=0)
         check_count("frames (--frames)", self.frames, least=2)
 
-    def prepare(self, shape: Sequence[int]) -> None:
-        a, b = (image_noise(image_generators(s, [0]), shape)[0] for s in self.seeds)  # (C, H, W) each
+    def prepare(self, gen: ImageGenerator) -> None:
+        a, b = (image_noise(image_generators(s, [0]), gen.noise_shape)[0] for s in self.seeds)  # (C, H, W) each
         self.ends = a, b
 
     def seed_name(self, seed: int) -> str:

@@ -138,8 +138,7 @@ def _model_source(model, num_images, settings: SamplingSettings):
     check_count("number of images (--num-images)", num_images, least=2)
     folder = find_model_folder(model)
     generator = ImageGenerator(folder, settings)
-    size, channels = generator.config.sample_size, generator.config.in_channels
-    size = size if isinstance(size, int) else tuple(size)  # (H, W) for non-square models
+    channels, size = generator.shape[0], one_number(generator.shape[1:])  # the images' (a latent model's decoded)
     s = settings
     described = dict(model=str(folder), sampler=s.sampler, steps=generator.steps, seed=s.seed,
                      guidance_scale=s.guidance_scale, eta=s.eta, class_labels=s.class_labels,

@@ -11,6 +11,7 @@
     a model folder (a diffusers DDPMPipeline folder):
         model_index.json  unet/config.json  unet/diffusion_pytorch_model.safetensors
         scheduler/scheduler_config.json  SHA256SUMS  README.md (its card)  samples.png (the card's grid)
+        latent.json (a latent model: its autoencoder's SPEC and files' SHA-256, and the latents' normalisation)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ __all__ = [
     "CONFIG", "LOG", "IDENTITY", "SAMPLES", "QUALITY_PICTURE", "CHECKPOINTS", "MODEL", "EVAL", "LOCK", "CHECKSUMS",
     "STATE", "WEIGHTS", "OPTIMIZER", "EMA", "MODEL_INDEX", "UNET_CONFIG", "SCHEDULER_CONFIG", "PIPELINE_WEIGHTS",
     "PIPELINE_CONFIGS", "PIPELINE_FILES", "EMA_FILES", "CHECKPOINT_FILES", "CARD", "CARD_GRID", "CARD_FILES",
-    "STEP_NAME", "rng_file", "step_name", "preview_name",
+    "STEP_NAME", "LATENT", "rng_file", "step_name", "preview_name",
 ]
 
 # The run directory.
@@ -39,6 +40,7 @@ MODEL_INDEX, UNET_CONFIG, SCHEDULER_CONFIG = "model_index.json", "unet/config.js
 PIPELINE_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 PIPELINE_CONFIGS = (MODEL_INDEX, UNET_CONFIG, SCHEDULER_CONFIG)
 PIPELINE_FILES = (MODEL_INDEX, UNET_CONFIG, PIPELINE_WEIGHTS, SCHEDULER_CONFIG)
+LATENT = "latent.json"  # a latent model's LatentSpace record (resdiff.autoencoder)
 CARD, CARD_GRID = "README.md", "samples.png"
 CARD_FILES = (CARD, CARD_GRID)  # described by the card, not covered by SHA256SUMS: a user edits them before sharing
 EMA_FILES = tuple(f"{EMA}/{name}" for name in PIPELINE_FILES)

@@ -32,11 +32,11 @@ from .errors import UsageError, one_line
 from .hardware import default_device
 from .files import checksum_problem
 from .checkpoint import file_problem, latest_checkpoint
-from .layout import EMA, MODEL, MODEL_INDEX, PIPELINE_CONFIGS, PIPELINE_WEIGHTS, SCHEDULER_CONFIG, UNET_CONFIG
+from .layout import EMA, LATENT, MODEL, MODEL_INDEX, PIPELINE_CONFIGS, PIPELINE_WEIGHTS, SCHEDULER_CONFIG, UNET_CONFIG
 from .convert import from_diffusers
 from .unet import PICKLES, UNet, no_safetensors
 
-__all__ = ["find_model_folder", "load_model", "load_unet"]
+__all__ = ["latent_space", "find_model_folder", "load_model", "load_unet"]
 
 _UNET_CLASSES = {("resdiff.unet", "UNet"): UNet, ("resdiff", "UNet"): UNet, ("diffusers", "UNet2DModel"): UNet2DModel}
 _SAVED_CLASSES = {"UNet": UNet, "UNet2DModel": UNet2DModel}  # a U-Net folder's config.json "_class_name"
@@ -224,3 +224,19 @@ def _check_weights(unet_dir: Path, cls, config: dict) -> None:
             f"{weights} does not match {unet_dir / 'config.json'}: {len(wrong)} tensor(s) have other shapes "
             f"(e.g. {k} is {list(found[k])} in the file, {list(expected[k])} by the config)"
         )
+
+
+def latent_space(path: str | Path, autoencoder: str | Path | None = None,
+                 device: torch.device | str | None = None) -> "LatentSpace | None":
+    """The latent space of the model behind ``path`` (its folder's latent.json: the autoencoder it was trained in,
+    loaded from ``autoencoder`` where given, else from the recorded SPEC, and checked against the recorded files),
+    or None for a model that works on pixels (``autoencoder`` is then a mistake)."""
+    from .autoencoder import LatentSpace
+
+    folder = find_model_folder(path)
+    record_file = folder / LATENT
+    if not record_file.is_file():
+        if autoencoder is not None:
+            raise UsageError(f"{folder} is a model of pixels, not latents; drop --autoencoder")
+        return None
+    return LatentSpace.from_record(_read_json(record_file), record_file, autoencoder, device)

@@ -470,9 +470,10 @@ def prepare(
 
 _LATENT_CHUNK = 64  # images encoded between two commits of a latent dataset (what an interruption can lose)
 PROGRESS = "progress.jsonl"  # in .OUT.partial: a header line, then one line per committed chunk
-NORM_WHY = ("training uses 'data': the noise schedule assumes data of mean 0 and variance 1 in every channel, which "
-            "the shift and scale measured on this data give exactly; the autoencoder's own factor is one number for "
-            "all channels, fitted to the images it was trained on, and is kept for comparison")
+NORM_WHY = ("a diffusers autoencoder's own scaling (its config's scaling_factor, shift_factor or latents_mean/std) is "
+            "what its pipelines apply, so a model trained on it exports as a diffusers pipeline; a TAESD-family pair "
+            "has none, so training uses the shift and scale measured on this data, which give the mean 0 and "
+            "variance 1 per channel the noise schedule assumes (both are kept)")
 FLIP_RULE = ("row i of flipped-K.npy is the latent of the mirrored image of row i of images-K.npy: a flipped item is "
              "read there; mirroring a latent is not the latent of the mirrored image (the encoder is not "
              "mirror-symmetric)")
@@ -676,8 +677,8 @@ def _write_latents(job: _LatentJob, out: Path, batch_size: int, warn: Callable[[
                 raise
             measured = _measured_norm(work, images.written + (flipped.written if flipped else []), job.latent[0],
                                       len(kept), job.flips)
-            norm = {"use": "data", "why": NORM_WHY, "data": measured.to_dict(),
-                    "autoencoder": job.ae.own_norm.to_dict()}
+            norm = {"use": "data" if job.ae.kind == "taesd" else "autoencoder", "why": NORM_WHY,
+                    "data": measured.to_dict(), "autoencoder": job.ae.own_norm.to_dict()}
             _write_labels_and_index(work, job.source, job.candidates, kept, job.labels, skipped, {
                 "version": LATENT_VERSION, "image_size": list(job.shape), "channels": job.channels, "crop": "center",
                 "class_cond": job.class_cond, "classes": job.classes, "background": list(job.background),

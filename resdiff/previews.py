@@ -21,6 +21,8 @@ from .settings import SamplingSettings
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from .autoencoder import LatentSpace
     from PIL import Image
 
 __all__ = ["Previews", "log_image"]
@@ -48,8 +50,9 @@ class Previews:
     in ``run`` and sent as an image to the experiment trackers of ``trackers`` (an Accelerator; None: none)."""
 
     def __init__(self, *, every: int, num_images: int, settings: SamplingSettings, run: RunDir,
-                 trackers: "Accelerator | None" = None):
+                 trackers: "Accelerator | None" = None, latent: "LatentSpace | None" = None):
         self.every, self.num_images, self.settings, self.run, self.trackers = every, num_images, settings, run, trackers
+        self.latent = latent  # a latent model's: its samples are decoded
 
     def __call__(self, model: torch.nn.Module, scheduler_config: dict, step: int) -> None:
         """Draw and save the grid of ``step`` (every process takes part)."""
@@ -57,7 +60,8 @@ class Previews:
         rank, world = rank_world()
         mine = share(n, rank, world)
         settings = replace(self.settings, batch_size=max(len(mine), 1))
-        images = generate(model, n, settings, indices=mine, progress=False, scheduler_config=scheduler_config)
+        images = generate(model, n, settings, indices=mine, progress=False, scheduler_config=scheduler_config,
+                          latent=self.latent)
         ordered = gather_shares(images, n)  # (n, C, H, W) in image order
 
         def write() -> None:

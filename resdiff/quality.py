@@ -35,6 +35,8 @@ from .settings import SamplingSettings
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .autoencoder import LatentSpace
+
 __all__ = ["TrainingEvaluator", "Evaluation", "kid_figures", "quality_chart", "quality_picture", "EVAL_SHARE",
            "MIN_IMAGES"]
 
@@ -87,11 +89,11 @@ class TrainingEvaluator:
     def __init__(
         self, net: torch.nn.Module, data: str | Path, *, image_size: int | Sequence[int], channels: int, every: int,
         num_images: int, settings: SamplingSettings, kid_subsets: int = 10, run_dir: str | Path | None = None,
-        budget_share: float | None = None, log: Callable[[str], None] | None = None,
+        budget_share: float | None = None, log: Callable[[str], None] | None = None, latent: "LatentSpace | None" = None,
     ):
         self.net, self.data, self.image_size, self.channels = net, Path(data), image_size, channels
         self.every, self.num_images, self.settings, self.kid_subsets = every, num_images, settings, kid_subsets
-        self.budget_share, self.log = budget_share, log
+        self.budget_share, self.log, self.latent = budget_share, log, latent  # latent: samples are decoded
         # where the features are computed: the settings' device, else where the network is
         self.device = torch.device(settings.device or next(net.parameters(), torch.empty(0)).device)
         self.picture = Path(run_dir) / QUALITY_PICTURE if run_dir is not None else None
@@ -108,7 +110,7 @@ class TrainingEvaluator:
         short = replace(self.settings, steps=2, batch_size=probe)
         full = _evaluations(self.settings.sampler, steps_for(self.settings, scheduler_config),
                             scheduler_config)
-        generator = ImageGenerator(model, short, scheduler_config)
+        generator = ImageGenerator(model, short, scheduler_config, latent=self.latent)
         with generator.ready():
             generator.images([0])  # warm-up: the first call creates the convolutions' kernels
             start = time.perf_counter()
@@ -164,7 +166,7 @@ class TrainingEvaluator:
                                                 log=self.log if rank_world()[0] == 0 else None,
                                                 max_images=self.num_images)
         sampling = time.perf_counter()
-        generator = ImageGenerator(model, self.settings, scheduler_config)
+        generator = ImageGenerator(model, self.settings, scheduler_config, latent=self.latent)
         with generator.ready():  # eval mode and channels_last once, not once per batch
             stats, gen = sample_features(generator.images, n, self.net, batch_size=self.settings.batch_size,
                                          device=self.device, should_stop=should_stop)

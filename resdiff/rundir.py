@@ -354,6 +354,8 @@ def run_identity(cfg: Config, dataset: object, source: object | None = None) -> 
     identity = {"data.source": data_source, "data.listing": data_listing(len(dataset.files), digest.hexdigest())}
     for key in ("image_size", "image_channels", "class_cond", "random_flip", "random_crop"):
         identity[f"data.{key}"] = getattr(d, key)
+    autoencoder = getattr(dataset, "autoencoder", None)  # a latent dataset's: the latents are its
+    identity["data.autoencoder"] = autoencoder["fingerprint"] if autoencoder else None
     identity.update({f"diffusion.{k}": v for k, v in vars(cfg.diffusion).items()})
     identity.update({"train.batch_size": cfg.train.batch_size, "train.seed": cfg.train.seed})
     identity.update({INIT_SOURCE: str(source.path) if source else None, INIT_SHA256: source.sha256 if source else None})
@@ -560,7 +562,8 @@ class RunDir:
 
     # --------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(
-        self, state: TrainState, ema: object, *, rank: int, agree: Callable[[bool], bool], keep: int
+        self, state: TrainState, ema: object, *, rank: int, agree: Callable[[bool], bool], keep: int,
+        records: dict[str, dict] | None = None,
     ) -> Path:
         """Write checkpoint ``state.step`` on every process (each writes its own RNG state, the main process the
         rest), with ``ema`` (a DDPMPipeline) as its ``ema/`` folder; then export the EMA model and keep the
@@ -584,7 +587,7 @@ class RunDir:
         ok = agree(error is None)  # also the barrier: no process writes before the folder exists
         if ok:
             try:
-                write_checkpoint_files(tmp, state, ema, rank)
+                write_checkpoint_files(tmp, state, ema, rank, records)
             except WRITE_ERRORS as err:
                 error = err
             ok = agree(error is None)  # also: every process's rng file is written now

@@ -19,7 +19,7 @@ import contextlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -35,10 +35,13 @@ from .diffusion import GaussianDiffusion, Guidance, image_generators, image_nois
 from .errors import UsageError
 from .hardware import MIXED_PRECISIONS, check_device, precision_warning
 from .images import GRID_NAME, NPZ_NAME, make_grid, read_images, save_images, save_npz, save_png
-from .model_folder import find_model_folder, load_model
+from .model_folder import find_model_folder, latent_space, load_model
 from .processes import join
 from .hints import check_count
 from .settings import SamplingSettings, add_arguments, check_sampler, check_steps, default_settings
+
+if TYPE_CHECKING:
+    from .autoencoder import LatentSpace
 
 __all__ = [
     "SamplingSettings", "add_arguments", "ImageGenerator", "Batch", "Edit", "generate", "default_settings", "check",
@@ -130,7 +133,7 @@ class Edit(Protocol):
     default_sampler: str | None  # its sampler when none is given; None: SamplingSettings' default
 
     def check(self, settings: SamplingSettings) -> None: ...
-    def prepare(self, shape: Sequence[int]) -> None: ...
+    def prepare(self, gen: "ImageGenerator") -> None: ...
     def run(self, gen: "ImageGenerator", batch: Batch) -> torch.Tensor: ...
     def seed_name(self, seed: int) -> str | int: ...
     def save_files(self, out_dir: Path, shown: torch.Tensor) -> list[str]: ...
@@ -151,13 +154,20 @@ class ImageGenerator:
     in-memory U-Net (give ``scheduler_config``, the training DDPMScheduler's config). ``edit`` (resdiff.editing)
     replaces plain sampling. A model given in memory gets its train/eval mode and weight layout back after
     each ``ready()`` block; one loaded here stays ready.
+
+    A latent model samples in ``latent`` (a ``resdiff.autoencoder.LatentSpace``: given with an in-memory model,
+    read from a folder's record otherwise, its autoencoder from ``settings.autoencoder`` where given): its samples
+    are decoded, so ``shape`` is the images' (C, H, W) and ``noise_shape`` the model's.
     """
 
     def __init__(self, model_or_path, settings: SamplingSettings, scheduler_config: dict | None = None,
-                 edit: Edit | None = None):
+                 edit: Edit | None = None, latent: "LatentSpace | None" = None):
         self.settings, self.edit = settings, edit
         self.owns_model = isinstance(model_or_path, (str, Path))
         self.model, scheduler_config, where = _load(model_or_path, check_device(settings.device), scheduler_config)
+        if self.owns_model:
+            latent = latent_space(model_or_path, settings.autoencoder, next(self.model.parameters()).device)
+        self.latent = latent
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.config = _unwrap(self.model).config
@@ -170,7 +180,8 @@ class ImageGenerator:
                                  "(drop --guidance-scale)")
             if self.null_label is None:
                 raise UsageError(f"{where} has no null class, so it cannot use classifier-free guidance; drop --guidance-scale")
-        self.shape = (self.config.in_channels, *image_shape(self.config.sample_size))  # (C, H, W)
+        self.noise_shape = (self.config.in_channels, *image_shape(self.config.sample_size))  # (C, H, W) of the model
+        self.shape = latent.image_shape(self.noise_shape) if latent is not None else self.noise_shape  # the images'
         self.diffusion = GaussianDiffusion(DDPMScheduler.from_config(scheduler_config))
         if settings.compile:
             net = _unwrap(self.model)
@@ -178,7 +189,7 @@ class ImageGenerator:
                 raise UsageError(f"--compile needs a resdiff UNet; {where} holds a {type(net).__name__}")
             net.compile_blocks()
         if edit is not None:
-            edit.prepare(self.shape)
+            edit.prepare(self)
         self._depth, self._was_training, self._ready = 0, self.model.training, False
 
     @contextlib.contextmanager
@@ -211,9 +222,18 @@ class ImageGenerator:
             for start in range(0, len(indices), s.batch_size):
                 batch = self._batch([int(i) for i in indices[start:start + s.batch_size]], steps_bar)
                 with torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
-                    x = self.edit.run(self, batch) if self.edit is not None else self.sample(batch)  # [-1, 1]
-                yield batch.indices, to_uint8(x).cpu()
+                    x = self.edit.run(self, batch) if self.edit is not None else self.sample(batch)
+                yield batch.indices, to_uint8(self.to_images(x)).cpu()
                 bar.update(len(batch.indices))
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Finished samples as images in [-1, 1]: a latent model's decoded, a pixel model's as they are."""
+        return self.latent.to_images(x) if self.latent is not None else x
+
+    def to_model(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] as the model sees them: a latent model's encoded and normalised, a pixel model's as
+        they are (what an edit starts from)."""
+        return self.latent.to_model(images.to(self.device)) if self.latent is not None else images.to(self.device)
 
     def images(self, indices: Sequence[int], progress: bool = False) -> torch.Tensor:
         """Images ``indices`` as uint8 (len(indices), C, H, W) on the CPU."""
@@ -222,7 +242,7 @@ class ImageGenerator:
 
     def _batch(self, indices: list[int], progress: Callable) -> Batch:
         generators = image_generators(self.settings.seed, indices)
-        noise = image_noise(generators, self.shape).to(self.device).contiguous(memory_format=torch.channels_last)
+        noise = image_noise(generators, self.noise_shape).to(self.device).contiguous(memory_format=torch.channels_last)
         labels = None
         if self.labels is not None:
             labels = torch.tensor([self.labels[i % len(self.labels)] for i in indices], device=self.device)
@@ -261,19 +281,20 @@ class ImageGenerator:
 def generate(
     model_or_path: nn.Module | str | Path, num_images: int, settings: SamplingSettings | None = None, *,
     indices: Sequence[int] | None = None, progress: bool = True, scheduler_config: dict | None = None,
-    edit: Edit | None = None, **changes,
+    edit: Edit | None = None, latent: "LatentSpace | None" = None, **changes,
 ) -> torch.Tensor:
     """Images ``indices`` (default: all ``num_images``) as uint8 (len(indices), C, H, W) on the CPU.
 
     ``settings`` (default ``default_settings(edit)``) with ``changes``, keyword arguments naming its fields
     (``generate(model, 16, sampler="dpm++")``). ``model_or_path`` and ``scheduler_config``: see ``ImageGenerator``.
     ``edit``: one of resdiff.editing's (inpainting, image-to-image, interpolation) instead of plain sampling.
-    The model's train/eval mode is restored afterwards.
+    ``latent``: an in-memory latent model's LatentSpace (its samples are decoded). The model's train/eval mode is
+    restored afterwards.
     """
     settings = (settings or default_settings(edit)).changed(changes)
     check_count("number of images (--num-images)", num_images)
     check(settings, edit)
-    gen = ImageGenerator(model_or_path, settings, scheduler_config, edit)
+    gen = ImageGenerator(model_or_path, settings, scheduler_config, edit, latent)
     return gen.images(_check_indices(indices, num_images), progress)
 
 

@@ -86,6 +86,7 @@ class SamplingSettings:
     device: str | torch.device | None = None
     compile: bool = False
     timeout_s: float = 1800.0
+    autoencoder: str | None = None  # a latent model's autoencoder, where it is not at the SPEC its folder records
 
     def check(self) -> None:
         """Every check that needs no model; a mistake is one UsageError line naming the flag."""
@@ -113,7 +114,7 @@ class SamplingSettings:
                    seed=args.seed, batch_size=args.batch_size,
                    class_labels=args.class_label, guidance_scale=args.guidance_scale,
                    mixed_precision=args.mixed_precision, device=args.device, compile=getattr(args, "compile", False),
-                   timeout_s=args.timeout_s)
+                   timeout_s=args.timeout_s, autoencoder=args.autoencoder)
 
     def changed(self, changes: dict) -> "SamplingSettings":
         """These settings with some fields replaced (``generate(model, 8, steps=20)``); an unknown name is a TypeError."""
@@ -141,6 +142,8 @@ def add_arguments(parser) -> None:
     p("--mixed-precision", default=d.mixed_precision, metavar="{" + ",".join(PRECISIONS) + "}",
       help=f"run the model under autocast (default {d.mixed_precision})")
     p("--device", default=d.device, help="e.g. cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
+    p("--autoencoder", default=d.autoencoder, metavar="SPEC",
+      help="a latent model's autoencoder, where it is not at the SPEC its model folder records (checked: the same files)")
     p("--timeout-s", type=float, default=d.timeout_s,
       help=f"with several processes: how long one waits for the others before giving up (default {d.timeout_s:g})")
 

@@ -32,10 +32,13 @@ def summary(
     warning = precision_warning(acc.device, t.mixed_precision)
     hgt, wid = dataset.shape
     mode = "cached in memory" if dataset.cached and isinstance(dataset, ImageFolder) else dataset.mode
+    latent = trainer.latent
     return "\n".join([
         f"resdiff: training a DDPM, {params / 1e6:.2f}M parameters ({_layout(cfg, acc.unwrap_model(trainer.model))})",
         f"  data:      {data}: {len(dataset)} images{f', {skipped} skipped' if skipped else ''}{classes}",
         f"  images:    {hgt}x{wid}, {cfg.data.image_channels} channel(s), {mode}",
+        *([f"  latents:   {'x'.join(map(str, dataset.item_shape))} of {latent.autoencoder.spec} "
+           f"({latent.autoencoder.kind}), normalised by {latent.norm.source}"] if latent is not None else []),
         f"  loader:    {workers} worker process(es) ({why})",
         f"  batch:     {t.batch_size} global = {micro} per process x {world} process(es) x {t.grad_accum} accumulation",
         f"  world:     {world} process(es), device {acc.device}, precision {t.mixed_precision}",

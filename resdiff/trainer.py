@@ -18,7 +18,7 @@ import contextlib
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +34,11 @@ from .errors import TrainingError, UsageError, one_line
 from .features import Stopped
 from .hardware import reuse_freed_memory
 from .processes import StopVote, all_agree, end_training, handle_stop_signals, lost_contact, main_writes
+from .layout import LATENT
 from .rundir import RunDir
+
+if TYPE_CHECKING:
+    from .autoencoder import LatentSpace
 
 __all__ = ["Trainer"]
 
@@ -67,14 +71,14 @@ class Trainer:
         grad_clip: float | None = None, log_every: int = 50, checkpoint_every: int = 1000, keep_checkpoints: int = 3,
         channels_last: bool = False, seed: int = 0, vote: Callable[[bool], bool] | None = None,
         previews: Hook | None = None, evaluator: Callable | None = None, tracker_config: dict | None = None,
-        about: str = "", echo: Callable[[str], None] = print,
+        latent: LatentSpace | None = None, about: str = "", echo: Callable[[str], None] = print,
     ):
         self.diffusion, self.ema, self.batches, self.run, self.accelerator = diffusion, ema, batches, run, accelerator
         self.steps, self.batch_size, self.grad_accum, self.grad_clip = steps, batch_size, grad_accum, grad_clip
         self.log_every, self.checkpoint_every, self.keep_checkpoints = log_every, checkpoint_every, keep_checkpoints
         self.channels_last, self.seed, self.vote = channels_last, seed, vote or StopVote()
         self.previews, self.evaluator, self.tracker_config = previews, evaluator, tracker_config
-        self.about, self.echo, self.lr_schedule = about, echo, lr_schedule
+        self.about, self.echo, self.lr_schedule, self.latent = about, echo, lr_schedule, latent
         acc = accelerator
         self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
         if acc.device.type == "cpu":
@@ -196,9 +200,12 @@ class Trainer:
         """One micro-batch: noise, forward, backward; on the last micro-batch of a step also clip, step the
         optimizer and the LR schedule, and update the EMA.
 
-        ``images`` are uint8 (N, C, H, W), ``labels`` (N,). Returns the detached loss (no host sync)."""
+        ``images`` are uint8 (N, C, H, W) (a latent model's: raw latents), ``labels`` (N,). Returns the detached loss
+        (no host sync)."""
         acc = self.accelerator
-        x0 = to_model_range(images.to(acc.device, non_blocking=True))  # (N, C, H, W) in [-1, 1]
+        images = images.to(acc.device, non_blocking=True)
+        # (N, C, H, W): images in [-1, 1], or normalised latents
+        x0 = to_model_range(images) if self.latent is None else self.latent.normalize(images)
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         class_labels = None
@@ -276,6 +283,7 @@ class Trainer:
         """Checkpoint this step (every process takes part) and export the EMA model; see ``RunDir.save_checkpoint``."""
         return self.run.save_checkpoint(
             self.state(), self.pipeline(), rank=self.rank, agree=self._all_agree, keep=self.keep_checkpoints,
+            records={LATENT: self.latent.record()} if self.latent is not None else {},
         )
 
     def _all_agree(self, ok: bool) -> bool:

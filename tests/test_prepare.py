@@ -333,11 +333,13 @@ def test_a_latent_dataset_holds_the_latents_of_the_images_and_of_their_mirror_im
     assert [s["count"] for s in record["flips"]["shards"]] == [s["count"] for s in index["shards"]]
     rule = "row i of flipped-K.npy is the latent of the mirrored image of row i of images-K.npy"
     assert rule in record["flips"]["rule"]
-    # The normalisation training uses: measured over every stored latent, mirror images included, in float64.
-    assert record["norm"]["use"] == "data" and data.norm == LatentNorm.from_dict(record["norm"]["data"])
+    # The normalisation training uses: a diffusers autoencoder's own (its pipelines apply it, so the model exports
+    # as one); the one measured over every stored latent, mirror images included, in float64, is kept beside it.
+    assert record["norm"]["use"] == "autoencoder" and data.norm == ae.own_norm
+    measured = LatentNorm.from_dict(record["norm"]["data"])
     stored = torch.cat([latents.half(), mirrored.half()]).double().transpose(0, 1).reshape(4, -1)
-    np.testing.assert_allclose(data.norm.shift, stored.mean(1), rtol=1e-10)
-    np.testing.assert_allclose(data.norm.scale, stored.std(1, unbiased=False), rtol=1e-10)
+    np.testing.assert_allclose(measured.shift, stored.mean(1), rtol=1e-10)
+    np.testing.assert_allclose(measured.scale, stored.std(1, unbiased=False), rtol=1e-10)
     assert LatentNorm.from_dict(record["norm"]["autoencoder"]) == ae.own_norm
     assert data.mode.startswith(f"prepared latents of {tiny_ae}, memory-mapped from {out}")
 
@@ -424,7 +426,8 @@ def test_the_cli_prepares_latents_without_flips(tmp_path, folder, tiny_ae, capsy
     data = PreparedImages(tmp_path / "out", 16, 3)
     assert not data.flips_stored and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "images-00000.npy", "index.json", "labels.npy"]
-    assert "mirror" not in data.norm.source
+    measured = json.loads((tmp_path / "out" / "index.json").read_text())["latent"]["norm"]["data"]
+    assert "mirror" not in measured["source"]  # no mirror images were measured
     with pytest.raises(ValueError, match="holds no flipped latents"):
         data.flipped(0)
     with pytest.raises(UsageError, match="image size 20x20 is not a multiple of the autoencoder's downsampling factor"):

@@ -2,6 +2,7 @@
 
     resdiff-train --data ~/pictures                        # your images at 32x32 with the tuned defaults
     resdiff-train --data ~/pictures --image-size 64         # at 64x64 (the U-Net is sized for it)
+    resdiff-train --data ~/pictures --image-size 256 --autoencoder DIR   # latent diffusion: 256x256 via an 8x autoencoder
     resdiff-train --config cifar10 --data cifar/train train.ema_decay=0.9995
     accelerate launch --multi_gpu --num_processes 8 train.py --config folder64 --data DIR
     torchrun --nproc_per_node 2 train.py ...                # CPU processes (gloo) work too
@@ -34,6 +35,7 @@ from . import invoked_as
 FLAG_KEYS = {
     "data": "data.path", "image_size": "data.image_size", "out": "out", "steps": "train.steps",
     "batch_size": "train.batch_size", "lr": "train.lr", "mixed_precision": "train.mixed_precision", "seed": "train.seed",
+    "autoencoder": "model.autoencoder",
 }
 
 
@@ -46,6 +48,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--image-size", "--resolution", dest="image_size", metavar="SIZE",
                    help="training size: one side (64) or HEIGHTxWIDTH (64x128); images are resized to cover it and "
                         "centre-cropped (default 32)")
+    p.add_argument("--autoencoder", metavar="SPEC",
+                   help="latent diffusion: learn the latents of this autoencoder (a folder with a NAME_encoder.pth / "
+                        "NAME_decoder.pth pair, a diffusers AutoencoderKL or AutoencoderTiny folder, or a Hub id); "
+                        "the images are encoded once (a prepared latent dataset needs no flag)")
     p.add_argument("--out", help="run directory (default: runs/<data folder or config name>)")
     p.add_argument("--steps", type=int, help="total optimizer steps of the run (a resumed run continues up to it)")
     p.add_argument("--batch-size", type=int, help="global batch size, over all processes and accumulation steps")
