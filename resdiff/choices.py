@@ -5,7 +5,7 @@ loads without torch or diffusers. The things the names stand for live where they
 ``resdiff.diffusion.make_sampler`` builds the scheduler, ``resdiff.hardware.MIXED_PRECISIONS`` holds the dtypes.
 """
 
-__all__ = ["SAMPLERS", "PRECISIONS", "IMAGE_CHANNELS", "EMA_SIGMA_REL_MAX"]
+__all__ = ["SAMPLERS", "STOCHASTIC_SAMPLERS", "PRECISIONS", "IMAGE_CHANNELS", "EMA_SIGMA_REL_MAX"]
 
 # Samplers by name: the diffusers scheduler's class name, its default step count and fixed settings.
 SAMPLERS: dict[str, tuple[str, int, dict]] = {
@@ -19,7 +19,18 @@ SAMPLERS: dict[str, tuple[str, int, dict]] = {
     # and these integrate the diffusion's ODE the same way (Euler) or with a second-order correction (Heun).
     "euler": ("EulerDiscreteScheduler", 50, {}),
     "heun": ("HeunDiscreteScheduler", 50, {}),
+    # Built for few steps: UniPC (Zhao et al. 2023, predictor-corrector, order 2), DPM-Solver++(3M) (Lu et al. 2022),
+    # and the SDE variant of DPM-Solver++(2M), which adds fresh noise at each step as ancestral DDPM does. (Karras or
+    # exponential noise levels are not offered: on the cosine schedule sigma_max is in the thousands, and 20 such
+    # levels fall on a handful of repeated timesteps.)
+    "unipc": ("UniPCMultistepScheduler", 20, {"solver_order": 2}),
+    "dpm++3m": ("DPMSolverMultistepScheduler", 20, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++sde": ("DPMSolverMultistepScheduler", 20, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
 }
+
+# The samplers that draw fresh noise at each step (an image then depends on the noise of every step, drawn from the
+# image's own generator); the others are deterministic given the initial noise (interpolation needs one of those).
+STOCHASTIC_SAMPLERS = ("ddpm", "dpm++sde")
 
 # The autocast precisions (--mixed-precision, train.mixed_precision): name -> torch dtype name (None: fp32).
 PRECISIONS: dict[str, str | None] = {"no": None, "fp16": "float16", "bf16": "bfloat16"}

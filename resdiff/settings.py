@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .choices import PRECISIONS, SAMPLERS
+from .choices import PRECISIONS, SAMPLERS, STOCHASTIC_SAMPLERS
 from .errors import UsageError
 from .hints import check_count
 
@@ -28,7 +28,7 @@ __all__ = [
 
 # Editing (resdiff.editing, sample.py's --inpaint / --init / --interpolate).
 INPAINT_SAMPLERS = ("ddpm", "ddim")  # RePaint jumps back between steps; these two samplers keep no state across steps
-DETERMINISTIC_SAMPLERS = tuple(s for s in SAMPLERS if s != "ddpm")  # ddim with eta 0
+DETERMINISTIC_SAMPLERS = tuple(s for s in SAMPLERS if s not in STOCHASTIC_SAMPLERS)  # ddim with eta 0
 INTERPOLATE_SAMPLER = "ddim"  # interpolation's default: the default sampler (ddpm) draws fresh noise at every step
 DEFAULT_RESAMPLE = 5  # RePaint repeats per step; on the demo model 1 fills a hole with shapes of other colours, 5 continues the kept one
 DEFAULT_STRENGTH = 0.6  # SDEdit's noise level: enough to turn a drawing into the model's own shapes, keeping its layout

@@ -17,7 +17,8 @@ from resdiff.config import DiffusionConfig
 from resdiff.diffusion import GaussianDiffusion, Guidance, image_generators, image_noise, make_sampler
 
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
-FEW = {"ddpm": 20, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3}  # sampling steps per sampler here
+FEW = {"ddpm": 20, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3, "unipc": 4, "dpm++3m": 4,
+       "dpm++sde": 4}  # sampling steps per sampler here
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -37,7 +37,7 @@ def test_the_graph_sees_lazy_imports_and_finds_circles(tmp_path):
 
 @pytest.mark.parametrize("script, shown", [
     ("train.py", "--mixed-precision {no,fp16,bf16}"),
-    ("sample.py", "--sampler {ddpm,ddim,dpm++,euler,heun}"),
+    ("sample.py", "--sampler {ddpm,ddim,dpm++,euler,heun,unipc,dpm++3m,dpm++sde}"),
     ("evaluate.py", "--kid-subsets KID_SUBSETS"),
     ("export.py", "--diffusers"),
 ])

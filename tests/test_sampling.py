@@ -149,7 +149,7 @@ def test_default_output_folder_is_never_reused(models, capsys):
     [
         (["--model", "{tmp}/nowhere"], "does not exist"),
         (["--model", "{tmp}"], "is not a model"),
-        (["--model", "{gray}", "--sampler", "plms"], "unknown sampler 'plms'; choose one of ddpm, ddim, dpm++, euler, heun"),
+        (["--model", "{gray}", "--sampler", "plms"], "unknown sampler 'plms'; choose one of ddpm, ddim, dpm++, euler, heun, unipc, dpm++3m, dpm++sde"),
         (["--model", "{gray}", "--num-images", "0"], "number of images (--num-images) must be a positive integer"),
         (["--model", "{gray}", "--steps", "0"], "steps (--steps) must be a positive integer"),
         (["--model", "{gray}", "--batch-size", "-1"], "batch size (--batch-size) must be a positive integer"),

@@ -10,7 +10,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from resdiff import UNet
 
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
-FEW = {"ddpm": 10, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3}  # steps per sampler in these tests
+FEW = {"ddpm": 10, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3, "unipc": 4, "dpm++3m": 4,
+       "dpm++sde": 4}  # steps per sampler in these tests
 
 
 def save_pipeline(unet, folder: Path) -> Path:
