@@ -32,7 +32,7 @@ from .inception_weights import (
     how_to_get, packaged_weights, read_converted, weights_path,
 )
 
-__all__ = ["FIDInceptionV3", "load_inception", "synthetic_weights", "FEATURE_DIM"]
+__all__ = ["FIDInceptionV3", "load_inception", "FEATURE_DIM"]
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -285,42 +285,9 @@ def load_inception(path: str | Path | None = None, device: torch.device | str = 
     return net.eval().requires_grad_(False).to(device)
 
 
-def synthetic_weights(net: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A deterministic stand-in for real weights (tests and the equivalence bench; the real file is 95 MB).
-
-    Each tensor is drawn from a numpy PCG64 stream seeded by (seed, its key), so the same state_dict
-    comes out on any machine and torch version: He-uniform convolutions (activations stay O(1) through
-    the 94 layers), batch-norm scales near 1, small shifts and means, running variances in [0.5, 1.5].
-    """
-    out = {}
-    for key, t in net.state_dict().items():
-        key_seed = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
-        u = np.random.Generator(np.random.PCG64(key_seed)).random(t.numel())  # float64 in [0, 1)
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.zeros_like(t)
-            continue
-        if key.endswith("running_var"):
-            v = 0.5 + u
-        elif key.endswith("bn.weight"):
-            v = 0.8 + 0.4 * u
-        elif key.endswith(("running_mean", "bias")):
-            v = 0.2 * (u - 0.5)
-        else:  # convolution and linear weights: He-uniform
-            fan_in = t[0].numel()
-            v = (2 * u - 1) * np.sqrt(6.0 / fan_in)
-        out[key] = torch.from_numpy(v.astype(np.float32)).reshape(t.shape)
-    return out
-
-
-def _main() -> None:
-    """`python -m resdiff.inception`: put the FID weights in the cache (converting the package's file) and say where."""
-    net = load_inception()
-    print(f"FID Inception weights: {converted_path() if net.weights_sha256 == PACKAGE_SHA256 else weights_path()}")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m resdiff.inception: the command resdiff.cli.inception
     import sys
 
-    from .errors import run_cli
+    from .cli.inception import main
 
-    sys.exit(run_cli(_main))
+    sys.exit(main())

@@ -15,7 +15,8 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 
 from resdiff import UNet
-from resdiff.inception import FIDInceptionV3, synthetic_weights
+from resdiff.inception import FIDInceptionV3
+from resdiff.testing import synthetic_weights
 
 from launch import free_port, launch_env, launcher, run_watched
 from tiny_runs import load_script

@@ -16,7 +16,8 @@ import torch
 
 from resdiff import inception, inception_weights
 from resdiff.errors import UsageError
-from resdiff.inception import FIDInceptionV3, load_inception, synthetic_weights
+from resdiff.inception import FIDInceptionV3, load_inception
+from resdiff.testing import synthetic_weights
 from resdiff.inception_weights import weights_path
 from resdiff.features import extract_features
 

@@ -18,7 +18,8 @@ from resdiff.cli import evaluate as evaluate_cli
 from resdiff.cli import export as export_cli
 from resdiff.cli import sample as sample_cli
 from resdiff.cli import train as train_cli
-from resdiff.inception import FIDInceptionV3, synthetic_weights
+from resdiff.inception import FIDInceptionV3
+from resdiff.testing import synthetic_weights
 from resdiff.layout import LATENT
 from tiny_models import tiny_autoencoder
 from tiny_runs import ROOT, read_log, write_pngs

@@ -19,7 +19,8 @@ from PIL import Image
 from resdiff import UNet
 from resdiff.build import build_trainer, model_keys
 from resdiff.config import load_config
-from resdiff.inception import FIDInceptionV3, load_inception, synthetic_weights
+from resdiff.inception import FIDInceptionV3, load_inception
+from resdiff.testing import synthetic_weights
 from resdiff.quality import MIN_IMAGES, TrainingEvaluator, kid_figures, quality_chart, quality_picture
 from resdiff.sampling import SamplingSettings
 
