@@ -18,10 +18,8 @@ they are checked is `resdiff.inception_weights`.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
