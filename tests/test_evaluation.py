@@ -19,7 +19,7 @@ from resdiff.inception import FIDInceptionV3
 from resdiff.testing import synthetic_weights
 
 from launch import free_port, launch_env, launcher, run_watched
-from tiny_runs import load_script
+from tiny_runs import load_script, write_blobs
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
@@ -38,12 +38,7 @@ def weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Ten 16x16 RGB training images of random blobs."""
-    root = tmp_path_factory.mktemp("data")
-    g = np.random.default_rng(0)
-    for i in range(10):
-        pixels = (g.random((4, 4, 3)) * 255).astype(np.uint8)
-        Image.fromarray(pixels).resize((16, 16), Image.BILINEAR).save(root / f"{i:02d}.png")
-    return root
+    return write_blobs(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from resdiff.testing import synthetic_weights
 from resdiff.quality import MIN_IMAGES, TrainingEvaluator, kid_figures, quality_chart, quality_picture
 from resdiff.sampling import SamplingSettings
 
-from tiny_runs import read_log
+from tiny_runs import read_log, write_blobs
 
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
              norm_groups=8, zero_init_last=False)
@@ -43,12 +43,7 @@ def net(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Ten 16x16 RGB training images of random blobs."""
-    root = tmp_path_factory.mktemp("data")
-    g = np.random.default_rng(0)
-    for i in range(10):
-        pixels = (g.random((4, 4, 3)) * 255).astype(np.uint8)
-        Image.fromarray(pixels).resize((16, 16), Image.BILINEAR).save(root / f"{i:02d}.png")
-    return root
+    return write_blobs(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture

@@ -40,6 +40,16 @@ def write_pngs(folder: Path, n: int, size: int = 16, color: tuple[int, int, int]
     return folder
 
 
+def write_blobs(folder: Path, n: int = 10, size: int = 16) -> Path:
+    """n real PNG files of random colour blobs (4x4 random pixels, resized smoothly): image-like training data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(0)
+    for i in range(n):
+        pixels = (g.random((4, 4, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).resize((size, size), Image.BILINEAR).save(folder / f"{i:02d}.png")
+    return folder
+
+
 def config(out: Path, *overrides: str):
     return load_config(None, [*TINY, f"out={out}", *overrides], model_keys=model_keys())
 
