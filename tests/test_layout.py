@@ -1,4 +1,4 @@
-"""The module map's rules, read from the source (bench/import_graph.py): no import circles in resdiff/, lazy
+"""The module map's rules, read from the source (tools/import_graph.py): no import circles in resdiff/, lazy
 imports included, and a U-Net that depends on its layers and nothing else of resdiff."""
 
 import sys
@@ -8,7 +8,7 @@ import pytest
 from tiny_runs import ROOT
 
 sys.path.insert(0, str(ROOT))
-from bench.import_graph import cycles, import_graph, imports_of  # noqa: E402
+from tools.import_graph import cycles, import_graph, imports_of  # noqa: E402
 
 
 def test_resdiff_has_no_import_circles():
