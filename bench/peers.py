@@ -2,7 +2,8 @@
 
 This script runs in the peers' environment (.venv-peers, `make bench-peers`: torch 2.14.1, denoising-diffusion-pytorch
 2.3.4, ema-pytorch 0.8.3) and imports nothing of resdiff. bench/contenders.py (resdiff's environment) starts it for
-each budget and imports its top part (the exchange format, the result line, the NFE counts), which needs only numpy.
+each budget (`python -m bench.peers`, from the repository root) and imports its top part (the exchange format, the NFE
+counts), which needs only numpy.
 
 Peers (line numbers are those of denoising_diffusion_pytorch/denoising_diffusion_pytorch.py, elucidated_diffusion.py
 and ema_pytorch/ema_pytorch.py as installed):
@@ -50,11 +51,11 @@ reads the parent's (composited on white as resdiff prepares them), sampling writ
 Resumable: the checkpoint (RUN_DIR/checkpoint.pt) holds the weights, EMA, optimizer, random states, the data
 position and the clock (training seconds, steps, images), written at the end of each `train`.
 
-    python bench/peers.py train lucidrains --images OUT/images.npy --run-dir OUT/runs/lucidrains --seconds 300
-    python bench/peers.py sample lucidrains --run-dir OUT/runs/lucidrains --n 1000 --seed 0 --out samples.npy
+    python -m bench.peers train lucidrains --images OUT/images.npy --run-dir OUT/runs/lucidrains --seconds 300
+    python -m bench.peers sample lucidrains --run-dir OUT/runs/lucidrains --n 1000 --seed 0 --out samples.npy
 
-Each command ends with one line `peer-result {json}`: peer, steps, images, train_s, parameters, nfe, sampler,
-the recipe (the values above, as the installed package has them), device and versions.
+Each command ends with bench.runner's result line `RESULT {json}`: peer, steps, images, train_s, parameters, nfe,
+sampler, the recipe (the values above, as the installed package has them), device and versions.
 """
 
 from __future__ import annotations
@@ -68,13 +69,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.runner import result_line
+
 PEERS = ("lucidrains", "edm")
 # The package's Unet at resdiff's tiny size (see the docstring); edm adds the embedding ElucidatedDiffusion needs.
 UNET = dict(dim=30, dim_mults=(1, 2, 2))
 DDIM_STEPS = 50  # lucidrains: GaussianDiffusion(sampling_timesteps=...): its DDIM at 50 model evaluations
 HEUN_STEPS = 25  # edm: ElucidatedDiffusion(num_sample_steps=...): its Heun sampler at 2 * 25 - 1 = 49
 IMAGE_SIZE = 32
-RESULT = "peer-result "
 CHECKPOINT = "checkpoint.pt"
 # Trainer.__init__'s arguments whose defaults make the training recipe (read from the installed package).
 TRAINER_KEYS = ("train_batch_size", "gradient_accumulate_every", "augment_horizontal_flip", "train_lr", "adam_betas",
@@ -109,17 +111,6 @@ def check_images(images: np.ndarray, path: Path) -> None:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3 or not len(images):
         raise SystemExit(f"error: {path}: expected uint8 images of shape (N, 3, H, W), got {images.dtype} "
                          f"{tuple(images.shape)}")
-
-
-def result_line(fields: dict) -> str:
-    """The one machine-readable line a command ends with."""
-    return RESULT + json.dumps(fields, sort_keys=True)
-
-
-def parse_result(output: str) -> dict | None:
-    """The fields of the last result line in a command's ``output``, or None when it printed none."""
-    lines = [line for line in output.splitlines() if line.startswith(RESULT)]
-    return json.loads(lines[-1][len(RESULT):]) if lines else None
 
 
 def ddim_nfe(sampling_timesteps: int, timesteps: int = 1000) -> int:
