@@ -38,19 +38,20 @@ def main() -> None:
     from resdiff.inception import load_inception
     from resdiff.inception_weights import converted_path, packaged_weights
     from resdiff.reference import reference_features
-    from resdiff.sampling import generate
+    from resdiff.sampling import SamplingSettings, generate
+    from resdiff.settings import Scoring
 
     rows = []
     real = packaged_weights() is not None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if real:  # from the user's cache (converted once), before RESDIFF_CACHE moves to the temporary folder
-            net, weights = load_inception(), {"inception": converted_path()}
+            net, scoring = load_inception(), Scoring(inception=converted_path())
         else:
             net, path = synthetic_inception(tmp)
-            weights = {"inception": path, "verify_inception": False}
+            scoring = Scoring(inception=path, verify_inception=False)
         run, size = saved_model(tmp, args.preset)
-        common = dict(sampler=args.sampler, steps=args.steps, seed=0, batch_size=args.batch_size, progress=False)
+        settings = SamplingSettings(sampler=args.sampler, steps=args.steps, seed=0, batch_size=args.batch_size)
         for n in args.num_images:
             data = write_demo_folder(tmp / f"data{n}", n, size, seed=7)
             times = {}
@@ -58,7 +59,7 @@ def main() -> None:
             reference = reference_features(data, net, size, 3, batch_size=args.batch_size)
             times["reference features (first time)"] = time.perf_counter() - start
             start = time.perf_counter()
-            images = generate(run, n, **common)
+            images = generate(run, n, settings, progress=False)
             times[f"generation ({args.preset}, {args.sampler}-{args.steps})"] = time.perf_counter() - start
             start = time.perf_counter()
             gen = extract_features(images, net, args.batch_size, channels_last=True)
@@ -67,7 +68,7 @@ def main() -> None:
             _score(FeatureStats.from_features(gen), gen, reference, torch.device("cpu"), 100, 1000, 3)
             times["metrics (FID, KID, PR, memorisation)"] = time.perf_counter() - start
             start = time.perf_counter()
-            evaluate(model=run, ref=data, num_images=n, log=None, out=tmp / "eval", **weights, **common)
+            evaluate(model=run, ref=data, num_images=n, settings=settings, scoring=scoring, out=tmp / "eval", log=None)
             times["evaluate() end to end, reference cached"] = time.perf_counter() - start
             rows += [{"n": n, "part": part, "seconds": f"{s:.1f}"} for part, s in times.items()]
             print(table(rows[-len(times):], ["n", "part", "seconds"]), flush=True)

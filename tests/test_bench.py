@@ -161,6 +161,15 @@ def test_evaluate_times_sampling_features_and_the_whole_evaluation(tmp_path):
     assert all(re.fullmatch(r"\d+\.\d\d", r["images/s"]) for r in result["rows"]) and math.isfinite(result["fid"])
 
 
+def test_evaluate_parts_splits_evaluate_at_each_n_into_its_parts(tmp_path):
+    result = bench("evaluate_parts", "--num-images", "12", "20", "--steps", "2", "--batch-size", "10",
+                   tmp_path=tmp_path)
+    parts = ["reference features (first time)", "generation (tiny, ddim-2)", "Inception features",
+             "metrics (FID, KID, PR, memorisation)", "evaluate() end to end, reference cached"]
+    assert [(r["n"], r["part"]) for r in result["rows"]] == [(n, part) for n in (12, 20) for part in parts]
+    assert all(re.fullmatch(r"\d+\.\d", r["seconds"]) for r in result["rows"])
+
+
 def test_gpu_check_cpu_smoke_runs_every_part_and_writes_the_summary(tmp_path):
     """bench/gpu_check.sh, the script for a borrowed GPU machine, runs its whole plumbing on the CPU with --cpu-smoke.
 
