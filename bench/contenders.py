@@ -1,31 +1,17 @@
 """Real images against diffusers and the strongest peers (issues #25, #37): FID against training wall clock, one
-image folder.
+image folder (docs/benchmarks.md, "Sample quality against diffusers on real images", says it all at length).
 
 Contenders, each trained on DIR (32x32 RGB, transparency composited on white as resdiff's training does):
-    diffusers   diffusers' unconditional example (bench/loops.py's ExampleLoop): UNet2DModel, DDPMScheduler (linear,
-                1000 steps), epsilon MSE, AdamW 1e-4 (betas 0.95/0.999, weight decay 1e-6), cosine LR with 500
-                warm-up steps over the example's 100 epochs, EMAModel (inv_gamma 1, power 3/4, max 0.9999), grad
-                clip 1, batch 16, random flips
-    ddpm        resdiff's Trainer at the DDPM paper's recipe (epsilon, linear betas, plain MSE, lr 2e-4, EMA 0.999
-                for short runs, as bench/learning.py), on the U-Net and batch `python train.py --data DIR` uses
-    defaults    exactly what `python train.py --data DIR` runs (the defaults), continued past its 1,200 steps
-                (its LR schedule is constant after warm-up, so a longer run is the same recipe)
-    lucidrains  lucidrains' denoising-diffusion-pytorch 2.3.4: GaussianDiffusion (v objective, sigmoid schedule) on
-                its Unet at tiny's size, its Trainer's Adam and EMA defaults, sampled by its DDIM at 50 evaluations
-    edm         EDM as the same package's ElucidatedDiffusion (preconditioning, log-normal sigmas, its loss weight)
-                on the same Unet and Trainer defaults, sampled by its Heun sampler, 25 steps = 49 evaluations
-The two peers (bench/peers.py says exactly what each uses) train and sample in their own process and environment
-(.venv-peers, `make bench-peers`: torch 2.14.1), which the benchmark starts for each budget; they see the same
-pixels (OUT/images.npy, written once) and their samples are scored by the same FID code as everyone's.
-Each trains until the clock reaches each budget (minutes of training: the steps, data included), then
-checkpoints and is scored; scoring is not counted. Every score computes FID of --fid-images samples with the
-2015 Inception network against the whole folder (its statistics are cached after the first time); resdiff's
-contenders and diffusers' are sampled with DDIM-50 (resdiff's ImageGenerator: the same per-image noise for every
-model), the peers with their own samplers.
-Then the sampler sweep: FID of the last model of the defaults (--sweep) at 10, 20 and 50 model evaluations
-(NFE) for every sampler in resdiff.choices.SAMPLERS or those of --samplers (a second-order sampler runs fewer
-steps for the same NFE).
-
+    diffusers   diffusers' unconditional example (bench/loops.py's ExampleLoop) at tiny's size, batch 16, random flips
+    ddpm        resdiff's Trainer at the DDPM paper's recipe (epsilon, linear betas, plain MSE, lr 2e-4, EMA 0.999)
+    defaults    exactly what `python train.py --data DIR` runs, continued past its 1,200 steps
+    lucidrains  denoising-diffusion-pytorch's GaussianDiffusion, sampled by its DDIM at 50 evaluations
+    edm         the same package's ElucidatedDiffusion, sampled by its Heun sampler at 49 evaluations
+The peers (bench/peers.py) train and sample in their own environment (.venv-peers, `make bench-peers`), a process
+per budget, on the same pixels (OUT/images.npy); their samples are scored by the same FID code as everyone's.
+Each trains until its clock (the training steps, data included) reaches each budget, then checkpoints and is scored:
+FID of --fid-images samples (DDIM-50 unless told; the peers with their own samplers) against the whole folder. Then
+the sampler sweep: FID of the last model of --sweep at --nfe model evaluations for each resdiff sampler.
 Resumable: every result goes into OUT/results.json as soon as it exists and is skipped when present, and a
 contender killed mid-way continues from its checkpoint at the last budget it reached.
 
@@ -50,9 +36,9 @@ from tqdm.auto import tqdm
 
 from bench.common import machine, table, write_json
 from bench.loops import CLIP, EMA, OPTIMIZER, ExampleLoop
-# The peers' side of the exchange (bench/peers.py runs in their environment; this part of it needs only numpy), and
-# the clock every contender keeps (Progress: the peers' process writes it too).
-from bench.peers import PEERS, Progress, read_images, write_images
+# The peers' side of the exchange (bench/peers.py runs in their environment; this part of it needs only numpy), the
+# clock every contender keeps (Progress: the peers' process writes it too) and their checkpoints' writer.
+from bench.peers import PEERS, Progress, read_images, save_whole, write_images
 from bench.runner import ROOT, run_child
 
 if TYPE_CHECKING:
@@ -197,13 +183,10 @@ class DiffusersContender:
         return len(clean)
 
     def save(self, progress: Progress) -> None:
-        """Everything a restart needs, in one file written whole (tensors, numbers and lists: weights_only loads it)."""
-        state = {**self.loop.state_dict(), "epoch": self.epoch, "position": self.position, "order": self.order,
-                 "generator": self.generator.get_state(), "rng": torch.get_rng_state(), "progress": asdict(progress)}
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.file)
+        """Everything a restart needs, in one file."""
+        save_whole({**self.loop.state_dict(), "epoch": self.epoch, "position": self.position, "order": self.order,
+                    "generator": self.generator.get_state(), "rng": torch.get_rng_state(), "progress": asdict(progress)},
+                   self.file)
 
     def restore(self) -> Progress:
         if not self.file.is_file():

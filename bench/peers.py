@@ -136,6 +136,15 @@ def sampler_name(peer: str) -> str:
             "edm": f"EDM Heun (stochastic), {HEUN_STEPS} steps"}[peer]
 
 
+def save_whole(state: dict, file: Path) -> None:
+    """A checkpoint of tensors, numbers and lists (weights_only loads it) written whole: a temporary name, then renamed."""
+    import torch
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, file.with_suffix(".tmp"))
+    file.with_suffix(".tmp").replace(file)
+
+
 @dataclass
 class Progress:
     """Where a peer's training stands: its clock (training seconds only), optimizer steps and images."""
@@ -246,7 +255,7 @@ class PeerRun:
         return len(x), loss.item()
 
     def save(self, progress: Progress) -> None:
-        """Everything a restart needs in one file, written whole (weights_only loads it)."""
+        """Everything a restart needs in one file."""
         import torch
 
         state = {"peer": self.peer, "recipe": json.dumps(self.recipe, sort_keys=True),
@@ -255,10 +264,7 @@ class PeerRun:
                  "generator": self.generator.get_state(), "rng": torch.get_rng_state(), "progress": asdict(progress)}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.file)
+        save_whole(state, self.file)
 
     def restore(self) -> Progress:
         """The state of the checkpoint, if there is one; refuses one of another peer or recipe."""

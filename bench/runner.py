@@ -28,7 +28,7 @@ TOKEN = "BENCH_RUN_"  # + the run's own id: every process a run starts inherits 
 
 def result_line(fields: dict) -> str:
     """The one machine-readable line a child ends with."""
-    return RESULT + json.dumps(fields, sort_keys=True)
+    return RESULT + json.dumps(fields)
 
 
 def parse_result(output: str) -> dict | None:
