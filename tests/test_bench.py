@@ -338,9 +338,12 @@ def test_tuning_runs_each_variant_as_the_base_then_its_one_change(tmp_path, imag
 @pytest.mark.skipif(not PEERS_PYTHON.is_file(), reason=".venv-peers is absent (make bench-peers: 5.7 GB)")
 @pytest.mark.parametrize("peer", ["lucidrains", "edm"])
 def test_peer_trains_to_its_clock_resumes_and_samples_with_its_own_sampler(peer, tmp_path):
-    """bench.peers in the peers' environment: a U-Net within 10% of tiny's 1,192,387 parameters, training that
+    """bench.peers in the peers' environment: a U-Net within 10% of the tiny preset's parameters, training that
     continues from its checkpoint, and seeded uint8 samples drawn at the model evaluations it promises (at most 50;
     the script counts them while sampling)."""
+    from resdiff import UNet
+
+    tiny = sum(p.numel() for p in UNet.from_preset("tiny").parameters())
     images = tmp_path / "images.npy"
     np.save(images, np.full((32, 3, 32, 32), 255, dtype=np.uint8))
 
@@ -350,7 +353,7 @@ def test_peer_trains_to_its_clock_resumes_and_samples_with_its_own_sampler(peer,
 
     first = peers("train", "--images", images, "--seconds", 0.5)
     assert first["steps"] >= 1 and first["images"] == 16 * first["steps"] and first["train_s"] >= 0.5
-    assert abs(first["parameters"] / 1_192_387 - 1) <= 0.10 and first["nfe"] <= 50
+    assert abs(first["parameters"] / tiny - 1) <= 0.10 and first["nfe"] <= 50
     again = peers("train", "--images", images, "--seconds", first["train_s"])  # its clock is there already
     assert (again["steps"], again["train_s"]) == (first["steps"], first["train_s"])
     more = peers("train", "--images", images, "--seconds", first["train_s"] + 0.1)
