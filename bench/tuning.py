@@ -88,7 +88,7 @@ def run_all(args: argparse.Namespace, names: list[str]) -> None:
             print(f"start {name}: {' '.join(VARIANTS[name][0]) or '(the base)'}", flush=True)
             running.append((name, subprocess.Popen(command(args, name), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                                    env={**os.environ, "OMP_NUM_THREADS": "1"})))
-        time.sleep(5)
+        time.sleep(1)
         for name, proc in list(running):
             if proc.poll() is not None:
                 running.remove((name, proc))
