@@ -13,6 +13,7 @@ benchmark (bench/contenders.py) then measures the chosen defaults against diffus
     python -m bench.tuning --data data/openmoji                     # every variant below, 5 minutes each
     python -m bench.tuning --data data/openmoji --only base lr2e-3  # some of them
     python -m bench.tuning --data data/openmoji --report            # the table of what has run
+    python -m bench.tuning --data data/openmoji --dry-run           # the bench.contenders command of each variant
 
 Resumable: each variant writes OUT/NAME/results.json (bench/contenders.py's file), and a finished one is skipped.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -122,9 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--parallel", type=int, default=2, help="variants at a time (one thread each)")
     p.add_argument("--report", action="store_true", help="only print the table of what has run")
+    p.add_argument("--dry-run", action="store_true", help="only print each variant's bench.contenders command")
     args = p.parse_args(argv)
     args.out = args.out or ROOT / "bench" / "results" / f"tuning-{args.data.resolve().name}"
     names = args.only or list(VARIANTS)
+    if args.dry_run:
+        print("\n".join(shlex.join(command(args, name)) for name in names))
+        return
     if not args.report:
         run_all(args, names)
     table = report(args, names)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -314,16 +315,18 @@ def test_contenders_refuse_a_wrong_name_in_one_line_before_any_work(tmp_path, fl
 
 def test_tuning_runs_each_variant_as_the_base_then_its_one_change(tmp_path):
     """bench.tuning: a variant is a bench.contenders run of the settings before tuning with its one change last (so
-    the change is what wins), at one budget, without a sweep; its table ranks what has run."""
-    images, out = write_demo_folder(tmp_path / "images", 32, 32), tmp_path / "tuning"  # a batch of the base (32)
-    cli("tuning", "--data", images, "--out", out, "--only", "lr2e-3", "--minutes", 0.005, "--fid-images", 8, "--steps", 2,
-        "--parallel", 1)
-    results = json.loads((out / "lr2e-3" / "results.json").read_text())
-    recipe = results["contenders"]["lr2e-3"]["recipe"]
-    assert recipe[-1] == "train.lr=2e-3" and "train.lr=1e-3" in recipe[:-1]
-    (row,) = results["budgets"].values()
-    assert (row["contender"], row["budget_min"], results["sampler"], results["sweep"]) == ("lr2e-3", 0.005, "dpm++", {})
-    assert f"| lr2e-3 | train.lr=2e-3 | {row['fid']} |  | {row['steps']} |" in (out / "table.md").read_text()
+    the change is what wins), at one budget, one thread, without a sampler sweep (--dry-run prints the commands)."""
+    done = cli("tuning", "--data", tmp_path, "--out", tmp_path / "t", "--only", "base", "lr2e-3", "--minutes", 7,
+               "--dry-run")
+    base, change = (shlex.split(line) for line in done.stdout.splitlines())
+    for cmd, name in ((base, "base"), (change, "lr2e-3")):
+        assert cmd[1:3] == ["-m", "bench.contenders"] and cmd[cmd.index("--contenders") + 1] == name
+        assert cmd[cmd.index("--budgets") + 1] == "7" and cmd[cmd.index("--threads") + 1] == "1"
+        assert cmd[cmd.index("--nfe") + 1].startswith("--")  # no model evaluations: no sweep
+    variant = lambda cmd: cmd[cmd.index("--variant") + 1:]  # noqa: E731
+    assert variant(base)[0] == "base" and "train.lr=1e-3" in variant(base)  # the settings before tuning
+    assert variant(change) == ["lr2e-3", *variant(base)[1:], "train.lr=2e-3"]
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.skipif(not PEERS_PYTHON.is_file(), reason=".venv-peers is absent (make bench-peers: 5.7 GB)")
