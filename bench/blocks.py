@@ -1,7 +1,7 @@
 """Parameters and FLOPs per image of each ResBlock variant in one U-Net preset.
 
-    python bench/blocks.py                        # ddpm-cifar10 widths, writes bench/results/blocks.json
-    python bench/blocks.py --preset small --json /tmp/small.json
+    python -m bench.blocks                        # ddpm-cifar10 widths, writes bench/results/blocks.json
+    python -m bench.blocks --preset small --json /tmp/small.json
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode (2 per multiply-add; convolutions,
 matmuls and attention; norms and activations are not counted) for one image at the preset's
@@ -11,14 +11,11 @@ Models live on the meta device: shapes only, so nothing is computed and it takes
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import conv_flop_count
 
+from bench.common import count_flops, parser, write_json
 from resdiff import PRESETS, UNet
 
 # name -> UNet overrides. Cardinality 8 divides every width of the DDPM presets (128, 256, 512) and every
@@ -45,19 +42,21 @@ def conv_backward_flop(
     return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
-def count_flops(model: UNet, backward: bool) -> int:
+def pass_flops(model: UNet, backward: bool) -> int:
     """FLOPs of one forward (and backward) pass on one image at the model's sample size."""
     size = model.config.sample_size
     x = torch.randn(1, model.config.in_channels, size, size, device=model.device)
     t = torch.tensor([500], device=model.device)
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop})
-    # CPU attention runs a fused kernel the counter does not know; the math backend is counted as matmuls.
-    with sdpa_kernel(SDPBackend.MATH), counter:
+
+    def run() -> None:
         with torch.set_grad_enabled(backward):
             out = model(x, t).sample  # (1, C, H, W)
             if backward:
                 out.square().mean().backward()
-    return counter.get_total_flops()
+
+    # CPU attention runs a fused kernel the counter does not know; the math backend is counted as matmuls.
+    with sdpa_kernel(SDPBackend.MATH):
+        return count_flops(run, {torch.ops.aten.convolution_backward: conv_backward_flop})
 
 
 def measure(preset: str, overrides: dict) -> dict:
@@ -65,8 +64,8 @@ def measure(preset: str, overrides: dict) -> dict:
         model = UNet.from_preset(preset, **overrides)
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "forward_flops": count_flops(model.eval(), backward=False),
-        "forward_backward_flops": count_flops(model.train(), backward=True),
+        "forward_flops": pass_flops(model.eval(), backward=False),
+        "forward_backward_flops": pass_flops(model.train(), backward=True),
     }
 
 
@@ -87,10 +86,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="ddpm-cifar10", choices=sorted(PRESETS), help="UNet preset whose widths are measured")
-    parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "blocks.json"), help="where to write the results")
-    args = parser.parse_args()
+    p = parser(__doc__, "blocks")
+    p.add_argument("--preset", default="ddpm-cifar10", choices=sorted(PRESETS), help="UNet preset whose widths are measured")
+    args = p.parse_args()
 
     rows = [{"variant": name, "overrides": kw, **measure(args.preset, kw)} for name, kw in VARIANTS.items()]
     with torch.device("meta"):
@@ -98,9 +96,7 @@ def main() -> None:
     print(f"{args.preset}: per image at {size}x{size}, FLOPs = 2 x multiply-adds\n")
     print(table(rows))
 
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"preset": args.preset, "sample_size": size, "batch": 1, "variants": rows}, indent=2) + "\n")
+    path = write_json("blocks", {"preset": args.preset, "sample_size": size, "batch": 1, "variants": rows}, args.json)
     print(f"\nwrote {path}")
 
 

@@ -11,32 +11,28 @@ again by safetensors and torch.load) against reading each file once (its bytes h
 memory), alternating. The second reads less but copies more; it measured slower, so resdiff reads twice. ``--cold`` evicts the checkpoint's files from the page cache
 before every load (posix_fadvise DONTNEED, no root needed), as for a resume after a reboot or on another node.
 
-    python bench/checksum_cost.py                       # ddpm-cifar10, 5 rounds, in a temporary folder
-    python bench/checksum_cost.py --dir /scratch/x      # on the disk the runs use
-    python bench/checksum_cost.py --cold                # loads from disk, not from the page cache
+    python -m bench.checksum_cost                       # ddpm-cifar10, 5 rounds, in a temporary folder
+    python -m bench.checksum_cost --dir /scratch/x      # on the disk the runs use
+    python -m bench.checksum_cost --cold                # loads from disk, not from the page cache
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import torch  # noqa: E402
-from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
 
-from bench.common import interleaved, median, table, write_json  # noqa: E402
-from resdiff import UNet  # noqa: E402
+from bench.common import interleaved, median, parser, report
+from resdiff import UNet
+from resdiff.checkpoint import TrainState
+from resdiff.files import read_checksums, write_checksums
 from resdiff.layout import CHECKSUMS, EMA, OPTIMIZER, STATE
-from resdiff.checkpoint import TrainState  # noqa: E402
-from resdiff.files import read_checksums, write_checksums  # noqa: E402
-from resdiff.rundir import RunDir  # noqa: E402
+from resdiff.rundir import RunDir
 
 
 def state_of(model: torch.nn.Module, step: int) -> TrainState:
@@ -83,12 +79,11 @@ def load_read_once(path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, "checksum_cost")
     p.add_argument("--preset", default="ddpm-cifar10")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dir", help="where to write the checkpoints (default: a temporary folder)")
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each load")
-    p.add_argument("--json", help="where to write results (default bench/results/checksum_cost.json)")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -129,9 +124,7 @@ def main() -> None:
         "cold": args.cold, "load_checkpoint_s": round(median(times["load_checkpoint"]), 3),
         "load_read_once_s": round(median(times["load_read_once"]), 3),
     }
-    print(table([row], list(row)))
-    out = write_json("checksum_cost", {"rows": [row], "seconds": times}, args.json)
-    print(f"wrote {out}")
+    report("checksum_cost", {"rows": [row], "seconds": times}, args.json, [row], list(row))
 
 
 if __name__ == "__main__":

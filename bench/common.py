@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: machine peak, FLOP counts, interleaved timing, result files.
+"""Shared benchmark helpers: the machine, its matmul peak, FLOP counts, interleaved timing, tables, result files.
 
 Timings on a shared machine are noisy, so every comparison alternates the contenders round by
 round inside one process and reports medians and their ratio, never a single run.
@@ -6,15 +6,16 @@ round inside one process and reports medians and their ratio, never a single run
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,8 +42,6 @@ def machine() -> str:
 
 def default_precisions() -> list[str]:
     """fp32 and bf16 where bf16 runs in hardware; fp32 alone elsewhere (emulated bf16 takes many times longer)."""
-    import sys
-
     from resdiff.hardware import bf16_is_native
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,9 +79,12 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, seconds:
         size = min(2 * size, n)
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn`` as torch's flop counter sees them (matmuls and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
+def count_flops(fn: Callable[[], object], custom_mapping: dict | None = None) -> int:
+    """FLOPs of one call of ``fn`` as torch's flop counter sees them (matmuls and convolutions; ``custom_mapping``:
+    its formulas replaced for some ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=custom_mapping or {}) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -109,17 +111,36 @@ def median(xs: list[float]) -> float:
 def table(rows: list[dict], columns: list[str]) -> str:
     """A plain-text table of ``rows`` (dicts) in the given column order."""
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def write_json(name: str, payload: dict, path: str | None = None) -> Path:
-    """Write results to ``path`` or bench/results/NAME.json, with the machine and date."""
+def write_json(name: str, payload: dict, path: str | Path | None = None) -> Path:
+    """Write results to ``path`` or bench/results/NAME.json, with the machine and date, whole (a temporary name, then
+    renamed: a benchmark killed while writing never leaves half a file)."""
     out = Path(path) if path else RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}
-    out.write_text(json.dumps(payload, indent=1))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}, indent=1))
+    tmp.replace(out)
+    return out
+
+
+def parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring as the help, --json, and --child (a measurement in a fresh process,
+    bench.runner.in_child)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help=f"where to write the results (default bench/results/{name}.json)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p
+
+
+def report(name: str, payload: dict, path: str | None, rows: list[dict], columns: list[str]) -> Path:
+    """The end of a benchmark: the machine and the table of ``rows`` printed, the results written."""
+    print(f"machine: {machine()}\n{table(rows, columns)}")
+    out = write_json(name, payload, path)
+    print(f"wrote {out}", flush=True)
     return out
 
 

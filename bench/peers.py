@@ -2,7 +2,8 @@
 
 This script runs in the peers' environment (.venv-peers, `make bench-peers`: torch 2.14.1, denoising-diffusion-pytorch
 2.3.4, ema-pytorch 0.8.3) and imports nothing of resdiff. bench/contenders.py (resdiff's environment) starts it for
-each budget and imports its top part (the exchange format, the result line, the NFE counts), which needs only numpy.
+each budget (`python -m bench.peers`, from the repository root) and imports its top part (the exchange format, the NFE
+counts), which needs only numpy.
 
 Peers (line numbers are those of denoising_diffusion_pytorch/denoising_diffusion_pytorch.py, elucidated_diffusion.py
 and ema_pytorch/ema_pytorch.py as installed):
@@ -50,11 +51,11 @@ reads the parent's (composited on white as resdiff prepares them), sampling writ
 Resumable: the checkpoint (RUN_DIR/checkpoint.pt) holds the weights, EMA, optimizer, random states, the data
 position and the clock (training seconds, steps, images), written at the end of each `train`.
 
-    python bench/peers.py train lucidrains --images OUT/images.npy --run-dir OUT/runs/lucidrains --seconds 300
-    python bench/peers.py sample lucidrains --run-dir OUT/runs/lucidrains --n 1000 --seed 0 --out samples.npy
+    python -m bench.peers train lucidrains --images OUT/images.npy --run-dir OUT/runs/lucidrains --seconds 300
+    python -m bench.peers sample lucidrains --run-dir OUT/runs/lucidrains --n 1000 --seed 0 --out samples.npy
 
-Each command ends with one line `peer-result {json}`: peer, steps, images, train_s, parameters, nfe, sampler,
-the recipe (the values above, as the installed package has them), device and versions.
+Each command ends with bench.runner's result line `RESULT {json}`: peer, steps, images, train_s, parameters, nfe,
+sampler, the recipe (the values above, as the installed package has them), device and versions.
 """
 
 from __future__ import annotations
@@ -68,13 +69,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.runner import result_line
+
 PEERS = ("lucidrains", "edm")
 # The package's Unet at resdiff's tiny size (see the docstring); edm adds the embedding ElucidatedDiffusion needs.
 UNET = dict(dim=30, dim_mults=(1, 2, 2))
 DDIM_STEPS = 50  # lucidrains: GaussianDiffusion(sampling_timesteps=...): its DDIM at 50 model evaluations
 HEUN_STEPS = 25  # edm: ElucidatedDiffusion(num_sample_steps=...): its Heun sampler at 2 * 25 - 1 = 49
 IMAGE_SIZE = 32
-RESULT = "peer-result "
 CHECKPOINT = "checkpoint.pt"
 # Trainer.__init__'s arguments whose defaults make the training recipe (read from the installed package).
 TRAINER_KEYS = ("train_batch_size", "gradient_accumulate_every", "augment_horizontal_flip", "train_lr", "adam_betas",
@@ -111,17 +113,6 @@ def check_images(images: np.ndarray, path: Path) -> None:
                          f"{tuple(images.shape)}")
 
 
-def result_line(fields: dict) -> str:
-    """The one machine-readable line a command ends with."""
-    return RESULT + json.dumps(fields, sort_keys=True)
-
-
-def parse_result(output: str) -> dict | None:
-    """The fields of the last result line in a command's ``output``, or None when it printed none."""
-    lines = [line for line in output.splitlines() if line.startswith(RESULT)]
-    return json.loads(lines[-1][len(RESULT):]) if lines else None
-
-
 def ddim_nfe(sampling_timesteps: int, timesteps: int = 1000) -> int:
     """Model evaluations of one GaussianDiffusion.sample: its DDIM loop (used when sampling_timesteps < timesteps)
     calls the model once for each of its sampling_timesteps pairs of times; otherwise its ancestral loop, once for
@@ -143,6 +134,15 @@ def nfe(peer: str) -> int:
 def sampler_name(peer: str) -> str:
     return {"lucidrains": f"lucidrains DDIM, {DDIM_STEPS} steps",
             "edm": f"EDM Heun (stochastic), {HEUN_STEPS} steps"}[peer]
+
+
+def save_whole(state: dict, file: Path) -> None:
+    """A checkpoint of tensors, numbers and lists (weights_only loads it) written whole: a temporary name, then renamed."""
+    import torch
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, file.with_suffix(".tmp"))
+    file.with_suffix(".tmp").replace(file)
 
 
 @dataclass
@@ -255,7 +255,7 @@ class PeerRun:
         return len(x), loss.item()
 
     def save(self, progress: Progress) -> None:
-        """Everything a restart needs in one file, written whole (weights_only loads it)."""
+        """Everything a restart needs in one file."""
         import torch
 
         state = {"peer": self.peer, "recipe": json.dumps(self.recipe, sort_keys=True),
@@ -264,10 +264,7 @@ class PeerRun:
                  "generator": self.generator.get_state(), "rng": torch.get_rng_state(), "progress": asdict(progress)}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.file)
+        save_whole(state, self.file)
 
     def restore(self) -> Progress:
         """The state of the checkpoint, if there is one; refuses one of another peer or recipe."""

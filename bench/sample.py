@@ -3,32 +3,27 @@
 The diffusers model is built at the preset's architecture and converted with resdiff.convert.from_diffusers, so
 both run the very same weights. Both contenders alternate round by round in one process.
 
-    python bench/sample.py                          # ddpm-cifar10, batch 16, fp32 and (where it is native) bf16
-    python bench/sample.py --preset small --num-images 32 --rounds 3
+    python -m bench.sample                          # ddpm-cifar10, batch 16, fp32 and (where it is native) bf16
+    python -m bench.sample --preset small --num-images 32 --rounds 3
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import default_precisions, interleaved, machine, median, table, write_json  # noqa: E402
+from bench.common import default_precisions, interleaved, median, parser, report
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, "sample")
     p.add_argument("--preset", default="ddpm-cifar10")
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--precisions", nargs="+", default=None, help="default: no and bf16, or no alone where bf16 is emulated", choices=["no", "bf16"])
     p.add_argument("--compile", action="store_true", help="also time resdiff with compiled blocks (compile time reported apart)")
-    p.add_argument("--json", help="where to write results (default bench/results/sample.json)")
     args = p.parse_args()
 
     from diffusers import DDIMPipeline, DDIMScheduler
@@ -77,10 +72,9 @@ def main() -> None:
                          "ratio compile": round(ips["resdiff+compile"] / ips["diffusers"], 3), "compile s": compile_s} if args.compile else {}),
                      "seconds": {k: [round(t, 2) for t in v] for k, v in times.items()}})
         print(rows[-1], flush=True)
-    print(f"\nmachine: {machine()}")
     extra = ["resdiff+compile img/s", "ratio compile", "compile s"] if args.compile else []
-    print(table(rows, ["preset", "precision", "images", "steps", "resdiff img/s", "diffusers img/s", "ratio", *extra]))
-    print(f"wrote {write_json('sample', {'rows': rows}, args.json)}")
+    report("sample", {"rows": rows}, args.json, rows,
+           ["preset", "precision", "images", "steps", "resdiff img/s", "diffusers img/s", "ratio", *extra])
 
 
 if __name__ == "__main__":

@@ -8,38 +8,37 @@ first two steps of each chunk, which follow start-up and resume, are left out), 
 everything a step costs a user: batching, flips, logging, the progress bar. Start-up, previews and
 checkpoints are one-off costs, reported apart. Target: train.py within 5% of the bare step.
 
-    python bench/train_e2e.py                                   # the cifar10 config at batch 16; fp32 and bf16 where native
-    python bench/train_e2e.py --config defaults --batch-size 32 --rounds 2   # train.py's defaults (no --config)
+    python -m bench.train_e2e                                   # the cifar10 config at batch 16; fp32 and bf16 where native
+    python -m bench.train_e2e --config defaults --batch-size 32 --rounds 2   # train.py's defaults (no --config)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.common import default_precisions, machine, table, write_json  # noqa: E402
+from bench.common import default_precisions, parser, report
+from bench.runner import ROOT, child, in_child, run
 
 
 def run_one(config: str, precision: str, batch: int, rounds: int, steps: int, images: int, overrides: list[str]) -> dict:
     """One (config, precision) in this fresh process: bare-step rounds here alternate with train.py chunks."""
+    from resdiff.build import build_trainer, model_keys
     from resdiff.config import load_config
     from resdiff.data import write_demo_folder
-    from resdiff.build import build_trainer, model_keys
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_demo_folder(Path(tmp) / "pngs", images, 32)
-        quiet = ["train.log_every=1", "train.preview_images=1", "train.preview_steps=1", *overrides]  # previews: one-off, kept short
-        bare_cfg = load_config(None if config == "defaults" else config, [f"data.path={folder}", f"train.batch_size={batch}", f"train.mixed_precision={precision}",
-                                        f"out={tmp}/bare", *quiet], model_keys=model_keys())
-        trainer = build_trainer(bare_cfg, resume="never", echo=lambda _m: None)
+        quiet = ["train.log_every=1", "train.preview_images=1", "train.preview_steps=1", *overrides]  # previews: one-off
+        chosen = [] if config == "defaults" else ["--config", config]
+        cfg = load_config(None if config == "defaults" else config, [
+            f"data.path={folder}", f"train.batch_size={batch}", f"train.mixed_precision={precision}", f"out={tmp}/bare",
+            *quiet], model_keys=model_keys())
+        trainer = build_trainer(cfg, resume="never", echo=lambda _m: None)
         images_, labels = next(iter(trainer.batches))
 
         def bare() -> list[float]:
@@ -52,28 +51,27 @@ def run_one(config: str, precision: str, batch: int, rounds: int, steps: int, im
 
         bare()  # warm-up
         bare_times, e2e_times, chunk_wall = [], [], []
-        run, chunk = Path(tmp) / "run", steps + 2
+        run_dir, chunk = Path(tmp) / "run", steps + 2
         for r in range(rounds):
             bare_times += bare()
-            chosen = [] if config == "defaults" else ["--config", config]
-            cmd = [sys.executable, "train.py", *chosen, "--data", str(folder), "--batch-size", str(batch),
-                   "--mixed-precision", precision, "--out", str(run), "--steps", str((r + 1) * chunk), *quiet]
-            start = time.perf_counter()
-            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            chunk_wall.append(time.perf_counter() - start)
-            if done.returncode:
-                raise SystemExit(f"train.py failed:\n{done.stderr[-3000:]}")
-            records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+            done = run([sys.executable, str(ROOT / "train.py"), *chosen, "--data", str(folder), "--batch-size", str(batch),
+                        "--mixed-precision", precision, "--out", str(run_dir), "--steps", str((r + 1) * chunk), *quiet],
+                       echo=False)
+            chunk_wall.append(done.seconds)
+            if done.code:
+                raise SystemExit(f"train.py failed:\n{done.output[-3000:]}")
+            records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
             e2e_times += [batch / rec["images_per_s"] for rec in records if r * chunk + 2 < rec["step"] <= (r + 1) * chunk]
     bare_s, e2e_s = statistics.median(bare_times), statistics.median(e2e_times)
     return {"config": Path(config).name, "precision": precision, "batch": batch, "steps timed": len(e2e_times),
             "bare step s": round(bare_s, 3), "train.py step s": round(e2e_s, 3), "train.py / bare": round(e2e_s / bare_s, 3),
-            "train.py img/s": round(batch / e2e_s, 2), "one-off s per run": round(statistics.median(chunk_wall) - chunk * e2e_s, 1),
+            "train.py img/s": round(batch / e2e_s, 2),
+            "one-off s per run": round(statistics.median(chunk_wall) - chunk * e2e_s, 1),
             "bare_times": bare_times, "e2e_times": e2e_times}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, "train_e2e")
     p.add_argument("--config", nargs="+", default=["cifar10"],
                    help="configs to run (each as train.py --config; 'defaults': train.py without --config)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -83,27 +81,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="steps per round")
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides for both (e.g. model.preset=tiny)")
-    p.add_argument("--json", help="where to write results (default bench/results/train_e2e.json)")
-    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-
     if args.child:  # one measurement in this fresh process (accelerate allows one precision per process)
-        print("RESULT " + json.dumps(run_one(**json.loads(args.child))))
-        return
+        return child(run_one, args.child)
     rows = []
     for config in args.config:
         for precision in args.precisions or default_precisions():
-            spec = dict(config=config, precision=precision, batch=args.batch_size, rounds=args.rounds, steps=args.steps,
-                        images=args.images, overrides=args.override)
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if out.returncode or not line:
-                sys.exit(f"benchmark {spec} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(line[0][7:]))
+            rows.append(in_child("bench.train_e2e", dict(config=config, precision=precision, batch=args.batch_size,
+                                                         rounds=args.rounds, steps=args.steps, images=args.images,
+                                                         overrides=args.override)))
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_times")}), flush=True)
-    print(f"machine: {machine()}")
-    print(table(rows, [k for k in rows[0] if not k.endswith("_times")]))
-    print(f"wrote {write_json('train_e2e', {'rows': rows}, args.json)}")
+    report("train_e2e", {"rows": rows}, args.json, rows, [k for k in rows[0] if not k.endswith("_times")])
 
 
 if __name__ == "__main__":

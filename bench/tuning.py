@@ -8,11 +8,12 @@ variant, the baseline included, trains under the same condition (one core, a nei
 why these minutes buy fewer steps than the benchmark's. The figures rank the variants against each other; the
 benchmark (bench/contenders.py) then measures the chosen defaults against diffusers.
 
-    python bench/tuning.py --data data/openmoji --minutes 7 --fid-images 500 --only base lr2e-3 lr5e-4 batch16 \
+    python -m bench.tuning --data data/openmoji --minutes 7 --fid-images 500 --only base lr2e-3 lr5e-4 batch16 \
         batch64 wide48 deep2 ema-power0.10 min-snr5 eps-cosine     # the first round of docs/benchmarks.md (7 minutes each)
-    python bench/tuning.py --data data/openmoji                     # every variant below, 5 minutes each
-    python bench/tuning.py --data data/openmoji --only base lr2e-3  # some of them
-    python bench/tuning.py --data data/openmoji --report            # the table of what has run
+    python -m bench.tuning --data data/openmoji                     # every variant below, 5 minutes each
+    python -m bench.tuning --data data/openmoji --only base lr2e-3  # some of them
+    python -m bench.tuning --data data/openmoji --report            # the table of what has run
+    python -m bench.tuning --data data/openmoji --dry-run           # the bench.contenders command of each variant
 
 Resumable: each variant writes OUT/NAME/results.json (bench/contenders.py's file), and a finished one is skipped.
 """
@@ -22,14 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.common import machine  # noqa: E402
+from bench.common import machine
+from bench.runner import ROOT
 
 # The default training settings before this measurement, written out so the variants stay comparable.
 BASE = ["model.preset=tiny", "train.lr=1e-3", "train.warmup_steps=50", "train.batch_size=32", "train.ema_decay=0.995",
@@ -64,8 +65,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 def command(args: argparse.Namespace, name: str) -> list[str]:
     """The bench/contenders.py run of one variant: its own folder, one budget, one thread, no sampler sweep."""
     overrides, _ = VARIANTS[name]
-    return [sys.executable, str(ROOT / "bench" / "contenders.py"), "--data", str(args.data), "--out",
-            str(args.out / name), "--budgets", f"{args.minutes:g}", "--fid-images", str(args.fid_images),
+    return [sys.executable, "-m", "bench.contenders", "--data", str(args.data.resolve()), "--out",
+            str((args.out / name).resolve()), "--budgets", f"{args.minutes:g}", "--fid-images", str(args.fid_images),
             "--sampler", args.sampler, "--steps", str(args.steps), "--threads", "1", "--nfe",
             "--contenders", name, "--variant", name, *BASE, *overrides]
 
@@ -87,9 +88,9 @@ def run_all(args: argparse.Namespace, names: list[str]) -> None:
             (args.out / name).mkdir(parents=True, exist_ok=True)
             log = open(args.out / f"{name}.log", "w")
             print(f"start {name}: {' '.join(VARIANTS[name][0]) or '(the base)'}", flush=True)
-            running.append((name, subprocess.Popen(command(args, name), stdout=log, stderr=subprocess.STDOUT,
+            running.append((name, subprocess.Popen(command(args, name), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                                    env={**os.environ, "OMP_NUM_THREADS": "1"})))
-        time.sleep(5)
+        time.sleep(1)
         for name, proc in list(running):
             if proc.poll() is not None:
                 running.remove((name, proc))
@@ -123,9 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--parallel", type=int, default=2, help="variants at a time (one thread each)")
     p.add_argument("--report", action="store_true", help="only print the table of what has run")
+    p.add_argument("--dry-run", action="store_true", help="only print each variant's bench.contenders command")
     args = p.parse_args(argv)
     args.out = args.out or ROOT / "bench" / "results" / f"tuning-{args.data.resolve().name}"
     names = args.only or list(VARIANTS)
+    if args.dry_run:
+        print("\n".join(shlex.join(command(args, name)) for name in names))
+        return
     if not args.report:
         run_all(args, names)
     table = report(args, names)

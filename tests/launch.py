@@ -3,7 +3,7 @@
 A launched run that does not exit within its bound fails the test with the Python stacks of every
 process it started (and their native stacks where py-spy is installed), instead of hanging CI:
 the workers run with PYTHONFAULTHANDLER=1, so SIGABRT makes each print all its threads' stacks
-before it dies. Used by the tests and by bench/multiprocess_exit.py.
+before it dies. The tests' own: bench/ runs its processes with bench/runner.py (neither imports the other).
 """
 
 from __future__ import annotations

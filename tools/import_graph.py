@@ -1,6 +1,6 @@
 """The import graph of resdiff/: which module imports which, lazy (in-function) imports included, and its circles.
 
-    python bench/import_graph.py          # one line per module: what it imports from resdiff; then the circles
+    python -m tools.import_graph          # one line per module: what it imports from resdiff; then the circles
 
 Read from the source with ast, nothing is imported. tests/test_layout.py holds the rules it must keep: no
 circles, and unet.py imports nothing of resdiff but its layers (nn.py).

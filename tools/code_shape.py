@@ -1,7 +1,7 @@
 """How readable the code base is, in numbers: the longest function and class of each module.
 
-    python bench/code_shape.py            # resdiff/*.py and the CLIs, as a Markdown table
-    python bench/code_shape.py --over 60 8   # every function over 60 lines or 8 parameters
+    python -m tools.code_shape            # resdiff/*.py and the CLIs, as a Markdown table
+    python -m tools.code_shape --over 60 8   # every function over 60 lines or 8 parameters
 
 Issue #14 asks for these figures before and after the design step; a long function or class is where
 a reader has to hold the most in mind at once. Lines are counted from the definition to its last line,

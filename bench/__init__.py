@@ -1,0 +1,1 @@
+"""resdiff's benchmarks, each run from the repository root as `python -m bench.NAME` (docs/benchmarks.md)."""
