@@ -209,8 +209,9 @@ class StopVote:
         return bool(votes.item())
 
 
-def end_training(accelerator: "Accelerator", model: torch.nn.Module) -> torch.nn.Module:
-    """Tear down DDP and the process group in the one order that cannot deadlock; returns the unwrapped model.
+def end_training(accelerator: "Accelerator") -> None:
+    """Tear down DDP and the process group in the one order that cannot deadlock. The caller first drops every
+    reference it holds to the DDP wrapper (``model = accelerator.unwrap_model(model)``), as the Trainer does.
 
     accelerate's ``end_training`` destroys the process group while the DDP wrapper still holds it, which
     leaves DDP's C++ ``Reducer`` as the group's last owner. The Reducer is freed with the GIL held (its
@@ -222,11 +223,9 @@ def end_training(accelerator: "Accelerator", model: torch.nn.Module) -> torch.nn
     destroyed: its last reference then goes through torch's binding for process groups, which releases the
     GIL before ``~ProcessGroupGloo`` runs.
     """
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = accelerator.unwrap_model(model)  # the module itself; the DDP wrapper and its Reducer go
+    if accelerator.num_processes > 1:
         accelerator.free_memory()  # accelerate's own references to the wrapper, then a garbage collection
     accelerator.end_training()  # trackers, then the process group (a no-op with one process)
-    return model
 
 
 def lost_contact(err: RuntimeError, step: int, timeout_s: float | None = None) -> "TrainingError | None":

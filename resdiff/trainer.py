@@ -111,11 +111,13 @@ class Trainer:
             raise
         finally:
             self.close()
+            # The DDP wrapper goes first, while torch.distributed still owns the process group (see end_training).
+            self.model = self.accelerator.unwrap_model(self.model)
             if ok:
-                self.model = end_training(self.accelerator, self.model)
+                end_training(self.accelerator)
             else:  # the process is on its way out with an error: a teardown failure must not replace it
                 with contextlib.suppress(RuntimeError):
-                    self.model = end_training(self.accelerator, self.model)
+                    end_training(self.accelerator)
             # Handlers go back last: a launcher's SIGTERM to the survivors of a dead process must not kill
             # this one before its error is reported. And a library call must not leave its handlers behind
             # (a notebook's next Ctrl-C would be swallowed).

@@ -303,7 +303,7 @@ def test_contenders_report_only_redraws_the_docs_charts_from_their_results_file(
 
 @pytest.mark.parametrize("flags, code, message", [
     (["--contenders", "defualts"], 2, "unknown contender 'defualts'; choose from diffusers, ddpm, defaults, lucidrains, edm"),
-    (["--samplers", "ddim", "dpm"], 2, "unknown sampler 'dpm'; choose from ddpm, ddim, dpm++, euler, heun"),
+    (["--samplers", "ddim", "dpm"], 2, "unknown sampler 'dpm'; choose from ddpm, ddim, dpm++, euler, heun, unipc, dpm++3m, dpm++sde"),
     (["--variant", "ddpm", "train.lr=1"], 1, "--variant ddpm: the name is taken; choose another"),
     (["--contenders", "ddpm", "edm", "--peers-python", "/no/venv/bin/python"], 1,
      "error: /no/venv/bin/python is missing: run make bench-peers (the peers' own environment; or pass --peers-python)"),
