@@ -39,7 +39,7 @@ from bench.loops import CLIP, EMA, OPTIMIZER, ExampleLoop
 # The peers' side of the exchange (bench/peers.py runs in their environment; this part of it needs only numpy), the
 # clock every contender keeps (Progress: the peers' process writes it too) and their checkpoints' writer.
 from bench.peers import PEERS, Progress, read_images, save_whole, write_images
-from bench.runner import ROOT, run_child
+from bench.runner import ROOT, run_child, wait_while_held
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -101,12 +101,13 @@ class ResdiffContender:
     """resdiff's own Trainer (built by build_trainer from the defaults plus ``overrides``), stepped by the
     benchmark's clock: each step is Trainer.train_step, the step train.py runs."""
 
-    def __init__(self, name: str, data: Path, run_dir: Path, overrides: list[str], seed: int):
+    def __init__(self, name: str, data: Path, run_dir: Path, overrides: list[str], seed: int, image_size: int = 32):
         from resdiff.build import build_trainer, model_keys
         from resdiff.config import load_config
 
         self.name, self.run_dir, self.clock_file = name, run_dir, run_dir / "bench-clock.json"
-        self.overrides = [f"data.path={data}", f"out={run_dir}", f"train.seed={seed}", *RESDIFF_COMMON, *overrides]
+        self.overrides = [f"data.path={data}", f"out={run_dir}", f"train.seed={seed}", f"data.image_size={image_size}",
+                          *RESDIFF_COMMON, *overrides]
         cfg = load_config(None, self.overrides, model_keys=model_keys())
         self.trainer = build_trainer(cfg, resume="auto", echo=print)
         if self.trainer.step and self._clock().get(str(self.trainer.step)) is None:  # no clock for its checkpoint
@@ -133,6 +134,10 @@ class ResdiffContender:
 
     def ema_model(self) -> torch.nn.Module:
         return self.trainer.ema.model
+
+    def latent(self):
+        """A latent contender's LatentSpace (its samples are decoded before they are scored); None on pixels."""
+        return self.trainer.latent
 
     def scheduler_config(self) -> dict:
         return dict(self.trainer.diffusion.scheduler.config)
@@ -223,11 +228,11 @@ def recipes(variants: list[list[str]] | None) -> dict[str, list[str]]:
     return out
 
 
-def make_contender(name: str, data: Path, out: Path, seed: int, overrides: list[str] | None):
+def make_contender(name: str, data: Path, out: Path, seed: int, overrides: list[str] | None, image_size: int = 32):
     run_dir = out / "runs" / name
     if name == "diffusers":
         return DiffusersContender(name, data, run_dir, seed)
-    return ResdiffContender(name, data, run_dir, overrides or [], seed)
+    return ResdiffContender(name, data, run_dir, overrides or [], seed, image_size)
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -236,22 +241,22 @@ def make_contender(name: str, data: Path, out: Path, seed: int, overrides: list[
 class Scorer:
     """FID of n samples of a model against the whole folder: the 2015 Inception network, reference cached."""
 
-    def __init__(self, data: Path, n: int, batch_size: int, seed: int):
+    def __init__(self, data: Path, n: int, batch_size: int, seed: int, image_size: int = 32):
         from resdiff.inception import load_inception
         from resdiff.reference import reference_features
 
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.net = load_inception(device="cpu")
-        self.reference = reference_features(data, self.net, 32, 3, batch_size=batch_size, log=print)[1]
+        self.reference = reference_features(data, self.net, image_size, 3, batch_size=batch_size, log=print)[1]
 
     def __call__(self, model: torch.nn.Module | str, scheduler_config: dict | None, sampler: str = "ddim",
-                 steps: int = 50) -> tuple[float, torch.Tensor]:
-        """(FID, the uint8 samples) of ``model`` (in memory with its training scheduler config, or a folder), sampled
-        here with resdiff's ``sampler``."""
+                 steps: int = 50, latent=None) -> tuple[float, torch.Tensor]:
+        """(FID, the uint8 samples) of ``model`` (in memory with its training scheduler config and, for a latent
+        model, its LatentSpace; or a folder), sampled here with resdiff's ``sampler``."""
         from resdiff.sampling import ImageGenerator, SamplingSettings
 
         settings = SamplingSettings(sampler=sampler, steps=steps, seed=self.seed, batch_size=self.batch_size, device="cpu")
-        generator = ImageGenerator(model, settings, scheduler_config)
+        generator = ImageGenerator(model, settings, scheduler_config, latent=latent)
         return self._fid(lambda indices: generator.images(indices, progress=True), f"{sampler}-{steps}")
 
     def samples(self, images: torch.Tensor, sampler: str) -> tuple[float, torch.Tensor]:
@@ -328,6 +333,7 @@ def train_to(contender, progress: Progress, seconds: float) -> Progress:
     bar = tqdm(total=round(seconds), initial=min(round(progress.seconds), round(seconds)), unit="s",
                desc=f"train {contender.name}", dynamic_ncols=True)
     while progress.seconds < seconds:
+        wait_while_held()  # another job holds the cores: the clock waits (bench/runner.py)
         start = time.perf_counter()
         images = contender.step()
         progress.seconds += time.perf_counter() - start
@@ -346,7 +352,7 @@ def run_contender(name: str, args: argparse.Namespace, results: Results, scorer:
     if not todo:
         print(f"{name}: every budget has its result; skipped")
         return
-    contender = make_contender(name, args.data, args.out, args.seed, recipes(args.variant).get(name))
+    contender = make_contender(name, args.data, args.out, args.seed, recipes(args.variant).get(name), args.image_size)
     try:
         results.put("contenders", name, contender.describe())
         progress = contender.restore()
@@ -355,7 +361,8 @@ def run_contender(name: str, args: argparse.Namespace, results: Results, scorer:
                 with flag_file(args.training_flag):
                     progress = train_to(contender, progress, minutes * 60)
                 contender.save(progress)
-            fid, images = scorer(contender.ema_model(), contender.scheduler_config(), args.sampler, args.steps)
+            fid, images = scorer(contender.ema_model(), contender.scheduler_config(), args.sampler, args.steps,
+                                 getattr(contender, "latent", lambda: None)())
             put_row(results, budget_row(name, minutes, fid, progress, images, args.out))
     finally:
         contender.close()
@@ -425,7 +432,7 @@ def run_peer(name: str, args: argparse.Namespace, results: Results, scorer: Scor
 def run_sweep(name: str, args: argparse.Namespace, results: Results, scorer: Scorer) -> None:
     """FID of ``name``'s last model (its run directory's export) for every resdiff sampler at each NFE."""
     from resdiff.choices import SAMPLERS
-    from resdiff.model_folder import load_model
+    from resdiff.model_folder import latent_space, load_model
 
     model_dir = args.out / "runs" / name / "model"
     last = budget_key(name, max(args.budgets))
@@ -433,6 +440,7 @@ def run_sweep(name: str, args: argparse.Namespace, results: Results, scorer: Sco
         print(f"sweep: {name} has no model at its last budget yet; skipped")
         return
     model, scheduler_config = load_model(model_dir, torch.device("cpu"))
+    latent = latent_space(model_dir, device="cpu")  # a latent model's samples are decoded before they are scored
     for sampler in args.samplers or SAMPLERS:
         for nfe in args.nfe:
             key = f"{last}/{sampler}@{nfe}"  # the model of the largest budget: a longer run is swept anew
@@ -443,7 +451,7 @@ def run_sweep(name: str, args: argparse.Namespace, results: Results, scorer: Sco
             if (sampler, steps) == (args.sampler, args.steps):
                 fid = results.data["budgets"][last]["fid"]
             else:
-                fid, _ = scorer(model, scheduler_config, sampler, steps)
+                fid, _ = scorer(model, scheduler_config, sampler, steps, latent)
             row = {"contender": name, "budget_min": max(args.budgets), "sampler": sampler, "nfe": evaluations,
                    "steps": steps, "fid": round(fid, 2)}
             results.put("sweep", key, row)
@@ -621,6 +629,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     p.add_argument("--batch-size", type=int, default=100, help="sampling and Inception batch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=32,
+                   help="the resdiff contenders' training and scoring size (the reference is prepared at it too)")
     args = p.parse_args(argv)
     if args.report_only:
         return report_only(args.report_only)
@@ -637,10 +647,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or ROOT / "bench" / "results" / f"contenders-{args.data.resolve().name}"
-    results = Results(args.out, {"data": str(args.data.resolve()), "fid_images": args.fid_images, "sampler": args.sampler,
-                                   "steps": args.steps})
+    header = {"data": str(args.data.resolve()), "fid_images": args.fid_images, "sampler": args.sampler,
+              "steps": args.steps, **({"image_size": args.image_size} if args.image_size != 32 else {})}
+    results = Results(args.out, header)
     print(f"machine: {machine()}; data {args.data}; budgets {args.budgets} min; FID@{args.fid_images}", flush=True)
-    scorer = Scorer(args.data, args.fid_images, args.batch_size, args.seed)
+    if args.image_size != 32 and (unfit := [c for c in args.contenders if c in PEERS or c == "diffusers"]):
+        p.error(f"--image-size {args.image_size}: {', '.join(unfit)} train at 32x32 only; choose resdiff contenders")
+    scorer = Scorer(args.data, args.fid_images, args.batch_size, args.seed, args.image_size)
     for name in args.contenders:
         (run_peer if name in PEERS else run_contender)(name, args, results, scorer)
     for name in [c for c in args.sweep if c in args.contenders]:

@@ -69,7 +69,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.runner import result_line
+from bench.runner import result_line, wait_while_held
 
 PEERS = ("lucidrains", "edm")
 # The package's Unet at resdiff's tiny size (see the docstring); edm adds the embedding ElucidatedDiffusion needs.
@@ -339,6 +339,7 @@ def train(run: PeerRun, images: Path, seconds: float) -> Progress:
           f"{len(run.images)} images, {run.parameters():,} parameters, {run.device}", flush=True)
     shown = time.monotonic()
     while progress.seconds < seconds:
+        wait_while_held()
         start = time.perf_counter()
         count, loss = run.step()
         progress.seconds += time.perf_counter() - start

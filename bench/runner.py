@@ -26,6 +26,21 @@ RESULT = "RESULT "
 TOKEN = "BENCH_RUN_"  # + the run's own id: every process a run starts inherits it, even in a new session or run
 
 
+# While this file exists, every training clock of the benchmarks waits between two steps (the wait is not counted):
+# another job (a test suite, a build) may then use the cores without its time landing on a contender's clock.
+# tools/hold.sh CMD... holds them for the length of CMD.
+HOLD = Path(os.environ.get("BENCH_HOLD", "/tmp/bench-hold"))
+
+
+def wait_while_held() -> None:
+    """Call between two timed steps: returns at once, or when HOLD is gone."""
+    if HOLD.exists():
+        print(f"held: waiting while {HOLD} exists", flush=True)
+        while HOLD.exists():
+            time.sleep(1)
+        print("held: going on", flush=True)
+
+
 def result_line(fields: dict) -> str:
     """The one machine-readable line a child ends with."""
     return RESULT + json.dumps(fields)
