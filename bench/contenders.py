@@ -356,6 +356,8 @@ def run_contender(name: str, args: argparse.Namespace, results: Results, scorer:
     try:
         results.put("contenders", name, contender.describe())
         progress = contender.restore()
+        if progress.steps:
+            print(f"{name}: resumed from its checkpoint at step {progress.steps} ({progress.seconds:.1f} s trained)")
         for minutes in todo:
             if progress.seconds < minutes * 60:
                 with flag_file(args.training_flag):

@@ -12,6 +12,7 @@ RGBA PNG; training composites the transparency onto white and resizes, as it doe
     make bench-data                                    # installs both packages
     python -m bench.emoji openmoji data/openmoji       # 4,495 PNGs of 96x96
     python -m bench.emoji noto data/noto --limit 3000
+    python -m bench.emoji openmoji data/openmoji256 --side 256   # issue #38's high-resolution set
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
-CANVAS = 160  # drawing size in pixels before cropping: large enough that antialiasing is not the look
+OPENMOJI_PX = 128  # OpenMoji's font size per 96 output pixels: each PNG is drawn larger than it is written
 
 
 def openmoji_dir() -> Path:
@@ -41,10 +42,12 @@ def sequences() -> list[str]:
     return ["".join(chr(int(code, 16)) for code in name.split("-")) for name in names]
 
 
-def font(family: str) -> ImageFont.FreeTypeFont:
-    """The colour font of a family. Noto's bitmaps exist at 109 px only, so it is loaded at that size."""
+def font(family: str, side: int = 96) -> ImageFont.FreeTypeFont:
+    """The colour font of a family, drawn larger than ``side`` so resizing only ever shrinks. OpenMoji's outlines
+    scale with ``side``; Noto's bitmaps exist at 109 px only (136-pixel glyphs), so it is loaded at that size."""
     if family == "openmoji":
-        return ImageFont.truetype(str(openmoji_dir() / "font" / "glyf_colr0.ttf"), 128)
+        size = max(OPENMOJI_PX, -(-side * OPENMOJI_PX // 96))
+        return ImageFont.truetype(str(openmoji_dir() / "font" / "glyf_colr0.ttf"), size)
     if not NOTO_FONT.exists():
         sys.exit(f"error: {NOTO_FONT} is missing; run `make bench-data` (apt-get install fonts-noto-color-emoji)")
     return ImageFont.truetype(str(NOTO_FONT), 109)
@@ -52,7 +55,8 @@ def font(family: str) -> ImageFont.FreeTypeFont:
 
 def render(text: str, face: ImageFont.FreeTypeFont, side: int) -> Image.Image | None:
     """One emoji as an RGBA square of ``side`` pixels, or None where the font draws nothing (or only a box)."""
-    canvas = Image.new("RGBA", (CANVAS, CANVAS), (0, 0, 0, 0))
+    canvas_side = face.size * 5 // 4 + 16  # room for the glyph's overhang beyond its nominal size
+    canvas = Image.new("RGBA", (canvas_side, canvas_side), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text((8, 8), text, font=face, embedded_color=True)
     box = canvas.getchannel("A").getbbox()
     if box is None:
@@ -68,7 +72,7 @@ def render(text: str, face: ImageFont.FreeTypeFont, side: int) -> Image.Image | 
 
 def write_set(family: str, out: Path, side: int = 96, limit: int | None = None) -> int:
     """Render a family's emoji into ``out`` as PNGs; returns how many were written."""
-    face = font(family)
+    face = font(family, side)
     out.mkdir(parents=True, exist_ok=True)
     written = 0
     for i, text in enumerate(sequences()):
