@@ -8,7 +8,7 @@ import pytest
 from tiny_runs import ROOT
 
 sys.path.insert(0, str(ROOT))
-from tools.import_graph import cycles, import_graph, imports_of  # noqa: E402
+from tools.import_graph import cycles, draw, import_graph, imports_of, layers  # noqa: E402
 
 
 def test_resdiff_has_no_import_circles():
@@ -33,6 +33,18 @@ def test_the_graph_sees_lazy_imports_and_finds_circles(tmp_path):
     assert graph == {"a": {"b"}, "b": {"a", "c"}, "c": set()}
     assert cycles(graph) == [["a", "b"]]
     assert cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z"]]
+
+
+def test_layers_put_each_module_above_what_it_imports_and_the_picture_is_drawn(tmp_path):
+    from PIL import Image
+
+    graph = {"cli": {"build", "errors"}, "build": {"unet", "errors"}, "unet": {"nn"}, "nn": set(), "errors": set()}
+    assert layers(graph) == {"nn": 0, "errors": 0, "unet": 1, "build": 2, "cli": 3}
+    real = import_graph()
+    level = layers(real)
+    assert all(level[m] > level[d] for m, deps in real.items() for d in deps)
+    draw(graph, tmp_path / "graph.png", "test")
+    assert Image.open(tmp_path / "graph.png").size[0] > 400
 
 
 @pytest.mark.parametrize("script, shown", [

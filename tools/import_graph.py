@@ -1,6 +1,7 @@
 """The import graph of resdiff/: which module imports which, lazy (in-function) imports included, and its circles.
 
     python -m tools.import_graph          # one line per module: what it imports from resdiff; then the circles
+    python -m tools.import_graph --picture docs/design/import-graph.png   # the same graph, drawn in layers
 
 Read from the source with ast, nothing is imported. tests/test_layout.py holds the rules it must keep: no
 circles, and unet.py imports nothing of resdiff but its layers (nn.py).
@@ -71,9 +72,63 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layers(graph: dict[str, set[str]]) -> dict[str, int]:
+    """module -> its layer: 0 for a module importing none of the package, else one above the highest it imports
+    (a circle, which tests/test_layout.py forbids, is cut where it closes)."""
+    found: dict[str, int] = {}
+
+    def layer(v: str, seen: frozenset) -> int:
+        if v not in found:
+            below = [layer(w, seen | {v}) for w in graph.get(v, ()) if w not in seen and w != v]
+            found[v] = 1 + max(below, default=-1)
+        return found[v]
+
+    for v in graph:
+        layer(v, frozenset())
+    return found
+
+
+def draw(graph: dict[str, set[str]], path: Path, title: str) -> None:
+    """The graph as a picture: each layer a row (the bottom row imports nothing of the package), an arrowless line
+    from each module down to each module it imports."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from resdiff.charts import save
+
+    level = layers(graph)
+    rows: dict[int, list[str]] = {}
+    for module in sorted(graph, key=lambda m: (level[m], m)):
+        rows.setdefault(level[module], []).append(module)
+    widest = max(len(r) for r in rows.values())
+    where = {m: ((i + 0.5) * widest / len(row), lvl) for lvl, row in rows.items() for i, m in enumerate(row)}
+    fig = Figure(figsize=(max(8.0, widest * 1.15), 1.1 * len(rows) + 1), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for module, deps in graph.items():
+        for dep in deps:
+            (x0, y0), (x1, y1) = where[module], where[dep]
+            ax.plot([x0, x1], [y0, y1], color="0.6", linewidth=0.5, alpha=0.6, zorder=1)
+    for module, (x, y) in where.items():
+        ax.text(x, y, module, ha="center", va="center", fontsize=7, zorder=2,
+                bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "0.3", "linewidth": 0.6})
+    edges = sum(len(d) for d in graph.values())
+    ax.set_title(f"{title}: {len(graph)} modules, {edges} imports, {len(rows)} layers (bottom: imports nothing)")
+    ax.set_xlim(-0.2, widest + 0.2)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.axis("off")
+    save(fig, path)
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    graph = import_graph()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--package", type=Path, default=PACKAGE, help="the package folder to read (default: resdiff/)")
+    p.add_argument("--picture", type=Path, help="also draw the graph into this PNG")
+    args = p.parse_args()
+    graph = import_graph(args.package)
+    if args.picture:
+        draw(graph, args.picture, f"imports within {args.package.name}/")
+        print(f"wrote {args.picture}")
     for module, deps in graph.items():
         print(f"{module:>14} -> {', '.join(sorted(deps)) or '-'}")
     found = cycles(graph)
