@@ -42,11 +42,14 @@ def sampling_rate(latent, size: int, images: int, steps: int) -> float:
     """Images per second of DDIM-``steps`` sampling at ``size`` pixels: in the latent space of ``latent`` (decoding
     included) or, with ``latent`` None, in pixel space."""
     from resdiff import UNet
+    from resdiff.diffusion import GaussianDiffusion
     from resdiff.sampling import generate
 
     side, channels = (size // latent.factor, latent.autoencoder.latent_channels) if latent else (size, 3)
     model = UNet.from_preset("auto", sample_size=side, in_channels=channels).eval()
-    run = lambda: generate(model, images, sampler="ddim", steps=steps, progress=False, latent=latent)
+    scheduler = dict(GaussianDiffusion.from_config(latent=latent is not None).scheduler.config)  # the defaults'
+    run = lambda: generate(model, images, sampler="ddim", steps=steps, progress=False, latent=latent,
+                           scheduler_config=scheduler)
     run()  # warm-up: allocator, kernels
     start = time.perf_counter()
     out = run()

@@ -162,6 +162,27 @@ def test_evaluate_times_sampling_features_and_the_whole_evaluation(tmp_path):
     assert all(re.fullmatch(r"\d+\.\d\d", r["images/s"]) for r in result["rows"]) and math.isfinite(result["fid"])
 
 
+def test_autoencoder_scores_reconstructions_and_times_both_spaces(tmp_path):
+    """bench.autoencoder on a random diffusers AutoencoderTiny (8x): the reconstruction FID of n images against the
+    folder, their PSNR, encoding and decoding rates (and the set's encoding time from them), sampling rates of
+    both spaces at full size, and a grid of the originals over their reconstructions."""
+    from PIL import Image
+
+    from tiny_models import tiny_autoencoder
+    from tiny_runs import write_pngs
+
+    ae, pngs = tiny_autoencoder("tiny", tmp_path / "ae"), write_pngs(tmp_path / "pngs", 6, size=32)
+    result = bench("autoencoder", "--data", pngs, "--autoencoder", ae, "--image-size", 32, "-n", 4, "--steps", 2,
+                   "--sample-images", 2, "--batch-size", 4, "--out", tmp_path / "out", tmp_path=tmp_path)
+    row = result["result"]
+    assert (row["size"], row["n"], result["set_images"]) == (32, 4, 6) and math.isfinite(row["fid"])
+    assert 0 < row["psnr_db"] < 100  # a random decoder reconstructs nothing exactly
+    assert row["encode_set_min"] == round(6 / row["encode_img_s"] / 60, 1)
+    assert min(row["encode_img_s"], row["decode_img_s"], row["latent_sample_img_s"], row["pixel_sample_img_s"]) > 0
+    assert Image.open(result["grid"]).size == (8 * 34 + 2, 34 + 2)  # 4 originals, then their 4 reconstructions
+    assert np.load(tmp_path / "out" / "reconstructions.npz")["arr_0"].shape == (4, 32, 32, 3)
+
+
 def test_evaluate_parts_splits_evaluate_into_its_parts(tmp_path):
     result = bench("evaluate_parts", "--num-images", "6", "--steps", "2", "--batch-size", "6", tmp_path=tmp_path)
     assert [(r["n"], r["part"]) for r in result["rows"]] == [(6, part) for part in (
