@@ -23,6 +23,7 @@ log, previews and the exported model, and never lets the trainer name a file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -198,7 +199,7 @@ def check_same_model(run_dir: Path, cfg: Config) -> None:
     if not saved.is_file():
         return
     old = load_config(saved)
-    diffs = config_diff(old, cfg, "model")
+    diffs = config_diff(_spec_blind(old), _spec_blind(cfg), "model")
     for key in ("image_size", "image_channels", "class_cond"):
         a, b = getattr(old.data, key), getattr(cfg.data, key)
         if a != b:
@@ -208,6 +209,15 @@ def check_same_model(run_dir: Path, cfg: Config) -> None:
             f"cannot resume {run_dir}: the config changes the model ({'; '.join(diffs)}); "
             f"use the original settings or a new --out"
         )
+
+
+def _spec_blind(cfg: Config) -> Config:
+    """``cfg`` with its autoencoder's SPEC reduced to whether there is one: the same files named by another path (a
+    relative one, a moved folder) are the same model; other files are a change the identity names
+    (``data.autoencoder``, the files' fingerprint)."""
+    if cfg.model.get("autoencoder") is None:
+        return cfg
+    return dataclasses.replace(cfg, model={**cfg.model, "autoencoder": "an autoencoder"})
 
 
 def _plain_json(value: object) -> object:

@@ -71,6 +71,26 @@ def test_training_on_a_folder_encodes_it_once_and_the_model_records_its_autoenco
     assert "encoding" not in err.lower() and [r["step"] for r in read_log(run) if "loss" in r][-1] == 3
 
 
+def test_a_resume_knows_the_autoencoder_by_its_files_not_by_how_its_folder_is_named(ae, pngs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli.main(["--data", str(pngs), "--autoencoder", str(ae), "--steps", "2", "--out", str(out), *SMALL]) == 0
+    capsys.readouterr()
+    moved = tmp_path / "elsewhere" / "tiny"  # the same files under another name, given as a relative path
+    moved.parent.mkdir()
+    moved.symlink_to(ae, target_is_directory=True)
+    relative = os.path.relpath(moved)
+    code, _, err = run_cli(train_cli, ["--data", pngs, "--autoencoder", relative, "--steps", "3", "--out", out, *SMALL],
+                           capsys)
+    assert code == 0, err
+    assert [r["step"] for r in read_log(out) if "loss" in r][-1] == 3
+
+    other = tiny_autoencoder("tiny", tmp_path / "other", seed=1)  # other weights: a change the identity names
+    code, _, err = run_cli(train_cli, ["--data", pngs, "--autoencoder", other, "--steps", "4", "--out", out, *SMALL],
+                           capsys)
+    assert code == 2
+    assert f"cannot resume {out}: it was trained with other data or settings (data.autoencoder: " in err
+
+
 def test_sampling_decodes_and_refuses_another_autoencoder(run, tmp_path, capsys):
     code, out, err = run_cli(sample_cli, ["--model", run, "-n", "3", "--steps", "3", "--out", tmp_path / "s"], capsys)
     assert code == 0, err
