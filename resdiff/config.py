@@ -54,6 +54,9 @@ class DiffusionConfig:
     prediction_type: str = "v_prediction"  # epsilon | v_prediction | sample (aliases: eps, v, x0)
     min_snr_gamma: float | None = 5.0  # Min-SNR-5 loss weighting (Hang et al. 2023); None: plain MSE
     label_dropout: float = 0.1  # classifier-free guidance: probability of dropping the class label
+    # Immiscible diffusion (Li et al. 2024): each batch's noise is paired with its images by least total distance
+    # (a linear assignment) instead of at random, so that each noise is trained towards a nearby image.
+    immiscible: bool = False
 
 
 @dataclass

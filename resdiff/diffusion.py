@@ -20,7 +20,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .choices import SAMPLERS
 from .config import DiffusionConfig
 
-__all__ = ["GaussianDiffusion", "Guidance", "make_sampler", "sampler_step_kwargs", "image_generators", "image_noise"]
+__all__ = ["GaussianDiffusion", "Guidance", "make_sampler", "sampler_step_kwargs", "image_generators", "image_noise",
+           "immiscible_order"]
 
 
 def make_sampler(name: str, train_config: dict) -> tuple[SchedulerMixin, int]:
@@ -39,6 +40,17 @@ def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]
 def image_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
     """Standard normal noise of ``shape`` for each generator, stacked: (len(generators), *shape), on the CPU."""
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+
+
+def immiscible_order(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The order of ``noise`` (N, ...) that pairs it with the images ``x0`` (N, ...) by the least total L2 distance:
+    immiscible diffusion's assignment (Li et al. 2024, "Immiscible Diffusion", Algorithm 1), solved exactly by
+    scipy's ``linear_sum_assignment`` (Jonker-Volgenant) on the batch's distance matrix. Returns (N,) indices."""
+    from scipy.optimize import linear_sum_assignment
+
+    distance = torch.cdist(x0.detach().flatten(1).float(), noise.flatten(1).float())  # (N images, N noises)
+    _, order = linear_sum_assignment(distance.cpu().numpy())
+    return torch.as_tensor(order, device=noise.device)
 
 
 @dataclass
@@ -71,16 +83,18 @@ class GaussianDiffusion:
 
     ``loss`` is the training objective: noise the data at uniform random timesteps and regress the
     model's prediction onto the target (epsilon, v or x0), optionally min-SNR-gamma weighted
-    (Hang et al. 2023). ``sample`` runs any diffusers scheduler from noise to images.
+    (Hang et al. 2023), the noise optionally assigned to the images by ``immiscible_order``.
+    ``sample`` runs any diffusers scheduler from noise to images.
     """
 
     def __init__(
         self, scheduler: DDPMScheduler, *, min_snr_gamma: float | None = DiffusionConfig.min_snr_gamma,
-        label_dropout: float = DiffusionConfig.label_dropout,
+        label_dropout: float = DiffusionConfig.label_dropout, immiscible: bool = DiffusionConfig.immiscible,
     ):
         self.scheduler = scheduler
         self.min_snr_gamma = min_snr_gamma
         self.label_dropout = label_dropout
+        self.immiscible = immiscible
         alphas = scheduler.alphas_cumprod.float()
         self.snr = alphas / (1 - alphas)  # (T,) signal-to-noise ratio of each timestep
 
@@ -96,7 +110,7 @@ class GaussianDiffusion:
             num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, beta_start=d.beta_start,
             beta_end=d.beta_end, prediction_type=d.prediction_type, clip_sample=not latent,
         )
-        return cls(scheduler, min_snr_gamma=d.min_snr_gamma, label_dropout=d.label_dropout)
+        return cls(scheduler, min_snr_gamma=d.min_snr_gamma, label_dropout=d.label_dropout, immiscible=d.immiscible)
 
     @property
     def prediction_type(self) -> str:
@@ -134,6 +148,8 @@ class GaussianDiffusion:
         n = x0.shape[0]
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=x0.device)
         noise = torch.randn_like(x0)
+        if self.immiscible:
+            noise = noise[immiscible_order(x0, noise)]
         xt = self.scheduler.add_noise(x0, noise, t)
         pred = model(xt, t, class_labels).sample  # (N, C or 2C, H, W)
         pred = pred[:, : x0.shape[1]]  # a learned-variance model's extra channels are not part of this loss

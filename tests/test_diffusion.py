@@ -5,6 +5,7 @@ Everything runs on tiny real U-Nets at 16x16; the expected values are the closed
 computed here independently of diffusers.
 """
 
+import itertools
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from resdiff import UNet
 from resdiff.config import load_config
 from resdiff.choices import SAMPLERS
 from resdiff.config import DiffusionConfig
-from resdiff.diffusion import GaussianDiffusion, Guidance, image_generators, image_noise, make_sampler
+from resdiff.diffusion import GaussianDiffusion, Guidance, image_generators, image_noise, immiscible_order, make_sampler
 
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
 FEW = {"ddpm": 20, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3, "unipc": 4, "dpm++3m": 4,
@@ -176,6 +177,40 @@ def test_min_snr_weighting_changes_the_loss_as_the_weights_say():
     torch.testing.assert_close(losses["plain"], per_image.mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses["weighted"], (per_image * weighted.loss_weight(t)).mean(), rtol=1e-4, atol=1e-5)
     assert abs(float(losses["weighted"]) - float(losses["plain"])) > 1e-3
+
+
+# ----------------------------------------------------------------------------- immiscible noise
+
+
+def test_immiscible_order_is_the_permutation_of_least_total_distance():
+    torch.manual_seed(0)
+    x0, noise = images(6), torch.randn(6, 3, 16, 16)
+    order = immiscible_order(x0, noise)
+    assert sorted(order.tolist()) == list(range(6))
+
+    def total(perm) -> float:
+        return sum(float((x0[i] - noise[j]).norm()) for i, j in enumerate(perm))
+
+    best = min(itertools.permutations(range(6)), key=total)  # all 720 pairings
+    assert total(order.tolist()) == pytest.approx(total(best), rel=1e-6)
+    assert total(order.tolist()) < total(range(6))  # the random pairing is farther
+
+
+def test_immiscible_loss_trains_each_image_towards_its_assigned_noise():
+    """Recover the noise the model was fed: it is the batch's noise reordered by immiscible_order, not as drawn."""
+    config = dict(num_train_timesteps=100, prediction_type="epsilon", min_snr_gamma=None)
+    x0 = images(8)
+    fed = {}
+    for immiscible in (False, True):
+        model = Recorder(small_unet())
+        torch.manual_seed(5)  # the same timesteps and noise draw for both
+        GaussianDiffusion.from_config(**config, immiscible=immiscible).loss(model, x0)
+        (xt, t, _), = model.calls
+        ab = GaussianDiffusion.from_config(**config).scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        fed[immiscible] = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+    torch.testing.assert_close(fed[True], fed[False][immiscible_order(x0, fed[False])], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fed[True], fed[False], atol=1e-3)
+    assert load_config(None, ["diffusion.immiscible=true"]).diffusion.immiscible is True
 
 
 # ----------------------------------------------------------------------------- label dropout
