@@ -103,10 +103,14 @@ def build_trainer(
         )
     source = load_init_source(cfg, init_from) if init_from is not None else None  # sets cfg.model
     plan = DataPlan(cfg.data, cfg.model.get("autoencoder"), acc.device)
+    if source is not None:
+        source.check_input(plan.model_input, plan.autoencoder)
     parameters = _check_model_and_settings(cfg, plan.model_input)
     dataset, latent = plan.load(echo if main else (lambda _msg: None))
     if source is not None:
         source.check_classes(dataset.classes if cfg.data.class_cond else [])
+        if source.latent is not None:
+            latent = source.latent_space(latent)
 
     set_seed(t.seed)  # identical initial weights on every process
     unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None, plan.model_input)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from resdiff.cli import evaluate as evaluate_cli
 from resdiff.cli import export as export_cli
 from resdiff.cli import sample as sample_cli
 from resdiff.cli import train as train_cli
+from resdiff.files import write_checksums
 from resdiff.inception import FIDInceptionV3
 from resdiff.testing import synthetic_weights
 from resdiff.layout import LATENT
@@ -89,6 +92,37 @@ def test_a_resume_knows_the_autoencoder_by_its_files_not_by_how_its_folder_is_na
                            capsys)
     assert code == 2
     assert f"cannot resume {out}: it was trained with other data or settings (data.autoencoder: " in err
+
+
+def test_fine_tuning_a_latent_model_keeps_its_autoencoder_and_its_normalisation(run, ae, pngs, tmp_path, capsys):
+    source = tmp_path / "source"  # the run's model, its normalisation changed as another data set's would be
+    shutil.copytree(run / "model", source)
+    record = json.loads((source / LATENT).read_text())
+    record["norm"] = {"shift": [0.25, 0, 0, -0.25], "scale": [0.5, 2, 1, 1], "source": "measured on other data"}
+    (source / LATENT).write_text(json.dumps(record))
+    (source / "SHA256SUMS").unlink()
+    write_checksums(source)
+    out = tmp_path / "tuned"
+    code, _, err = run_cli(train_cli, ["--init-from", source, "--data", pngs, "--steps", "1", "--out", out, *SMALL],
+                           capsys)  # no --autoencoder: the source's latent space comes with it
+    assert code == 0, err
+    tuned = json.loads((out / "model" / LATENT).read_text())
+    assert tuned["autoencoder"] == record["autoencoder"] and tuned["norm"] == record["norm"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["autoencoder"] == str(ae)
+
+    other = tiny_autoencoder("tiny", tmp_path / "other", seed=1)
+    code, _, err = run_cli(train_cli, ["--init-from", source, "--data", pngs, "--autoencoder", other, "--steps", "1",
+                                       "--out", tmp_path / "refused", *SMALL], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--init-from {source}: the model was trained in the latents of {ae}, but " in err
+
+    pixels = tmp_path / "pixels"  # a model of images is not fine-tuned on latents
+    assert train_cli.main(["--data", str(pngs), "--steps", "1", "--out", str(pixels), *SMALL]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(train_cli, ["--init-from", pixels, "--data", pngs, "--autoencoder", ae, "--steps", "1",
+                                       "--out", tmp_path / "refused2", *SMALL], capsys)
+    assert code == 2 and "it is a model of images, but the run trains on an autoencoder's latents" in err
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "refused2").exists()
 
 
 def test_sampling_decodes_and_refuses_another_autoencoder(run, tmp_path, capsys):
