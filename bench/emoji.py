@@ -13,6 +13,7 @@ RGBA PNG; training composites the transparency onto white and resizes, as it doe
     python -m bench.emoji openmoji data/openmoji       # 4,495 PNGs of 96x96
     python -m bench.emoji noto data/noto --limit 3000
     python -m bench.emoji openmoji data/openmoji256 --side 256   # issue #38's high-resolution set
+    python -m bench.emoji openmoji data/openmoji256-1k --side 256 --spread 1000   # its 1,000-image subset
 """
 
 from __future__ import annotations
@@ -70,15 +71,24 @@ def render(text: str, face: ImageFont.FreeTypeFont, side: int) -> Image.Image | 
     return square.resize((side, side), Image.Resampling.LANCZOS)
 
 
-def write_set(family: str, out: Path, side: int = 96, limit: int | None = None) -> int:
-    """Render a family's emoji into ``out`` as PNGs; returns how many were written."""
+def spread(count: int, n: int) -> list[int]:
+    """``n`` of the indices 0..count-1, evenly spaced from the first: a subset that samples every part of the set
+    (the sequences are ordered by category, so the first ``n`` would be faces only)."""
+    return sorted({i * count // n for i in range(n)}) if n < count else list(range(count))
+
+
+def write_set(family: str, out: Path, side: int = 96, limit: int | None = None, every: int | None = None) -> int:
+    """Render a family's emoji into ``out`` as PNGs (at most ``limit``, or ``every`` spread evenly over the set);
+    returns how many were written. File names keep each emoji's index, so a subset's names match the full set's."""
     face = font(family, side)
     out.mkdir(parents=True, exist_ok=True)
+    texts = list(sequences())
+    chosen = spread(len(texts), every) if every is not None else range(len(texts))
     written = 0
-    for i, text in enumerate(sequences()):
+    for i in chosen:
         if limit is not None and written >= limit:
             break
-        image = render(text, face, side)
+        image = render(texts[i], face, side)
         if image is not None:
             image.save(out / f"{i:05d}.png")
             written += 1
@@ -90,9 +100,11 @@ def main() -> None:
     p.add_argument("family", choices=["openmoji", "noto"])
     p.add_argument("out", type=Path)
     p.add_argument("--side", type=int, default=96, help="PNG side in pixels (training resizes it)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many images")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images, the first ones")
+    p.add_argument("--spread", type=int, default=None, metavar="N",
+                   help="N emoji spread evenly over the set instead of all (fewer where the font lacks some)")
     a = p.parse_args()
-    n = write_set(a.family, a.out, a.side, a.limit)
+    n = write_set(a.family, a.out, a.side, a.limit, a.spread)
     print(f"{n} {a.family} emoji written to {a.out}")
 
 

@@ -8,6 +8,7 @@ bench/peers.py imports it in the peers' environment, bench/gpu_check.py before d
 from __future__ import annotations
 
 import codecs
+import glob
 import json
 import os
 import signal
@@ -28,15 +29,21 @@ TOKEN = "BENCH_RUN_"  # + the run's own id: every process a run starts inherits 
 
 # While this file exists, every training clock of the benchmarks waits between two steps (the wait is not counted):
 # another job (a test suite, a build) may then use the cores without its time landing on a contender's clock.
-# tools/hold.sh CMD... holds them for the length of CMD.
+# tools/hold.sh CMD... holds them for the length of CMD. Each holder makes its own file (HOLD, or HOLD.PID), so two
+# holders at once do not release each other: the clocks go on when the last one is gone.
 HOLD = Path(os.environ.get("BENCH_HOLD", "/tmp/bench-hold"))
 
 
+def holders() -> list[Path]:
+    """The hold files that exist now: HOLD itself and every HOLD.SUFFIX."""
+    return sorted(HOLD.parent.glob(glob.escape(HOLD.name) + "*"))
+
+
 def wait_while_held() -> None:
-    """Call between two timed steps: returns at once, or when HOLD is gone."""
-    if HOLD.exists():
-        print(f"held: waiting while {HOLD} exists", flush=True)
-        while HOLD.exists():
+    """Call between two timed steps: returns at once, or when every hold file is gone."""
+    if holders():
+        print(f"held: waiting while {', '.join(map(str, holders()))} exist", flush=True)
+        while holders():
             time.sleep(1)
         print("held: going on", flush=True)
 

@@ -262,6 +262,31 @@ def test_learning_measure_ranks_real_below_blurred_below_noise(tmp_path):
     assert measure["real held-out"] < measure["blurred (0.6 px)"] < measure["uniform noise"]
 
 
+def test_two_holders_at_once_do_not_release_each_other(tmp_path):
+    """tools/hold.sh: each holder makes its own file, and bench.runner's clocks wait while any is there; a holder
+    that ends removes only its own, so a second one still running keeps the clocks held."""
+    hold = tmp_path / "bench-hold"
+    other = tmp_path / "bench-hold.other"  # another holder, still running
+    other.touch()
+    count = "from bench.runner import holders; print(len(holders()))"
+    env = {**os.environ, "BENCH_HOLD": str(hold)}
+    inside = subprocess.run(["bash", "tools/hold.sh", sys.executable, "-c", count], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.split() == ["2"]  # its own file and the other holder's
+    assert other.exists() and [p.name for p in tmp_path.iterdir()] == [other.name]
+    wait = "from bench.runner import wait_while_held; wait_while_held(); print('went on')"
+    waiter = subprocess.Popen([sys.executable, "-c", wait], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiter.wait(timeout=3)  # held while the other holder's file exists
+        other.unlink()
+        out, _ = waiter.communicate(timeout=30)
+    finally:
+        waiter.kill()
+    assert out.splitlines()[-1] == "went on"
+
+
 # ------------------------------------------------------------- real images against diffusers and the peers
 
 
