@@ -109,7 +109,7 @@ ALLOWED = {
     "datasets": {"autoencoder", "config", "data", "errors", "files", "prepare", "processes", "shapes"},
     "model_folder": {"autoencoder", "checkpoint", "convert", "errors", "files", "hardware", "hints", "layout", "unet"},
     "rundir": {"card", "checkpoint", "config", "errors", "files", "layout", "processes", "runlock", "shapes"},
-    "pretrained": {"config", "errors", "files", "hints", "model_folder", "shapes", "unet"},
+    "pretrained": {"autoencoder", "config", "errors", "files", "hints", "layout", "model_folder", "shapes", "unet"},
     "sampling": {"autoencoder", "choices", "data", "diffusion", "errors", "hardware", "hints", "images", "model_folder",
                  "processes", "settings", "shapes"},
     "editing": {"choices", "data", "diffusion", "errors", "files", "hints", "images", "sampling", "settings"},
