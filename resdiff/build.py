@@ -112,48 +112,50 @@ def build_trainer(
         if source.latent is not None:
             latent = source.latent_space(latent)
 
-    set_seed(t.seed)  # identical initial weights on every process
-    unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None, plan.model_input)
-    if source is not None:
-        unet.load_state_dict(source.weights)  # the source's own tensors; the EMA starts from them too
-    workers, why = loader_workers(cfg.data.num_workers, dataset.cached, acc.device,
-                                  int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if isinstance(dataset, PreparedImages) and cfg.data.num_workers == "auto":
-        why = "auto: the images are prepared; a batch is a copy of a few rows of the mapped files"
-    batches = ShardedBatches(
-        dataset, t.batch_size // (world * t.grad_accum), rank, world, t.seed,
-        dict(num_workers=workers, pin_memory=acc.device.type == "cuda", persistent_workers=False,
-             prefetch_factor=4 if workers else None),
-        flip=cfg.data.random_flip,
-    )
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion, latent=latent is not None)
-    ema = EMA(unet, t.ema_decay, warmup=t.ema_warmup, sigma_rel=t.ema_sigma_rel).to(acc.device)
-    evaluator, evaluation = _evaluator(cfg, acc, getattr(dataset, "source", dataset.root), unet,
-                                       dict(diffusion.scheduler.config), echo, latent)
-    if t.channels_last:  # after the EMA's copy and the evaluator's timing, which want the standard layout
-        unet = unet.to(memory_format=torch.channels_last)
-    if t.compile:
-        unet.compile_blocks()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
-                                  **_fast_adamw())
+    # The first write, before the model exists: a refusal (another run's folder, no room on the disk for this
+    # model's checkpoints) costs no memory and no time.
     run = RunDir(cfg.out, warn=echo)
-    previews = Previews(every=t.preview_every, num_images=t.preview_images, run=run, trackers=acc if t.trackers else None,
-                        latent=latent, settings=SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
-                                                  mixed_precision=t.mixed_precision, device=acc.device))
-    trainer = Trainer(
-        model=unet, diffusion=diffusion, optimizer=optimizer,
-        lr_schedule=get_constant_schedule_with_warmup(optimizer, t.warmup_steps), ema=ema, batches=batches, run=run,
-        accelerator=acc, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
-        log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-        channels_last=t.channels_last, seed=t.seed, vote=StopVote(t.timeout_s), previews=previews,
-        evaluator=evaluator, echo=echo, tracker_config=_tracker_config(cfg) if t.trackers else None, latent=latent,
-    )
-    set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
-
     loaded = run.resume(ResumeRequest(resume, resume_anyway, start_over), cfg=cfg, parameters=parameters,
                         identity=lambda: run_identity(cfg, dataset, source), rank=rank, world=world, device=acc.device,
-                        agree=lambda ok: all_agree(ok, acc.device), warn=echo)  # the first write
+                        agree=lambda ok: all_agree(ok, acc.device), warn=echo)
     try:
+        set_seed(t.seed)  # identical initial weights on every process
+        unet = build_unet(cfg, len(dataset.classes) if cfg.data.class_cond else None, plan.model_input)
+        if source is not None:
+            unet.load_state_dict(source.weights)  # the source's own tensors; the EMA starts from them too
+        workers, why = loader_workers(cfg.data.num_workers, dataset.cached, acc.device,
+                                      int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        if isinstance(dataset, PreparedImages) and cfg.data.num_workers == "auto":
+            why = "auto: the images are prepared; a batch is a copy of a few rows of the mapped files"
+        batches = ShardedBatches(
+            dataset, t.batch_size // (world * t.grad_accum), rank, world, t.seed,
+            dict(num_workers=workers, pin_memory=acc.device.type == "cuda", persistent_workers=False,
+                 prefetch_factor=4 if workers else None),
+            flip=cfg.data.random_flip,
+        )
+        diffusion = GaussianDiffusion.from_config(cfg.diffusion, latent=latent is not None)
+        ema = EMA(unet, t.ema_decay, warmup=t.ema_warmup, sigma_rel=t.ema_sigma_rel).to(acc.device)
+        evaluator, evaluation = _evaluator(cfg, acc, getattr(dataset, "source", dataset.root), unet,
+                                           dict(diffusion.scheduler.config), echo, latent)
+        if t.channels_last:  # after the EMA's copy and the evaluator's timing, which want the standard layout
+            unet = unet.to(memory_format=torch.channels_last)
+        if t.compile:
+            unet.compile_blocks()
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+                                      weight_decay=t.weight_decay, **_fast_adamw())
+        preview_settings = SamplingSettings(sampler=t.preview_sampler, steps=t.preview_steps, seed=t.seed,
+                                            mixed_precision=t.mixed_precision, device=acc.device)
+        previews = Previews(every=t.preview_every, num_images=t.preview_images, run=run,
+                            trackers=acc if t.trackers else None, latent=latent, settings=preview_settings)
+        trainer = Trainer(
+            model=unet, diffusion=diffusion, optimizer=optimizer,
+            lr_schedule=get_constant_schedule_with_warmup(optimizer, t.warmup_steps), ema=ema, batches=batches, run=run,
+            accelerator=acc, steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
+            log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+            channels_last=t.channels_last, seed=t.seed, vote=StopVote(t.timeout_s), previews=previews,
+            evaluator=evaluator, echo=echo, tracker_config=_tracker_config(cfg) if t.trackers else None, latent=latent,
+        )
+        set_seed(t.seed + 1, device_specific=True)  # from here on each process draws its own noise
         if loaded is not None:
             trainer.load_state(*loaded)
         if main:

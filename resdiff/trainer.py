@@ -290,6 +290,7 @@ class Trainer:
 
     def _all_agree(self, ok: bool) -> bool:
         return all_agree(ok, self.accelerator.device)
+
     def load_state(self, path: Path, state: TrainState, ema: dict[str, torch.Tensor]) -> None:
         """Continue from the checkpoint ``path`` as ``RunDir.resume`` (or ``load_checkpoint``) read it."""
         try:

@@ -267,11 +267,25 @@ def test_not_enough_disk_space_is_refused_before_anything_is_written(tmp_path, p
     model is only ever built on the meta device, so this costs nothing."""
     free = shutil.disk_usage(tmp_path).free
     channels = 8 * math.ceil(math.sqrt(free / 50_000) / 8)  # ~2100 c^2 parameters x 16 bytes x 3 > free
-    with pytest.raises(UsageError) as info:
-        build_trainer(config(tmp_path / "run", f"data.path={pngs}", f"model.channels={channels}"), echo=lambda _: None)
+    # The model would need gigabytes (a quarter of the disk's free space): this process may take 2 GB more than it
+    # has, so building it for real fails with an allocation error instead of the refusal.
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (_data_bytes() + 2 * 2**30, hard))
+    try:
+        with pytest.raises(UsageError) as info:
+            build_trainer(config(tmp_path / "run", f"data.path={pngs}", f"model.channels={channels}"),
+                          echo=lambda _: None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
     message = str(info.value)
     assert message.startswith(f"not enough free disk space in {tmp_path / 'run'}: ") and "free some space" in message
     assert "\n" not in message and not (tmp_path / "run").exists()
+
+
+def _data_bytes() -> int:
+    """This process's data segment now (VmData: what RLIMIT_DATA limits)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmData:"))
+    return int(line.split()[1]) * 1024
 
 
 def test_a_run_directory_that_cannot_be_made_is_refused(tmp_path, pngs):
