@@ -21,12 +21,15 @@ from tiny_runs import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.bench]  # make test-bench runs these; make test leaves them
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+# The benchmarks run here never wait for a hold (tools/hold.sh): a suite run under a hold would otherwise wait for
+# itself. No hold file can exist in a folder that does not.
+NEVER_HELD = ROOT / "tests" / "no-such-folder" / "bench-hold"
 
 
 def cli(module: str, *args, code: int = 0, python: Path | str = sys.executable, env: dict | None = None,
         timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m bench.MODULE ARGS`` from the repository root, which must end with exit code ``code``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "BENCH_HOLD": str(NEVER_HELD), **(env or {})}
     proc = subprocess.run([str(python), "-m", f"bench.{module}", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == code, proc.stdout[-4000:] + proc.stderr[-3000:]
@@ -199,8 +202,8 @@ def test_gpu_check_cpu_smoke_runs_every_part_and_writes_the_summary(tmp_path):
     import torch
 
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "OUT": str(out),
-           "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "BENCH_HOLD": str(NEVER_HELD),
+           "PYTHON": sys.executable, "OUT": str(out), "TMPDIR": str(tmp_path)}
     script = str(ROOT / "bench" / "gpu_check.sh")
     proc = subprocess.run(["bash", script, "--cpu-smoke"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
