@@ -77,13 +77,13 @@ def spread(count: int, n: int) -> list[int]:
     return sorted({i * count // n for i in range(n)}) if n < count else list(range(count))
 
 
-def write_set(family: str, out: Path, side: int = 96, limit: int | None = None, every: int | None = None) -> int:
-    """Render a family's emoji into ``out`` as PNGs (at most ``limit``, or ``every`` spread evenly over the set);
+def write_set(family: str, out: Path, side: int = 96, limit: int | None = None, spread_n: int | None = None) -> int:
+    """Render a family's emoji into ``out`` as PNGs (at most ``limit``, or ``spread_n`` spread evenly over the set);
     returns how many were written. File names keep each emoji's index, so a subset's names match the full set's."""
     face = font(family, side)
     out.mkdir(parents=True, exist_ok=True)
     texts = list(sequences())
-    chosen = spread(len(texts), every) if every is not None else range(len(texts))
+    chosen = spread(len(texts), spread_n) if spread_n is not None else range(len(texts))
     written = 0
     for i in chosen:
         if limit is not None and written >= limit:
