@@ -35,14 +35,14 @@ HOLD = Path(os.environ.get("BENCH_HOLD", "/tmp/bench-hold"))
 
 
 def holders() -> list[Path]:
-    """The hold files that exist now: HOLD itself and every HOLD.SUFFIX."""
-    return sorted(HOLD.parent.glob(glob.escape(HOLD.name) + "*"))
+    """The hold files that exist now: HOLD itself and every HOLD.SUFFIX (tools/hold.sh makes HOLD.PID)."""
+    return sorted({*HOLD.parent.glob(glob.escape(HOLD.name) + ".*"), *([HOLD] if HOLD.exists() else [])})
 
 
 def wait_while_held() -> None:
     """Call between two timed steps: returns at once, or when every hold file is gone."""
-    if holders():
-        print(f"held: waiting while {', '.join(map(str, holders()))} exist", flush=True)
+    if held := holders():
+        print(f"held: waiting while {', '.join(map(str, held))} exist", flush=True)
         while holders():
             time.sleep(1)
         print("held: going on", flush=True)
