@@ -584,7 +584,10 @@ def samplers_note(results: dict, contenders: list[str]) -> str:
     return "Samplers: " + "; ".join(f"{c}: {own.get(c, ours)}" for c in contenders)
 
 
-def report(results: Results, contenders: list[str], out: Path) -> None:
+def report(results: Results, out: Path) -> None:
+    """Tables, charts and grids of every contender in the results file, not only this invocation's: a run of one
+    contender into an earlier run's folder reports them side by side."""
+    contenders = scored(results.data)
     budgets, sweep = budget_table(results.data, contenders), sweep_table(results.data)
     samplers = samplers_note(results.data, contenders)
     pictures = [*draw_charts(results.data, out / "fid_vs_time.png", out / "fid_vs_nfe.png"),
@@ -660,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
         (run_peer if name in PEERS else run_contender)(name, args, results, scorer)
     for name in [c for c in args.sweep if c in args.contenders]:
         run_sweep(name, args, results, scorer)
-    report(results, args.contenders, args.out)
+    report(results, args.out)
 
 
 if __name__ == "__main__":

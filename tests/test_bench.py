@@ -332,6 +332,11 @@ def test_contenders_score_every_budget_resume_and_sweep_the_samplers(tmp_path):
     pixels = np.load(out / "images.npy")  # what the peers train on: the folder as every contender sees it
     assert pixels.dtype == np.uint8 and pixels.shape == (16, 3, 32, 32)
 
+    # One contender, all its scores already there: nothing trained, and the report holds every contender of the folder.
+    cli("contenders", *common, "--budgets", 0.005, "--contenders", "ddpm")
+    head = (out / "table.md").read_text().splitlines()[0]
+    assert "FID diffusers" in head and "FID ddpm" in head
+
 
 def test_contenders_report_only_redraws_the_docs_charts_from_their_results_file(tmp_path):
     """docs/bench/contenders-openmoji.json holds the figures of the README's OpenMoji run; --report-only draws its
