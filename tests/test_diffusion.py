@@ -244,6 +244,22 @@ def test_every_sampler_gives_images_in_range(sampler):
     assert out.std() > 0.01  # not collapsed to a constant
 
 
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_starts_at_the_last_training_timestep(sampler):
+    """A new model's samplers place their steps "trailing" (Lin et al. 2024): the first step is t = T - 1, where
+    pure noise belongs, at any step count; a model saved with diffusers' "leading" keeps it (10 steps of 1000
+    start at 900)."""
+    config = GaussianDiffusion.from_config().scheduler.config
+    assert config.timestep_spacing == "trailing"
+    for steps in (10, 20, 50):
+        scheduler, _ = make_sampler(sampler, config)
+        scheduler.set_timesteps(steps)
+        assert int(scheduler.timesteps[0]) == 999 and int(scheduler.timesteps.min()) >= 0
+    old, _ = make_sampler(sampler, {**dict(config), "timestep_spacing": "leading"})
+    old.set_timesteps(10)
+    assert int(old.timesteps[0]) == 900
+
+
 def test_image_randomness_is_independent_of_the_batch():
     """ddpm draws fresh noise every step; with one generator per image, image 1 comes out the same alone or in a batch."""
     diffusion = GaussianDiffusion.from_config(num_train_timesteps=10)

@@ -105,6 +105,8 @@ def test_exported_model_loads_as_a_diffusers_pipeline(finished_run):
     run, _ = finished_run
     pipe = DDPMPipeline.from_pretrained(run / "model")
     assert type(pipe.unet).__name__ == "UNet" and pipe.scheduler.config.num_train_timesteps == 1000
+    # diffusers' pipeline places its steps as resdiff's samplers do: the first at the last training timestep
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 16, 16, 3) and 0 <= images.min() and images.max() <= 1
 
