@@ -107,7 +107,7 @@ class GaussianDiffusion:
         not, and are not clipped (the scheduler config a model folder saves carries the choice).
 
         Samplers place their steps "trailing" (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
-        are Flawed", table 2): the first step is the last training timestep, where the sampler's pure noise
+        are Flawed", section 3.3): the first step is the last training timestep, where the sampler's pure noise
         belongs, whatever the step count. diffusers' default, "leading", starts 10 steps at t = 900 of 1000, from
         noise the model never saw there (FID at 10 steps 11 to 18% lower on OpenMoji; docs/benchmarks.md). It is a
         sampling choice only (training draws every timestep) and lives in the scheduler config that sample.py and
