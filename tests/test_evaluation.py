@@ -166,13 +166,13 @@ def test_without_weights_and_offline_the_error_says_where_to_get_them(run, data,
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_fid_of_one(run, data, weights, tmp_path):
-    """The README's torchrun line: statistics summed in float64 across processes equal one process's."""
+def test_two_processes_give_the_fid_of_one(run, data, weights, tmp_path, capsys):
+    """The README's torchrun line: statistics summed in float64 across processes equal one process's (run here, in
+    this process: the launched one is the two-process run)."""
     common = ["--model", str(run), "--ref", str(data), "-n", "6", "--steps", "2", "--batch-size", "1",
               "--inception", str(weights), "--inception-unverified", "--kid-subsets", "3"]
-    one = run_watched([launcher("python"), "evaluate.py", *common, "--out", str(tmp_path / "one")],
-                      timeout=300, env=launch_env())
-    assert one.returncode == 0, one.stdout + one.stderr
+    code, _, err = cli([*common, "--out", tmp_path / "one"], capsys)
+    assert code == 0, err
     two = run_watched([launcher("torchrun"), "--nproc_per_node", "2", "evaluate.py", *common, "--out", str(tmp_path / "two")],
                       timeout=300, env=launch_env(free_port()))
     assert two.returncode == 0, two.stdout + two.stderr
