@@ -5,7 +5,7 @@ loads without torch or diffusers. The things the names stand for live where they
 ``resdiff.diffusion.make_sampler`` builds the scheduler, ``resdiff.hardware.MIXED_PRECISIONS`` holds the dtypes.
 """
 
-__all__ = ["SAMPLERS", "STOCHASTIC_SAMPLERS", "PRECISIONS", "IMAGE_CHANNELS", "EMA_SIGMA_REL_MAX"]
+__all__ = ["SAMPLERS", "STOCHASTIC_SAMPLERS", "PRECISIONS", "IMAGE_CHANNELS", "EMA_SIGMA_REL_MAX", "TIMESTEP_SAMPLING"]
 
 # Samplers by name: the diffusers scheduler's class name, its default step count and fixed settings.
 SAMPLERS: dict[str, tuple[str, int, dict]] = {
@@ -34,6 +34,9 @@ STOCHASTIC_SAMPLERS = ("ddpm", "dpm++sde")
 
 # The autocast precisions (--mixed-precision, train.mixed_precision): name -> torch dtype name (None: fp32).
 PRECISIONS: dict[str, str | None] = {"no": None, "fp16": "float16", "bf16": "bfloat16"}
+
+# How training draws its timesteps (diffusion.timestep_sampling; resdiff.diffusion.GaussianDiffusion.draw_timesteps).
+TIMESTEP_SAMPLING = ("uniform", "laplace")
 
 # The channel counts of the images resdiff reads, trains on and writes: grayscale or RGB.
 IMAGE_CHANNELS = (1, 3)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .choices import EMA_SIGMA_REL_MAX, IMAGE_CHANNELS, PRECISIONS, SAMPLERS
+from .choices import EMA_SIGMA_REL_MAX, IMAGE_CHANNELS, PRECISIONS, SAMPLERS, TIMESTEP_SAMPLING
 from .errors import UsageError
 from .hints import coerce, describe, plain
 from .shapes import as_written, is_image_size, one_number
@@ -57,6 +57,9 @@ class DiffusionConfig:
     # Immiscible diffusion (Li et al. 2024): each batch's noise is paired with its images by least total distance
     # (a linear assignment) instead of at random, so that each noise is trained towards a nearby image.
     immiscible: bool = False
+    # Which timesteps training draws: uniform, or "laplace": the log-SNRs Laplace(0, 0.5)-distributed, most of the
+    # steps near SNR 1 (Hang et al. 2024, "Improved Noise Schedule for Diffusion Training"); sampling is unchanged.
+    timestep_sampling: str = "uniform"  # uniform | laplace
 
 
 @dataclass
@@ -162,6 +165,7 @@ _RULES = {
 _CHOICES = {
     "diffusion.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "diffusion.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "diffusion.timestep_sampling": TIMESTEP_SAMPLING,
     "train.mixed_precision": tuple(PRECISIONS),
     "train.preview_sampler": tuple(SAMPLERS),
 }

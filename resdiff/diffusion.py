@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .choices import SAMPLERS
+from .choices import SAMPLERS, TIMESTEP_SAMPLING
 from .config import DiffusionConfig
 
 __all__ = ["GaussianDiffusion", "Guidance", "make_sampler", "sampler_step_kwargs", "image_generators", "image_noise",
-           "immiscible_order"]
+           "immiscible_order", "laplace_timestep_probs"]
 
 
 def make_sampler(name: str, train_config: dict) -> tuple[SchedulerMixin, int]:
@@ -53,6 +53,25 @@ def immiscible_order(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(order, device=noise.device)
 
 
+# The Laplace density of log-SNR that Hang et al. 2024 ("Improved Noise Schedule for Diffusion Training", section 3,
+# the schedule as importance sampling of log-SNR) found best: location 0 (SNR 1), scale 0.5.
+LAPLACE_MU, LAPLACE_B = 0.0, 0.5
+
+
+def laplace_timestep_probs(alphas_cumprod: torch.Tensor, mu: float = LAPLACE_MU, b: float = LAPLACE_B) -> torch.Tensor:
+    """(T,) probability of drawing each training timestep such that the drawn log-SNR follows Laplace(mu, b): each
+    timestep takes the Laplace mass of the log-SNRs nearer to its own than to its neighbours' (the Laplace noise
+    schedule of Hang et al. 2024 on a discrete schedule; the model still sees only the scheduler's timesteps)."""
+    a = alphas_cumprod.double()
+    log_snr = torch.log(a) - torch.log1p(-a)  # (T,), falling with t; -inf at a zero-SNR last step
+    edges = (log_snr[1:] + log_snr[:-1]) / 2  # (T - 1,) where one timestep's share ends and the next one's begins
+    z = (edges - mu) / b
+    cdf = torch.where(z < 0, 0.5 * torch.exp(z.clamp(max=0)), 1 - 0.5 * torch.exp(-z.clamp(min=0)))  # Laplace CDF
+    above = torch.cat([cdf.new_ones(1), cdf])  # P(log-SNR < upper edge of t); t = 0 owns everything above
+    below = torch.cat([cdf, cdf.new_zeros(1)])
+    return (above - below).float()
+
+
 @dataclass
 class Guidance:
     """The class labels (B,) of a batch (None: unconditional) and classifier-free guidance: with ``scale`` != 1
@@ -81,15 +100,16 @@ class GaussianDiffusion:
     """Gaussian denoising diffusion (Ho et al. 2020) over a diffusers ``DDPMScheduler``: it trains with any
     target and runs every sampler of ``SAMPLERS``.
 
-    ``loss`` is the training objective: noise the data at uniform random timesteps and regress the
-    model's prediction onto the target (epsilon, v or x0), optionally min-SNR-gamma weighted
-    (Hang et al. 2023), the noise optionally assigned to the images by ``immiscible_order``.
+    ``loss`` is the training objective: noise the data at random timesteps (uniform, or with Laplace-distributed
+    log-SNRs: ``laplace_timestep_probs``) and regress the model's prediction onto the target (epsilon, v or x0),
+    optionally min-SNR-gamma weighted (Hang et al. 2023), the noise optionally assigned to the images by ``immiscible_order``.
     ``sample`` runs any diffusers scheduler from noise to images.
     """
 
     def __init__(
         self, scheduler: DDPMScheduler, *, min_snr_gamma: float | None = DiffusionConfig.min_snr_gamma,
         label_dropout: float = DiffusionConfig.label_dropout, immiscible: bool = DiffusionConfig.immiscible,
+        timestep_sampling: str = DiffusionConfig.timestep_sampling,
     ):
         self.scheduler = scheduler
         self.min_snr_gamma = min_snr_gamma
@@ -97,6 +117,10 @@ class GaussianDiffusion:
         self.immiscible = immiscible
         alphas = scheduler.alphas_cumprod.float()
         self.snr = alphas / (1 - alphas)  # (T,) signal-to-noise ratio of each timestep
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLING)}, got {timestep_sampling!r}")
+        # (T,) how often training draws each timestep; None: uniformly
+        self.timestep_probs = laplace_timestep_probs(alphas) if timestep_sampling == "laplace" else None
 
     @classmethod
     def from_config(cls, settings: DiffusionConfig | None = None, *, latent: bool = False,
@@ -117,7 +141,8 @@ class GaussianDiffusion:
             num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, beta_start=d.beta_start,
             beta_end=d.beta_end, prediction_type=d.prediction_type, clip_sample=not latent, timestep_spacing="trailing",
         )
-        return cls(scheduler, min_snr_gamma=d.min_snr_gamma, label_dropout=d.label_dropout, immiscible=d.immiscible)
+        return cls(scheduler, min_snr_gamma=d.min_snr_gamma, label_dropout=d.label_dropout, immiscible=d.immiscible,
+                   timestep_sampling=d.timestep_sampling)
 
     @property
     def prediction_type(self) -> str:
@@ -150,10 +175,18 @@ class GaussianDiffusion:
         drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
         return torch.where(drop, torch.full_like(labels, null_label), labels)
 
+    def draw_timesteps(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n,) training timesteps: uniform, or by ``timestep_probs``."""
+        if self.timestep_probs is None:
+            return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=device)
+        if self.timestep_probs.device != device:  # move the table once, not on every step
+            self.timestep_probs = self.timestep_probs.to(device)
+        return torch.multinomial(self.timestep_probs, n, replacement=True)
+
     def loss(self, model: Callable, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean training loss for clean images ``x0`` in [-1, 1]; computed in float32 even under autocast."""
         n = x0.shape[0]
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=x0.device)
+        t = self.draw_timesteps(n, x0.device)
         noise = torch.randn_like(x0)
         if self.immiscible:
             noise = noise[immiscible_order(x0, noise)]

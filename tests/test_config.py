@@ -345,6 +345,7 @@ def test_boundary_values_are_accepted():
     [
         ("diffusion.beta_schedule=lin", "diffusion.beta_schedule must be one of linear, scaled_linear, squared"),
         ("diffusion.prediction_type=vpred", "diffusion.prediction_type must be one of epsilon, v_prediction, sample"),
+        ("diffusion.timestep_sampling=lognormal", "diffusion.timestep_sampling must be one of uniform, laplace, got 'lognormal'"),
         ("train.mixed_precision=fp8", "train.mixed_precision must be one of no, fp16, bf16, got 'fp8'"),
         ("train.mixed_precision=yes", "train.mixed_precision must be one of no, fp16, bf16, got 'true'"),
         ("train.preview_sampler=dim", "preview_sampler must be one of ddpm, ddim, dpm++, euler, heun, unipc, dpm++3m, dpm++sde, got 'dim'"),

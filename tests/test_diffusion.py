@@ -6,6 +6,7 @@ computed here independently of diffusers.
 """
 
 import itertools
+from types import SimpleNamespace
 import math
 
 import pytest
@@ -15,7 +16,8 @@ from resdiff import UNet
 from resdiff.config import load_config
 from resdiff.choices import SAMPLERS
 from resdiff.config import DiffusionConfig
-from resdiff.diffusion import GaussianDiffusion, Guidance, image_generators, image_noise, immiscible_order, make_sampler
+from resdiff.diffusion import (GaussianDiffusion, Guidance, image_generators, image_noise, immiscible_order,
+                               laplace_timestep_probs, make_sampler)
 
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
 FEW = {"ddpm": 20, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3, "unipc": 4, "dpm++3m": 4,
@@ -211,6 +213,54 @@ def test_immiscible_loss_trains_each_image_towards_its_assigned_noise():
     torch.testing.assert_close(fed[True], fed[False][immiscible_order(x0, fed[False])], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(fed[True], fed[False], atol=1e-3)
     assert load_config(None, ["diffusion.immiscible=true"]).diffusion.immiscible is True
+
+
+# ----------------------------------------------------------------------------- Laplace timestep sampling
+
+
+def log_snr(diffusion: GaussianDiffusion) -> torch.Tensor:
+    a = diffusion.scheduler.alphas_cumprod.double()
+    return torch.log(a / (1 - a))  # (T,)
+
+
+def test_laplace_timestep_probs_give_the_laplace_mass_of_log_snr():
+    """Hang et al. 2024's Laplace(0, 0.5) over the cosine schedule's 1000 steps: the mass within |log-SNR| <= 1 is
+    1 - exp(-2), half of it on each side of SNR 1, against 31% of the timesteps; a zero-SNR last step takes the tail."""
+    diffusion = GaussianDiffusion.from_config(timestep_sampling="laplace")
+    p, lam = diffusion.timestep_probs.double(), log_snr(diffusion)
+    assert p.shape == (1000,) and (p >= 0).all() and p.sum().item() == pytest.approx(1, abs=1e-6)
+    assert p[lam.abs() <= 1].sum().item() == pytest.approx(1 - math.exp(-2), abs=0.003)
+    assert (lam.abs() <= 1).double().mean().item() < 0.35  # uniform draws would put 31% there
+    assert p[lam < 0].sum().item() == pytest.approx(0.5, abs=0.003)
+    assert lam[p.argmax()].abs().item() < 0.05  # the most drawn timestep is the one of SNR 1
+    shifted = laplace_timestep_probs(diffusion.scheduler.alphas_cumprod, mu=-2.0, b=1.0).double()
+    assert p @ lam > shifted @ lam + 1.5  # the location moves the draws
+    zero_snr = diffusion.scheduler.alphas_cumprod.clone()
+    zero_snr[-1] = 0
+    tail = laplace_timestep_probs(zero_snr)
+    assert torch.isfinite(tail).all() and tail.sum().item() == pytest.approx(1, abs=1e-6)
+    assert GaussianDiffusion.from_config().timestep_probs is None  # the default draws uniformly
+
+
+def test_the_loss_draws_its_timesteps_by_the_configured_sampling():
+    """What the model is fed: uniform timesteps by default, Laplace-distributed log-SNRs with timestep_sampling."""
+    fed = {}
+    for sampling in ("uniform", "laplace"):
+        diffusion = GaussianDiffusion.from_config(timestep_sampling=sampling)
+        seen = []
+
+        def model(x, t, labels=None):  # answers zeros and remembers the timesteps
+            seen.append(t)
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+        torch.manual_seed(0)
+        diffusion.loss(model, torch.zeros(20000, 1, 1, 1))
+        fed[sampling] = (log_snr(diffusion)[seen[0]].abs() <= 1).double().mean().item()
+    assert fed["uniform"] == pytest.approx(0.309, abs=0.02)  # 20000 draws: the std is about 0.0035
+    assert fed["laplace"] == pytest.approx(1 - math.exp(-2), abs=0.02)
+    assert load_config(None, ["diffusion.timestep_sampling=laplace"]).diffusion.timestep_sampling == "laplace"
+    with pytest.raises(ValueError, match="timestep_sampling must be one of uniform, laplace, got 'normal'"):
+        GaussianDiffusion.from_config(timestep_sampling="normal")
 
 
 # ----------------------------------------------------------------------------- label dropout
