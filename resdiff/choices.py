@@ -10,8 +10,8 @@ __all__ = ["SAMPLERS", "STOCHASTIC_SAMPLERS", "PRECISIONS", "IMAGE_CHANNELS", "E
 # Samplers by name: the diffusers scheduler's class name, its default step count and fixed settings.
 SAMPLERS: dict[str, tuple[str, int, dict]] = {
     # Ancestral sampling of Ho et al. on 50 of the timesteps (--steps 1000: the paper's full chain). Fresh noise at
-    # every step corrects part of a model's errors: on real images (bench/contenders.py) it beats DDIM at 10, 20 and
-    # 50 steps, so it is sample.py's default (resdiff.settings.SamplingSettings).
+    # every step corrects part of a model's errors: on real images (bench/contenders.py) it beats DDIM at 50 steps
+    # on both sets, so it is sample.py's default (resdiff.settings.SamplingSettings).
     "ddpm": ("DDPMScheduler", 50, {}),
     "ddim": ("DDIMScheduler", 50, {}),  # Song et al.; eta=0 is deterministic
     "dpm++": ("DPMSolverMultistepScheduler", 20, {"algorithm_type": "dpmsolver++", "solver_order": 2}),

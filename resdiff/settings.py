@@ -62,9 +62,9 @@ def default_settings(edit: object | None = None) -> "SamplingSettings":
 class SamplingSettings:
     """How to sample: the one place these choices and their defaults are written.
 
-    ``sampler`` defaults to ancestral DDPM at 50 steps: the lowest FID at 10, 20 and 50 model evaluations on real
-    images (docs/benchmarks.md, "Samplers at equal model evaluations"); interpolation needs a deterministic one
-    and defaults to ``INTERPOLATE_SAMPLER``. ``steps`` None is the sampler's own count (``choices.SAMPLERS``), at
+    ``sampler`` defaults to ancestral DDPM at 50 steps: the lowest FID at 50 model evaluations on both real image
+    sets measured (at 10, dpm++sde is lower: docs/benchmarks.md, "Samplers built for few steps"); interpolation
+    needs a deterministic one and defaults to ``INTERPOLATE_SAMPLER``. ``steps`` None is the sampler's own count (``choices.SAMPLERS``), at
     most the training timesteps.
     ``class_labels``: one label for every image or a list cycled over image indices (image i gets
     labels[i % len]); None on a class-conditional model cycles over all classes. ``guidance_scale`` != 1 is
