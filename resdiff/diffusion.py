@@ -102,7 +102,8 @@ class GaussianDiffusion:
 
     ``loss`` is the training objective: noise the data at random timesteps (uniform, or with Laplace-distributed
     log-SNRs: ``laplace_timestep_probs``) and regress the model's prediction onto the target (epsilon, v or x0),
-    optionally min-SNR-gamma weighted (Hang et al. 2023), the noise optionally assigned to the images by ``immiscible_order``.
+    optionally min-SNR-gamma weighted (Hang et al. 2023), the noise optionally assigned to the images by
+    ``immiscible_order``.
     ``sample`` runs any diffusers scheduler from noise to images.
     """
 
@@ -118,7 +119,8 @@ class GaussianDiffusion:
         alphas = scheduler.alphas_cumprod.float()
         self.snr = alphas / (1 - alphas)  # (T,) signal-to-noise ratio of each timestep
         if timestep_sampling not in TIMESTEP_SAMPLING:
-            raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLING)}, got {timestep_sampling!r}")
+            raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLING)}, "
+                             f"got {timestep_sampling!r}")
         # (T,) how often training draws each timestep; None: uniformly
         self.timestep_probs = laplace_timestep_probs(alphas) if timestep_sampling == "laplace" else None
 
