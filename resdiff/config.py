@@ -60,6 +60,10 @@ class DiffusionConfig:
     # Which timesteps training draws: uniform, or "laplace": the log-SNRs Laplace(0, 0.5)-distributed, most of the
     # steps near SNR 1 (Hang et al. 2024, "Improved Noise Schedule for Diffusion Training"); sampling is unchanged.
     timestep_sampling: str = "uniform"  # uniform | laplace
+    # Shift the schedule towards noise: every timestep's SNR divided by shift^2 (1: the schedule as named). Large or
+    # many-channel inputs keep their layout readable at a noise level that hides a small image's, so they want more
+    # noise (Hoogeboom et al. 2023 "simple diffusion", section 3.1; Esser et al. 2024 "SD3" shift, section 5.3.2).
+    schedule_shift: float = 1.0
 
 
 @dataclass
@@ -138,6 +142,7 @@ _RULES = {
     "diffusion.beta_start": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "diffusion.beta_end": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "diffusion.min_snr_gamma": _POSITIVE,
+    "diffusion.schedule_shift": _POSITIVE,
     "diffusion.label_dropout": _FRACTION,
     "train.steps": _POSITIVE,
     "train.batch_size": _POSITIVE,

@@ -21,7 +21,7 @@ from .choices import SAMPLERS, TIMESTEP_SAMPLING
 from .config import DiffusionConfig
 
 __all__ = ["GaussianDiffusion", "Guidance", "make_sampler", "sampler_step_kwargs", "image_generators", "image_noise",
-           "immiscible_order", "laplace_timestep_probs"]
+           "immiscible_order", "laplace_timestep_probs", "shifted_betas"]
 
 
 def make_sampler(name: str, train_config: dict) -> tuple[SchedulerMixin, int]:
@@ -70,6 +70,17 @@ def laplace_timestep_probs(alphas_cumprod: torch.Tensor, mu: float = LAPLACE_MU,
     above = torch.cat([cdf.new_ones(1), cdf])  # P(log-SNR < upper edge of t); t = 0 owns everything above
     below = torch.cat([cdf, cdf.new_zeros(1)])
     return (above - below).float()
+
+
+def shifted_betas(betas: torch.Tensor, shift: float) -> torch.Tensor:
+    """(T,) betas of the schedule ``betas`` shifted towards noise: SNR(t) / shift^2 at every timestep, so that an input
+    whose layout survives more noise (more pixels, or latent channels) is noised as a small image is at SNR(t)
+    (Hoogeboom et al. 2023, section 3.1: log-SNR + 2 log(1/shift); Esser et al. 2024's shift, section 5.3.2)."""
+    alphas_cumprod = torch.cumprod(1 - betas.double(), 0)
+    snr = alphas_cumprod / (1 - alphas_cumprod) / shift**2
+    shifted = snr / (1 + snr)  # alpha_bar(t) of the shifted SNR
+    previous = torch.cat([shifted.new_ones(1), shifted[:-1]])
+    return (1 - shifted / previous).float()
 
 
 @dataclass
@@ -139,10 +150,12 @@ class GaussianDiffusion:
         sampling choice only (training draws every timestep) and lives in the scheduler config that sample.py and
         diffusers' pipelines both read, so the two place a model's steps alike; a model saved before keeps its own."""
         d = replace(settings or DiffusionConfig(), **changes)
-        scheduler = DDPMScheduler(
-            num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule, beta_start=d.beta_start,
-            beta_end=d.beta_end, prediction_type=d.prediction_type, clip_sample=not latent, timestep_spacing="trailing",
-        )
+        schedule = dict(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
+                        beta_start=d.beta_start, beta_end=d.beta_end)
+        if d.schedule_shift != 1:  # the shifted betas go into the scheduler config: every sampler reads them there
+            schedule["trained_betas"] = shifted_betas(DDPMScheduler(**schedule).betas, d.schedule_shift).tolist()
+        scheduler = DDPMScheduler(**schedule, prediction_type=d.prediction_type, clip_sample=not latent,
+                                  timestep_spacing="trailing")
         return cls(scheduler, min_snr_gamma=d.min_snr_gamma, label_dropout=d.label_dropout, immiscible=d.immiscible,
                    timestep_sampling=d.timestep_sampling)
 

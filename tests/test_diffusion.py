@@ -17,7 +17,7 @@ from resdiff.config import load_config
 from resdiff.choices import SAMPLERS
 from resdiff.config import DiffusionConfig
 from resdiff.diffusion import (GaussianDiffusion, Guidance, image_generators, image_noise, immiscible_order,
-                               laplace_timestep_probs, make_sampler)
+                               laplace_timestep_probs, make_sampler, shifted_betas)
 
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
 FEW = {"ddpm": 20, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3, "unipc": 4, "dpm++3m": 4,
@@ -264,6 +264,40 @@ def test_the_loss_draws_its_timesteps_by_the_configured_sampling():
 
 
 # ----------------------------------------------------------------------------- label dropout
+
+
+def test_schedule_shift_divides_every_snr_by_the_square_of_the_shift():
+    """diffusion.schedule_shift=3 on the cosine schedule: SNR(t) / 9 at every timestep (log-SNR - 2 log 3), still
+    falling with t; 1 leaves the named schedule (no trained_betas in the scheduler config); the Min-SNR weights follow."""
+    plain, shifted = GaussianDiffusion.from_config(), GaussianDiffusion.from_config(schedule_shift=3.0)
+    assert plain.scheduler.config.trained_betas is None
+    assert shifted.scheduler.config.beta_schedule == "squaredcos_cap_v2"  # what was shifted stays in the config
+    difference = log_snr(shifted) - log_snr(plain)
+    assert torch.allclose(difference, torch.full_like(difference, -2 * math.log(3)), atol=1e-3)
+    assert (log_snr(shifted).diff() < 0).all()
+    t = torch.tensor([0, 100, 500, 999])
+    assert torch.allclose(shifted.loss_weight(t), (plain.snr[t] / 9).clamp(max=5) / (plain.snr[t] / 9 + 1), rtol=1e-3)
+    linear = GaussianDiffusion.from_config(beta_schedule="linear").scheduler.betas
+    back = torch.cumprod(1 - shifted_betas(shifted_betas(linear, 2.0), 0.5).double(), 0)  # 2 then 1/2: the schedule
+    assert torch.allclose(back, torch.cumprod(1 - linear.double(), 0), rtol=1e-4)
+    with pytest.raises(ValueError, match="diffusion.schedule_shift must be > 0, got 0"):
+        load_config(None, ["diffusion.schedule_shift=0"])
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_a_shifted_schedule_reaches_every_sampler_and_a_saved_pipeline(sampler, tmp_path):
+    """The shift lives in the scheduler config: each sampler built from it, and diffusers' pipelines loading a saved
+    model folder, noise with the shifted schedule (the training one), not the schedule's name."""
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    shifted = GaussianDiffusion.from_config(schedule_shift=2.0).scheduler
+    assert not torch.allclose(shifted.alphas_cumprod, GaussianDiffusion.from_config().scheduler.alphas_cumprod, rtol=0.1)
+    scheduler, _ = make_sampler(sampler, shifted.config)
+    assert torch.allclose(scheduler.alphas_cumprod, shifted.alphas_cumprod)  # the sigma samplers derive theirs from it
+    if sampler == "ddpm":
+        DDPMPipeline(unet=small_unet(), scheduler=shifted).save_pretrained(tmp_path)
+        for pipeline in (DDPMPipeline, DDIMPipeline):
+            assert torch.allclose(pipeline.from_pretrained(tmp_path).scheduler.alphas_cumprod, shifted.alphas_cumprod)
 
 
 def test_drop_labels_at_the_given_rate():
