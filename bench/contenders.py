@@ -481,8 +481,9 @@ def budget_table(results: dict, contenders: list[str]) -> str:
 
 
 def sweep_table(results: dict) -> str:
-    rows = sorted(results["sweep"].values(), key=lambda r: (r["contender"], r["sampler"], r["nfe"]))
-    return table(rows, ["contender", "sampler", "nfe", "steps", "fid"]) if rows else "(no sweep yet)"
+    """The sweep's rows: each swept model (contender, minutes trained) with each sampler and NFE."""
+    rows = sorted(results["sweep"].values(), key=lambda r: (r["contender"], r["budget_min"], r["sampler"], r["nfe"]))
+    return table(rows, ["contender", "budget_min", "sampler", "nfe", "steps", "fid"]) if rows else "(no sweep yet)"
 
 
 def fid_chart(results: dict) -> Figure:
@@ -515,12 +516,17 @@ def sweep_chart(results: dict) -> Figure | None:
         return None
     nfes = sorted({r["nfe"] for r in rows})
     ticks = [n for k, n in enumerate(nfes[:-1]) if nfes[k + 1] > 1.2 * n] + nfes[-1:]  # Heun's 19 sits by 20: tick 20
-    series = {}
+    series, swept = {}, sorted({(r["contender"], r["budget_min"]) for r in rows})
     for sampler in sorted({r["sampler"] for r in rows}, key=_sampler_order):
-        points = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"] == sampler)
-        own = [x for x, _ in points]
-        series[sampler if set(own) <= set(ticks) else f"{sampler} ({', '.join(map(str, own))} NFE)"] = points
-    models = [f"{c} after {m:g} min" for c, m in sorted({(r["contender"], r["budget_min"]) for r in rows})]
+        for contender, minutes in swept:  # one line per sampler and model: a longer run swept anew is a new line
+            points = sorted((r["nfe"], r["fid"]) for r in rows
+                            if (r["sampler"], r["contender"], r["budget_min"]) == (sampler, contender, minutes))
+            if not points:
+                continue
+            own = [x for x, _ in points]
+            name = sampler if len(swept) == 1 else f"{sampler}, {contender} {minutes:g} min"
+            series[name if set(own) <= set(ticks) else f"{name} ({', '.join(map(str, own))} NFE)"] = points
+    models = [f"{c} after {m:g} min" for c, m in swept]
     n = results.get("fid_images", "?")
     return line_chart(series, title=f"FID@{n} against model evaluations{_about(results, models)}",
                       x_label="model evaluations per sample (NFE, log scale)", y_label=f"FID@{n} (lower is better)",

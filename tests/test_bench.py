@@ -358,6 +358,26 @@ def test_contenders_report_only_redraws_the_docs_charts_from_their_results_file(
             assert (tmp_path / name).read_bytes() == (ROOT / "docs" / "bench" / name).read_bytes()
 
 
+def test_a_sweep_of_a_longer_run_is_reported_beside_the_first_one():
+    """A model swept at 10 minutes and again after 40 (results keyed by budget): the table says each row's minutes
+    and the NFE chart draws one line per sampler and model, not one line through both models' points."""
+    from bench.contenders import sweep_chart, sweep_table
+
+    rows = {f"defaults@{m}min/{s}@{n}": {"contender": "defaults", "budget_min": m, "sampler": s, "nfe": n, "steps": n,
+                                        "fid": f}
+            for m, s, n, f in [(10, "ddpm", 10, 103.9), (10, "ddpm", 50, 99.2), (40, "ddpm", 10, 88.1),
+                               (40, "ddpm", 50, 61.5), (40, "dpm++sde", 10, 80.3)]}
+    results = {"sweep": rows, "fid_images": 1000, "data": "data/openmoji"}
+    lines = sweep_table(results).splitlines()
+    assert lines[0].split() == ["contender", "budget_min", "sampler", "nfe", "steps", "fid"]
+    assert [line.split()[1:3] for line in lines[2:]] == [["10", "ddpm"]] * 2 + [["40", "ddpm"]] * 2 + [["40", "dpm++sde"]]
+    axes = sweep_chart(results).axes[0]
+    drawn = {line.get_label(): list(zip(*line.get_data())) for line in axes.get_lines() if not line.get_label().startswith("_")}
+    assert drawn == {"ddpm, defaults 10 min": [(10, 103.9), (50, 99.2)], "ddpm, defaults 40 min": [(10, 88.1), (50, 61.5)],
+                     "dpm++sde, defaults 40 min": [(10, 80.3)]}
+    assert "defaults after 10 min, defaults after 40 min, openmoji" in axes.get_title()
+
+
 @pytest.mark.parametrize("flags, code, message", [
     (["--contenders", "defualts"], 2, "unknown contender 'defualts'; choose from diffusers, ddpm, defaults, lucidrains, edm"),
     (["--samplers", "ddim", "dpm"], 2, "unknown sampler 'dpm'; choose from ddpm, ddim, dpm++, euler, heun, unipc, dpm++3m, dpm++sde"),
