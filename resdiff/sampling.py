@@ -285,13 +285,14 @@ def generate(
 ) -> torch.Tensor:
     """Images ``indices`` (default: all ``num_images``) as uint8 (len(indices), C, H, W) on the CPU.
 
-    ``settings`` (default ``default_settings(edit)``) with ``changes``, keyword arguments naming its fields
+    ``settings`` (default ``default_settings(edit, steps)``: the sampler for the step count) with ``changes``,
+    keyword arguments naming its fields
     (``generate(model, 16, sampler="dpm++")``). ``model_or_path`` and ``scheduler_config``: see ``ImageGenerator``.
     ``edit``: one of resdiff.editing's (inpainting, image-to-image, interpolation) instead of plain sampling.
     ``latent``: an in-memory latent model's LatentSpace (its samples are decoded). The model's train/eval mode is
     restored afterwards.
     """
-    settings = (settings or default_settings(edit)).changed(changes)
+    settings = (settings or default_settings(edit, changes.get("steps"))).changed(changes)
     check_count("number of images (--num-images)", num_images)
     check(settings, edit)
     gen = ImageGenerator(model_or_path, settings, scheduler_config, edit, latent)

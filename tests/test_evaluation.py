@@ -58,7 +58,7 @@ def cli(argv, capsys) -> tuple[int, str, str]:
 
 def test_model_against_a_folder_prints_every_figure_and_writes_json_and_nearest_png(run, data, weights, capsys):
     Image.new("RGB", (8, 8)).save(run / "quality.png")  # as in-training evaluation leaves it
-    code, out, err = cli(["--model", run, "--ref", data, "-n", 6, "--steps", 3, "--batch-size", 3,
+    code, out, err = cli(["--model", run, "--ref", data, "-n", 6, "--sampler", "ddpm", "--steps", 3, "--batch-size", 3,
                           "--inception", weights, "--inception-unverified", "--kid-subsets", 5], capsys)
     assert code == 0, err
     for line in ("6 samples (ddpm, 3 steps, seed 0)", "FID:", "(n=6;", "KID:", "(5 subsets of 6)", "precision:",
@@ -96,7 +96,7 @@ def test_a_statistics_file_as_reference_gives_fid_only(run, data, weights, capsy
     stats_file = reference_stats(data, net, 16, 3).save(tmp_path / "ref.npz")
     with np.load(stats_file) as f:  # the published layout: mu and sigma only
         np.savez(tmp_path / "published.npz", mu=f["mu"], sigma=f["sigma"])
-    code, out, err = cli(["--model", run, "--ref", tmp_path / "published.npz", "-n", 4, "--steps", 2,
+    code, out, err = cli(["--model", run, "--ref", tmp_path / "published.npz", "-n", 4, "--sampler", "ddpm", "--steps", 2,
                           "--inception", weights, "--inception-unverified", "--out", tmp_path / "eval"], capsys)
     assert code == 0, err
     assert "FID:" in out and "need reference images, not a statistics file" in out
@@ -169,7 +169,7 @@ def test_without_weights_and_offline_the_error_says_where_to_get_them(run, data,
 def test_two_processes_give_the_fid_of_one(run, data, weights, tmp_path, capsys):
     """The README's torchrun line: statistics summed in float64 across processes equal one process's (run here, in
     this process: the launched one is the two-process run)."""
-    common = ["--model", str(run), "--ref", str(data), "-n", "6", "--steps", "2", "--batch-size", "1",
+    common = ["--model", str(run), "--ref", str(data), "-n", "6", "--sampler", "ddpm", "--steps", "2", "--batch-size", "1",
               "--inception", str(weights), "--inception-unverified", "--kid-subsets", "3"]
     code, _, err = cli([*common, "--out", tmp_path / "one"], capsys)
     assert code == 0, err
@@ -194,7 +194,7 @@ def test_a_reference_longer_than_the_timeout_is_shared_and_nobody_times_out(run,
     for i in range(96):
         Image.fromarray((g.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
     proc = run_watched([launcher("torchrun"), "--nproc_per_node", "2", "evaluate.py", "--model", str(run),
-                        "--ref", str(folder), "-n", "4", "--steps", "1", "--batch-size", "4", "--kid-subsets", "2",
+                        "--ref", str(folder), "-n", "4", "--sampler", "ddpm", "--steps", "1", "--batch-size", "4", "--kid-subsets", "2",
                         "--inception", str(weights), "--inception-unverified", "--timeout-s", "8",
                         "--out", str(tmp_path / "eval")], timeout=400, env=launch_env(free_port()))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -121,7 +121,7 @@ def test_npz_and_a_new_folder_next_to_the_model(models, capsys):
 
 
 def test_the_default_is_ancestral_ddpm_at_50_steps_capped_at_the_trained_timesteps():
-    """sample.py with no --sampler: ddpm (the lowest FID at 10, 20 and 50 model evaluations in bench/contenders.py)
+    """sample.py with no --sampler: ddpm (the lowest FID at 20 and 50 model evaluations in bench/contenders.py)
     at its own 50 steps, never more steps than the model was trained with."""
     assert SamplingSettings().sampler == "ddpm" and SAMPLERS["ddpm"][1] == 50
     assert cli.build_parser().parse_args(["--model", "m"]).sampler is None  # unset: each mode picks its default
@@ -131,8 +131,38 @@ def test_the_default_is_ancestral_ddpm_at_50_steps_capped_at_the_trained_timeste
     assert len(generate(Elementwise(), 2, progress=False, scheduler_config=config)) == 2
 
 
+def test_with_few_steps_and_no_sampler_named_the_default_is_the_few_step_sampler(models, capsys):
+    """--steps 10 or fewer without --sampler: dpm++sde (best or near it at 10 model evaluations on both sets), in
+    sample.py, evaluate.py's flags and generate() alike; more steps, a named sampler or an edit keep their own."""
+    from resdiff.settings import FEW_STEP_SAMPLER, FEW_STEPS, default_sampler
+
+    assert (FEW_STEPS, FEW_STEP_SAMPLER) == (10, "dpm++sde")
+    code, stdout, err = run_cli(["--model", models["rgb"], "-n", 2, "--steps", 4, "--no-grid"], capsys)
+    assert code == 0, err
+    out = models["rgb"].parent / "samples-dpm++sde-4-seed0"
+    assert "sampler: dpm++sde, steps: 4" in stdout and pngs(out) == ["00000.png", "00001.png"]
+    named = generate(models["rgb"], 2, steps=4, sampler="dpm++sde", progress=False)
+    assert torch.equal(read_images(out, range(2)), named)  # the same images as naming it
+    assert torch.equal(generate(models["rgb"], 2, steps=4, progress=False), named)  # the Python API picks it too
+    shutil.rmtree(out)
+    assert [default_sampler(steps) for steps in (None, 1, 10, 11, 50)] == ["ddpm", "dpm++sde", "dpm++sde", "ddpm", "ddpm"]
+    from resdiff.editing import Img2Img, Inpaint, Interpolate
+
+    picture = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    edits = (Inpaint(picture, torch.full((16, 16), 255, dtype=torch.uint8)), Img2Img(picture), Interpolate(1, 2))
+    assert [default_sampler(4, edit) for edit in edits] == ["ddpm", "ddpm", "ddim"]  # inpainting takes ddpm or ddim
+    parser = cli.build_parser()
+    assert SamplingSettings.from_args(parser.parse_args(["--model", "m", "--steps", "10", "--sampler", "ddim"])).sampler == "ddim"
+    assert SamplingSettings.from_args(parser.parse_args(["--model", "m", "--steps", "10"])).sampler == "dpm++sde"
+    assert SamplingSettings.from_args(parser.parse_args(["--model", "m", "--steps", "20"])).sampler == "ddpm"
+    from resdiff.cli import evaluate
+
+    flags = evaluate.build_parser().parse_args(["--model", "m", "--ref", "r", "--steps", "10"])
+    assert SamplingSettings.from_args(flags).sampler == "dpm++sde"  # evaluate.py scores what sample.py draws
+
+
 def test_default_output_folder_is_never_reused(models, capsys):
-    argv = ["--model", models["rgb"], "-n", 2, "--steps", 2, "--seed", 7, "--no-grid"]
+    argv = ["--model", models["rgb"], "-n", 2, "--sampler", "ddpm", "--steps", 2, "--seed", 7, "--no-grid"]
     assert run_cli(argv, capsys)[0] == 0
     assert run_cli(argv, capsys)[0] == 0
     first, second = (models["rgb"].parent / name for name in ("samples-ddpm-2-seed7", "samples-ddpm-2-seed7-1"))

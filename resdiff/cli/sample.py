@@ -18,7 +18,7 @@ import sys
 
 from ..errors import ArgumentParser, run_cli
 from ..settings import (DEFAULT_FRAMES, DEFAULT_IMAGES, DEFAULT_RESAMPLE, DEFAULT_STRENGTH, DETERMINISTIC_SAMPLERS,
-                        INPAINT_SAMPLERS, SamplingSettings, add_arguments, default_settings)
+                        INPAINT_SAMPLERS, SamplingSettings, add_arguments)
 from . import invoked_as
 
 PLAIN_IMAGES = 64  # --num-images' default (editing: DEFAULT_IMAGES)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             num_images = PLAIN_IMAGES if edit is None else DEFAULT_IMAGES
 
-        settings = SamplingSettings.from_args(args, default_settings(edit))  # interpolation: its own sampler
+        settings = SamplingSettings.from_args(args, edit)  # interpolation: its own sampler
         sample_to_folder(args.model, num_images, settings, edit=edit, out=args.out, npz=args.npz, grid=not args.no_grid)
 
     return run_cli(run)
