@@ -38,7 +38,7 @@ DEFAULT_IMAGES = 8  # inpaintings or variations of one input
 
 # The sampler of a user who names none, by step count (docs/benchmarks.md, "Samplers built for few steps"): at 10
 # model evaluations dpm++sde was the best or within 0.6% of the best on both image sets, where ddpm was 2.4% and
-# 8.7% above it; from 20 steps ancestral ddpm (SamplingSettings' default).
+# 8.7% above it; above 10 steps ancestral ddpm (SamplingSettings' default).
 FEW_STEPS, FEW_STEP_SAMPLER = 10, "dpm++sde"
 
 
