@@ -31,7 +31,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 from .batches import ShardedBatches, loader_workers
 from .config import Config
 from .datasets import DataPlan
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, resolve_schedule_shift
 from .ema import EMA
 from .errors import UsageError
 from .layout import EMA as EMA_FOLDER, QUALITY_PICTURE
@@ -103,6 +103,8 @@ def build_trainer(
         )
     source = load_init_source(cfg, init_from) if init_from is not None else None  # sets cfg.model
     plan = DataPlan(cfg.data, cfg.model.get("autoencoder"), acc.device)
+    # "auto" becomes the number this run trains with, so config.yaml and identity.json record it
+    cfg.diffusion.schedule_shift = resolve_schedule_shift(cfg.diffusion.schedule_shift, plan.latent_run)
     if source is not None:
         source.check_input(plan.model_input, plan.autoencoder)
     parameters = _check_model_and_settings(cfg, plan.model_input)

@@ -63,7 +63,8 @@ class DiffusionConfig:
     # Shift the schedule towards noise: every timestep's SNR divided by shift^2 (1: the schedule as named). Large or
     # many-channel inputs keep their layout readable at a noise level that hides a small image's, so they want more
     # noise (Hoogeboom et al. 2023 "simple diffusion", section 3.1; Esser et al. 2024 "SD3" shift, section 5.3.2).
-    schedule_shift: float = 1.0
+    # auto: resdiff.diffusion.LATENT_SCHEDULE_SHIFT for a latent run, 1 for pixels; a run records the number.
+    schedule_shift: float | str = "auto"
 
 
 @dataclass
@@ -142,7 +143,7 @@ _RULES = {
     "diffusion.beta_start": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "diffusion.beta_end": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "diffusion.min_snr_gamma": _POSITIVE,
-    "diffusion.schedule_shift": _POSITIVE,
+    "diffusion.schedule_shift": (lambda v: v == "auto" or (isinstance(v, float) and v > 0), "must be auto or > 0"),
     "diffusion.label_dropout": _FRACTION,
     "train.steps": _POSITIVE,
     "train.batch_size": _POSITIVE,

@@ -225,6 +225,12 @@ def _plain_json(value: object) -> object:
     return json.loads(json.dumps(value))
 
 
+# Identity keys added after runs were recorded, with the value every run had before: a resume of such a run that
+# would train with another value (diffusion.schedule_shift "auto" on a latent run) is a change like any other.
+IDENTITY_BEFORE = {"diffusion.immiscible": False, "diffusion.timestep_sampling": "uniform",
+                   "diffusion.schedule_shift": 1.0}
+
+
 def identity_changes(run_dir: Path, identity: dict[str, object]) -> list[str]:
     """What ``identity`` (dotted key -> value) changes against the one recorded in RUN/identity.json, as
     ``"key: old -> new"``; empty when nothing changes or nothing was recorded (a run from before identities)."""
@@ -236,6 +242,8 @@ def identity_changes(run_dir: Path, identity: dict[str, object]) -> list[str]:
         return [f"{IDENTITY}: unreadable ({' '.join(str(err).split())})"]
     if not isinstance(recorded, dict):
         return [f"{IDENTITY}: not a JSON object"]
+    if recorded:  # a run recorded before a key existed trained with the key's value of that time
+        recorded = {**IDENTITY_BEFORE, **recorded}
     current = _plain_json(identity)
     return [f"{k}: {recorded[k]} -> {current[k]}" for k in current if k in recorded and recorded[k] != current[k]]
 

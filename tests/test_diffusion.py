@@ -16,8 +16,9 @@ from resdiff import UNet
 from resdiff.config import load_config
 from resdiff.choices import SAMPLERS
 from resdiff.config import DiffusionConfig
-from resdiff.diffusion import (GaussianDiffusion, Guidance, image_generators, image_noise, immiscible_order,
-                               laplace_timestep_probs, make_sampler, shifted_betas)
+from resdiff.diffusion import (LATENT_SCHEDULE_SHIFT, GaussianDiffusion, Guidance, image_generators, image_noise,
+                               immiscible_order, laplace_timestep_probs, make_sampler, resolve_schedule_shift,
+                               shifted_betas)
 
 SMALL = dict(sample_size=16, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), norm_groups=8)
 FEW = {"ddpm": 20, "ddim": 4, "dpm++": 4, "euler": 4, "heun": 3, "unipc": 4, "dpm++3m": 4,
@@ -280,8 +281,25 @@ def test_schedule_shift_divides_every_snr_by_the_square_of_the_shift():
     linear = GaussianDiffusion.from_config(beta_schedule="linear").scheduler.betas
     back = torch.cumprod(1 - shifted_betas(shifted_betas(linear, 2.0), 0.5).double(), 0)  # 2 then 1/2: the schedule
     assert torch.allclose(back, torch.cumprod(1 - linear.double(), 0), rtol=1e-4)
-    with pytest.raises(ValueError, match="diffusion.schedule_shift must be > 0, got 0"):
+    with pytest.raises(ValueError, match="diffusion.schedule_shift must be auto or > 0, got 0"):
         load_config(None, ["diffusion.schedule_shift=0"])
+
+
+def test_schedule_shift_auto_shifts_latent_models_only():
+    """The default, "auto": a latent model trains on the schedule shifted by LATENT_SCHEDULE_SHIFT, a pixel model on
+    the schedule as named; a number is used as it is for both. Config values: auto, a number, or one error line."""
+    assert DiffusionConfig().schedule_shift == "auto" and LATENT_SCHEDULE_SHIFT > 1
+    pixel, latent = GaussianDiffusion.from_config(), GaussianDiffusion.from_config(latent=True)
+    assert pixel.scheduler.config.trained_betas is None
+    expected = GaussianDiffusion.from_config(schedule_shift=LATENT_SCHEDULE_SHIFT).scheduler.alphas_cumprod
+    assert torch.allclose(latent.scheduler.alphas_cumprod, expected)
+    assert GaussianDiffusion.from_config(latent=True, schedule_shift=1.0).scheduler.config.trained_betas is None
+    assert resolve_schedule_shift("auto", True) == LATENT_SCHEDULE_SHIFT and resolve_schedule_shift("auto", False) == 1
+    assert resolve_schedule_shift(2, True) == 2.0
+    assert load_config(None, ["diffusion.schedule_shift=2"]).diffusion.schedule_shift == 2.0
+    assert load_config(None, ["diffusion.schedule_shift=auto"]).diffusion.schedule_shift == "auto"
+    with pytest.raises(ValueError, match="diffusion.schedule_shift must be auto or > 0, got 'big'"):
+        load_config(None, ["diffusion.schedule_shift=big"])
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))

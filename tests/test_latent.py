@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from diffusers import DDPMScheduler
 from PIL import Image
 
 from resdiff.cli import evaluate as evaluate_cli
 from resdiff.cli import export as export_cli
 from resdiff.cli import sample as sample_cli
 from resdiff.cli import train as train_cli
+from resdiff.diffusion import LATENT_SCHEDULE_SHIFT, GaussianDiffusion
 from resdiff.files import write_checksums
 from resdiff.inception import FIDInceptionV3
 from resdiff.testing import synthetic_weights
@@ -66,6 +68,11 @@ def test_training_on_a_folder_encodes_it_once_and_the_model_records_its_autoenco
         assert grid.size == (2 * 32 + 3 * 2, 32 + 2 * 2)
     identity = json.loads((run / "identity.json").read_text())
     assert identity["data.autoencoder"] == record["autoencoder"]["fingerprint"]
+    # schedule_shift "auto": the run trains on the latent shift and records the number; the model's scheduler has it
+    assert identity["diffusion.schedule_shift"] == LATENT_SCHEDULE_SHIFT
+    assert yaml.safe_load((run / "config.yaml").read_text())["diffusion"]["schedule_shift"] == LATENT_SCHEDULE_SHIFT
+    saved = DDPMScheduler.from_pretrained(run / "model", subfolder="scheduler")
+    assert torch.allclose(saved.alphas_cumprod, GaussianDiffusion.from_config(latent=True).scheduler.alphas_cumprod)
 
     # The same command resumes (the cached latents are found, not encoded again), and says what it trains on.
     code, out, err = run_cli(train_cli, ["--data", pngs, "--autoencoder", ae, "--steps", "3", "--out", run, *SMALL], capsys)
@@ -92,6 +99,22 @@ def test_a_resume_knows_the_autoencoder_by_its_files_not_by_how_its_folder_is_na
                            capsys)
     assert code == 2
     assert f"cannot resume {out}: it was trained with other data or settings (data.autoencoder: " in err
+
+
+def test_a_latent_run_from_before_the_shift_resumes_only_with_the_schedule_it_had(run, ae, pngs, tmp_path, capsys):
+    """A latent run recorded before diffusion.schedule_shift existed trained unshifted: resuming it with the default
+    ("auto": the latent shift) would change its schedule mid-run, so it is refused naming the key; with
+    diffusion.schedule_shift=1 it continues."""
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    identity = json.loads((old / "identity.json").read_text())
+    del identity["diffusion.schedule_shift"]
+    (old / "identity.json").write_text(json.dumps(identity))
+    argv = ["--data", pngs, "--autoencoder", ae, "--steps", "3", "--out", old, *SMALL]
+    code, _, err = run_cli(train_cli, argv, capsys)
+    assert code == 2 and f"diffusion.schedule_shift: 1.0 -> {LATENT_SCHEDULE_SHIFT}" in err, err
+    code, _, err = run_cli(train_cli, [*argv, "diffusion.schedule_shift=1"], capsys)
+    assert code == 0, err
 
 
 def test_fine_tuning_a_latent_model_keeps_its_autoencoder_and_its_normalisation(run, ae, pngs, tmp_path, capsys):
@@ -178,6 +201,7 @@ def test_a_prepared_latent_dataset_needs_no_flag(ae, pngs, tmp_path, capsys):
                                          "data.image_size=32", *SMALL], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "model" / LATENT).read_text())["autoencoder"]["spec"] == str(ae)
+    assert json.loads((tmp_path / "run" / "identity.json").read_text())["diffusion.schedule_shift"] == LATENT_SCHEDULE_SHIFT
     code, out, err = run_cli(train_cli, ["--data", pngs, "--autoencoder", ROOT / "nowhere", "--steps", "1",
                                          "--out", tmp_path / "bad", *SMALL], capsys)
     assert code == 2 and err.startswith("error: autoencoder") and not (tmp_path / "bad").exists(), err

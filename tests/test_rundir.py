@@ -88,6 +88,9 @@ def test_identity_changes_name_each_changed_key_and_ignore_unrecorded_ones(tmp_p
     write_identity(tmp_path, {"data.source": "/a/train", "data.image_size": (16, 16), "train.seed": 0})
     current = {"data.source": "/b/train", "data.image_size": (16, 16), "train.seed": 0, "diffusion.new_key": 1}
     assert identity_changes(tmp_path, current) == ["data.source: /a/train -> /b/train"]  # tuples compare as lists
+    # a key recorded runs did not have yet compares with the value they all trained with (IDENTITY_BEFORE)
+    assert identity_changes(tmp_path, {**current, "diffusion.schedule_shift": 1.0}) == ["data.source: /a/train -> /b/train"]
+    assert identity_changes(tmp_path, {"diffusion.schedule_shift": 3.0}) == ["diffusion.schedule_shift: 1.0 -> 3.0"]
     (tmp_path / "identity.json").write_text("{not json")
     assert identity_changes(tmp_path, current)[0].startswith("identity.json: unreadable")
 
