@@ -37,9 +37,10 @@ DEFAULT_FRAMES = 8  # interpolation frames, both ends included
 DEFAULT_IMAGES = 8  # inpaintings or variations of one input
 
 # The sampler of a user who names none, by step count (docs/benchmarks.md, "Samplers built for few steps"): at 10
-# model evaluations dpm++sde was the best or within 0.6% of the best on both image sets, where ddpm was 2.4% and
-# 8.7% above it; above 10 steps ancestral ddpm (SamplingSettings' default).
-FEW_STEPS, FEW_STEP_SAMPLER = 10, "dpm++sde"
+# model evaluations dpm++sde was the best or within 0.6% of the best on both image sets; at 20 it was below ddpm
+# on both (OpenMoji's 40-minute model 5.2%, Noto's 10-minute 2.3%, three sampling seeds each); above 20 steps
+# ancestral ddpm (SamplingSettings' default).
+FEW_STEPS, FEW_STEP_SAMPLER = 20, "dpm++sde"
 
 
 def check_sampler(sampler: str) -> None:
@@ -80,7 +81,7 @@ class SamplingSettings:
     """How to sample: the one place these choices and their defaults are written.
 
     ``sampler`` defaults to ancestral DDPM at 50 steps: the lowest FID at 50 model evaluations on both real image
-    sets measured. Where the user names no sampler (``default_settings``, the CLIs) 10 steps or fewer get
+    sets measured. Where the user names no sampler (``default_settings``, the CLIs) 20 steps or fewer get
     ``FEW_STEP_SAMPLER`` and interpolation, which needs a deterministic one, ``INTERPOLATE_SAMPLER``. ``steps`` None is the sampler's own count (``choices.SAMPLERS``), at
     most the training timesteps.
     ``class_labels``: one label for every image or a list cycled over image indices (image i gets

@@ -132,11 +132,11 @@ def test_the_default_is_ancestral_ddpm_at_50_steps_capped_at_the_trained_timeste
 
 
 def test_with_few_steps_and_no_sampler_named_the_default_is_the_few_step_sampler(models, capsys):
-    """--steps 10 or fewer without --sampler: dpm++sde (best or near it at 10 model evaluations on both sets), in
+    """--steps 20 or fewer without --sampler: dpm++sde (best or near it at 10 and 20 evaluations on both sets), in
     sample.py, evaluate.py's flags and generate() alike; more steps, a named sampler or an edit keep their own."""
     from resdiff.settings import FEW_STEP_SAMPLER, FEW_STEPS, default_sampler
 
-    assert (FEW_STEPS, FEW_STEP_SAMPLER) == (10, "dpm++sde")
+    assert (FEW_STEPS, FEW_STEP_SAMPLER) == (20, "dpm++sde")
     code, stdout, err = run_cli(["--model", models["rgb"], "-n", 2, "--steps", 4, "--no-grid"], capsys)
     assert code == 0, err
     out = models["rgb"].parent / "samples-dpm++sde-4-seed0"
@@ -145,7 +145,7 @@ def test_with_few_steps_and_no_sampler_named_the_default_is_the_few_step_sampler
     assert torch.equal(read_images(out, range(2)), named)  # the same images as naming it
     assert torch.equal(generate(models["rgb"], 2, steps=4, progress=False), named)  # the Python API picks it too
     shutil.rmtree(out)
-    assert [default_sampler(steps) for steps in (None, 1, 10, 11, 50)] == ["ddpm", "dpm++sde", "dpm++sde", "ddpm", "ddpm"]
+    assert [default_sampler(steps) for steps in (None, 1, 20, 21, 50)] == ["ddpm", "dpm++sde", "dpm++sde", "ddpm", "ddpm"]
     from resdiff.editing import Img2Img, Inpaint, Interpolate
 
     picture = torch.zeros(3, 16, 16, dtype=torch.uint8)
@@ -154,7 +154,8 @@ def test_with_few_steps_and_no_sampler_named_the_default_is_the_few_step_sampler
     parser = cli.build_parser()
     assert SamplingSettings.from_args(parser.parse_args(["--model", "m", "--steps", "10", "--sampler", "ddim"])).sampler == "ddim"
     assert SamplingSettings.from_args(parser.parse_args(["--model", "m", "--steps", "10"])).sampler == "dpm++sde"
-    assert SamplingSettings.from_args(parser.parse_args(["--model", "m", "--steps", "20"])).sampler == "ddpm"
+    assert SamplingSettings.from_args(parser.parse_args(["--model", "m", "--steps", "20"])).sampler == "dpm++sde"
+    assert SamplingSettings.from_args(parser.parse_args(["--model", "m", "--steps", "21"])).sampler == "ddpm"
     from resdiff.cli import evaluate
 
     flags = evaluate.build_parser().parse_args(["--model", "m", "--ref", "r", "--steps", "10"])
