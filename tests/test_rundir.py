@@ -151,10 +151,13 @@ import os, sys, time
 from resdiff.runlock import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
+ready, said = os.pipe()
 child = os.fork()
-if child == 0:
+if child == 0:  # the fork hooks (RunLock closes its copy of the lock file) ran before fork() returned here
+    os.write(said, b"1")
     time.sleep(120)
     os._exit(0)
+os.read(ready, 1)  # the child has let go of the lock file before the test kills this process
 print(os.getpid(), child, flush=True)
 time.sleep(120)
 """
